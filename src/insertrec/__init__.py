@@ -1,0 +1,3 @@
+"""insertrec: decide, per order, the packaging, insert and coupon that bring a customer back."""
+
+__version__ = "0.1.0"
