@@ -1,0 +1,101 @@
+"""Off-policy estimators: what a policy would have earned on logged orders.
+
+Split as in Open Bandit Pipeline: the logged feedback (rewards, the actions
+received, their logged propensities), the target policy (the probability it
+gives each action), and estimators behind one interface. Here a box has
+several slots; the logging policy randomises slots independently, so the
+joint propensity is the product of the per-slot ones and an importance weight
+can be taken over all slots (the joint decision) or over one slot (that
+slot's policy, the other slots as logged).
+
+- IPS: unbiased, high variance when weights are large.
+- SNIPS: IPS normalised by the mean weight; a little bias, far less variance.
+- DR: the value model's prediction for the target, corrected by the weighted
+  residual on the logged action; unbiased if either the propensities or the
+  value model are right, and the lowest variance of the three here.
+Intervals come from a Poisson bootstrap over orders; the effective sample
+size (sum w)^2 / sum w^2 says how many logged orders the estimate really
+rests on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LoggedFeedback:
+    """Logged orders: reward, received action index per slot, its logged propensity."""
+
+    rewards: np.ndarray      # (n,)
+    actions: np.ndarray      # (n, n_slots) int
+    pscores: np.ndarray      # (n, n_slots) float in (0, 1]
+
+    def weights(self, target: list[np.ndarray], slots: list[int] | None = None) -> np.ndarray:
+        """pi(A|x) / mu(A|x) over the given slots (all by default); the others as logged."""
+        slots = range(self.actions.shape[1]) if slots is None else slots
+        n = len(self.rewards)
+        w = np.ones(n)
+        for s in slots:
+            w *= target[s][np.arange(n), self.actions[:, s]] / self.pscores[:, s]
+        return w
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "low": self.low, "high": self.high}
+
+
+@dataclass(frozen=True)
+class PolicyEstimates:
+    """IPS, SNIPS and DR estimates of one policy's value per order, with intervals."""
+
+    ips: Estimate
+    snips: Estimate
+    dr: Estimate
+    ess: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return {"ips": self.ips.as_dict(), "snips": self.snips.as_dict(), "dr": self.dr.as_dict(),
+                "ess": self.ess, "n": self.n}
+
+
+def _point(counts: np.ndarray, w: np.ndarray, r: np.ndarray, dr_terms: np.ndarray) -> np.ndarray:
+    """(3, B): IPS, SNIPS and DR for each bootstrap replicate's counts (B, n)."""
+    total = counts.sum(axis=1)
+    ips = counts @ (w * r) / total
+    snips = counts @ (w * r) / np.maximum(counts @ w, 1e-12)
+    dr = counts @ dr_terms / total
+    return np.stack([ips, snips, dr])
+
+
+def estimate(feedback: LoggedFeedback, weights: np.ndarray, q_logged: np.ndarray,
+             q_target: np.ndarray, n_boot: int = 200, level: float = 0.95,
+             seed: int = 0) -> PolicyEstimates:
+    """Estimate a target policy's value from its importance weights and the value model.
+
+    ``q_logged`` is the value model's prediction for the logged box of each
+    order, ``q_target`` its expectation under the target policy.
+    """
+    r = feedback.rewards
+    dr_terms = q_target + weights * (r - q_logged)
+    point = _point(np.ones((1, len(r))), weights, r, dr_terms)[:, 0]
+    rng = np.random.default_rng(seed)
+    reps = []
+    for lo in range(0, n_boot, 50):
+        counts = rng.poisson(1.0, size=(min(50, n_boot - lo), len(r))).astype(float)
+        reps.append(_point(counts, weights, r, dr_terms))
+    reps = np.concatenate(reps, axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(reps, [tail, 1 - tail], axis=1)
+    ests = [Estimate(float(p), float(lo), float(hi)) for p, lo, hi in zip(point, low, high)]
+    ess = float(weights.sum() ** 2 / max(float((weights ** 2).sum()), 1e-12))
+    return PolicyEstimates(ests[0], ests[1], ests[2], ess, len(r))
