@@ -68,6 +68,19 @@ class PolicyEstimates:
                 "ess": self.ess, "n": self.n}
 
 
+def _poisson_counts(n: int, n_boot: int, seed: int, chunk: int = 50):
+    """Poisson(1) bootstrap replicate counts (B, n), in chunks to bound memory."""
+    rng = np.random.default_rng(seed)
+    for lo in range(0, n_boot, chunk):
+        yield rng.poisson(1.0, size=(min(chunk, n_boot - lo), n)).astype(float)
+
+
+def _interval(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    tail = (1 - level) / 2
+    low, high = np.quantile(reps, [tail, 1 - tail], axis=-1)
+    return low, high
+
+
 def _point(counts: np.ndarray, w: np.ndarray, r: np.ndarray, dr_terms: np.ndarray) -> np.ndarray:
     """(3, B): IPS, SNIPS and DR for each bootstrap replicate's counts (B, n)."""
     total = counts.sum(axis=1)
@@ -88,14 +101,25 @@ def estimate(feedback: LoggedFeedback, weights: np.ndarray, q_logged: np.ndarray
     r = feedback.rewards
     dr_terms = q_target + weights * (r - q_logged)
     point = _point(np.ones((1, len(r))), weights, r, dr_terms)[:, 0]
-    rng = np.random.default_rng(seed)
-    reps = []
-    for lo in range(0, n_boot, 50):
-        counts = rng.poisson(1.0, size=(min(50, n_boot - lo), len(r))).astype(float)
-        reps.append(_point(counts, weights, r, dr_terms))
-    reps = np.concatenate(reps, axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(reps, [tail, 1 - tail], axis=1)
+    reps = np.concatenate([_point(c, weights, r, dr_terms) for c in _poisson_counts(len(r), n_boot, seed)],
+                          axis=1)
+    low, high = _interval(reps, level)
     ests = [Estimate(float(p), float(lo), float(hi)) for p, lo, hi in zip(point, low, high)]
     ess = float(weights.sum() ** 2 / max(float((weights ** 2).sum()), 1e-12))
     return PolicyEstimates(ests[0], ests[1], ests[2], ess, len(r))
+
+
+def difference(feedback: LoggedFeedback, weights_a: np.ndarray, q_target_a: np.ndarray,
+               weights_b: np.ndarray, q_target_b: np.ndarray, q_logged: np.ndarray,
+               n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Estimate:
+    """DR estimate of value(a) - value(b) on the same orders, with a paired bootstrap interval.
+
+    Pairing matters: both policies are judged on the same orders, so the
+    orders' shared noise cancels and the interval is far narrower than the
+    two separate intervals suggest.
+    """
+    r = feedback.rewards
+    terms = (q_target_a + weights_a * (r - q_logged)) - (q_target_b + weights_b * (r - q_logged))
+    reps = np.concatenate([c @ terms / c.sum(axis=1) for c in _poisson_counts(len(r), n_boot, seed)])
+    low, high = _interval(reps, level)
+    return Estimate(float(terms.mean()), float(low), float(high))
