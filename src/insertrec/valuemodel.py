@@ -75,7 +75,7 @@ class ValueModel:
     """
 
     def __init__(self, alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
-                 action_alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+                 action_alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
                  max_weight: float | None = None, boosted_baseline: bool = True,
                  rule_prior: float = 0.01, folds: int = 3, random_state: int = 0):
         self.alphas = alphas
