@@ -18,8 +18,12 @@ import pandas as pd
 from insertrec.schema import FEATURES
 
 # Not model inputs: identifiers, timestamps, and the raw category set (its
-# information reaches the model through main_category and cat_share_*).
+# information reaches the model through main_category).
 _EXCLUDED = {"order_id", "customer_id", "order_ts", "categories"}
+# Left out by default: the value model multiplies every input by every action,
+# so each input costs ~15 parameters; per-action history and mix shares add
+# many inputs and, on the simulated worlds, no decision quality.
+DEFAULT_EXCLUDE_PREFIXES = ("received_", "days_since_", "cat_share_", "channel_share_")
 # Heavy-tailed counts and amounts are modelled on a log scale.
 _LOG_PREFIXES = ("order_value", "monetary", "total_spend", "prior_orders", "recency_days",
                  "tenure_days", "days_since_", "received_", "n_items", "incidents_")
@@ -67,13 +71,18 @@ class FeatureEncoder:
     min_count : int
         A level seen fewer times than this in training is "other": a one-hot
         column that fired for three orders only teaches the model noise.
+    exclude_prefixes : tuple of str
+        Feature columns starting with these are not encoded.
     """
 
-    def __init__(self, max_levels: int = 12, min_count: int = 20):
+    def __init__(self, max_levels: int = 12, min_count: int = 20,
+                 exclude_prefixes: tuple[str, ...] = DEFAULT_EXCLUDE_PREFIXES):
         self.max_levels = max_levels
         self.min_count = min_count
+        self.exclude_prefixes = exclude_prefixes
 
     def fit(self, frame: pd.DataFrame) -> FeatureEncoder:
+        frame = frame[[c for c in frame.columns if not c.startswith(self.exclude_prefixes)]]
         cats = _categorical_columns(frame)
         self.categoricals_: list[_Categorical] = []
         for col in cats:
@@ -81,6 +90,7 @@ class FeatureEncoder:
             kept = counts[counts >= self.min_count].index[: self.max_levels]
             self.categoricals_.append(_Categorical(col, tuple(str(v) for v in kept)))
         self.numerics_: list[_Numeric] = []
+        seen_missing: set[bytes] = set()  # one indicator per distinct missingness pattern
         for col in frame.columns:
             if col in _EXCLUDED or col in cats:
                 continue
@@ -93,8 +103,11 @@ class FeatureEncoder:
             fill = float(np.median(finite))
             filled = np.where(np.isfinite(vals), vals, fill)
             scale = float(filled.std()) or 1.0
-            self.numerics_.append(_Numeric(col, log, fill, float(filled.mean()), scale,
-                                           bool((~np.isfinite(vals)).any())))
+            missing = ~np.isfinite(vals)
+            pattern = np.packbits(missing).tobytes()
+            flag = bool(missing.any()) and pattern not in seen_missing
+            seen_missing.add(pattern)
+            self.numerics_.append(_Numeric(col, log, fill, float(filled.mean()), scale, flag))
         names = ["intercept"]
         for n in self.numerics_:
             names.append(n.name)

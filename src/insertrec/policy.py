@@ -97,11 +97,16 @@ class Policy:
         playbook plus exploration, which is how a new shop starts).
     epsilon : share of decisions, per slot, that explore among eligible actions.
     version : model version, part of the exploration hash.
+    playbook_slots : slots where the model defers to the playbook, because
+        off-policy evaluation could not show it does better there (training
+        decides; see `training.fit_policy`).
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
-                 value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules"):
+                 value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
+                 playbook_slots: tuple[str, ...] = ()):
         self.catalog = catalog
+        self.playbook_slots = playbook_slots
         self.encoder = encoder
         self.value_model = value_model
         self.epsilon = epsilon
@@ -112,6 +117,12 @@ class Policy:
         self.combos = self.space.combos
         self._notes = [[a.note for a in s.actions] for s in catalog.slots.values()]
         self._ids = [list(s.action_ids) for s in catalog.slots.values()]
+
+    def replace(self, **changes) -> Policy:
+        """A copy with some constructor parameters changed (the fitted parts are shared)."""
+        params = {"catalog": self.catalog, "encoder": self.encoder, "value_model": self.value_model,
+                  "epsilon": self.epsilon, "version": self.version, "playbook_slots": self.playbook_slots}
+        return Policy(**(params | changes))
 
     @property
     def name(self) -> str:
@@ -161,7 +172,11 @@ class Policy:
                    for s, e in enumerate(eligible)]
             uplift = None
         else:
-            greedy, alt, uplift = self._argmax(phi, rules, eligible)
+            allowed = [e & (np.arange(e.shape[1])[None, :] == rules[:, [s]])
+                       if self.slot_names[s] in self.playbook_slots else e for s, e in enumerate(eligible)]
+            for s, e in enumerate(allowed):  # the playbook's action ran out: the slot default stands in
+                e[~e.any(axis=1), self.space.defaults[s]] = True
+            greedy, alt, uplift = self._argmax(phi, rules, allowed)
         actions, explored = greedy.copy(), np.zeros((n, n_slots), dtype=bool)
         props = np.ones((n, n_slots))
         k = np.stack([e.sum(axis=1) for e in eligible], axis=1)
@@ -238,7 +253,7 @@ class Policy:
         out = []
         if batch.explored[i, s]:
             out.append(f"exploring: picked at random among {int(batch.eligible[s][i].sum())} eligible actions")
-        if self.value_model is None:
+        if self.value_model is None or self.slot_names[s] in self.playbook_slots:
             out.append("marketer's playbook rule" if a != self.space.defaults[s] else "slot default")
             return tuple(out)
         d = self.space.defaults[s]

@@ -1,0 +1,87 @@
+"""A loaded model version, ready to decide: what `serve`, `recommend` and MLflow's pyfunc call.
+
+The engine owns the policy, the catalog and the customers' state as of the
+training snapshot. Callers that have seen newer events (the service, through
+its decision log) pass an up-to-date `CustomerState`; everyone else gets the
+snapshot's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from insertrec import modeldir
+from insertrec.catalog import Catalog
+from insertrec.features import CustomerState, FeatureParams, Snapshot, features_for_orders
+from insertrec.policy import Decision, Policy
+
+
+class Engine:
+    """One model version: policy + catalog + customer snapshot + segment names."""
+
+    def __init__(self, policy: Policy, params: FeatureParams, snapshot: Snapshot | None = None,
+                 segments: dict[str, str] | None = None, manifest: dict | None = None):
+        self.policy = policy
+        self.params = params
+        self.snapshot = snapshot
+        self.segments = segments or {}
+        self.manifest = manifest or {}
+
+    @property
+    def version(self) -> str:
+        return self.policy.version
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.policy.catalog
+
+    @classmethod
+    def load(cls, path: str | Path) -> Engine:
+        """Load a verified model directory (raises ModelError if missing or altered)."""
+        manifest = modeldir.verify(path)
+        parts = modeldir.load(path, "engine")
+        return cls(parts["policy"], parts["params"], parts["snapshot"], parts["segments"], manifest)
+
+    @classmethod
+    def rules_only(cls, catalog: Catalog, params: FeatureParams | None = None,
+                   epsilon: float = 0.1) -> Engine:
+        """The playbook plus exploration: a new shop's start, and the fallback when a model fails."""
+        if params is None:
+            params = FeatureParams(action_ids=tuple(sorted(catalog.action_ids)),
+                                   cap_windows=catalog.cap_windows())
+        return cls(Policy(catalog, epsilon=epsilon, version="rules"), params)
+
+    def state(self, customer_id: str) -> CustomerState:
+        """The customer as of the snapshot (empty for a customer never seen)."""
+        if self.snapshot is None:
+            return CustomerState.empty(self.params)
+        return self.snapshot.state(customer_id)
+
+    def decide(self, order: dict, state: CustomerState | None = None,
+               unavailable: frozenset[str] = frozenset()) -> Decision:
+        """One order (a dict with the orders columns) -> its box."""
+        state = self.state(str(order["customer_id"])) if state is None else state
+        record = state.features(order)
+        return self.policy.decide_one(record, unavailable, self.segments.get(str(order["customer_id"])))
+
+    def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:
+        """Many orders -> one row per order and slot: order_id, slot, action_id, propensity, policy."""
+        if self.snapshot is None:
+            empty = Snapshot.build_empty(self.params)
+            feats = features_for_orders(empty, orders)
+        else:
+            feats = features_for_orders(self.snapshot, orders)
+        batch = self.policy.decide_frame(feats, unavailable)
+        n, k = batch.actions.shape
+        ids = np.array([self.policy._ids[s] for s in range(k)], dtype=object)
+        labels = np.where(batch.explored.any(axis=1), "explore", self.policy.name)
+        return pd.DataFrame({
+            "order_id": np.repeat(batch.order_ids, k),
+            "slot": np.tile(self.policy.slot_names, n),
+            "action_id": [ids[s][a] for a, s in zip(batch.actions.ravel(), np.tile(np.arange(k), n))],
+            "propensity": batch.propensities.ravel(),
+            "policy": np.repeat(labels, k),
+        })

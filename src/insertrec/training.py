@@ -1,0 +1,194 @@
+"""`insertrec train`: from a shop's history to a model directory.
+
+The steps, each owned by its module: point-in-time features and rewards
+(`features`), repurchase propensity (`customers`), segments (`segments`), the
+box value model fitted off-policy on logged exposures (`valuemodel`), judged
+on a time-based holdout before it is refitted on everything (`evaluation`),
+the marketer's report (`report`), and a self-describing model directory
+(`modeldir`). Nothing after the cutoff is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from insertrec import features, modeldir
+from insertrec.customers import fit_repeat
+from insertrec.data import Dataset
+from insertrec.encoding import FeatureEncoder
+from insertrec.errors import InsertrecError
+from insertrec.evaluation import (LoggedOrders, evaluate, judge_for, logged_orders, rules_actions,
+                                  unproven_slots)
+from insertrec.policy import Policy
+from insertrec.report import render_report
+from insertrec.segments import SegmentModel
+from insertrec.valuemodel import ValueModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on besides the data; logged as the run's params."""
+
+    cutoff: str | None = None          # default: after the last order
+    horizon_days: int = 60
+    nps_ttl_days: int = 365
+    lapse_days: int = 180
+    epsilon: float = 0.1               # share of decisions that explore, per slot
+    holdout_share: float = 0.2         # latest logged orders kept out of training for OPE
+    min_logged_orders: int = 300       # below this, serve the playbook (cold start)
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    metrics: dict[str, float]
+    manifest: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def _cutoff(data: Dataset, config: TrainConfig) -> pd.Timestamp:
+    if config.cutoff is None:
+        return data.orders["order_ts"].max() + pd.Timedelta(seconds=1)
+    try:
+        ts = pd.Timestamp(config.cutoff)
+    except ValueError:
+        raise InsertrecError(f"--cutoff: {config.cutoff!r} is not an ISO 8601 date or timestamp") from None
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
+    """The data as it was known at ``cutoff``: events strictly before it."""
+    orders = data.orders[data.orders["order_ts"] < cutoff].reset_index(drop=True)
+    kept = set(orders["order_id"])
+    return Dataset(orders=orders,
+                   nps=data.nps[data.nps["response_ts"] < cutoff].reset_index(drop=True),
+                   exposures=data.exposures[data.exposures["order_id"].isin(kept)].reset_index(drop=True),
+                   incidents=data.incidents[data.incidents["ts"] < cutoff].reset_index(drop=True),
+                   catalog=data.catalog, rejected=data.rejected, source=data.source)
+
+
+def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
+               seed: int, playbook_slots: tuple[str, ...] = ()) -> Policy:
+    """The model's policy, its value model fitted on ``logged`` orders."""
+    sub = feats.iloc[logged.rows]
+    f = logged.feedback
+    model = ValueModel(random_state=seed).fit(encoder.transform(sub), f.actions, f.rewards, policy.space,
+                                              rules_actions(policy.catalog, sub), f.pscores.prod(axis=1))
+    return Policy(policy.catalog, encoder, model, policy.epsilon, policy.version, playbook_slots)
+
+
+def _treatments(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
+                names: dict[int, str]) -> pd.DataFrame:
+    """What each segment receives under the policy, on its customers' recent orders."""
+    recent = feats.groupby("customer_id", sort=False).tail(1)
+    batch = policy.decide_frame(recent, explore=False)
+    seg = segment_of.reindex(recent["customer_id"].astype(str)).to_numpy()
+    rows = []
+    for s, slot in enumerate(policy.slot_names):
+        actions = batch.greedy[:, s]
+        frame = pd.DataFrame({"segment_id": seg, "action": actions}).dropna()
+        shares = frame.groupby("segment_id")["action"].value_counts(normalize=True)
+        for (segment_id, a), share in shares.items():
+            act = policy.catalog.slots[slot].actions[int(a)]
+            why = ("marketer's playbook" if policy.value_model is None
+                   else "highest estimated net value for these customers")
+            rows.append({"segment_id": int(segment_id), "slot": slot, "action_id": act.id,
+                         "action_name": act.name, "share": float(share), "why": why})
+    return pd.DataFrame(rows, columns=["segment_id", "slot", "action_id", "action_name", "share", "why"])
+
+
+def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
+          progress: Callable[[str], None] = lambda step: None) -> TrainResult:
+    """Learn segments, repurchase propensity and the box policy; write the model directory."""
+    catalog = data.catalog
+    if catalog is None:
+        raise InsertrecError(f"{data.source or 'data directory'}: catalog.yaml is required to train "
+                             "(the policy chooses among its actions)")
+    cutoff = _cutoff(data, config)
+    history = history_before(data, cutoff)
+    if history.orders.empty:
+        raise InsertrecError(f"--cutoff {cutoff.isoformat()}: no orders before the cutoff")
+    notes: list[str] = []
+    progress("features")
+    params = features.FeatureParams.fit(history, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
+                                        lapse_days=config.lapse_days)
+    feats = features.order_features(history, params)
+    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+    rewards = features.order_rewards(history, horizon_days=config.horizon_days, costs=costs)
+
+    progress("repurchase propensity")
+    repeat = fit_repeat(history, params, cutoff, config.horizon_days)
+    snapshot = features.Snapshot.build(history, params, as_of=cutoff)
+    customers = features.customer_frame(snapshot, cutoff).merge(repeat.scores, on="customer_id", how="left")
+
+    progress("segments")
+    seg_model = SegmentModel(random_state=config.seed).fit(customers)
+    customers["segment_id"] = seg_model.predict(customers)
+    names = dict(enumerate(seg_model.names_))
+    segment_of = customers.set_index(customers["customer_id"].astype(str))["segment_id"]
+
+    version = _version(history, catalog.sha256, config)
+    policy = Policy(catalog, epsilon=config.epsilon, version=version)
+    metrics: dict[str, float] = {**repeat.metrics, "segments_k": float(seg_model.k_),
+                                 "silhouette": float(seg_model.silhouette_)}
+    ope_report: dict = {}
+    progress("policy")
+    logged = logged_orders(history, feats, rewards, catalog)
+    if logged.propensity_source != "logged" and len(logged):
+        notes.append(f"propensities were {logged.propensity_source}: estimated from the order features "
+                     "where exposures.propensity was empty")
+    if len(logged) < config.min_logged_orders:
+        notes.append(f"cold start: {len(logged)} logged orders with complete rewards "
+                     f"(< {config.min_logged_orders}); serving the catalog's rules with exploration")
+    else:
+        encoder = FeatureEncoder().fit(feats)
+        ts = feats["order_ts"].iloc[logged.rows]
+        split = ts.quantile(1 - config.holdout_share)
+        train_part = logged.subset((ts < split).to_numpy())
+        holdout = logged.subset((ts >= split).to_numpy())
+        progress("off-policy evaluation")
+        candidate = fit_policy(feats, train_part, encoder, policy, config.seed)
+        judge = judge_for(candidate, feats, holdout, encoder, config.seed)
+        deferred = unproven_slots(candidate, feats, judge, seed=config.seed)
+        if deferred:
+            notes.append("the model could not be shown better than the playbook in "
+                         f"{', '.join(deferred)} on the holdout; the playbook decides there")
+            candidate = candidate.replace(playbook_slots=deferred)
+        ope_metrics, ope_report = evaluate(candidate, feats, holdout, encoder, config.seed, judge)
+        metrics.update(ope_metrics)
+        ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
+        policy = fit_policy(feats, logged, encoder, policy, config.seed, deferred)
+    ope_report["propensity_source"] = logged.propensity_source
+    ope_report["notes"] = notes
+
+    progress("report")
+    seg_csv = seg_model.segments_csv(customers)
+    treatments = _treatments(policy, feats, segment_of, names)
+    html = render_report(seg_model.profiles(), customers, treatments=treatments, metrics=metrics,
+                         title=f"insertrec segments, model {version}")
+    progress("save")
+    info = {"version": version, "cutoff": cutoff.isoformat(), "catalog_sha256": catalog.sha256,
+            "data_fingerprint": history.fingerprint(), "feature_list": policy.encoder.feature_names_
+            if policy.encoder is not None else [], "metrics": metrics, "params": asdict(config),
+            "policy": policy.name, "notes": notes}
+    segments_map = {cid: names[int(sid)] for cid, sid in segment_of.items()}
+    manifest = modeldir.save(out, {"engine": {"policy": policy, "params": params, "snapshot": snapshot,
+                                              "segments": segments_map}},
+                             {"catalog.yaml": catalog.text, "segments.csv": seg_csv.to_csv(index=False),
+                              "report.html": html, "ope.json": json.dumps(ope_report, indent=2, default=str)},
+                             info)
+    return TrainResult(Path(out), metrics, manifest, notes)
+
+
+def _version(history: Dataset, catalog_sha: str, config: TrainConfig) -> str:
+    """Deterministic: the same data, catalog and settings give the same version (and decisions)."""
+    h = hashlib.sha256(f"{history.fingerprint()}|{catalog_sha}|{sorted(asdict(config).items())}".encode())
+    return h.hexdigest()[:12]
