@@ -139,7 +139,7 @@ class FeatureEncoder:
                 blocks.append(missing[:, None].astype(float))
         for spec in self.categoricals_:
             col = frame[spec.name] if spec.name in frame else pd.Series("unknown", index=frame.index)
-            codes = pd.Categorical(col.astype("string").fillna("unknown"), categories=list(spec.values)).codes
+            codes = pd.Index(spec.values).get_indexer(col.astype("string").fillna("unknown").astype(object))
             codes = np.where(codes < 0, len(spec.values), codes)
             onehot = np.zeros((n, len(spec.values) + 1))
             onehot[np.arange(n), codes] = 1.0

@@ -1,0 +1,312 @@
+"""Repurchase propensity: will a customer order again in the next ``horizon_days``, and how often?
+
+Two numbers per customer, both for the horizon after a cutoff:
+
+- ``p_repeat``: the calibrated probability of at least one order. It feeds the
+  segments and the marketer report, so a 0.3 has to mean "three in ten of
+  these customers come back", not just a good ranking.
+- ``expected_orders``: the expected number of orders, built as
+  ``p_repeat * E[orders | at least one]`` so that ``expected_orders >= p_repeat``
+  always holds and the total over the base inherits the calibration of
+  ``p_repeat``.
+
+The model is learnt the only honest way for a forecast: from the past of the
+same shop, with features frozen at an anchor date and labels counted after it
+(see :func:`fit_repeat`). Besides the customer frame it uses the ratios that
+make the classic BG/NBD model work (purchase rate, time since the last order
+relative to the customer's usual gap), which trees do not build by themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+import pandas as pd
+from scipy.special import lambertw
+from sklearn.base import BaseEstimator, clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import BaggingRegressor, HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import brier_score_loss, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
+
+from insertrec import features
+from insertrec.data import Dataset
+from insertrec.encoding import FeatureEncoder
+from insertrec.errors import DataError, Problem
+
+# Columns the model needs; everything else in the frame is optional context.
+REQUIRED_COLUMNS: tuple[str, ...] = ("customer_id", "prior_orders", "recency_days", "tenure_days")
+_NOT_INPUTS = ("customer_id", "first_order_ts", "last_order_ts")
+
+
+def _design(frame: pd.DataFrame) -> pd.DataFrame:
+    """The customer frame plus BG/NBD-style ratios, without ids and timestamps."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError([Problem("customer frame", None, c, "required column is missing")
+                         for c in missing])
+    out = frame.drop(columns=[c for c in _NOT_INPUTS if c in frame.columns])
+    orders = out["prior_orders"].astype("float64").clip(lower=1.0)   # in the frame = ordered at least once
+    recency = out["recency_days"].astype("float64")
+    tenure = out["tenure_days"].astype("float64")
+    span = (tenure - recency).clip(lower=0.0)            # first to last order (BG/NBD's t_x)
+    mean_gap = span / (orders - 1.0).where(orders > 1)   # NaN for one-order customers
+    return out.assign(
+        repeat_orders=(orders - 1.0).clip(lower=0.0),
+        active_span_days=span,
+        orders_per_year=365.0 * orders / (tenure + 30.0),  # +30: a week-old customer is not "52 a year"
+        recency_share=recency / (tenure + 1.0),
+        overdue_ratio=recency / (mean_gap + 1.0),
+    )
+
+
+def _horizon_shift(p: np.ndarray, m: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Carry (P(N>=1), E[N]) over a window to a window ``ratio`` times as long.
+
+    Each customer is read as "active with probability a, then Poisson with
+    rate z per window": a(1 - e^-z) = p and a z = m. z solves z / (1 - e^-z)
+    = m / p, whose non-trivial root is m/p + W0(-(m/p) e^(-m/p)). When the
+    implied a exceeds 1 the customer is certainly active and z comes from p
+    alone. Used only when the history is too short to label a full horizon.
+    """
+    if ratio == 1.0:
+        return p, m
+    c = np.maximum(m / np.maximum(p, 1e-12), 1.0 + 1e-9)
+    z = np.maximum(np.real(c + lambertw(-c * np.exp(-c))), 1e-9)
+    a = p / -np.expm1(-z)
+    z = np.where(a > 1.0, -np.log1p(-np.minimum(p, 1.0 - 1e-12)), z)
+    a = np.minimum(a, 1.0)
+    p_h = a * -np.expm1(-z * ratio)
+    return p_h, np.maximum(m * ratio, p_h)
+
+
+class RepeatModel(BaseEstimator):
+    """Calibrated P(order in the horizon) and expected orders, from a customer frame.
+
+    Parameters
+    ----------
+    horizon_days : float
+        The horizon the predictions are for. When the labels given to ``fit``
+        cover a different window (a short history), predictions are carried
+        over to this horizon by :func:`_horizon_shift`.
+    max_iter, learning_rate, max_leaf_nodes, min_samples_leaf, l2_regularization :
+        Gradient boosting capacity (shallow, regularised trees: a customer
+        frame is noisy and a few hundred thousand rows at most). A fixed
+        number of rounds rather than early stopping: the same data gives the
+        same p_repeat, which early stopping's random validation split did not.
+    n_bags : int
+        Bootstrap replicas averaged for the count model: the heaviest buyers
+        are few, and one boosted model's count for them was noisy.
+    min_class_count : int
+        Fewer buyers (or non-buyers) than this in training and boosting would
+        memorise them: a regularised logistic model is used instead. With no
+        buyer or no non-buyer at all the model is the smoothed base rate.
+    random_state : int
+        Seeds the calibration folds and the boosting's validation split.
+    """
+
+    def __init__(self, horizon_days: float = 60.0, *, max_iter: int = 100,
+                 learning_rate: float = 0.05, max_leaf_nodes: int = 15,
+                 min_samples_leaf: int = 50, l2_regularization: float = 1.0,
+                 min_class_count: int = 50, n_bags: int = 5, random_state: int = 0):
+        self.horizon_days = horizon_days
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.max_leaf_nodes = max_leaf_nodes
+        self.min_samples_leaf = min_samples_leaf
+        self.l2_regularization = l2_regularization
+        self.min_class_count = min_class_count
+        self.n_bags = n_bags
+        self.random_state = random_state
+
+    def _boosting(self, loss: str) -> HistGradientBoostingClassifier | HistGradientBoostingRegressor:
+        kw = dict(learning_rate=self.learning_rate, max_iter=self.max_iter,
+                  max_leaf_nodes=self.max_leaf_nodes, min_samples_leaf=self.min_samples_leaf,
+                  l2_regularization=self.l2_regularization, early_stopping=False,
+                  random_state=self.random_state)
+        if loss == "log_loss":
+            return HistGradientBoostingClassifier(**kw)
+        return HistGradientBoostingRegressor(loss=loss, **kw)
+
+    def fit(self, frame: pd.DataFrame, n_orders: np.ndarray | pd.Series, *,
+            window_days: float | None = None) -> RepeatModel:
+        """Learn from customers' state at an anchor date and their order count after it.
+
+        ``n_orders[i]`` is the number of orders customer ``frame.iloc[i]``
+        placed in the ``window_days`` (default: ``horizon_days``) after the anchor.
+        """
+        y = np.asarray(n_orders, dtype="float64")
+        if y.shape != (len(frame),):
+            raise DataError([Problem("labels", None, "n_orders",
+                                     f"expected {len(frame)} counts, one per customer, got shape {y.shape}")])
+        if not np.all(np.isfinite(y)) or (y < 0).any():
+            raise DataError([Problem("labels", None, "n_orders", "counts must be finite and >= 0")])
+        self.window_days_ = float(window_days or self.horizon_days)
+        design = _design(frame)
+        self.encoder_ = FeatureEncoder().fit(design)
+        x = self.encoder_.transform(design)
+        base = self._count_baseline(design)
+        buyer = y > 0
+        n_pos, n_neg = int(buyer.sum()), int((~buyer).sum())
+        self.n_train_, self.n_positive_ = len(y), n_pos
+        # Half a buyer in one pseudo-customer: a history with no buyer does not claim p = 0.
+        self.base_rate_ = (n_pos + 0.5) / (len(y) + 1.0)
+        self.classifier_: CalibratedClassifierCV | LogisticRegression | None = None
+        with threadpool_limits(1):
+            if n_pos == 0 or n_neg == 0:
+                self.kind_ = "constant"
+            elif min(n_pos, n_neg) < self.min_class_count:
+                self.kind_ = "logistic"
+                self.classifier_ = LogisticRegression(C=0.1, max_iter=1000).fit(x, buyer)
+            else:
+                self.kind_ = "boosting"
+                method = "isotonic" if min(n_pos, n_neg) >= 1000 else "sigmoid"
+                # Shuffled folds: frames come sorted by id, which often follows the join date.
+                folds = StratifiedKFold(3, shuffle=True, random_state=self.random_state)
+                self.classifier_ = CalibratedClassifierCV(self._boosting("log_loss"), method=method,
+                                                          cv=folds).fit(x, buyer)
+            # Orders beyond the first, among buyers: >= 0 by construction, so E[N | N>=1] >= 1.
+            # Boosted as a multiple of the customer's own past rate (a Poisson offset, via
+            # target/base with weight base): trees cannot extrapolate, and the heaviest
+            # buyers at prediction time are heavier than any seen in training.
+            extra, base = y[buyer] - 1.0, base[buyer]
+            self.extra_mean_ = float(extra.sum() / base.sum()) if n_pos else 0.0
+            self.extra_model_ = (BaggingRegressor(self._boosting("poisson"), n_estimators=self.n_bags,
+                                                  random_state=self.random_state)
+                                 .fit(x[buyer], extra / base, sample_weight=base)
+                                 if n_pos >= self.min_class_count and extra.any() else None)
+        return self
+
+    def _count_baseline(self, design: pd.DataFrame) -> np.ndarray:
+        """The customer's smoothed past order rate over one label window."""
+        return design["orders_per_year"].to_numpy(dtype="float64") * self.window_days_ / 365.0
+
+    def _window_predictions(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        design = _design(frame)
+        x = self.encoder_.transform(design)
+        with threadpool_limits(1):
+            if self.classifier_ is None:
+                p = np.full(len(x), self.base_rate_)
+            else:
+                p = self.classifier_.predict_proba(x)[:, 1]
+            ratio = self.extra_model_.predict(x) if self.extra_model_ is not None else self.extra_mean_
+        return p, p * (1.0 + ratio * self._count_baseline(design))
+
+    def _predict(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        p, m = self._window_predictions(frame)
+        return _horizon_shift(p, m, float(self.horizon_days) / self.window_days_)
+
+    def predict_p_repeat(self, frame: pd.DataFrame) -> np.ndarray:
+        """Calibrated probability of at least one order in the ``horizon_days`` after the frame's date."""
+        return self._predict(frame)[0]
+
+    def predict_expected_orders(self, frame: pd.DataFrame) -> np.ndarray:
+        """Expected number of orders in the ``horizon_days`` after the frame's date."""
+        return self._predict(frame)[1]
+
+    def predict_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``customer_id, p_repeat, expected_orders`` in one pass (the model is scored once)."""
+        p, m = self._predict(frame)
+        return pd.DataFrame({"customer_id": frame["customer_id"].to_numpy(),
+                             "p_repeat": p, "expected_orders": m})
+
+
+def order_counts(orders: pd.DataFrame, customer_ids: pd.Series | np.ndarray,
+                 start: pd.Timestamp, days: float) -> np.ndarray:
+    """Orders each customer placed in ``[start, start + days)``: the label for an anchor at ``start``.
+
+    Half-open so that it starts exactly where a snapshot ``as_of=start`` (which
+    holds everything strictly before ``start``) stops.
+    """
+    end = start + pd.Timedelta(days=days)
+    ts = orders["order_ts"]
+    counts = orders.loc[(ts >= start) & (ts < end), "customer_id"].value_counts()
+    return counts.reindex(pd.Index(customer_ids), fill_value=0).to_numpy(dtype="float64")
+
+
+def repeat_metrics(n_orders: np.ndarray, p_repeat: np.ndarray,
+                   expected_orders: np.ndarray) -> dict[str, float]:
+    """Holdout quality: ranking (AUC), calibration (Brier), counts (RMSE) and the total.
+
+    AUC is NaN when the holdout has only buyers or only non-buyers: there is
+    nothing to rank, and a made-up 0.5 would look like a real figure.
+    """
+    y = np.asarray(n_orders, dtype="float64")
+    buyer = y > 0
+    auc = roc_auc_score(buyer, p_repeat) if 0 < buyer.sum() < len(y) else float("nan")
+    total = float(y.sum())
+    return {
+        "repeat_auc": float(auc),
+        "repeat_brier": float(brier_score_loss(buyer, p_repeat)) if len(y) else float("nan"),
+        "repeat_count_rmse": float(np.sqrt(np.mean((y - expected_orders) ** 2))) if len(y) else float("nan"),
+        "repeat_total_error": float((expected_orders.sum() - total) / total) if total else float("nan"),
+    }
+
+
+@dataclass
+class RepeatResult:
+    """What training learns about repurchase, and how well it did on an honest holdout.
+
+    ``scores`` has ``customer_id, p_repeat, expected_orders`` for every
+    customer known at ``cutoff``, for the ``horizon_days`` after it.
+    ``metrics`` are those of :func:`repeat_metrics` on the holdout, plus the
+    training sizes. ``window_days`` is the label window actually used:
+    shorter than the horizon when the history before the cutoff is short.
+    """
+
+    model: RepeatModel
+    scores: pd.DataFrame
+    metrics: dict[str, float]
+    cutoff: pd.Timestamp
+    horizon_days: float
+    window_days: float
+
+
+def _frame_at(data: Dataset, params: features.FeatureParams, as_of: pd.Timestamp) -> pd.DataFrame:
+    return features.customer_frame(features.Snapshot.build(data, params, as_of=as_of), as_of)
+
+
+def fit_repeat(data: Dataset, params: features.FeatureParams, cutoff: pd.Timestamp | str,
+               horizon_days: float = 60.0, *, model: RepeatModel | None = None) -> RepeatResult:
+    """Evaluate on a time-based holdout, then refit on the latest window and score everyone at ``cutoff``.
+
+    With ``W`` the label window (the horizon, or a third of the history
+    before the cutoff if that is shorter):
+
+    1. holdout: train on features at ``cutoff - 2W`` with orders in the next
+       ``W`` days, score features at ``cutoff - W`` against orders in
+       ``[cutoff - W, cutoff)``. Nothing after the cutoff is ever read.
+    2. final: train on features at ``cutoff - W`` with those same orders, and
+       predict for every customer at ``cutoff`` over ``horizon_days``.
+    """
+    cutoff = pd.Timestamp(cutoff)
+    cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    orders = data.orders
+    first = orders["order_ts"].min() if len(orders) else pd.NaT
+    history_days = (cutoff - first) / pd.Timedelta(days=1) if pd.notna(first) else 0.0
+    window = min(float(horizon_days), float(np.floor(history_days / 3.0)))
+    if window < 1.0:
+        raise DataError([Problem("orders", None, "order_ts",
+                                 f"repurchase needs at least 3 days of orders before the cutoff "
+                                 f"{cutoff.date()} (found {max(history_days, 0.0):.1f})")])
+    span = pd.Timedelta(days=window)
+    template = model if model is not None else RepeatModel(horizon_days=horizon_days)
+
+    def fitted(anchor: pd.Timestamp) -> tuple[RepeatModel, pd.DataFrame]:
+        frame = _frame_at(data, params, anchor)
+        labels = order_counts(orders, frame["customer_id"], anchor, window)
+        est = clone(template).set_params(horizon_days=window)
+        return est.fit(frame, labels, window_days=window), frame
+
+    holdout_model, _ = fitted(cutoff - 2 * span)
+    final_model, recent = fitted(cutoff - span)
+    truth = order_counts(orders, recent["customer_id"], cutoff - span, window)
+    check = holdout_model.predict_frame(recent)
+    metrics = repeat_metrics(truth, check["p_repeat"].to_numpy(), check["expected_orders"].to_numpy())
+    metrics.update(repeat_train_customers=float(final_model.n_train_),
+                   repeat_train_buyers=float(final_model.n_positive_))
+    final_model.set_params(horizon_days=horizon_days)
+    scores = final_model.predict_frame(_frame_at(data, params, cutoff))
+    return RepeatResult(final_model, scores, metrics, cutoff, float(horizon_days), window)
