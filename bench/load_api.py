@@ -1,0 +1,200 @@
+"""Throughput and latency of POST /v1/recommendations beside a no-op endpoint, same server settings.
+
+Starts, each on 127.0.0.1 with uvicorn and the same worker count:
+  (a) the real service (`insertrec.serving.app.run`), decision log on a temp SQLite file;
+  (b) a no-op FastAPI app whose POST /v1/recommendations validates the same body
+      (`OrderIn`, FastAPI's usual typed-body way) and returns a constant.
+Both are loaded with wrk (C, Lua request script: every request a new order_id,
+customers recurring so the service folds their history), at the same
+connections for the same duration, alternating (a)/(b) `--rounds` times so
+that a noisy shared machine hits both alike. Prints and writes
+bench/results/load_api.json.
+
+Usage: python bench/load_api.py [--model DIR] [--workers 2] [--connections 64] [--duration 10]
+Needs `wrk` (Debian: apt-get install -y wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+
+from insertrec.serving.payloads import OrderIn
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "bench-key-0123456789abcdef"
+noop_app = FastAPI()
+
+
+@noop_app.post("/v1/recommendations")
+async def noop(order: OrderIn) -> dict[str, str]:
+    return {"order_id": order.order_id}
+
+
+@noop_app.get("/readyz")
+async def noop_ready() -> dict[str, str]:
+    return {"status": "ready"}
+
+
+WRK_SCRIPT = r"""
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+function init(args)
+  n = 0
+  tag = args[1] or "x"
+end
+function request()
+  n = n + 1
+  local body = string.format(
+    '{"order_id":"%s-%d-%d","customer_id":"c-%d-%d","order_value":%d.5,"channel":"web",' ..
+    '"categories":["apparel"],"n_items":2}', tag, tid, n, tid, n % 3000, 10 + n % 90)
+  return wrk.format("POST", "/v1/recommendations", {
+    ["Content-Type"] = "application/json", ["Authorization"] = "Bearer KEY"}, body)
+end
+""".replace("KEY", KEY)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop(proc)
+    raise SystemExit(f"server on port {port} not ready: {log.read_text()[-2000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wrk(port: int, connections: int, duration: float, script: Path, tag: str) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script),
+                          f"http://127.0.0.1:{port}/v1/recommendations", "--", tag],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    pct = {p: _ms(v, u) for p, v, u in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50_ms": pct["50"], "p90_ms": pct["90"], "p99_ms": pct["99"], "requests": total,
+            "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else ""}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model directory (default: rules only on the example catalog)")
+    ap.add_argument("--catalog", default=str(ROOT / "tests" / "data" / "catalog_example.yaml"))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load_api.json"))
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install -y wrk")
+
+    tmp = Path(tempfile.mkdtemp(prefix="insertrec-bench-"))
+    script = tmp / "orders.lua"
+    script.write_text(WRK_SCRIPT)
+    env = {**os.environ, "INSERTREC_API_KEYS": f"{KEY}:decide", "INSERTREC_CATALOG": args.catalog,
+           "INSERTREC_DB_URL": f"sqlite:///{tmp / 'decisions.db'}", "INSERTREC_LOG_LEVEL": "WARNING",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    service_port, noop_port = free_port(), free_port()
+    model = f"model={args.model!r}, " if args.model else ""
+    service_cmd = [sys.executable, "-c", "from insertrec.serving.app import run; "
+                   f"run({model}port={service_port}, workers={args.workers})"]
+    noop_cmd = [sys.executable, "-c", "import uvicorn; from insertrec.serving.logs import uvicorn_log_config; "
+                f"uvicorn.run('load_api:noop_app', app_dir={str(ROOT / 'bench')!r}, host='127.0.0.1', "
+                f"port={noop_port}, workers={args.workers}, access_log=False, server_header=False, "
+                "log_config=uvicorn_log_config('WARNING'), timeout_graceful_shutdown=10)"]
+    procs = []
+    try:
+        procs.append(start(service_cmd, env, service_port, tmp / "service.log"))
+        procs.append(start(noop_cmd, env, noop_port, tmp / "noop.log"))
+        load_before = os.getloadavg()
+        runs: dict[str, list[dict]] = {"service": [], "noop": []}
+        for r in range(args.rounds):
+            for name, port in (("noop", noop_port), ("service", service_port)):
+                wrk(port, args.connections, 2, script, f"warm{r}{name}")  # warm-up, discarded
+                result = wrk(port, args.connections, args.duration, script, f"run{r}{name}")
+                runs[name].append(result)
+                print(f"round {r + 1} {name:8s} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
+                      f"p99 {result['p99_ms']:.2f} ms  non-2xx {result['non_2xx']}", flush=True)
+        metrics = httpx.get(f"http://127.0.0.1:{service_port}/metrics").text
+    finally:
+        for proc in procs:
+            stop(proc)
+
+    summary = {name: {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
+               for name, rs in runs.items()}
+    ratio = summary["service"]["rps"] / summary["noop"]["rps"]
+    stages = _stage_means(metrics)
+    result = {"workers": args.workers, "connections": args.connections, "duration_s": args.duration,
+              "rounds": args.rounds, "model": args.model or "rules only (example catalog)",
+              "cpus": os.cpu_count(), "loadavg_before": load_before, "client": "wrk -t2 with a Lua body script",
+              "noop": summary["noop"], "service": summary["service"], "ratio_rps": round(ratio, 3),
+              "targets": {"ratio_rps": 0.60, "service_p99_ms": 25.0},
+              "met": {"ratio": ratio >= 0.60, "p99": summary["service"]["p99_ms"] < 25.0},
+              "service_stage_mean_us": stages, "runs": runs}
+    print(f"no-op   {summary['noop']['rps']:.0f} req/s, p50 {summary['noop']['p50_ms']:.2f} ms, "
+          f"p99 {summary['noop']['p99_ms']:.2f} ms")
+    print(f"service {summary['service']['rps']:.0f} req/s, p50 {summary['service']['p50_ms']:.2f} ms, "
+          f"p99 {summary['service']['p99_ms']:.2f} ms")
+    print(f"ratio   {ratio:.2f} (target >= 0.60); mean stage time (us): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+def _stage_means(metrics: str) -> dict[str, float]:
+    """Mean microseconds per stage from the service's own histograms."""
+    sums = dict(re.findall(r'^insertrec_stage_seconds_sum\{stage="(\w+)"\} (\S+)$', metrics, re.M))
+    counts = dict(re.findall(r'^insertrec_stage_seconds_count\{stage="(\w+)"\} (\S+)$', metrics, re.M))
+    return {s: round(float(sums[s]) / float(counts[s]) * 1e6, 1) for s in sums if float(counts.get(s, 0)) > 0}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The HTTP API: routes, errors, lifecycle, and `run` for ``insertrec serve``.
+
+Request bodies are parsed here with ``model_validate_json`` straight from the
+bytes (FastAPI's own body handling decodes to Python first and validates
+the response too, which costs more than this service's whole budget); the
+same Pydantic models still describe every body in ``/openapi.json``.
+Responses of the decision routes are the JSON stored in the decision log,
+sent as bytes, so a retry gets exactly the same answer.
+
+Errors: bad input is 422 ``{"error": {"field", "reason"}}``, a body over the
+limit 413, a missing or unknown key 401, a key without the role 403, an
+unknown order in an outcome 404, an unreachable decision log 503 (a decision
+that cannot be made durable is not given). Anything else is a bug: 500 with
+a generic message, the details only in the server's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from insertrec.errors import InsertrecError
+from insertrec.serving import payloads as p
+from insertrec.serving.auth import AuthError, KeyRing
+from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, UnknownOrder
+from insertrec.serving.hotswap import EngineSlot
+from insertrec.serving.logs import uvicorn_log_config
+from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
+from insertrec.serving.middleware import BodyLimit, RequestMetrics
+from insertrec.serving.service import DecisionService
+from insertrec.serving.settings import Settings, SettingsError
+
+_log = logging.getLogger("insertrec.serving")
+_JSON = "application/json"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": p.ErrorOut, "description": text} for code, text in (
+        (401, "missing or unknown API key"), (403, "the key lacks the role"),
+        (413, "body too large"), (422, "invalid input: the field and the reason"),
+        (503, "the decision log is unavailable; retry"))}
+
+
+class BadInput(InsertrecError):
+    """A request body refused; carries the field and the reason."""
+
+    def __init__(self, detail: p.ErrorDetail):
+        self.detail = detail
+        super().__init__(f"{detail.field}: {detail.reason}" if detail.field else detail.reason)
+
+
+def _parse(model: type[BaseModel] | TypeAdapter, body: bytes, tagged: bool = False) -> Any:
+    try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_json(body)
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        raise BadInput(p.first_error(err, tagged=tagged)) from None
+
+
+def _body_doc(schema_name: str) -> dict[str, Any]:
+    """OpenAPI request body for a route that parses its bytes itself."""
+    return {"requestBody": {"required": True, "content": {_JSON: {
+        "schema": {"$ref": f"#/components/schemas/{schema_name}"}}}},
+        "security": [{"bearer": []}]}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The service for one worker process (the decision log and the model load at startup)."""
+    keys = KeyRing(settings.keys, insecure=settings.insecure_dev and not settings.keys)
+    metrics = Metrics()
+    log = DecisionLog(settings.db_url, settings.db_synchronous)
+    slot = EngineSlot(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
+    service = DecisionService(slot, log, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        log.create()
+        log.start_checkpoints()
+        slot.load(log.generation())
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, slot))
+        follower = asyncio.create_task(_follow_reloads(log, slot, settings.reload_poll_seconds))
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            log.close()
+            metrics.close()
+
+    app = FastAPI(title="insertrec", version="1", lifespan=lifespan,
+                  description="Per-order decisions on packaging, insert and coupon.")
+
+    @app.post("/v1/recommendations", openapi_extra=_body_doc("OrderIn"), tags=["decide"],
+              responses={200: {"model": p.DecisionOut, "description": "the box for this order"}, **_ERRORS})
+    async def recommend(request: Request) -> Response:
+        watch = Stopwatch(metrics)
+        keys.check(request.headers.get("authorization"), "decide")
+        order = _parse(p.OrderIn, await request.body())
+        watch.lap("validation")
+        text, replayed = service.decide(order, watch)
+        return Response(text, media_type=_JSON, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    @app.post("/v1/recommendations:batch", openapi_extra=_body_doc("BatchIn"), tags=["decide"],
+              responses={200: {"model": p.BatchOut, "description": "one result per order, in order"},
+                         **_ERRORS})
+    async def recommend_batch(request: Request) -> Response:
+        keys.check(request.headers.get("authorization"), "decide")
+        try:
+            items = p.parse_batch(await request.body())
+        except ValidationError as err:
+            raise BadInput(p.first_error(err)) from None
+        parts = [_batch_item(service, metrics, i, item) for i, item in enumerate(items)]
+        return Response(b'{"results":[' + b",".join(parts) + b"]}", media_type=_JSON)
+
+    @app.post("/v1/outcomes", openapi_extra=_body_doc("OutcomeIn"), tags=["feedback"],
+              responses={200: {"model": p.OutcomeOut}, 404: {"model": p.ErrorOut,
+                                                             "description": "no decision for this order"},
+                         **_ERRORS})
+    async def outcomes(request: Request) -> Response:
+        keys.check(request.headers.get("authorization"), "feedback")
+        outcome = _parse(p.OUTCOME, await request.body(), tagged=True)
+        return Response(service.record_outcome(outcome).model_dump_json(), media_type=_JSON)
+
+    @app.get("/v1/segments", response_model=p.SegmentsOut, tags=["decide"],
+             responses={401: _ERRORS[401], 403: _ERRORS[403]}, openapi_extra={"security": [{"bearer": []}]})
+    async def segments(request: Request) -> p.SegmentsOut:
+        keys.check(request.headers.get("authorization"), "decide")
+        loaded = _current(slot)
+        return p.SegmentsOut(model_version=loaded.version, segments=[
+            p.SegmentOut(segment=name, customers=n) for name, n in sorted(loaded.segment_sizes.items())])
+
+    @app.post("/v1/admin/reload", status_code=202, response_model=p.ReloadOut, tags=["admin"],
+              responses={401: _ERRORS[401], 403: _ERRORS[403], 503: _ERRORS[503]},
+              openapi_extra={"security": [{"bearer": []}]})
+    async def reload(request: Request) -> p.ReloadOut:
+        keys.check(request.headers.get("authorization"), "admin")
+        return p.ReloadOut(status="reloading", generation=_request_reload(log, slot))
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", response_model=p.ReadyOut, tags=["ops"],
+             responses={503: {"model": p.ReadyOut, "description": "cannot make decisions durable"}})
+    async def readyz() -> Response:
+        """Degraded (answering from the rules, or from the previous model) is still ready: a
+        warehouse is better served by the rules than by no answer. Not ready is a decision log
+        that cannot be reached, or a worker still starting."""
+        loaded = slot.current
+        try:
+            log.ping()
+        except LogUnavailable as exc:
+            out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version, reason=str(exc))
+            return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
+        if loaded is None:
+            out = p.ReadyOut(status="unavailable", model_version=None, reason="starting")
+            return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
+        out = p.ReadyOut(status=loaded.status, model_version=loaded.version, reason=loaded.reason)
+        return Response(out.model_dump_json(), media_type=_JSON)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {metrics.content_type: {"schema": {"type": "string"}}}}})
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    _install_errors(app)
+    _install_openapi(app)
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes,
+                       limits={"/v1/recommendations:batch": settings.max_batch_body_bytes})
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.state.service = service
+    return app
+
+
+def _batch_item(service: DecisionService, metrics: Metrics, index: int, item: Any) -> bytes:
+    """One order of a batch as its JSON result: a failure stays within its own entry."""
+    order_id = item.get("order_id") if isinstance(item, dict) and isinstance(item.get("order_id"), str) else None
+    try:
+        watch = Stopwatch(metrics)
+        order = p.OrderIn.model_validate_json(json.dumps(item))  # the JSON rules, as for one order
+        watch.lap("validation")
+        text, _ = service.decide(order, watch)
+        return b'{"index":%d,"order_id":%s,"status":200,"decision":%s}' % (
+            index, json.dumps(order.order_id).encode(), text.encode())
+    except ValidationError as err:
+        status, detail = 422, p.first_error(err, prefix=("orders", index))
+    except LogUnavailable as exc:
+        status, detail = 503, p.ErrorDetail(field=None, reason=str(exc))
+    except InsertrecError as exc:
+        status, detail = 422, p.ErrorDetail(field=None, reason=str(exc))
+    out = p.BatchItemOut(index=index, order_id=order_id, status=status, error=detail)
+    return out.model_dump_json().encode()
+
+
+def _current(slot: EngineSlot) -> Any:
+    if slot.current is None:
+        raise LogUnavailable("the service is still starting")
+    return slot.current
+
+
+def _on_swap(log: DecisionLog, metrics: Metrics, loaded: Any) -> None:
+    log.sync_inventory(loaded.fallback.catalog)
+    metrics.model_loads.labels("degraded" if loaded.reason else "ok").inc()
+    metrics.degraded.set(1 if loaded.reason else 0)
+
+
+def _request_reload(log: DecisionLog, slot: EngineSlot) -> int:
+    """Ask every worker (through the log) to reload; this one starts now."""
+    generation = log.bump_generation()
+    slot.reload_in_background(generation)
+    _log.info("reload requested", extra={"event": "reload_requested", "generation": generation})
+    return generation
+
+
+async def _follow_reloads(log: DecisionLog, slot: EngineSlot, every: float) -> None:
+    """Reload when another worker was asked to: the log holds the generation all should serve."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            generation = log.generation()
+        except LogUnavailable:
+            continue
+        current = slot.current
+        if current is not None and generation > current.generation:
+            thread = slot.reload_in_background(generation)
+            await asyncio.to_thread(thread.join)
+
+
+def _install_errors(app: FastAPI) -> None:
+    def error(status: int, reason: str, field: str | None = None,
+              headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"field": field, "reason": reason}}, status_code=status, headers=headers)
+
+    @app.exception_handler(BadInput)
+    async def bad_input(_: Request, exc: BadInput) -> JSONResponse:
+        return error(422, exc.detail.reason, exc.detail.field)
+
+    @app.exception_handler(AuthError)
+    async def auth(_: Request, exc: AuthError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error(exc.status, str(exc), "Authorization", headers)
+
+    @app.exception_handler(UnknownOrder)
+    async def unknown_order(_: Request, exc: UnknownOrder) -> JSONResponse:
+        return error(404, str(exc), "order_id")
+
+    @app.exception_handler(LogUnavailable)
+    async def unavailable(_: Request, exc: LogUnavailable) -> JSONResponse:
+        _log.error("decision log unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
+        return error(503, "decisions cannot be recorded right now; retry shortly", headers={"Retry-After": "1"})
+
+    @app.exception_handler(InsertrecError)
+    async def refused(_: Request, exc: InsertrecError) -> JSONResponse:
+        return error(422, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        return error(422, str(first.get("msg")), ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, exc: Exception) -> JSONResponse:
+        _log.error("unexpected error", extra={"event": "internal_error", "error_type": type(exc).__name__},
+                   exc_info=exc)
+        return error(500, "internal error")
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add the bodies the routes parse themselves, and the bearer scheme, to the schema."""
+    bodies = {"OrderIn": TypeAdapter(p.OrderIn), "BatchIn": TypeAdapter(p.BatchIn), "OutcomeIn": p.OUTCOME}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {})
+            found = components.setdefault("schemas", {})
+            for name, adapter in bodies.items():
+                body = adapter.json_schema(ref_template="#/components/schemas/{model}")
+                found.update(body.pop("$defs", {}))
+                found[name] = body
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def app_from_env() -> FastAPI:
+    """The factory each uvicorn worker calls: settings come back from the environment `run` set."""
+    return create_app(Settings.load())
+
+
+def run(model: str | None = None, host: str | None = None, port: int | None = None, workers: int | None = None,
+        insecure_dev: bool = False, config: str | None = None) -> None:
+    """``insertrec serve``: check the settings and start uvicorn with ``workers`` processes.
+
+    Arguments left None come from the environment, then the config file. Refuses
+    to start without API keys unless ``insecure_dev``, and without anything to
+    answer with (no loadable model and no catalog to fall back on).
+    """
+    import uvicorn
+
+    settings = Settings.load(config, model=model, host=host, port=port, workers=workers,
+                             insecure_dev=insecure_dev)
+    if not settings.keys and not settings.insecure_dev:
+        raise SettingsError("refusing to start without API keys: set INSERTREC_API_KEYS or "
+                            "INSERTREC_API_KEYS_FILE (or pass --insecure-dev on a development machine)")
+    log = DecisionLog(settings.db_url, settings.db_synchronous)
+    try:
+        log.create()
+    finally:
+        log.close()
+    EngineSlot(settings.model, settings.catalog).load()  # fail here, with the reason, not in every worker
+    os.environ.update(settings.to_environ())
+    if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        directory = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="insertrec-metrics-"))
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        os.environ[MULTIPROC_ENV] = str(directory)
+    uvicorn.run("insertrec.serving.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, access_log=False, log_config=uvicorn_log_config(settings.log_level),
+                timeout_graceful_shutdown=10, server_header=False)

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the service, correct with any number of workers.
+
+With several workers each process keeps its own counters, and a scrape
+reaches only one of them; so `run` points ``PROMETHEUS_MULTIPROC_DIR`` at a
+fresh directory before the workers start, every process writes its values
+there, and ``/metrics`` aggregates them all (prometheus_client's
+multiprocess mode). A single process without that variable uses an ordinary
+in-memory registry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STAGES = ("validation", "features", "scoring", "logging")
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_STAGE = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class Metrics:
+    """The service's metrics; ``stage`` holds one histogram child per request stage."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        self._exposed = CollectorRegistry()
+        if self.multiprocess:
+            multiprocess.MultiProcessCollector(self._exposed)
+        registry = None if self.multiprocess else self._exposed
+        self.requests = Counter("insertrec_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=registry)
+        self.latency = Histogram("insertrec_request_seconds", "HTTP request latency by route",
+                                 ["route"], buckets=_LATENCY, registry=registry)
+        stages = Histogram("insertrec_stage_seconds", "time per decision stage", ["stage"],
+                           buckets=_STAGE, registry=registry)
+        self.stage = {s: stages.labels(s) for s in STAGES}
+        self.decisions = Counter("insertrec_decisions", "decisions by policy", ["policy"], registry=registry)
+        self.fallbacks = Counter("insertrec_fallbacks", "decisions answered from the catalog's rules "
+                                 "because the model failed or is missing", registry=registry)
+        self.retries = Counter("insertrec_decision_retries", "decisions redone because stock, budget or "
+                               "the customer's history changed before commit", ["reason"], registry=registry)
+        self.model_loads = Counter("insertrec_model_loads", "model loads by result", ["result"],
+                                   registry=registry)
+        self.degraded = Gauge("insertrec_degraded", "1 while a worker serves without its model",
+                              registry=registry, multiprocess_mode="livemax")
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, str(status))
+        child.inc()
+        timer = self._latency_children.get(route)
+        if timer is None:
+            timer = self._latency_children[route] = self.latency.labels(route)
+        timer.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self._exposed)
+
+    def close(self) -> None:
+        """Drop this process's live-only gauges from the shared directory (graceful exit)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
+
+
+class Stopwatch:
+    """Laps between checkpoints of one request, each into its stage histogram."""
+
+    __slots__ = ("_metrics", "_t")
+
+    def __init__(self, metrics: Metrics, start: float | None = None):
+        self._metrics = metrics
+        self._t = time.perf_counter() if start is None else start
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._metrics.stage[stage].observe(now - self._t)
+        self._t = now

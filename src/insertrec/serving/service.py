@@ -1,0 +1,185 @@
+"""Deciding one order end to end: customer state, model (or rules), stock, the log.
+
+HTTP-free, so the same path serves the single and the batch route. A
+decision is *optimistic*: state is read and the box scored without holding
+any lock, then one short transaction re-checks what could have changed
+meanwhile (the order already decided, the customer's history, stock and
+budget) and commits. If something changed, the decision is redone with the
+news (an exhausted action made unavailable, the customer's new order folded
+in); nothing is ever half-written.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+
+from insertrec.features import CustomerState
+from insertrec.policy import Decision
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock
+from insertrec.serving.hotswap import EngineSlot, Loaded
+from insertrec.serving.metrics import Metrics, Stopwatch
+from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
+
+_log = logging.getLogger("insertrec.serving")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_ATTEMPTS = 8          # each retry learns one more exhausted action or one newer order
+_EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may be (commits re-check)
+
+
+@dataclass
+class _Known:
+    """A customer's state as folded from the log up to given row ids, under one Loaded."""
+
+    loaded: Loaded
+    state: CustomerState
+    last_decision: int
+    last_outcome: int
+
+
+class DecisionService:
+    """Decisions and outcomes of one worker.
+
+    Parameters
+    ----------
+    slot : the worker's engines (hot-swappable).
+    log : the decision log.
+    metrics : where stage timings, decisions and fallbacks are counted.
+    cache_size : customers whose folded state is kept between requests; the
+        log is still asked for anything newer on every request, so the cache
+        saves work, never correctness.
+    """
+
+    def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
+        self.slot, self.log, self.metrics = slot, log, metrics
+        self.cache_size = cache_size
+        self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._exhausted: set[str] = set()
+        self._exhausted_at = 0.0
+
+    def decide(self, order: OrderIn, watch: Stopwatch) -> tuple[str, bool]:
+        """The response JSON for ``order`` and whether it is a stored one (a retry)."""
+        loaded = self.slot.current
+        if loaded is None:
+            raise LogUnavailable("the service is still starting")
+        record = order.record(datetime.now(timezone.utc))
+        ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
+        unavailable = self._exhausted_now() & loaded.limited
+        for _ in range(_MAX_ATTEMPTS):
+            known = self._state(loaded, order.customer_id)
+            state = known.state
+            if order.nps_score is not None:  # the caller's fresher answer, known just before this order
+                state = copy.copy(state)
+                state.add_nps(order.nps_score, datetime.fromisoformat(record["order_ts"]) - timedelta(microseconds=1))
+            watch.lap("features")
+            decision, decision_id, text = self._score(loaded, record, state, frozenset(unavailable))
+            watch.lap("scoring")
+            actions = {slot: c.action_id for slot, c in decision.slots.items()}
+            entry = Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
+                          decision.policy, json.dumps(record, separators=(",", ":")),
+                          {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text)
+            try:
+                text, row_id = self.log.record(entry, known.last_decision, loaded.as_of_ns,
+                                               [a for a in actions.values() if a in loaded.limited])
+            except OutOfStock as exc:
+                unavailable.add(exc.action_id)
+                self._exhausted.add(exc.action_id)
+                self.metrics.retries.labels("stock").inc()
+                continue
+            except CustomerMoved:
+                self.metrics.retries.labels("customer").inc()
+                continue
+            watch.lap("logging")
+            if row_id is None:
+                return text, True
+            known.state.add_order(record, actions)
+            known.last_decision = row_id
+            self.metrics.decisions.labels(decision.policy).inc()
+            _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
+                                          "order_id": order.order_id, "customer_id": order.customer_id,
+                                          "policy": decision.policy, "model_version": decision.model_version})
+            return text, False
+        raise LogUnavailable(f"order_id {order.order_id!r}: too many concurrent changes to commit; retry")
+
+    def record_outcome(self, outcome: Redeemed | Reordered | Returned | NpsAnswer) -> OutcomeOut:
+        """Store an outcome once (a retry with the same key, or the same body, is not stored again)."""
+        key = outcome.outcome_id or "auto-" + hashlib.sha256(
+            outcome.model_dump_json(exclude={"outcome_id"}).encode()).hexdigest()[:40]
+        ts = outcome.ts or datetime.now(timezone.utc)
+        recorded = self.log.record_outcome(
+            key, outcome.order_id, outcome.type, _ns(ts),
+            score=outcome.score if isinstance(outcome, NpsAnswer) else None,
+            value=outcome.returned_value if isinstance(outcome, Returned) else None,
+            action_id=outcome.action_id if isinstance(outcome, Redeemed) else None)
+        return OutcomeOut(outcome_id=key, order_id=outcome.order_id, type=outcome.type, recorded=recorded)
+
+    def _state(self, loaded: Loaded, customer_id: str) -> _Known:
+        """The customer as of the model's snapshot plus everything the log has on them since."""
+        known = self._known.get(customer_id)
+        if known is None or known.loaded is not loaded:
+            engine = loaded.engine or loaded.fallback
+            known = _Known(loaded, engine.state(customer_id), 0, 0)
+        else:
+            self._known.move_to_end(customer_id)
+        for event in self.log.events(customer_id, loaded.as_of_ns, known.last_decision, known.last_outcome):
+            if event.kind == "order":
+                known.state.add_order(event.order, event.actions)
+                known.last_decision = event.id
+            else:
+                if event.kind == "nps":
+                    known.state.add_nps(int(event.value), _from_ns(event.ts_ns))
+                else:
+                    known.state.add_return(event.order_id, event.value)
+                known.last_outcome = event.id
+        self._known[customer_id] = known
+        if len(self._known) > self.cache_size:
+            self._known.popitem(last=False)
+        return known
+
+    def _score(self, loaded: Loaded, record: dict, state: CustomerState,
+               unavailable: frozenset[str]) -> tuple[Decision, str, str]:
+        """Decide with the model; on any failure of it, with the catalog's rules, labelled fallback.
+        Returns the decision, its id and its response JSON."""
+        if loaded.engine is not None:
+            try:
+                decision = loaded.engine.decide(record, state, unavailable)
+                return (decision, *_body(decision))
+            except Exception as exc:  # noqa: BLE001 - a broken model must never stop a warehouse
+                _log.error("model failed; answering from the rules", extra={
+                    "event": "model_failed", "order_id": record["order_id"], "error_type": type(exc).__name__,
+                    "model_version": loaded.version})
+        self.metrics.fallbacks.inc()
+        decision = replace(loaded.fallback.decide(record, state, unavailable), policy="fallback")
+        return (decision, *_body(decision))
+
+    def _exhausted_now(self) -> set[str]:
+        now = time.monotonic()
+        if now - self._exhausted_at > _EXHAUSTED_TTL_S:
+            self._exhausted = self.log.exhausted()
+            self._exhausted_at = now
+        return set(self._exhausted)
+
+
+def _body(decision: Decision) -> tuple[str, str]:
+    """A new decision id and the response JSON (raises ValueError on NaN: a model producing
+    NaN scores has failed)."""
+    decision_id = str(uuid.uuid4())
+    out = {"decision_id": decision_id}
+    out.update(decision.as_dict())
+    return decision_id, json.dumps(out, separators=(",", ":"), allow_nan=False)
+
+
+def _ns(ts: datetime) -> int:
+    d = ts - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 10**9 + d.microseconds * 1000
+
+
+def _from_ns(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1000)
