@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from insertrec.tracking import log_training_run
 
         run = log_training_run(result.model_dir, params=result.manifest["params"] | {
+            "data": str(Path(args.data).resolve()),
             "data_fingerprint": result.manifest["data_fingerprint"],
             "catalog_sha256": result.manifest["catalog_sha256"]},
             metrics=result.metrics, experiment=args.experiment, register_as=args.register_as)
@@ -134,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
-    from insertrec.tracking import promote
+    from insertrec.registry import promote
 
     result = promote(args.model_name, args.version, data_dir=args.data, force=args.force)
     print(result.summary())
@@ -194,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("serve", help="the HTTP API")
     c.add_argument("--model", required=True, help="model directory or models:/NAME@ALIAS")
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--port", type=int, default=8000)
-    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--host", help="default 127.0.0.1 (or INSERTREC_HOST)")
+    c.add_argument("--port", type=int, help="default 8000 (or INSERTREC_PORT)")
+    c.add_argument("--workers", type=int, help="default 1 (or INSERTREC_WORKERS)")
     c.add_argument("--config", help="settings file (env vars take precedence)")
     c.add_argument("--insecure-dev", action="store_true", help="allow starting without API keys")
     c.set_defaults(fn=cmd_serve)
