@@ -25,7 +25,7 @@ from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.evaluation import (LoggedOrders, evaluate, judge_for, logged_orders, rules_actions,
-                                  unproven_slots)
+                                  worse_slots)
 from insertrec.policy import Policy
 from insertrec.report import render_report
 from insertrec.segments import SegmentModel
@@ -82,7 +82,7 @@ def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncode
     f = logged.feedback
     model = ValueModel(random_state=seed).fit(encoder.transform(sub), f.actions, f.rewards, policy.space,
                                               rules_actions(policy.catalog, sub), f.pscores.prod(axis=1))
-    return Policy(policy.catalog, encoder, model, policy.epsilon, policy.version, playbook_slots)
+    return policy.replace(encoder=encoder, value_model=model, playbook_slots=playbook_slots)
 
 
 def _treatments(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
@@ -157,10 +157,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         progress("off-policy evaluation")
         candidate = fit_policy(feats, train_part, encoder, policy, config.seed)
         judge = judge_for(candidate, feats, holdout, encoder, config.seed)
-        deferred = unproven_slots(candidate, feats, judge, seed=config.seed)
+        deferred = worse_slots(candidate, feats, judge, seed=config.seed)
         if deferred:
-            notes.append("the model could not be shown better than the playbook in "
-                         f"{', '.join(deferred)} on the holdout; the playbook decides there")
+            notes.append(f"on the holdout the model did worse than the playbook in {', '.join(deferred)}; "
+                         "the playbook decides there")
             candidate = candidate.replace(playbook_slots=deferred)
         ope_metrics, ope_report = evaluate(candidate, feats, holdout, encoder, config.seed, judge)
         metrics.update(ope_metrics)
