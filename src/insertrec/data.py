@@ -140,6 +140,26 @@ def load_data(path: str | os.PathLike[str], *, skip_bad_rows: bool = False) -> D
     )
 
 
+def load_orders_file(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """One file of new orders (CSV or Parquet, the orders columns), validated like ``load_data``'s.
+
+    For batch decisions: any bad row refuses the file with every problem
+    listed, since a silently skipped order would leave a parcel undecided.
+    """
+    file = Path(path)
+    if not file.is_file() or file.suffix not in _EXTENSIONS:
+        raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders")])
+    table = _read_file(file)
+    missing = [c for c in TABLES["orders"]["required"] if c not in table.cells.columns]
+    if missing:
+        raise DataError([Problem(table.file, None, c, "required column missing") for c in missing])
+    check = _Checker(table)
+    orders = _parse_orders(check)
+    if check.bad.any():
+        raise DataError(check.problems())
+    return orders.sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
+
+
 def write_rejected(dataset: Dataset, path: str | os.PathLike[str]) -> int:
     """Write the rows set aside by ``skip_bad_rows`` so the user can fix them at the source.
 
@@ -168,9 +188,10 @@ def _read_table(directory: Path, name: str) -> _Table | None:
     if len(found) > 1:
         raise DataError([Problem(found[0].name, None, None,
                                  f"both {found[0].name} and {found[1].name} exist; keep only one")])
-    if not found:
-        return None
-    file = found[0]
+    return _read_file(found[0]) if found else None
+
+
+def _read_file(file: Path) -> _Table:
     try:
         return _read_csv(file) if file.suffix == ".csv" else _read_parquet(file)
     except UnicodeDecodeError as err:
