@@ -3,10 +3,18 @@
 Split as in Open Bandit Pipeline: the logged feedback (rewards, the actions
 received, their logged propensities), the target policy (the probability it
 gives each action), and estimators behind one interface. Here a box has
-several slots; the logging policy randomises slots independently, so the
-joint propensity is the product of the per-slot ones and an importance weight
-can be taken over all slots (the joint decision) or over one slot (that
-slot's policy, the other slots as logged).
+several slots; the logging policy randomises slots independently, so an
+importance weight can be taken over all slots (the joint decision) or over
+one slot (that slot's policy, the other slots as logged). For the joint
+decision the exact weight, the product of the slots' ratios, is unusable in
+practice: a policy that departs from the logging policy in three slots at
+once matches a logged box so rarely that a handful of orders carry the
+estimate (an effective sample of 19 out of 14,710 was measured on the
+simulated shop). The default is the pseudo-inverse weight of Swaminathan et
+al. (2017, "Off-policy evaluation for slate recommendation"): the sum of the
+slots' ratios minus (slots - 1), unbiased when the reward is additive over
+slots and far steadier; with DR only the value model's residual needs to be
+additive, which the slot-pair terms of the value model leave it close to.
 
 - IPS: unbiased, high variance when weights are large.
 - SNIPS: IPS normalised by the mean weight; a little bias, far less variance.
@@ -33,14 +41,21 @@ class LoggedFeedback:
     actions: np.ndarray      # (n, n_slots) int
     pscores: np.ndarray      # (n, n_slots) float in (0, 1]
 
-    def weights(self, target: list[np.ndarray], slots: list[int] | None = None) -> np.ndarray:
-        """pi(A|x) / mu(A|x) over the given slots (all by default); the others as logged."""
-        slots = range(self.actions.shape[1]) if slots is None else slots
+    def weights(self, target: list[np.ndarray], slots: list[int] | None = None,
+                form: str = "pseudo_inverse") -> np.ndarray:
+        """Importance weights over the given slots (all by default); the others as logged.
+
+        ``form`` is "product" (exact pi(A|x) / mu(A|x)) or "pseudo_inverse"
+        (sum of the slots' ratios minus slots - 1; identical for one slot).
+        """
+        slots = list(range(self.actions.shape[1])) if slots is None else list(slots)
         n = len(self.rewards)
-        w = np.ones(n)
-        for s in slots:
-            w *= target[s][np.arange(n), self.actions[:, s]] / self.pscores[:, s]
-        return w
+        ratios = [target[s][np.arange(n), self.actions[:, s]] / self.pscores[:, s] for s in slots]
+        if form == "product":
+            return np.prod(ratios, axis=0)
+        if form == "pseudo_inverse":
+            return np.sum(ratios, axis=0) - (len(slots) - 1)
+        raise ValueError(f"unknown weight form {form!r}")
 
 
 @dataclass(frozen=True)
