@@ -35,6 +35,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from insertrec.errors import InsertrecError
+from insertrec.registry import AliasWatcher, resolve_model
 from insertrec.serving import payloads as p
 from insertrec.serving.auth import AuthError, KeyRing
 from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, UnknownOrder
@@ -95,10 +96,13 @@ def create_app(settings: Settings) -> FastAPI:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
             loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, slot))
         follower = asyncio.create_task(_follow_reloads(log, slot, settings.reload_poll_seconds))
+        watcher = _watch_alias(settings, slot)
         try:
             yield
         finally:
             follower.cancel()
+            if watcher is not None:
+                watcher.stop()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             log.close()
@@ -219,6 +223,20 @@ def _on_swap(log: DecisionLog, metrics: Metrics, loaded: Any) -> None:
     log.sync_inventory(loaded.fallback.catalog)
     metrics.model_loads.labels("degraded" if loaded.reason else "ok").inc()
     metrics.degraded.set(1 if loaded.reason else 0)
+
+
+def _watch_alias(settings: Settings, slot: EngineSlot) -> AliasWatcher | None:
+    """For ``models:/NAME@ALIAS``: each worker polls the alias and reloads itself when it moves.
+
+    MLflow is only touched in the watcher's thread; a reload resolves the
+    alias afresh and swaps the engine in without failing a request in flight.
+    """
+    if settings.model is None or not settings.model.startswith("models:/") or "@" not in settings.model:
+        return None
+    current = slot.current
+    return AliasWatcher(settings.model, settings.alias_poll_seconds,
+                        lambda _: slot.reload_in_background(current.generation if current else 0),
+                        current=resolve_model(settings.model)).start()
 
 
 def _request_reload(log: DecisionLog, slot: EngineSlot) -> int:

@@ -52,6 +52,7 @@ class Settings:
     max_batch_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
     reload_poll_seconds: float = 2.0      # how soon every worker follows a reload asked of one
+    alias_poll_seconds: float = 30.0      # how often a models:/NAME@ALIAS model is checked for a move
     metrics_dir: str | None = None        # prometheus_client multiprocess directory (workers > 1)
     keys: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
 
