@@ -7,8 +7,10 @@ The module has three parts, in this order:
    ``CatalogError`` naming the line and the field (``slots.insert.actions[2].cost``).
    Indices in field paths count from 0, as in the rules' indices.
 2. The condition language of ``when``, evaluated vectorised on a frame of
-   order features (``mask``) or on one order given as a dict (``holds``, the
-   HTTP fast path). Both follow the same rules, value by value.
+   order features (``mask``) or on one order given as a dict (``compile``: a
+   closure over the condition's constants, the HTTP fast path; ``holds`` is
+   the same closure for a one-off test). Both follow the same rules, value by
+   value.
 3. The catalog model: ``Cap``, ``Action``, ``Slot``, ``Rule``, ``Catalog``.
 """
 
@@ -19,7 +21,7 @@ import hashlib
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from pathlib import Path
@@ -35,6 +37,8 @@ from insertrec.schema import CATEGORY_VALUES, FEATURES, SLOTS, is_feature_name
 # ---------------------------------------------------------------------------
 # 1. YAML with line numbers
 # ---------------------------------------------------------------------------
+
+Check = Callable[[Mapping[str, Any]], bool]  # a compiled condition: one order (a dict) -> holds?
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -260,21 +264,29 @@ class Membership:
         return ~hit if self.negate else hit
 
     def holds(self, record: Mapping[str, Any]) -> bool:
-        value = record.get(self.feature)
+        return self.compile()(record)
+
+    def compile(self) -> Check:
+        feature, lookup, negate = self.feature, self._lookup, self.negate
         if self._is_set:
-            if isinstance(value, str):
-                members = value.split("|")
-            elif isinstance(value, (list, tuple, set, frozenset)):  # the HTTP API sends a list
-                members = [str(v) for v in value]
-            else:
-                members = [] if _is_missing(value) else str(value).split("|")
-            hit = not self._lookup.isdisjoint(members)
-        else:
+            def holds_set(record: Mapping[str, Any]) -> bool:
+                value = record.get(feature)
+                if isinstance(value, str):
+                    members = value.split("|")
+                elif isinstance(value, (list, tuple, set, frozenset)):  # the HTTP API sends a list
+                    members = [str(v) for v in value]
+                else:
+                    members = [] if _is_missing(value) else str(value).split("|")
+                return lookup.isdisjoint(members) == negate
+            return holds_set
+
+        def holds(record: Mapping[str, Any]) -> bool:
             try:  # missing values (None, NaN, NA) are in no list of values
-                hit = value in self._lookup
+                hit = record.get(feature) in lookup
             except TypeError:  # unhashable (a list), or NA compared on a hash collision
                 hit = False
-        return hit != self.negate
+            return hit != negate
+        return holds
 
     def features(self) -> frozenset[str]:
         return frozenset((self.feature,))
@@ -303,7 +315,13 @@ class Range:
         return self._within(_numbers(column))
 
     def holds(self, record: Mapping[str, Any]) -> bool:
-        return bool(self._within(_number(record.get(self.feature))))
+        return self.compile()(record)
+
+    def compile(self) -> Check:
+        feature = self.feature
+        low = -math.inf if self.low is None else self.low
+        high = math.inf if self.high is None else self.high
+        return lambda record: low <= _number(record.get(feature)) <= high  # NaN is within nothing
 
     def features(self) -> frozenset[str]:
         return frozenset((self.feature,))
@@ -329,10 +347,22 @@ class Condition:
 
     def holds(self, record: Mapping[str, Any]) -> bool:
         """``mask`` for a single order given as a dict, without building a frame."""
-        for clause in self.clauses:  # a plain loop: this is the per-request hot path
-            if clause.holds(record) == self.any_of:
-                return self.any_of
-        return not self.any_of
+        return self.compile()(record)
+
+    def compile(self) -> Check:
+        """``holds`` as a closure, built once per catalog for the per-request path."""
+        checks, any_of = tuple(clause.compile() for clause in self.clauses), self.any_of
+        if len(checks) == 1:  # all-of or any-of one clause is the clause
+            return checks[0]
+        if not checks:
+            return lambda record: not any_of
+
+        def holds(record: Mapping[str, Any]) -> bool:
+            for check in checks:  # a plain loop: this is the per-request hot path
+                if check(record) == any_of:
+                    return any_of
+            return not any_of
+        return holds
 
     def features(self) -> frozenset[str]:
         """Every feature the condition reads, so the feature builder knows what to produce."""
@@ -506,13 +536,20 @@ class Action:
         return ok
 
     def eligible_one(self, record: Mapping[str, Any]) -> bool:
+        return self.compile()(record)
+
+    def compile(self) -> Check:
+        """``eligible`` for one order given as a dict, as a closure."""
         if self.default:
-            return True
-        if self.cap is not None:
-            received = _number(record.get(self.cap_feature))
-            if not math.isnan(received) and received >= self.cap.count:
-                return False
-        return self.when.holds(record)
+            return lambda record: True
+        when = self.when.compile()
+        if self.cap is None:
+            return when
+        feature, count = self.cap_feature, self.cap.count
+
+        def eligible(record: Mapping[str, Any]) -> bool:
+            return not _number(record.get(feature)) >= count and when(record)  # NaN: never received
+        return eligible
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "name": self.name, "cost": self.cost}
@@ -637,14 +674,72 @@ class Catalog:
                       for r in self.rules],
         }
 
+    # -- eligibility and the playbook ----------------------------------------------
+    # Actions are laid out flat, slot by slot in catalog order (``columns``):
+    # ``assess`` and ``assess_one`` give every action's eligibility in that
+    # layout together with the playbook's choice, each condition evaluated once.
+
+    @cached_property
+    def columns(self) -> tuple[int, ...]:
+        """Per slot, the flat index of its first action (slots in catalog order)."""
+        sizes = [len(slot.actions) for slot in self.slots.values()]
+        return tuple(int(c) for c in np.cumsum([0, *sizes[:-1]]))
+
+    @cached_property
+    def _flat_actions(self) -> tuple[Action, ...]:
+        return tuple(a for slot in self.slots.values() for a in slot.actions)
+
+    @cached_property
+    def _rule_picks(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        """Per rule, (slot position, flat column, index in slot) of each action it chooses."""
+        names = list(self.slots)
+        return tuple(tuple((names.index(slot), self.columns[names.index(slot)] + self.slots[slot].index_of(a),
+                            self.slots[slot].index_of(a)) for slot, a in rule.choose.items())
+                     for rule in self.rules)
+
+    @cached_property
+    def _compiled(self) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
+        """Per action its eligibility check, per rule its condition: compiled once, used per request."""
+        return (tuple(a.compile() for a in self._flat_actions), tuple(r.when.compile() for r in self.rules))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}  # closures do not pickle
+
+    def _by_slot(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.slots, np.split(flat, self.columns[1:], axis=-1)))
+
+    def assess(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Every order's eligibility, bool (n_orders, n_actions) flat in ``columns`` layout, and the
+        playbook's choice, int (n_orders, n_slots) action index per slot (see ``rules_choice``)."""
+        ok = np.column_stack([a.eligible(frame) for a in self._flat_actions])
+        fired = self.rules_fired(frame)
+        choice = np.tile(np.array([slot.default_index for slot in self.slots.values()]), (len(frame), 1))
+        for r, picks in enumerate(self._rule_picks):
+            rows = fired == r
+            if rows.any():
+                for s, column, index in picks:
+                    choice[rows & ok[:, column], s] = index
+        return ok, choice
+
+    def assess_one(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """``assess`` for one order given as a dict: bool (n_actions,) and int (n_slots,)."""
+        checks, whens = self._compiled
+        ok = [check(record) for check in checks]
+        choice = [slot.default_index for slot in self.slots.values()]
+        for when, picks in zip(whens, self._rule_picks):
+            if when(record):
+                for s, column, index in picks:
+                    if ok[column]:
+                        choice[s] = index
+                break
+        return np.array(ok, dtype=bool), np.array(choice)
+
     def eligible(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> bool (n_orders, n_actions): ``when`` and contact cap; the default always."""
-        return {name: np.column_stack([a.eligible(frame) for a in slot.actions])
-                for name, slot in self.slots.items()}
+        return self._by_slot(np.column_stack([a.eligible(frame) for a in self._flat_actions]))
 
     def eligible_one(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {name: np.array([a.eligible_one(record) for a in slot.actions], dtype=bool)
-                for name, slot in self.slots.items()}
+        return self._by_slot(self.assess_one(record)[0])
 
     def rules_fired(self, frame: pd.DataFrame) -> np.ndarray:
         """Per order the index in ``rules`` of the first rule whose ``when`` holds, -1 for none."""
@@ -654,33 +749,17 @@ class Catalog:
         return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
 
     def rules_fired_one(self, record: Mapping[str, Any]) -> int:
-        return next((i for i, rule in enumerate(self.rules) if rule.when.holds(record)), -1)
+        return next((i for i, when in enumerate(self._compiled[1]) if when(record)), -1)
 
     def rules_choice(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> action index per order from the playbook; anything the fired rule does not
         name, or names but is not eligible for the order, is the slot default."""
-        fired = self.rules_fired(frame)
-        choice = {name: np.full(len(frame), slot.default_index) for name, slot in self.slots.items()}
-        for r, rule in enumerate(self.rules):
-            rows = fired == r
-            if not rows.any():
-                continue
-            for slot_name, action_id in rule.choose.items():
-                index = self.slots[slot_name].index_of(action_id)
-                take = rows & self.slots[slot_name].actions[index].eligible(frame)
-                choice[slot_name][take] = index
-        return choice
+        choice = self.assess(frame)[1]
+        return {name: choice[:, s] for s, name in enumerate(self.slots)}
 
     def rules_choice_one(self, record: Mapping[str, Any]) -> dict[str, int]:
-        choice = {name: slot.default_index for name, slot in self.slots.items()}
-        fired = self.rules_fired_one(record)
-        if fired >= 0:
-            for slot_name, action_id in self.rules[fired].choose.items():
-                slot = self.slots[slot_name]
-                index = slot.index_of(action_id)
-                if slot.actions[index].eligible_one(record):
-                    choice[slot_name] = index
-        return choice
+        choice = self.assess_one(record)[1]
+        return {name: int(choice[s]) for s, name in enumerate(self.slots)}
 
 
 def _declared_ids(slots: _Map) -> frozenset[str]:

@@ -127,24 +127,33 @@ class FeatureEncoder:
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Encode a frame of order features (missing columns count as missing values)."""
         n = len(frame)
-        blocks: list[np.ndarray] = [np.ones((n, 1))]
+        out = np.zeros((n, self.n_features_))
+        out[:, 0] = 1.0
+        i = 1
         for spec in self.numerics_:
             col = frame[spec.name] if spec.name in frame else pd.Series(np.nan, index=frame.index)
             raw = pd.to_numeric(col, errors="coerce").astype("float64").to_numpy()
             vals = np.sign(raw) * np.log1p(np.abs(raw)) if spec.log else raw
             missing = ~np.isfinite(vals)
-            vals = (np.where(missing, spec.fill, vals) - spec.mean) / spec.scale
-            blocks.append(vals[:, None])
+            out[:, i] = (np.where(missing, spec.fill, vals) - spec.mean) / spec.scale
+            i += 1
             if spec.has_missing:
-                blocks.append(missing[:, None].astype(float))
+                out[:, i] = missing
+                i += 1
+        rows = np.arange(n)
         for spec in self.categoricals_:
-            col = frame[spec.name] if spec.name in frame else pd.Series("unknown", index=frame.index)
-            codes = pd.Index(spec.values).get_indexer(col.astype("string").fillna("unknown").astype(object))
-            codes = np.where(codes < 0, len(spec.values), codes)
-            onehot = np.zeros((n, len(spec.values) + 1))
-            onehot[np.arange(n), codes] = 1.0
-            blocks.append(onehot)
-        return np.hstack(blocks)
+            other = len(spec.values)
+            if spec.name in frame:
+                # few distinct values per column: look each up once, as transform_one does
+                codes, uniques = pd.factorize(frame[spec.name])
+                index = self._index[spec.name]
+                level = np.array([index.get(str(u), other) for u in uniques] + [index.get("unknown", other)])
+                codes = level[codes]   # factorize marks missing values -1: the last entry, "unknown"
+            else:
+                codes = np.full(n, self._index[spec.name].get("unknown", other))
+            out[rows, i + codes] = 1.0
+            i += other + 1
+        return out
 
     def transform_one(self, record: dict) -> np.ndarray:
         """Encode one order given as a dict: the serving path, no pandas."""

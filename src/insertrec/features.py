@@ -158,7 +158,7 @@ class _Layout:
         self.columns = ("order_id", "customer_id", "order_ts", *FEATURES, *p.ctx_columns,
                         *self.cat_columns, *self.chan_columns, *per_action)
         # an order older than this is past every window: only its totals still matter
-        self.memory_ns = max(p.return_window_days, *self.windows) * DAY_NS
+        self.memory_ns = max((p.return_window_days, *self.windows)) * DAY_NS
 
 
 # ---------------------------------------------------------------------------
@@ -309,9 +309,9 @@ class _Orders:
         order_id = _strings(frame, "order_id", "")
         codes, distinct = _factorize(order_id)
         if len(distinct) < n:
-            first = np.zeros(n, dtype=bool)
-            first[np.unique(codes, return_index=True)[1]] = True
-            dup = np.flatnonzero(~first)
+            seen_first = np.zeros(n, dtype=bool)
+            seen_first[np.unique(codes, return_index=True)[1]] = True
+            dup = np.flatnonzero(~seen_first)
             raise DataError([Problem(file, int(i) + 2, "order_id", "duplicate order_id", order_id[int(i)].as_py())
                              for i in dup[:20]])
         ts = _ns(frame["order_ts"], file, "order_ts")
@@ -896,8 +896,13 @@ def _flag(value: Any) -> bool:
     return bool(value) if value is not None and value == value else False
 
 
-def _number(value: Any, default: float) -> float:
-    return default if value is None or value != value else float(value)
+def _number(value: Any, default: float, name: str) -> float:
+    if value is None or value != value:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InsertrecError(f"{name}: expected a number (got {value!r})") from None
 
 
 def _text(value: Any, default: str) -> str:
@@ -918,7 +923,8 @@ class CustomerState:
     Holds running totals (orders, spend, gifts, category/channel/action counts,
     first/last order and last receipt of each action), the returned value of
     orders already past the return window, the younger orders one by one (for
-    the return and contact-cap windows), the latest NPS answer and the
+    the return and contact-cap windows), the last two NPS answers (the latest,
+    and the one an order at exactly the latest's instant sees) and the
     incidents that can still count. ``features`` assumes the order comes after
     everything folded in, which the service's clock guarantees.
     """
@@ -944,6 +950,18 @@ class CustomerState:
         """A customer never seen: every order of theirs is a first order."""
         return cls(params._layout)
 
+    def __copy__(self) -> CustomerState:
+        """An independent copy (``copy.copy``), so that a caller can try an event on it, such as
+        a fresher NPS answer known for one request only, without changing this state."""
+        twin = CustomerState.__new__(CustomerState)
+        for name in self.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.cats, twin.chans = [*self.cats], [*self.chans]
+        twin.recv, twin.recv_last = [*self.recv], [*self.recv_last]
+        twin.recent = [[*row] for row in self.recent]
+        twin.nps, twin.incidents = [*self.nps], [*self.incidents]
+        return twin
+
     def _fold(self, ts: int, value: float, returned: float, gift: bool, cats: list[int], chan: int,
               actions: list[int], order_id: str) -> None:
         self.n += 1
@@ -966,8 +984,8 @@ class CustomerState:
         cats = {L.cat_index[c] for c in _categories(order.get("categories")).split("|") if c in L.cat_index}
         received = sorted({L.action_index[a] for a in (actions or {}).values() if a in L.action_index})
         self._fold(_ns_scalar(order.get("order_ts")), _order_value(order),
-                   _number(order.get("returned_value"), 0.0), _flag(order.get("is_gift")), sorted(cats),
-                   L.chan_index.get(_text(order.get("channel"), "unknown"), -1), received,
+                   _number(order.get("returned_value"), 0.0, "returned_value"), _flag(order.get("is_gift")),
+                   sorted(cats), L.chan_index.get(_text(order.get("channel"), "unknown"), -1), received,
                    str(order.get("order_id")))
 
     def add_nps(self, score: int, ts: Any) -> None:
@@ -1020,7 +1038,7 @@ class CustomerState:
             "customer_id": str(order.get("customer_id")),
             "order_ts": _datetime(t),
             "order_value": _order_value(order),
-            "n_items": _number(order.get("n_items"), 1.0),
+            "n_items": _number(order.get("n_items"), 1.0, "n_items"),
             "channel": _text(order.get("channel"), "unknown"),
             "region": _text(order.get("region"), "unknown"),
             "is_gift": _flag(order.get("is_gift")),

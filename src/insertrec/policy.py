@@ -8,12 +8,21 @@ features are encoded and eligibility evaluated, never in how boxes are scored.
 Exploration is epsilon-greedy per slot, decided by a hash of the order id and
 the model version, so a retried order gets the same answer and the logged
 propensities are exact: (1 - eps) * [a is the best] + eps / |eligible|.
+
+Speed: one order must be decided in tens of microseconds, so everything that
+depends only on the model (stacked action weights, the slot-pair table laid
+out on the grid of boxes, column offsets) is computed once when the policy is
+built or loaded, and the core works on flat arrays (actions of all slots side
+by side, catalog order) with a fixed number of NumPy calls whatever n is.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import compress
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +31,7 @@ from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-_ROW_CHUNK = 2_000_000  # orders x combinations scored at once, to bound memory
+_ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class BatchDecisions:
     explored: np.ndarray         # (n, n_slots) bool
     greedy: np.ndarray           # (n, n_slots) the best eligible box before exploration
     eligible: list[np.ndarray] = field(repr=False, default_factory=list)
-    alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)  # per slot (n, n_actions)
+    # per slot (n, n_actions): each action's best box value; only for one order's explanation
+    alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
 
     @property
@@ -76,14 +86,79 @@ class BatchDecisions:
         return np.where(self.explored.any(axis=1), "explore", "greedy")
 
 
+_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit moves every output bit (uint64 arrays wrap)."""
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+@lru_cache(maxsize=64)
+def _position_keys(length: int) -> np.ndarray:
+    """Odd 64-bit multipliers, one per character position of an order id."""
+    return _mix64(np.arange(1, length + 1, dtype=_U64) * _GOLDEN) | _U64(1)
+
+
+@lru_cache(maxsize=64)
+def _lanes(salt: str, n_slots: int) -> np.ndarray:
+    """One 64-bit key per (slot, draw), derived from the salt (the model version)."""
+    seed = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")
+    return _mix64(np.arange(1, 2 * n_slots + 1, dtype=_U64) * _GOLDEN + _U64(seed))
+
+
 def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.ndarray:
-    """(n, n_slots, 2) uniforms in [0, 1), a pure function of (salt, order id, slot)."""
-    out = np.empty((len(order_ids), n_slots, 2))
-    for i, oid in enumerate(order_ids):
-        digest = hashlib.blake2b(f"{salt}|{oid}".encode(), digest_size=8 * n_slots).digest()
-        words = np.frombuffer(digest, dtype="<u4").reshape(n_slots, 2)
-        out[i] = words / 2.0**32
-    return out
+    """(n, n_slots, 2) uniforms in [0, 1), a pure function of (salt, order id, slot).
+
+    Vectorised over orders (a batch of 100,000 ids hashes in milliseconds) and
+    the very same code for one order, so the service and `recommend` draw
+    identical numbers: the id's code points are hashed multilinearly with
+    per-position keys, salted with the model version, and each (slot, draw)
+    lane is finished with SplitMix64.
+    """
+    ids = np.ascontiguousarray(order_ids, dtype=str)   # fixed-width UCS-4: one uint32 per character
+    points = ids.view(np.uint32).reshape(len(ids), ids.dtype.itemsize // 4)
+    h = (points * _position_keys(points.shape[1])).sum(axis=1, dtype=_U64)
+    z = _mix64(h[:, None] ^ _lanes(salt, n_slots))
+    return ((z >> _U64(11)) * 2.0**-53).reshape(len(ids), n_slots, 2)
+
+
+class _BoxScorer:
+    """`ValueModel.combo_scores` laid out on the grid of boxes, (n, *slot sizes).
+
+    The same q(x, a) (the value model's docstring): one product with every
+    slot's action weights side by side, the playbook bonus, and the slot-pair
+    terms summed once into a constant grid; a box's value is then a
+    broadcast sum of its slots' scores, and ineligible actions enter as -inf
+    so that no box holding one can win. Flattened in C order the grid is
+    ``ActionSpace.combos`` order; tests pin it to ``combo_scores``.
+    """
+
+    def __init__(self, model: ValueModel, sizes: tuple[int, ...], slices: list[slice]):
+        self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
+        self.beta = np.asarray(model.beta_, dtype=float)
+        self.pairs = np.zeros(sizes)
+        k = len(sizes)
+        for (s, t), table in model.P_.items():
+            shape = [1] * k
+            shape[s], shape[t] = sizes[s], sizes[t]
+            self.pairs = self.pairs + table.reshape(shape)
+        self.slices = slices
+        self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
+
+    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+        n = len(phi)
+        per_action = phi @ self.weights
+        per_action[np.arange(n)[:, None], rule_columns] += self.beta
+        per_action = np.where(eligible, per_action, -np.inf)
+        grid = self.pairs + per_action[:, self.slices[0]].reshape((n, *self.shapes[0]))
+        for s in range(1, len(self.slices)):
+            grid += per_action[:, self.slices[s]].reshape((n, *self.shapes[s]))
+        return grid
 
 
 class Policy:
@@ -117,26 +192,53 @@ class Policy:
         self.combos = self.space.combos
         self._notes = [[a.note for a in s.actions] for s in catalog.slots.values()]
         self._ids = [list(s.action_ids) for s in catalog.slots.values()]
+        # constants of the decision core, computed once per policy
+        self._columns = np.array(catalog.columns)
+        self._sizes = np.array(self.space.sizes)
+        self._defaults = np.array(self.space.defaults)
+        self._flat_ids = np.array([a for ids in self._ids for a in ids], dtype=object)
+        self._default_combo = int(np.ravel_multi_index(self.space.defaults, self.space.sizes))
+        self._slices = [slice(c, c + size) for c, size in zip(catalog.columns, self.space.sizes)]
+        self._lasts = self._columns + self._sizes - 1
+        self._strides = np.array([int(np.prod(self.space.sizes[s + 1:])) for s in range(len(self._sizes))])
+        # per action (flat), the boxes holding it; rows padded with their own first box (max is unchanged)
+        holding = [np.flatnonzero(self.combos[:, s] == a) for s, size in enumerate(self.space.sizes)
+                   for a in range(size)]
+        width = max(len(h) for h in holding)
+        self._holding = np.array([np.resize(h, width) for h in holding])
+        # per slot, row a: 0 for action a, -inf for the others (fixes the slot to a playbook choice)
+        self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
+        self._playbook = [s for s, name in enumerate(self.slot_names) if name in playbook_slots]
+        self._scorer = None if value_model is None else _BoxScorer(value_model, self.space.sizes, self._slices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the constructor's parameters: the derived constants are rebuilt on load."""
+        return {k: getattr(self, k) for k in _PARAMS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also reads model directories pickled before the constants existed (their state is __dict__)
+        self.__init__(**{k: state[k] for k in _PARAMS})
 
     def replace(self, **changes) -> Policy:
         """A copy with some constructor parameters changed (the fitted parts are shared)."""
-        params = {"catalog": self.catalog, "encoder": self.encoder, "value_model": self.value_model,
-                  "epsilon": self.epsilon, "version": self.version, "playbook_slots": self.playbook_slots}
-        return Policy(**(params | changes))
+        return Policy(**(self.__getstate__() | changes))
 
     @property
     def name(self) -> str:
         return "rules" if self.value_model is None else "model"
 
+    def action_ids(self, actions: np.ndarray) -> np.ndarray:
+        """Action ids (object array) of action indices (n, n_slots), slots in catalog order."""
+        return self._flat_ids[actions + self._columns]
+
     # -- batch ----------------------------------------------------------------
     def decide_frame(self, features: pd.DataFrame, unavailable: frozenset[str] = frozenset(),
                      explore: bool = True) -> BatchDecisions:
         """Decide every order of a feature frame (see `features.order_features`)."""
-        eligible = self.catalog.eligible(features)
-        rules = np.stack([self.catalog.rules_choice(features)[s] for s in self.slot_names], axis=1)
+        eligible, rules = self.catalog.assess(features)
         phi = None if self.encoder is None else self.encoder.transform(features)
-        return self._decide(features["order_id"].astype(str).to_numpy(), phi,
-                            [eligible[s] for s in self.slot_names], rules, unavailable, explore)
+        return self._decide(features["order_id"].astype(str).to_numpy(), phi, eligible, rules,
+                            unavailable, explore)
 
     def probabilities(self, decisions: BatchDecisions) -> list[np.ndarray]:
         """Per slot (n, n_actions): the probability this policy gives each action."""
@@ -152,104 +254,115 @@ class Policy:
     def decide_one(self, record: dict, unavailable: frozenset[str] = frozenset(),
                    segment: str | None = None) -> Decision:
         """Decide one order given its features as a dict: the service's fast path."""
-        elig = self.catalog.eligible_one(record)
-        rules_one = self.catalog.rules_choice_one(record)
-        rules = np.array([[rules_one[s] for s in self.slot_names]])
+        eligible, rules = self.catalog.assess_one(record)
         phi = None if self.encoder is None else self.encoder.transform_one(record)[None, :]
-        batch = self._decide(np.array([str(record["order_id"])]), phi,
-                             [elig[s][None, :] for s in self.slot_names], rules, unavailable, True)
-        return self.explain(batch, 0, record, segment)
+        batch = self._decide(np.array([str(record["order_id"])]), phi, eligible[None, :], rules[None, :],
+                             unavailable, True, alternatives=True)
+        return self.explain(batch, 0, record, None if phi is None else phi[0], segment)
 
     # -- core -----------------------------------------------------------------
-    def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: list[np.ndarray],
-                rules: np.ndarray, unavailable: frozenset[str], explore: bool) -> BatchDecisions:
-        n, n_slots = len(order_ids), len(self.slot_names)
-        eligible = [self._available(s, e, unavailable) for s, e in enumerate(eligible)]
-        if self.value_model is None:
-            allowed = np.stack([e[np.arange(n), rules[:, s]] for s, e in enumerate(eligible)], axis=1)
-            greedy = np.where(allowed, rules, np.array(self.space.defaults)[None, :])
-            alt = [e.astype(float) + (np.arange(e.shape[1])[None, :] == greedy[:, [s]])
-                   for s, e in enumerate(eligible)]
-            uplift = None
+    def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: np.ndarray,
+                rules: np.ndarray, unavailable: frozenset[str], explore: bool,
+                alternatives: bool = False) -> BatchDecisions:
+        """The one decision core. ``eligible`` is bool (n, n_actions) flat (``Catalog.columns``),
+        ``rules`` the playbook's action index per slot (n, n_slots). ``alternatives``: also each
+        action's best box value, for `explain` (three more passes over every box of every order,
+        which batch callers do not need)."""
+        n = len(order_ids)
+        rows = np.arange(n)[:, None]
+        if unavailable:
+            eligible = eligible & ~self._out_of(unavailable)
+        rule_columns = rules + self._columns
+        # the playbook's action, unless it ran out: then the slot default stands in
+        playbook = np.where(eligible[rows, rule_columns], rules, self._defaults)
+        if self._scorer is None:
+            greedy, uplift, alt = playbook, None, None
+            if alternatives:  # the playbook's pick first, then the other eligible actions
+                alt = eligible.astype(float)
+                alt[rows, greedy + self._columns] += 1.0
         else:
-            allowed = [e & (np.arange(e.shape[1])[None, :] == rules[:, [s]])
-                       if self.slot_names[s] in self.playbook_slots else e for s, e in enumerate(eligible)]
-            for s, e in enumerate(allowed):  # the playbook's action ran out: the slot default stands in
-                e[~e.any(axis=1), self.space.defaults[s]] = True
-            greedy, alt, uplift = self._argmax(phi, rules, allowed)
-        actions, explored = greedy.copy(), np.zeros((n, n_slots), dtype=bool)
-        props = np.ones((n, n_slots))
-        k = np.stack([e.sum(axis=1) for e in eligible], axis=1)
+            step = max(1, _ROW_CHUNK // len(self.combos))
+            parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
+                                playbook[lo:lo + step], alternatives) for lo in range(0, max(n, 1), step)]
+            greedy, alt, uplift = parts[0] if len(parts) == 1 else (
+                np.concatenate([part[0] for part in parts]),
+                np.concatenate([part[1] for part in parts]) if alternatives else None,
+                np.concatenate([part[2] for part in parts]))
         if explore and self.epsilon > 0:
-            u = exploration_uniforms(order_ids, self.version, n_slots)
-            explored = (u[:, :, 0] < self.epsilon) & (k > 1)
-            for s, e in enumerate(eligible):
-                # the j-th eligible action, j drawn uniformly
-                j = np.minimum((u[:, s, 1] * k[:, s]).astype(int), k[:, s] - 1)
-                pick = np.argmax(np.cumsum(e, axis=1) > j[:, None], axis=1)
-                actions[:, s] = np.where(explored[:, s], pick, greedy[:, s])
-            props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon / k
-            props = np.where(k > 1, props, 1.0)
-        return BatchDecisions(order_ids, actions, props, explored, greedy, eligible, alt, uplift)
+            actions, explored, props = self._explore(order_ids, eligible, greedy)
+        else:
+            actions, explored, props = greedy, np.zeros(greedy.shape, dtype=bool), np.ones(greedy.shape)
+        return BatchDecisions(order_ids, actions, props, explored, greedy, self._by_slot(eligible),
+                              self._by_slot(alt) if alternatives else [], uplift)
 
-    def _available(self, s: int, eligible: np.ndarray, unavailable: frozenset[str]) -> np.ndarray:
-        if not unavailable:
-            return eligible
-        out_of = np.array([a in unavailable for a in self._ids[s]])
-        out_of[self.space.defaults[s]] = False  # the control action never runs out
-        return eligible & ~out_of[None, :]
+    def _by_slot(self, flat: np.ndarray) -> list[np.ndarray]:
+        return [flat[:, sl] for sl in self._slices]
 
-    def _argmax(self, phi: np.ndarray, rules: np.ndarray,
-                eligible: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """Best eligible box per order, each action's best box value, and the box's uplift."""
-        n = len(phi)
-        combos, n_slots = self.combos, len(self.slot_names)
-        greedy = np.empty((n, n_slots), dtype=int)
-        alt = [np.full((n, size), -np.inf) for size in self.space.sizes]
-        uplift = np.empty(n)
-        default_combo = int(np.flatnonzero((combos == np.array(self.space.defaults)).all(axis=1))[0])
-        step = max(1, _ROW_CHUNK // len(combos))
-        for lo in range(0, n, step):
-            sl = slice(lo, lo + step)
-            scores = self.value_model.combo_scores(phi[sl], rules[sl], combos)
-            ok = np.ones_like(scores, dtype=bool)
-            for s, e in enumerate(eligible):
-                ok &= e[sl][:, combos[:, s]]
-            scores = np.where(ok, scores, -np.inf)
-            best = scores.argmax(axis=1)
-            greedy[sl] = combos[best]
-            uplift[sl] = scores[np.arange(len(best)), best] - scores[:, default_combo]
-            for s, size in enumerate(self.space.sizes):
-                for a in range(size):
-                    cols = combos[:, s] == a
-                    alt[s][sl, a] = scores[:, cols].max(axis=1)
-        return greedy, alt, uplift
+    def _out_of(self, unavailable: frozenset[str]) -> np.ndarray:
+        out = np.array([a in unavailable for a in self._flat_ids.tolist()])
+        out[self._columns + self._defaults] = False  # the control action never runs out
+        return out
+
+    def _best(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray, playbook: np.ndarray,
+              alternatives: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Best eligible box per order (the playbook's action fixed in its slots), each action's
+        best eligible box value (flat, -inf when ineligible; None unless ``alternatives``), and the
+        box's value over the all-default box."""
+        grid = self._scorer.grid(phi, rule_columns, eligible)
+        n = len(grid)
+        flat = grid.reshape(n, len(self.combos))
+        alt = flat[:, self._holding].max(axis=2) if alternatives else None
+        if len(self._playbook) == len(self.slot_names):  # nothing left to choose
+            best = playbook @ self._strides
+        else:
+            restricted = grid.copy()
+            for s in self._playbook:
+                restricted += self._fixed[s][playbook[:, s]].reshape((n, *self._scorer.shapes[s]))
+            best = restricted.reshape(n, len(self.combos)).argmax(axis=1)
+        uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
+        return self.combos[best], alt, uplift
+
+    def _explore(self, order_ids: np.ndarray, eligible: np.ndarray,
+                 greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epsilon-greedy per slot among the eligible actions: the actions, which slots explored,
+        and each chosen action's exact propensity."""
+        u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
+        k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
+        explored = (u[:, :, 0] < self.epsilon) & (k > 1)
+        actions = greedy
+        if explored.any():
+            # the j-th eligible action of the slot, j drawn uniformly: the number of the slot's
+            # columns whose running count of eligible actions is still below (earlier slots') + j + 1
+            cum = np.cumsum(eligible, axis=1)
+            j = np.minimum((u[:, :, 1] * k).astype(np.intp), k - 1)
+            below = cum < np.repeat(cum[:, self._lasts] - k + j + 1, self._sizes, axis=1)
+            actions = np.where(explored, np.add.reduceat(below, self._columns, axis=1, dtype=np.intp), greedy)
+        props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon / k
+        return actions, explored, np.where(k > 1, props, 1.0)
 
     # -- reasons --------------------------------------------------------------
-    def explain(self, batch: BatchDecisions, i: int, record: dict, segment: str | None = None) -> Decision:
-        """Turn row ``i`` of a batch into a Decision with notes, reasons and alternatives."""
+    def explain(self, batch: BatchDecisions, i: int, record: dict, phi: np.ndarray | None,
+                segment: str | None = None) -> Decision:
+        """Turn row ``i`` of a batch into a Decision with notes, reasons and alternatives;
+        ``phi`` is the order's encoded features (None for a rules-only policy)."""
         slots = {}
+        who = " ".join(w for w in (str(record.get("journey_stage", "")), str(record.get("nps_tier", "")))
+                       if w and w != "unknown")
         for s, name in enumerate(self.slot_names):
             a = int(batch.actions[i, s])
-            scores = batch.alt_scores[s][i]
-            order = [j for j in np.argsort(-scores, kind="stable") if batch.eligible[s][i, j]]
-            alternatives = tuple((self._ids[s][j], float(scores[j])) for j in order)
+            scores = batch.alt_scores[s][i].tolist()
+            ranked = sorted(compress(range(len(scores)), batch.eligible[s][i].tolist()),
+                            key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
+            alternatives = tuple((self._ids[s][j], scores[j]) for j in ranked)
+            note = self._notes[s][a]
             slots[name] = SlotChoice(self._ids[s][a], float(batch.propensities[i, s]),
-                                     self._pick_note(s, a, record),
-                                     self._reasons(s, a, i, batch, record), alternatives)
-        if self.value_model is None:
-            label = "explore" if batch.explored[i].any() else "rules"
-        else:
-            label = "explore" if batch.explored[i].any() else "model"
+                                     f"{note}: {who}" if who and a != self.space.defaults[s] else note,
+                                     self._reasons(s, a, i, batch, phi), alternatives)
+        label = "explore" if batch.explored[i].any() else self.name
         uplift = None if batch.uplift is None else round(float(batch.uplift[i]), 4)
         return Decision(str(batch.order_ids[i]), label, self.version, slots, segment, uplift)
 
-    def _pick_note(self, s: int, a: int, record: dict) -> str:
-        who = [str(record.get("journey_stage", "")), str(record.get("nps_tier", ""))]
-        who = " ".join(w for w in who if w and w != "unknown")
-        return f"{self._notes[s][a]}: {who}" if who and a != self.space.defaults[s] else self._notes[s][a]
-
-    def _reasons(self, s: int, a: int, i: int, batch: BatchDecisions, record: dict) -> tuple[str, ...]:
+    def _reasons(self, s: int, a: int, i: int, batch: BatchDecisions, phi: np.ndarray | None) -> tuple[str, ...]:
         out = []
         if batch.explored[i, s]:
             out.append(f"exploring: picked at random among {int(batch.eligible[s][i].sum())} eligible actions")
@@ -259,8 +372,7 @@ class Policy:
         d = self.space.defaults[s]
         gain = batch.alt_scores[s][i, a] - batch.alt_scores[s][i, d]
         out.append(f"estimated value {gain:+.2f} over {self._ids[s][d]}")
-        if a != d and self.encoder is not None:
-            phi = self.encoder.transform_one(record)
+        if a != d and phi is not None:
             contrib = phi * (self.value_model.W_[s][:, a] - self.value_model.W_[s][:, d])
             names = self.encoder.feature_names_
             for j in np.argsort(-np.abs(contrib))[:3]:

@@ -1,0 +1,203 @@
+"""The decision core on a trained demo model: the single-order path and the batch agree, propensities
+are exact, exploration is deterministic and fair, stock and eligibility are respected, and every
+decision explains itself in valid JSON."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from insertrec.data import load_data
+from insertrec.engine import Engine
+from insertrec.features import features_for_orders
+from insertrec.policy import Policy, exploration_uniforms
+from insertrec.training import TrainConfig, train
+from insertrec.world import World
+
+N_ORDERS = 400
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFrame]:
+    """A model trained on a small demo shop, and feature rows of new orders placed after it."""
+    tmp = tmp_path_factory.mktemp("policy")
+    World.default().write_demo_data(tmp / "data", customers=1200, seed=3)
+    data = load_data(tmp / "data")
+    train(data, tmp / "model", TrainConfig(min_logged_orders=100))
+    engine = Engine.load(tmp / "model")
+    assert engine.policy.value_model is not None, "the fixture must train a model, not fall back to rules"
+    rng = np.random.default_rng(0)
+    orders = data.orders.iloc[rng.integers(0, len(data.orders), N_ORDERS)].reset_index(drop=True)
+    orders = orders.drop(columns=["returned_value"]).assign(
+        order_id=[f"o-{i}" for i in range(N_ORDERS)],
+        order_ts=engine.snapshot.as_of + pd.to_timedelta(np.arange(N_ORDERS) + 1, unit="s"))
+    return engine, features_for_orders(engine.snapshot, orders)
+
+
+def variants(engine: Engine) -> dict[str, Policy]:
+    """The policy as trained, the model deciding every slot, and the playbook alone."""
+    policy = engine.policy
+    return {"as_trained": policy, "model": policy.replace(playbook_slots=()),
+            "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
+
+
+@pytest.fixture(scope="module", params=["as_trained", "model", "rules"])
+def policy(request: pytest.FixtureRequest, trained: tuple[Engine, pd.DataFrame]) -> Policy:
+    return variants(trained[0])[request.param]
+
+
+def records(feats: pd.DataFrame) -> list[dict]:
+    return feats.to_dict("records")
+
+
+def test_single_and_batch_decide_alike(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    feats = trained[1]
+    batch = policy.decide_frame(feats)
+    ids = policy.action_ids(batch.actions)
+    for i, record in enumerate(records(feats)):
+        one = policy.decide_one(record)
+        assert [one.slots[s].action_id for s in policy.slot_names] == list(ids[i]), record["order_id"]
+        assert [one.slots[s].propensity for s in policy.slot_names] == batch.propensities[i].tolist()
+        assert one.policy == ("explore" if batch.explored[i].any() else policy.name)
+
+
+def test_propensities_are_exact(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    batch = policy.decide_frame(trained[1])
+    eps = policy.epsilon
+    for s, eligible in enumerate(batch.eligible):
+        k = eligible.sum(axis=1)
+        chosen_is_greedy = batch.actions[:, s] == batch.greedy[:, s]
+        expected = np.where(k > 1, (1 - eps) * chosen_is_greedy + eps / k, 1.0)
+        np.testing.assert_allclose(batch.propensities[:, s], expected, rtol=0, atol=1e-15)
+        assert np.all(batch.propensities[:, s] > 0)
+
+
+def test_a_slot_with_one_available_action_is_certain(trained: tuple[Engine, pd.DataFrame]) -> None:
+    engine, feats = trained
+    packaging = engine.catalog.slots["packaging"]
+    out = frozenset(a for i, a in enumerate(packaging.action_ids) if i != packaging.default_index)
+    batch = engine.policy.decide_frame(feats, unavailable=out)
+    s = engine.policy.slot_names.index("packaging")
+    assert np.all(batch.actions[:, s] == packaging.default_index)
+    assert np.all(batch.propensities[:, s] == 1.0)
+    assert not batch.explored[:, s].any()
+
+
+def test_unavailable_actions_are_never_chosen_and_the_default_stands_in(
+        policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    feats = trained[1]
+    before = policy.decide_frame(feats, explore=False)
+    taken = policy.action_ids(before.greedy)
+    # the most chosen non-default action of each slot runs out
+    out = set()
+    for s, slot in enumerate(policy.catalog.slots.values()):
+        picks = pd.Series(taken[:, s])
+        picks = picks[picks != slot.action_ids[slot.default_index]]
+        if len(picks):
+            out.add(picks.value_counts().index[0])
+    assert out, "the fixture should choose some non-default action"
+    after = policy.decide_frame(feats, unavailable=frozenset(out))
+    assert not np.isin(policy.action_ids(after.actions), list(out)).any()
+    if policy.value_model is None:  # the playbook's pick ran out: the slot default, not another action
+        lost = np.isin(taken, list(out))
+        assert np.all(after.greedy[lost] == np.broadcast_to(policy.space.defaults, taken.shape)[lost])
+    record = records(feats)[int(np.flatnonzero(np.isin(taken, list(out)).any(axis=1))[0])]
+    one = policy.decide_one(record, unavailable=frozenset(out))
+    assert not {c.action_id for c in one.slots.values()} & out
+    assert not {a for c in one.slots.values() for a, _ in c.alternatives} & out
+
+
+def test_ineligible_actions_are_never_chosen(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    feats = trained[1]
+    eligible = policy.catalog.eligible(feats)
+    batch = policy.decide_frame(feats)
+    for s, name in enumerate(policy.slot_names):
+        rows = np.arange(len(feats))
+        assert eligible[name][rows, batch.actions[:, s]].all()
+        assert eligible[name][rows, batch.greedy[:, s]].all()
+    assert (~eligible["packaging"]).any(), "the demo catalog has conditional actions"
+
+
+def test_decisions_are_deterministic_per_order_and_version(trained: tuple[Engine, pd.DataFrame]) -> None:
+    engine, feats = trained
+    policy = engine.policy
+    first, again = policy.decide_frame(feats), policy.decide_frame(feats)
+    np.testing.assert_array_equal(first.actions, again.actions)
+    np.testing.assert_array_equal(first.explored, again.explored)
+    other = policy.replace(version="another-version").decide_frame(feats)
+    assert (other.explored != first.explored).any()
+    record = records(feats)[0]
+    assert policy.decide_one(record).as_dict() == policy.decide_one(record).as_dict()
+
+
+def test_uniforms_of_one_order_equal_its_row_in_a_batch() -> None:
+    ids = np.array(["a", "o-1", "o-10", "order-123456789012345", "ünïcødé-订单", "", "o-1 "], dtype=object)
+    batch = exploration_uniforms(ids, "v1", 3)
+    assert batch.shape == (len(ids), 3, 2) and ((batch >= 0) & (batch < 1)).all()
+    for i, oid in enumerate(ids):
+        np.testing.assert_array_equal(exploration_uniforms(np.array([oid]), "v1", 3)[0], batch[i])
+    assert len({tuple(row.ravel()) for row in batch}) == len(ids)   # every id draws its own numbers
+    assert not np.array_equal(exploration_uniforms(ids, "v2", 3), batch)
+
+
+def test_exploration_share_is_epsilon() -> None:
+    u = exploration_uniforms(np.array([f"order-{i}" for i in range(60_000)], dtype=object), "v", 3)
+    assert abs((u[:, :, 0] < 0.1).mean() - 0.1) < 0.005
+    counts = np.bincount((u[:, :, 1] * 7).astype(int).ravel(), minlength=7) / u[:, :, 1].size
+    assert np.abs(counts - 1 / 7).max() < 0.005                            # picks among 7 eligible are fair
+    assert abs(np.corrcoef(u[:, 0, 0], u[:, 1, 0])[0, 1]) < 0.02           # slots explore independently
+
+
+def test_explored_share_on_orders(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    batch = policy.decide_frame(trained[1])
+    k = np.stack([e.sum(axis=1) for e in batch.eligible], axis=1)
+    share = batch.explored[k > 1].mean()
+    assert abs(share - policy.epsilon) < 0.04, share
+
+
+def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
+                                                        trained: tuple[Engine, pd.DataFrame]) -> None:
+    for record in records(trained[1])[:150]:
+        decision = policy.decide_one(record)
+        json.dumps(decision.as_dict(), allow_nan=False)        # what the service answers: no inf/NaN
+        eligible = policy.catalog.eligible_one(record)
+        for s, (name, choice) in enumerate(decision.slots.items()):
+            ids = [a for a, _ in choice.alternatives]
+            scores = [score for _, score in choice.alternatives]
+            allowed = {a for a, ok in zip(policy.catalog.slots[name].action_ids, eligible[name]) if ok}
+            assert set(ids) == allowed and len(ids) == len(allowed)
+            assert scores == sorted(scores, reverse=True)
+            assert choice.action_id in allowed
+            assert choice.pick_note and choice.reasons
+            explored = choice.reasons[0].startswith("exploring")
+            if not explored and policy.value_model is not None and name not in policy.playbook_slots:
+                assert dict(choice.alternatives)[choice.action_id] == scores[0]   # the model's pick is the best box's
+                assert any(r.startswith("estimated value") for r in choice.reasons)
+
+
+def test_box_scores_are_the_value_models(trained: tuple[Engine, pd.DataFrame]) -> None:
+    engine, feats = trained
+    policy = engine.policy
+    phi = policy.encoder.transform(feats)
+    eligible, rules = policy.catalog.assess(feats)
+    everything = np.ones_like(eligible)
+    grid = policy._scorer.grid(phi, rules + policy.catalog.columns, everything)
+    expected = policy.value_model.combo_scores(phi, rules, policy.combos)
+    np.testing.assert_allclose(grid.reshape(len(feats), -1), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_policy_survives_pickling_after_use(trained: tuple[Engine, pd.DataFrame]) -> None:
+    engine, feats = trained
+    record = records(feats)[1]
+    before = engine.policy.decide_one(record)           # compiles the catalog's conditions
+    clone = pickle.loads(pickle.dumps(engine.policy))
+    assert clone.decide_one(record).as_dict() == before.as_dict()
+
+
+def test_an_empty_batch_decides_nothing(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    batch = policy.decide_frame(trained[1].head(0))
+    assert batch.actions.shape == batch.propensities.shape == (0, len(policy.slot_names))
