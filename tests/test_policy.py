@@ -179,15 +179,22 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
                 assert any(r.startswith("estimated value") for r in choice.reasons)
 
 
-def test_box_scores_are_the_value_models(trained: tuple[Engine, pd.DataFrame]) -> None:
+def test_the_chosen_box_is_the_best_eligible_one_by_the_value_models_own_design(
+        trained: tuple[Engine, pd.DataFrame]) -> None:
+    """Checked through `ValueModel.predict` (the design matrix), not the grid the policy scores with."""
     engine, feats = trained
-    policy = engine.policy
-    phi = policy.encoder.transform(feats)
-    eligible, rules = policy.catalog.assess(feats)
-    everything = np.ones_like(eligible)
-    grid = policy._scorer.grid(phi, rules + policy.catalog.columns, everything)
-    expected = policy.value_model.combo_scores(phi, rules, policy.combos)
-    np.testing.assert_allclose(grid.reshape(len(feats), -1), expected, rtol=1e-12, atol=1e-9)
+    policy = engine.policy.replace(epsilon=0.0, playbook_slots=())
+    sample = feats.iloc[:40].reset_index(drop=True)
+    batch = policy.decide_frame(sample)
+    phi = policy.encoder.transform(sample)
+    eligible, rules = policy.catalog.assess(sample)
+    for i in range(len(sample)):
+        boxes = np.array([c for c in policy.combos
+                          if all(eligible[i, policy.catalog.columns[s] + a] for s, a in enumerate(c))])
+        values = policy.value_model.predict(np.repeat(phi[i:i + 1], len(boxes), axis=0), boxes,
+                                            np.repeat(rules[i:i + 1], len(boxes), axis=0))
+        chosen = policy.value_model.predict(phi[i:i + 1], batch.greedy[i:i + 1], rules[i:i + 1])[0]
+        assert chosen == pytest.approx(values.max(), abs=1e-6)
 
 
 def test_policy_survives_pickling_after_use(trained: tuple[Engine, pd.DataFrame]) -> None:

@@ -127,40 +127,6 @@ def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.n
     return ((z >> _U64(11)) * 2.0**-53).reshape(len(ids), n_slots, 2)
 
 
-class _BoxScorer:
-    """`ValueModel.combo_scores` laid out on the grid of boxes, (n, *slot sizes).
-
-    The same q(x, a) (the value model's docstring): one product with every
-    slot's action weights side by side, the playbook bonus, and the slot-pair
-    terms summed once into a constant grid; a box's value is then a
-    broadcast sum of its slots' scores, and ineligible actions enter as -inf
-    so that no box holding one can win. Flattened in C order the grid is
-    ``ActionSpace.combos`` order; tests pin it to ``combo_scores``.
-    """
-
-    def __init__(self, model: ValueModel, sizes: tuple[int, ...], slices: list[slice]):
-        self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
-        self.beta = np.asarray(model.beta_, dtype=float)
-        self.pairs = np.zeros(sizes)
-        k = len(sizes)
-        for (s, t), table in model.P_.items():
-            shape = [1] * k
-            shape[s], shape[t] = sizes[s], sizes[t]
-            self.pairs = self.pairs + table.reshape(shape)
-        self.slices = slices
-        self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
-
-    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray) -> np.ndarray:
-        n = len(phi)
-        per_action = phi @ self.weights
-        per_action[np.arange(n)[:, None], rule_columns] += self.beta
-        per_action = np.where(eligible, per_action, -np.inf)
-        grid = self.pairs + per_action[:, self.slices[0]].reshape((n, *self.shapes[0]))
-        for s in range(1, len(self.slices)):
-            grid += per_action[:, self.slices[s]].reshape((n, *self.shapes[s]))
-        return grid
-
-
 class Policy:
     """The next-best-box policy of one model version.
 
@@ -209,7 +175,7 @@ class Policy:
         # per slot, row a: 0 for action a, -inf for the others (fixes the slot to a playbook choice)
         self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in playbook_slots]
-        self._scorer = None if value_model is None else _BoxScorer(value_model, self.space.sizes, self._slices)
+        self._scorer = None if value_model is None else value_model.box_grid
 
     def __getstate__(self) -> dict[str, Any]:
         """Only the constructor's parameters: the derived constants are rebuilt on load."""

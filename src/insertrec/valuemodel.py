@@ -59,6 +59,51 @@ class ActionSpace:
         return [(s, t) for s in range(k) for t in range(s + 1, k)]
 
 
+class BoxGrid:
+    """A fitted value model's box scores laid out on the grid of boxes, (n, *slot sizes).
+
+    The same q(x, a) as the module docstring: one product with every slot's
+    action weights side by side (actions of all slots in one flat row, catalog
+    order), the playbook bonus, and the slot-pair terms summed once into a
+    constant grid; a box's value is then a broadcast sum of its slots'
+    scores, and ineligible actions enter as -inf so that no box holding one
+    can win. Flattened in C order the grid is ``ActionSpace.combos`` order.
+    This is the only implementation of box scoring: decisions and
+    evaluation both go through it.
+    """
+
+    def __init__(self, model: ValueModel):
+        sizes = model.space_.sizes
+        k = len(sizes)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.columns = starts.astype(int)
+        self.slices = [slice(int(c), int(c) + size) for c, size in zip(starts, sizes)]
+        self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
+        self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
+        self.beta = np.asarray(model.beta_, dtype=float)
+        self.pairs = np.zeros(sizes)
+        for (s, t), table in model.P_.items():
+            shape = [1] * k
+            shape[s], shape[t] = sizes[s], sizes[t]
+            self.pairs = self.pairs + table.reshape(shape)
+
+    def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
+        """(n, n_actions): each action's value over its slot default, playbook bonus included."""
+        out = phi @ self.weights
+        out[np.arange(len(phi))[:, None], rule_columns] += self.beta
+        return out
+
+    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
+        n = len(phi)
+        per_action = self.per_action(phi, rule_columns)
+        if eligible is not None:
+            per_action = np.where(eligible, per_action, -np.inf)
+        grid = self.pairs + per_action[:, self.slices[0]].reshape((n, *self.shapes[0]))
+        for s in range(1, len(self.slices)):
+            grid += per_action[:, self.slices[s]].reshape((n, *self.shapes[s]))
+        return grid
+
+
 class ValueModel:
     """Ridge value model of a whole box; see the module docstring.
 
@@ -190,6 +235,7 @@ class ValueModel:
         self.alpha_ = grid[int(np.argmin(errors))]
         self.theta_ = solve(gram.sum(0), moment.sum(0), self.alpha_, n)
         self._unpack(self.theta_)
+        self._box_grid = None
         return self
 
     def _fit_offset(self, phi: np.ndarray, rewards: np.ndarray, fold: np.ndarray) -> np.ndarray:
@@ -213,22 +259,24 @@ class ValueModel:
         return out
 
     # -- predict --------------------------------------------------------------
+    @property
+    def box_grid(self) -> BoxGrid:
+        """The scorer of whole boxes, built once per fitted model."""
+        if getattr(self, "_box_grid", None) is None:
+            self._box_grid = BoxGrid(self)
+        return self._box_grid
+
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""
-        out = []
-        for s, W in enumerate(self.W_):
-            scores = phi @ W
-            scores[np.arange(len(phi)), rules[:, s]] += self.beta_[s]
-            out.append(scores)
-        return out
+        grid = self.box_grid
+        per_action = grid.per_action(phi, rules + grid.columns)
+        return [per_action[:, sl] for sl in grid.slices]
 
     def combo_scores(self, phi: np.ndarray, rules: np.ndarray, combos: np.ndarray) -> np.ndarray:
         """(n, n_combos): value of each whole box over the all-default box, baseline excluded."""
-        per_slot = self.slot_scores(phi, rules)
-        total = sum(scores[:, combos[:, s]] for s, scores in enumerate(per_slot))
-        for (s, t), table in self.P_.items():
-            total = total + table[combos[:, s], combos[:, t]][None, :]
-        return total
+        grid = self.box_grid
+        flat = grid.grid(phi, rules + grid.columns).reshape(len(phi), -1)
+        return flat[:, np.ravel_multi_index(tuple(combos.T), self.space_.sizes)]
 
     def baseline(self, phi: np.ndarray) -> np.ndarray:
         """Value of the order with the all-default box (for evaluation; decisions never need it)."""
