@@ -36,7 +36,7 @@ def test_estimators_cover_the_true_value_of_a_target_policy(seed):
     t1 = np.ones(len(x), dtype=int)
     truth = mean_reward(t0, t1).mean()
     target = [_deterministic(t0, 3), _deterministic(t1, 2)]
-    w = fb.weights(target, form="product")   # exact: this reward has a slot interaction
+    w = fb.weights(target, clip=None)   # exact: this reward has a slot interaction
     # a deliberately poor value model: DR must still be unbiased through the weights
     q_logged = np.full(len(x), 5.0)
     est = estimate(fb, w, q_logged, np.full(len(x), 5.0), seed=seed)
@@ -50,7 +50,7 @@ def test_dr_with_a_good_value_model_is_tighter_than_ips():
     t0, t1 = np.where(x > 0, 1, 2), np.zeros(len(x), dtype=int)
     target = [_deterministic(t0, 3), _deterministic(t1, 2)]
     truth = mean_reward(t0, t1).mean()
-    est = estimate(fb, fb.weights(target, form="product"), mean_reward(fb.actions[:, 0], fb.actions[:, 1]),
+    est = estimate(fb, fb.weights(target, clip=None), mean_reward(fb.actions[:, 0], fb.actions[:, 1]),
                    mean_reward(t0, t1), seed=3)
     assert est.dr.low <= truth <= est.dr.high
     assert (est.dr.high - est.dr.low) < 0.5 * (est.ips.high - est.ips.low)
@@ -74,26 +74,30 @@ def test_paired_difference_detects_a_better_policy_and_its_size():
     q = mean_reward(fb.actions[:, 0], fb.actions[:, 1])
     qa = mean_reward(np.where(x > 0, 1, 2), 0)
     qb = mean_reward(np.zeros(len(x), dtype=int), 1)
-    d = difference(fb, fb.weights(good, form="product"), qa, fb.weights(worse, form="product"), qb, q, seed=5)
+    d = difference(fb, fb.weights(good, clip=None), qa, fb.weights(worse, clip=None), qb, q, seed=5)
     true_gap = (qa - qb).mean()
     assert d.low > 0
     assert d.low <= true_gap <= d.high
 
 
-def test_pseudo_inverse_weights_are_unbiased_for_additive_rewards_and_far_steadier():
+def test_clipped_joint_weights_keep_dr_on_the_truth_with_a_far_narrower_interval():
     rng = np.random.default_rng(6)
     n, sizes = 60_000, (4, 4, 4)
     mu = [np.full((n, k), 0.3 / k) for k in sizes]
     for m in mu:
         m[:, 0] += 0.7                     # the logging policy mostly plays action 0
     actions = np.stack([(rng.random(n)[:, None] > np.cumsum(m, axis=1)).sum(axis=1) for m in mu], axis=1)
-    effect = [np.array([0.0, 1.0, -0.5, 2.0])] * 3          # additive over slots
-    r = 10 + sum(effect[s][actions[:, s]] for s in range(3)) + rng.normal(scale=3.0, size=n)
+    effect = np.array([0.0, 1.0, -0.5, 2.0])
+    mean = 10 + sum(effect[actions[:, s]] for s in range(3))
+    r = mean + rng.normal(scale=3.0, size=n)
     fb = LoggedFeedback(r, actions, np.stack([mu[s][np.arange(n), actions[:, s]] for s in range(3)], axis=1))
     target = [_deterministic(np.full(n, 3), 4)] * 3        # always action 3: far from logging
     truth = 10 + 3 * 2.0
-    zeros = np.zeros(n)
-    pi = estimate(fb, fb.weights(target), zeros, zeros, seed=6)
-    product = estimate(fb, fb.weights(target, form="product"), zeros, zeros, seed=6)
-    assert pi.snips.low <= truth <= pi.snips.high
-    assert pi.ess > 20 * product.ess
+    q_logged, q_target = mean, np.full(n, truth)           # a good value model, as DR is meant to have
+    exact = estimate(fb, fb.weights(target, clip=None), q_logged, q_target, seed=6)
+    clipped = estimate(fb, fb.weights(target), q_logged, q_target, seed=6)
+    assert clipped.dr.low <= truth <= clipped.dr.high
+    assert exact.dr.low <= truth <= exact.dr.high
+    assert (clipped.dr.high - clipped.dr.low) < 0.2 * (exact.dr.high - exact.dr.low)
+    single = fb.weights(target, slots=[0])                 # one slot: never clipped
+    assert single.max() == pytest.approx(1 / (0.3 / 4))

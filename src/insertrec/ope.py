@@ -6,15 +6,18 @@ gives each action), and estimators behind one interface. Here a box has
 several slots; the logging policy randomises slots independently, so an
 importance weight can be taken over all slots (the joint decision) or over
 one slot (that slot's policy, the other slots as logged). For the joint
-decision the exact weight, the product of the slots' ratios, is unusable in
-practice: a policy that departs from the logging policy in three slots at
-once matches a logged box so rarely that a handful of orders carry the
-estimate (an effective sample of 19 out of 14,710 was measured on the
-simulated shop). The default is the pseudo-inverse weight of Swaminathan et
-al. (2017, "Off-policy evaluation for slate recommendation"): the sum of the
-slots' ratios minus (slots - 1), unbiased when the reward is additive over
-slots and far steadier; with DR only the value model's residual needs to be
-additive, which the slot-pair terms of the value model leave it close to.
+decision the exact weight, the product of the slots' ratios, has a heavy
+tail: a policy that departs from the logging policy in three slots at once
+matches a logged box so rarely that a handful of orders carry the estimate
+(an effective sample of 19 out of 14,710 was measured on the simulated
+shop, and DR missed the truth by 64%). Joint weights are therefore clipped
+(at 30 by default): a little bias for DR, whose value model covers what the
+clipped weights leave out, against far less variance. Measured on two
+simulated worlds, DR on the latest fifth of the history (never trained on)
+against the true value of the same policy on the same orders: -0.5% and
++1.3% with clipping at 30; -3.2% and -2.0% at 10; +1.0% and +10.6% with the
+pseudo-inverse weight for slates (Swaminathan et al. 2017), whose additivity
+assumption the worlds' interactions break.
 
 - IPS: unbiased, high variance when weights are large.
 - SNIPS: IPS normalised by the mean weight; a little bias, far less variance.
@@ -33,6 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+JOINT_CLIP = 30.0
+
+
 @dataclass(frozen=True)
 class LoggedFeedback:
     """Logged orders: reward, received action index per slot, its logged propensity."""
@@ -42,20 +48,13 @@ class LoggedFeedback:
     pscores: np.ndarray      # (n, n_slots) float in (0, 1]
 
     def weights(self, target: list[np.ndarray], slots: list[int] | None = None,
-                form: str = "pseudo_inverse") -> np.ndarray:
-        """Importance weights over the given slots (all by default); the others as logged.
-
-        ``form`` is "product" (exact pi(A|x) / mu(A|x)) or "pseudo_inverse"
-        (sum of the slots' ratios minus slots - 1; identical for one slot).
-        """
+                clip: float | None = JOINT_CLIP) -> np.ndarray:
+        """pi(A|x) / mu(A|x) over the given slots (all by default; the others as logged),
+        clipped at ``clip`` when more than one slot is weighted (None: exact)."""
         slots = list(range(self.actions.shape[1])) if slots is None else list(slots)
         n = len(self.rewards)
-        ratios = [target[s][np.arange(n), self.actions[:, s]] / self.pscores[:, s] for s in slots]
-        if form == "product":
-            return np.prod(ratios, axis=0)
-        if form == "pseudo_inverse":
-            return np.sum(ratios, axis=0) - (len(slots) - 1)
-        raise ValueError(f"unknown weight form {form!r}")
+        w = np.prod([target[s][np.arange(n), self.actions[:, s]] / self.pscores[:, s] for s in slots], axis=0)
+        return w if clip is None or len(slots) < 2 else np.minimum(w, clip)
 
 
 @dataclass(frozen=True)
