@@ -28,10 +28,6 @@ def _print_json_or_table(metrics: dict, as_json: bool) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
-def _progress(step: str) -> None:
-    print(f"[insertrec] {step}...", file=sys.stderr, flush=True)
-
-
 def _load(args: argparse.Namespace):
     from insertrec.data import load_data, write_rejected
 
@@ -55,6 +51,7 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from insertrec.tracking import Progress
     from insertrec.training import TrainConfig, train
 
     if args.decisions:
@@ -65,18 +62,20 @@ def cmd_train(args: argparse.Namespace) -> None:
         data = _load(args)
     config = TrainConfig(cutoff=args.cutoff, horizon_days=args.horizon_days, epsilon=args.epsilon,
                          seed=args.seed)
-    result = train(data, args.out, config, progress=_progress)
+    progress = Progress()
+    result = train(data, args.out, config, progress=progress)
     for note in result.notes:
         print(f"[insertrec] note: {note}", file=sys.stderr)
     if not args.no_mlflow:
-        _progress("logging the run to MLflow")
+        progress("logging the run to MLflow")
         from insertrec.tracking import log_training_run
 
         run = log_training_run(result.model_dir, params=result.manifest["params"] | {
             "data": str(Path(args.data).resolve()),
             "data_fingerprint": result.manifest["data_fingerprint"],
             "catalog_sha256": result.manifest["catalog_sha256"]},
-            metrics=result.metrics, experiment=args.experiment, register_as=args.register_as)
+            metrics=result.metrics | progress.seconds(), experiment=args.experiment,
+            register_as=args.register_as or None)
         print(f"MLflow run {run.run_id}" + (f", registered as version {run.version}" if run.version else ""))
     _print_json_or_table(result.metrics, False)
     print(f"model written to {result.model_dir}")
