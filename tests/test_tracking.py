@@ -227,6 +227,35 @@ def test_promote_then_serve_by_alias_and_follow_its_moves(versions, store):
     assert not again.promoted and "already" in again.reason
 
 
+def test_the_service_serves_the_champion_and_follows_the_alias_without_a_restart(versions, store):
+    from fastapi.testclient import TestClient
+
+    from insertrec.serving.app import create_app
+    from insertrec.serving.settings import Settings
+
+    champion = str(client().get_model_version_by_alias("insertrec", "champion").version)
+    other = next(r.version for r in versions["runs"] if r.version != champion)
+    settings = Settings.load(environ={}, model="models:/insertrec@champion", alias_poll_seconds=0.2,
+                             db_url=f"sqlite:///{store / 'decisions.db'}", insecure_dev=True)
+    order = {"order_id": "alias-1", "customer_id": "c1", "order_value": 30.0}
+
+    def served_version(c: TestClient, order_id: str) -> str:
+        response = c.post("/v1/recommendations", json=order | {"order_id": order_id})
+        assert response.status_code == 200, response.text
+        return response.json()["model_version"]
+
+    with TestClient(create_app(settings)) as c:
+        before = served_version(c, "alias-1")
+        promote("insertrec", other, force=True)
+        deadline = time.monotonic() + 30
+        after = before
+        while after == before and time.monotonic() < deadline:
+            time.sleep(0.3)
+            after = served_version(c, f"alias-{time.monotonic_ns()}")
+    assert before == Engine.load(resolve_model(f"models:/insertrec/{champion}")).version
+    assert after == Engine.load(resolve_model(f"models:/insertrec/{other}")).version
+
+
 def test_missing_model_version_or_alias_is_a_clear_error(versions, store):
     with pytest.raises(ModelError, match="no alias 'nope'"):
         resolve_model("models:/insertrec@nope", store / "cache")
