@@ -82,6 +82,27 @@ def _horizon_shift(p: np.ndarray, m: np.ndarray, ratio: float) -> tuple[np.ndarr
     return p_h, np.maximum(m * ratio, p_h)
 
 
+def _bin_edges(x: np.ndarray, bins: int = 255) -> list[np.ndarray]:
+    """Per column, the inner quantiles that cut it into at most ``bins`` bins.
+
+    Why: the count model is bagged, and bagging hands each boosted model its
+    bootstrap as sample weights; below 200,000 rows scikit-learn (1.9) then
+    bins every feature with one weighted-percentile call per bin edge, which
+    took most of the repurchase step on a million-order history. Binned once
+    here, every column has at most ``bins`` distinct values, which the
+    boosting keeps as they are: the same kind of trees, cut on unweighted
+    quantiles of the buyers, at a fraction of the cost.
+    """
+    cuts = np.quantile(x, np.linspace(0.0, 1.0, bins + 1)[1:-1], axis=0)
+    return [np.unique(col) for col in cuts.T]
+
+
+def _binned(x: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    """Each value replaced by the index of its bin, ``(edge[i-1], edge[i]]`` (the encoding is finite)."""
+    codes = [np.searchsorted(e, col, side="left") for e, col in zip(edges, x.T)]
+    return np.column_stack(codes).astype("float64")
+
+
 class RepeatModel(BaseEstimator):
     """Calibrated P(order in the horizon) and expected orders, from a customer frame.
 
@@ -173,10 +194,12 @@ class RepeatModel(BaseEstimator):
             # buyers at prediction time are heavier than any seen in training.
             extra, base = y[buyer] - 1.0, base[buyer]
             self.extra_mean_ = float(extra.sum() / base.sum()) if n_pos else 0.0
-            self.extra_model_ = (BaggingRegressor(self._boosting("poisson"), n_estimators=self.n_bags,
-                                                  random_state=self.random_state)
-                                 .fit(x[buyer], extra / base, sample_weight=base)
-                                 if n_pos >= self.min_class_count and extra.any() else None)
+            self.extra_model_ = None
+            if n_pos >= self.min_class_count and extra.any():
+                self.count_edges_ = _bin_edges(x[buyer])
+                self.extra_model_ = BaggingRegressor(self._boosting("poisson"), n_estimators=self.n_bags,
+                                                     random_state=self.random_state).fit(
+                    _binned(x[buyer], self.count_edges_), extra / base, sample_weight=base)
         return self
 
     def _count_baseline(self, design: pd.DataFrame) -> np.ndarray:
@@ -191,7 +214,8 @@ class RepeatModel(BaseEstimator):
                 p = np.full(len(x), self.base_rate_)
             else:
                 p = self.classifier_.predict_proba(x)[:, 1]
-            ratio = self.extra_model_.predict(x) if self.extra_model_ is not None else self.extra_mean_
+            ratio = (self.extra_model_.predict(_binned(x, self.count_edges_)) if self.extra_model_ is not None
+                     else self.extra_mean_)
         return p, p * (1.0 + ratio * self._count_baseline(design))
 
     def _predict(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -119,39 +119,38 @@ class Judge:
 
     def __init__(self, logged: LoggedOrders, phi: np.ndarray, rules: np.ndarray, space: ActionSpace,
                  folds: int = 2, seed: int = 0):
-        self.logged, self.phi, self.rules, self.space = logged, phi, rules, space
-        self.combos = space.combos
+        self.logged, self.space = logged, space
+        combos = space.combos
         f = logged.feedback
         fold = np.random.default_rng(seed).integers(0, folds, len(logged))
-        self._models: list[tuple[np.ndarray, ValueModel]] = []
+        models: list[tuple[np.ndarray, ValueModel]] = []
         for k in range(folds):
             train = fold != k
             model = ValueModel().fit(phi[train], f.actions[train], f.rewards[train], space,
                                      rules[train], f.pscores[train].prod(axis=1))
-            self._models.append((fold == k, model))
-        self.q_logged = self._each(lambda m, sl: m.predict(phi[sl], f.actions[sl], rules[sl]))
-
-    def _each(self, fn) -> np.ndarray:
-        out = np.empty(len(self.logged))
-        for mask, model in self._models:
-            out[mask] = fn(model, mask)
-        return out
+            models.append((fold == k, model))
+        # q(x, box) of every order and box does not depend on the policy being judged, and
+        # training judges a dozen policies on the same orders: every box is scored once.
+        self.q_logged, self.q_baseline = np.empty(len(logged)), np.empty(len(logged))
+        self.q_boxes = np.empty((len(logged), len(combos)))   # over the all-default box
+        step = max(1, 2_000_000 // len(combos))   # rows per chunk: bounds the temporaries
+        for mask, model in models:
+            self.q_logged[mask] = model.predict(phi[mask], f.actions[mask], rules[mask])
+            self.q_baseline[mask] = model.baseline(phi[mask])
+            idx = np.flatnonzero(mask)
+            for part in (idx[lo:lo + step] for lo in range(0, len(idx), step)):
+                self.q_boxes[part] = model.combo_scores(phi[part], rules[part], combos)
 
     def expected_q(self, probs: list[np.ndarray]) -> np.ndarray:
-        """E over a product-form policy of q(x, box), for every logged order."""
-        def fn(model: ValueModel, sl: np.ndarray) -> np.ndarray:
-            out = np.empty(int(sl.sum()))
-            idx = np.flatnonzero(sl)
-            step = max(1, 2_000_000 // len(self.combos))
-            for lo in range(0, len(idx), step):
-                part = idx[lo:lo + step]
-                weight = np.ones((len(part), len(self.combos)))
-                for s, p in enumerate(probs):
-                    weight *= p[part][:, self.combos[:, s]]
-                q = model.combo_scores(self.phi[part], self.rules[part], self.combos)
-                out[lo:lo + step] = model.baseline(self.phi[part]) + (weight * q).sum(axis=1)
-            return out
-        return self._each(fn)
+        """E over a product-form policy of q(x, box), for every logged order.
+
+        The boxes are the slots' grid in order (``ActionSpace.combos``), so the
+        expectation contracts one slot's probabilities at a time.
+        """
+        q = self.q_boxes.reshape(len(self.q_boxes), *self.space.sizes)
+        for p in reversed(probs):
+            q = np.einsum("n...a,na->n...", q, p)
+        return self.q_baseline + q
 
     def judge(self, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """IPS/SNIPS/DR of a policy given as per-slot action probabilities (n, n_actions)."""

@@ -64,14 +64,19 @@ def _cutoff(data: Dataset, config: TrainConfig) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+def _rows(frame: pd.DataFrame, keep: pd.Series) -> pd.DataFrame:
+    """``frame[keep]`` with a fresh index; when nothing is cut, the frame itself (copy-on-write
+    shares it), so that training on the whole history does not hold it in memory twice."""
+    return (frame if keep.all() else frame[keep]).reset_index(drop=True)
+
+
 def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
     """The data as it was known at ``cutoff``: events strictly before it."""
-    orders = data.orders[data.orders["order_ts"] < cutoff].reset_index(drop=True)
-    kept = set(orders["order_id"])
+    orders = _rows(data.orders, data.orders["order_ts"] < cutoff)
     return Dataset(orders=orders,
-                   nps=data.nps[data.nps["response_ts"] < cutoff].reset_index(drop=True),
-                   exposures=data.exposures[data.exposures["order_id"].isin(kept)].reset_index(drop=True),
-                   incidents=data.incidents[data.incidents["ts"] < cutoff].reset_index(drop=True),
+                   nps=_rows(data.nps, data.nps["response_ts"] < cutoff),
+                   exposures=_rows(data.exposures, data.exposures["order_id"].isin(orders["order_id"])),
+                   incidents=_rows(data.incidents, data.incidents["ts"] < cutoff),
                    catalog=data.catalog, rejected=data.rejected, source=data.source)
 
 
@@ -83,6 +88,19 @@ def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncode
     model = ValueModel(random_state=seed).fit(encoder.transform(sub), f.actions, f.rewards, policy.space,
                                               rules_actions(policy.catalog, sub), f.pscores.prod(axis=1))
     return policy.replace(encoder=encoder, value_model=model, playbook_slots=playbook_slots)
+
+
+def _judged_on_holdout(candidate: Policy, feats: pd.DataFrame, holdout: LoggedOrders,
+                       encoder: FeatureEncoder, seed: int) -> tuple[tuple[str, ...], dict[str, float], dict]:
+    """The slots the holdout shows worse than the playbook, and the OPE metrics and report of the
+    candidate with those slots deferred. A function of its own so that the judge (every box scored
+    for every holdout order, ~200 MB on a million orders) is freed before the final fit."""
+    judge = judge_for(candidate, feats, holdout, encoder, seed)
+    deferred = worse_slots(candidate, feats, judge, seed=seed)
+    if deferred:
+        candidate = candidate.replace(playbook_slots=deferred)
+    ope_metrics, ope_report = evaluate(candidate, feats, holdout, encoder, seed, judge)
+    return deferred, ope_metrics, ope_report
 
 
 def _treatments(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
@@ -156,13 +174,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
         candidate = fit_policy(feats, train_part, encoder, policy, config.seed)
-        judge = judge_for(candidate, feats, holdout, encoder, config.seed)
-        deferred = worse_slots(candidate, feats, judge, seed=config.seed)
+        deferred, ope_metrics, ope_report = _judged_on_holdout(candidate, feats, holdout, encoder, config.seed)
         if deferred:
             notes.append(f"on the holdout the model did worse than the playbook in {', '.join(deferred)}; "
                          "the playbook decides there")
-            candidate = candidate.replace(playbook_slots=deferred)
-        ope_metrics, ope_report = evaluate(candidate, feats, holdout, encoder, config.seed, judge)
         metrics.update(ope_metrics)
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = fit_policy(feats, logged, encoder, policy, config.seed, deferred)
