@@ -153,7 +153,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     names = dict(enumerate(seg_model.names_))
     segment_of = customers.set_index(customers["customer_id"].astype(str))["segment_id"]
 
-    version = _version(history, catalog.sha256, config)
+    fingerprint = history.fingerprint()
+    version = _version(fingerprint, catalog.sha256, config)
     policy = Policy(catalog, epsilon=config.epsilon, version=version)
     metrics: dict[str, float] = {**repeat.metrics, "segments_k": float(seg_model.k_),
                                  "silhouette": float(seg_model.silhouette_)}
@@ -191,7 +192,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                          title=f"insertrec segments, model {version}")
     progress("save")
     info = {"version": version, "cutoff": cutoff.isoformat(), "catalog_sha256": catalog.sha256,
-            "data_fingerprint": history.fingerprint(), "feature_list": policy.encoder.feature_names_
+            "data_fingerprint": fingerprint, "feature_list": policy.encoder.feature_names_
             if policy.encoder is not None else [], "metrics": metrics, "params": asdict(config),
             "policy": policy.name, "notes": notes}
     segments_map = {cid: names[int(sid)] for cid, sid in segment_of.items()}
@@ -203,7 +204,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     return TrainResult(Path(out), metrics, manifest, notes)
 
 
-def _version(history: Dataset, catalog_sha: str, config: TrainConfig) -> str:
+def _version(fingerprint: str, catalog_sha: str, config: TrainConfig) -> str:
     """Deterministic: the same data, catalog and settings give the same version (and decisions)."""
-    h = hashlib.sha256(f"{history.fingerprint()}|{catalog_sha}|{sorted(asdict(config).items())}".encode())
+    h = hashlib.sha256(f"{fingerprint}|{catalog_sha}|{sorted(asdict(config).items())}".encode())
     return h.hexdigest()[:12]
