@@ -69,11 +69,8 @@ class Engine:
 
     def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:
         """Many orders -> one row per order and slot: order_id, slot, action_id, propensity, policy."""
-        if self.snapshot is None:
-            empty = Snapshot.build_empty(self.params)
-            feats = features_for_orders(empty, orders)
-        else:
-            feats = features_for_orders(self.snapshot, orders)
+        snapshot = Snapshot.build_empty(self.params) if self.snapshot is None else self.snapshot
+        feats = features_for_orders(snapshot, orders)
         batch = self.policy.decide_frame(feats, unavailable)
         n, k = batch.actions.shape
         # object arrays of str: pandas takes them as text far faster than NumPy's fixed-width strings

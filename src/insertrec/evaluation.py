@@ -22,7 +22,8 @@ from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.ope import Estimate, LoggedFeedback, PolicyEstimates, difference, estimate
+from insertrec.ope import (Estimate, LoggedFeedback, PolicyEstimates, difference, estimate, expected_value,
+                          onehot)
 from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, ValueModel
 
@@ -100,15 +101,6 @@ def rules_actions(catalog: Catalog, feats: pd.DataFrame) -> np.ndarray:
     return np.stack([choice[s] for s in catalog.slots], axis=1)
 
 
-def _onehot(actions: np.ndarray, sizes: tuple[int, ...]) -> list[np.ndarray]:
-    out = []
-    for s, size in enumerate(sizes):
-        m = np.zeros((len(actions), size))
-        m[np.arange(len(actions)), actions[:, s]] = 1.0
-        out.append(m)
-    return out
-
-
 class Judge:
     """A cross-fitted DR yardstick on one set of logged orders.
 
@@ -142,15 +134,8 @@ class Judge:
                 self.q_boxes[part] = model.combo_scores(phi[part], rules[part], combos)
 
     def expected_q(self, probs: list[np.ndarray]) -> np.ndarray:
-        """E over a product-form policy of q(x, box), for every logged order.
-
-        The boxes are the slots' grid in order (``ActionSpace.combos``), so the
-        expectation contracts one slot's probabilities at a time.
-        """
-        q = self.q_boxes.reshape(len(self.q_boxes), *self.space.sizes)
-        for p in reversed(probs):
-            q = np.einsum("n...a,na->n...", q, p)
-        return self.q_baseline + q
+        """E over a product-form policy of q(x, box), for every logged order."""
+        return self.q_baseline + expected_value(self.q_boxes, probs)
 
     def judge(self, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """IPS/SNIPS/DR of a policy given as per-slot action probabilities (n, n_actions)."""
@@ -160,7 +145,7 @@ class Judge:
     def judge_slot(self, s: int, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """The policy in slot ``s`` only, the other slots as logged."""
         f = self.logged.feedback
-        logged = _onehot(f.actions, self.space.sizes)
+        logged = onehot(f.actions, self.space.sizes)
         mixed = [probs[t] if t == s else logged[t] for t in range(len(probs))]
         return estimate(f, f.weights(mixed, [s]), self.q_logged, self.expected_q(mixed), seed=seed)
 
@@ -169,7 +154,7 @@ class Judge:
         """DR value of a minus b with a paired interval; with ``slot``, only that slot differs."""
         f = self.logged.feedback
         if slot is not None:
-            logged = _onehot(f.actions, self.space.sizes)
+            logged = onehot(f.actions, self.space.sizes)
             probs_a = [p if t == slot else logged[t] for t, p in enumerate(probs_a)]
             probs_b = [p if t == slot else logged[t] for t, p in enumerate(probs_b)]
         slots = None if slot is None else [slot]

@@ -57,6 +57,20 @@ class LoggedFeedback:
         return w if clip is None or len(slots) < 2 else np.minimum(w, clip)
 
 
+def onehot(actions: np.ndarray, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """A deterministic policy's per-slot probabilities (n, n_actions) from its actions (n, n_slots)."""
+    return [np.eye(size)[actions[:, s]] for s, size in enumerate(sizes)]
+
+
+def expected_value(box_values: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
+    """Per order, the expectation of box values (n, n_boxes in ``ActionSpace.combos`` order) under a
+    product-form policy; the boxes are the slots' grid in C order, so one slot is contracted at a time."""
+    q = box_values.reshape(len(box_values), *(p.shape[1] for p in probs))
+    for p in reversed(probs):
+        q = np.einsum("n...a,na->n...", q, p)
+    return q
+
+
 @dataclass(frozen=True)
 class Estimate:
     value: float

@@ -81,10 +81,6 @@ class BatchDecisions:
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
 
-    @property
-    def labels(self) -> np.ndarray:
-        return np.where(self.explored.any(axis=1), "explore", "greedy")
-
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
 _U64 = np.uint64
@@ -139,8 +135,8 @@ class Policy:
     epsilon : share of decisions, per slot, that explore among eligible actions.
     version : model version, part of the exploration hash.
     playbook_slots : slots where the model defers to the playbook, because
-        off-policy evaluation could not show it does better there (training
-        decides; see `training.fit_policy`).
+        off-policy evaluation on the holdout showed it doing worse there
+        (training decides; see `evaluation.worse_slots`).
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,

@@ -15,19 +15,9 @@ import numpy as np
 
 from insertrec.engine import Engine
 from insertrec.features import order_features
+from insertrec.ope import expected_value, onehot
+from insertrec.policy import Policy
 from insertrec.world import World
-
-
-def _value(truth: np.ndarray, combos: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
-    """Per order, the expected true reward of a product-form policy."""
-    weight = np.ones_like(truth)
-    for s, p in enumerate(probs):
-        weight *= p[:, combos[:, s]]
-    return (weight * truth).sum(axis=1)
-
-
-def _onehot(actions: np.ndarray, sizes: tuple[int, ...]) -> list[np.ndarray]:
-    return [np.eye(size)[actions[:, s]] for s, size in enumerate(sizes)]
 
 
 def simulate(engine: Engine, world: World, orders: int = 5000, seed: int = 1) -> dict[str, float]:
@@ -48,15 +38,15 @@ def simulate(engine: Engine, world: World, orders: int = 5000, seed: int = 1) ->
     sizes = policy.space.sizes
     uniform = [e / e.sum(axis=1, keepdims=True) for e in eligible]
     default = np.tile(np.array(policy.space.defaults), (len(feats), 1))
-    playbook = type(policy)(policy.catalog, epsilon=0.0).decide_frame(feats, explore=False).greedy
+    playbook = Policy(policy.catalog, epsilon=0.0).decide_frame(feats, explore=False).greedy
     values = {
-        "value_model": _value(truth, combos, policy.probabilities(batch)),
-        "value_model_greedy": _value(truth, combos, _onehot(batch.greedy, sizes)),
+        "value_model": expected_value(truth, policy.probabilities(batch)),
+        "value_model_greedy": expected_value(truth, onehot(batch.greedy, sizes)),
         "value_oracle": np.where(ok, truth, -np.inf).max(axis=1),
-        "value_rules": _value(truth, combos, _onehot(playbook, sizes)),
-        "value_logging": _value(truth, combos, [logging[s] for s in policy.slot_names]),
-        "value_random": _value(truth, combos, uniform),
-        "value_control": _value(truth, combos, _onehot(default, sizes)),
+        "value_rules": expected_value(truth, onehot(playbook, sizes)),
+        "value_logging": expected_value(truth, [logging[s] for s in policy.slot_names]),
+        "value_random": expected_value(truth, uniform),
+        "value_control": expected_value(truth, onehot(default, sizes)),
     }
     out = {k: float(v.mean()) for k, v in values.items()}
     out["oracle_ratio"] = out["value_model"] / out["value_oracle"]
