@@ -60,7 +60,7 @@ class Loaded:
             counts[name] = counts.get(name, 0) + 1
         return counts
 
-    @property
+    @cached_property
     def as_of_ns(self) -> int:
         """Events from this instant on are not in the model's customer snapshot."""
         snapshot = self.engine.snapshot if self.engine is not None else None

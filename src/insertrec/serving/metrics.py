@@ -20,6 +20,7 @@ from prometheus_client import multiprocess
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STAGES = ("validation", "features", "scoring", "logging")
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_GROUP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STAGE = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -46,6 +47,8 @@ class Metrics:
                                  "because the model failed or is missing", registry=registry)
         self.retries = Counter("insertrec_decision_retries", "decisions redone because stock, budget or "
                                "the customer's history changed before commit", ["reason"], registry=registry)
+        self.commit_group = Histogram("insertrec_commit_group_size", "decisions committed in one transaction",
+                                      buckets=_GROUP, registry=registry)
         self.model_loads = Counter("insertrec_model_loads", "model loads by result", ["result"],
                                    registry=registry)
         self.degraded = Gauge("insertrec_degraded", "1 while a worker serves without its model",

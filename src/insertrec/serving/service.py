@@ -7,23 +7,34 @@ meanwhile (the order already decided, the customer's history, stock and
 budget) and commits. If something changed, the decision is redone with the
 news (an exhausted action made unavailable, the customer's new order folded
 in); nothing is ever half-written.
+
+Decisions are committed in groups (`GroupCommit`): a request, its box
+chosen, waits for the commit of every decision made in the same turn of the
+event loop, and is answered after it. Under load a worker's requests share
+one transaction instead of queueing for one each; alone, a request commits
+at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import hashlib
-import json
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
+import orjson
+
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock, Recorded
 from insertrec.serving.hotswap import EngineSlot, Loaded
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
@@ -60,11 +71,13 @@ class DecisionService:
     def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
         self.slot, self.log, self.metrics = slot, log, metrics
         self.cache_size = cache_size
+        self.commits = GroupCommit(log, metrics)
+        self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._exhausted: set[str] = set()
         self._exhausted_at = 0.0
 
-    def decide(self, order: OrderIn, watch: Stopwatch) -> tuple[str, bool]:
+    async def decide(self, order: OrderIn, watch: Stopwatch) -> tuple[str, bool]:
         """The response JSON for ``order`` and whether it is a stored one (a retry)."""
         loaded = self.slot.current
         if loaded is None:
@@ -72,6 +85,11 @@ class DecisionService:
         record = order.record(datetime.now(timezone.utc))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
         unavailable = self._exhausted_now() & loaded.limited
+        async with self._one_at_a_time(order.customer_id):
+            return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+
+    async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
+                      watch: Stopwatch) -> tuple[str, bool]:
         for _ in range(_MAX_ATTEMPTS):
             known = self._state(loaded, order.customer_id)
             state = known.state
@@ -83,30 +101,48 @@ class DecisionService:
             watch.lap("scoring")
             actions = {slot: c.action_id for slot, c in decision.slots.items()}
             entry = Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
-                          decision.policy, json.dumps(record, separators=(",", ":")),
-                          {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text)
-            try:
-                text, row_id = self.log.record(entry, known.last_decision, loaded.as_of_ns,
-                                               [a for a in actions.values() if a in loaded.limited])
-            except OutOfStock as exc:
-                unavailable.add(exc.action_id)
-                self._exhausted.add(exc.action_id)
+                          decision.policy, orjson.dumps(record).decode(),
+                          {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
+                          known.last_decision, loaded.as_of_ns,
+                          tuple(a for a in actions.values() if a in loaded.limited))
+            outcome = await self.commits.submit(entry)
+            if isinstance(outcome, OutOfStock):
+                unavailable.add(outcome.action_id)
+                self._exhausted.add(outcome.action_id)
                 self.metrics.retries.labels("stock").inc()
                 continue
-            except CustomerMoved:
+            if isinstance(outcome, CustomerMoved):
                 self.metrics.retries.labels("customer").inc()
                 continue
             watch.lap("logging")
-            if row_id is None:
-                return text, True
+            if outcome.row_id is None:
+                return outcome.response_json, True
             known.state.add_order(record, actions)
-            known.last_decision = row_id
+            known.last_decision = outcome.row_id
             self.metrics.decisions.labels(decision.policy).inc()
             _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
                                           "order_id": order.order_id, "customer_id": order.customer_id,
                                           "policy": decision.policy, "model_version": decision.model_version})
-            return text, False
+            return outcome.response_json, False
         raise LogUnavailable(f"order_id {order.order_id!r}: too many concurrent changes to commit; retry")
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, customer_id: str) -> AsyncIterator[None]:
+        """A customer's orders are decided in turn within this worker: decided side by side, they
+        would all be scored on the same state and all but one redone. (Across workers the commit's
+        check catches it, and the loser is redone.)"""
+        lock, users = self._deciding.get(customer_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._deciding[customer_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._deciding[customer_id]
+            if users == 1:
+                del self._deciding[customer_id]
+            else:
+                self._deciding[customer_id] = (lock, users - 1)
 
     def record_outcome(self, outcome: Redeemed | Reordered | Returned | NpsAnswer) -> OutcomeOut:
         """Store an outcome once (a retry with the same key, or the same body, is not stored again)."""
@@ -167,13 +203,54 @@ class DecisionService:
         return set(self._exhausted)
 
 
+class GroupCommit:
+    """Commits the decisions submitted in one turn of the event loop together.
+
+    The first submission schedules the commit with ``call_soon``: it runs
+    once every request that was ready in this turn has chosen its box and
+    submitted too. Each waits for its own result; nothing is answered
+    before its commit. A request whose client went away is still committed
+    (a retry gets the stored answer).
+    """
+
+    def __init__(self, log: DecisionLog, metrics: Metrics):
+        self.log, self.metrics = log, metrics
+        self._pending: list[tuple[Entry, asyncio.Future]] = []
+
+    async def submit(self, entry: Entry) -> Recorded | CustomerMoved | OutOfStock:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._commit)
+        self._pending.append((entry, future))
+        return await future
+
+    def _commit(self) -> None:
+        group, self._pending = self._pending, []
+        self.metrics.commit_group.observe(len(group))
+        try:
+            results: list = self.log.record_many([entry for entry, _ in group])
+        except LogUnavailable as exc:
+            results = [exc] * len(group)
+        for (_, future), result in zip(group, results):
+            if future.done():  # cancelled: the client went away
+                continue
+            if isinstance(result, LogUnavailable):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 def _body(decision: Decision) -> tuple[str, str]:
-    """A new decision id and the response JSON (raises ValueError on NaN: a model producing
-    NaN scores has failed)."""
+    """A new decision id and the response JSON. Raises ValueError on a score that is not a
+    finite number: a model producing NaN or infinity has failed."""
+    scores = [score for choice in decision.slots.values() for _, score in choice.alternatives]
+    if not math.isfinite(sum(scores, decision.expected_uplift or 0.0)):
+        raise ValueError("the model produced a score that is not a finite number")
     decision_id = str(uuid.uuid4())
     out = {"decision_id": decision_id}
     out.update(decision.as_dict())
-    return decision_id, json.dumps(out, separators=(",", ":"), allow_nan=False)
+    return decision_id, orjson.dumps(out).decode()
 
 
 def _ns(ts: datetime) -> int:

@@ -1,0 +1,81 @@
+"""The decision log's group commit: decisions share a transaction, yet each fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from pathlib import Path
+
+import httpx
+
+from insertrec.catalog import Catalog
+from insertrec.serving.app import create_app
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OutOfStock, Recorded
+from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, settings
+
+
+def entry(order_id: str, customer: str, last_id: int = 0, limited: tuple[str, ...] = ()) -> Entry:
+    return Entry(f"d-{order_id}-{last_id}", order_id, customer, 0, "v1", "model",
+                 '{"order_id":"%s"}' % order_id, {"insert": ("sample" if limited else "none", 0.9)},
+                 '{"answer":"%s"}' % order_id, last_id, 0, limited)
+
+
+def log_with_stock(tmp_path: Path, stock: int) -> DecisionLog:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(SCARCE_CATALOG.replace("stock: 5", f"stock: {stock}"))
+    log = DecisionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    log.create()
+    log.sync_inventory(Catalog.load(path))
+    return log
+
+
+def test_each_decision_of_a_group_fails_alone(tmp_path):
+    log = log_with_stock(tmp_path, stock=1)
+    try:
+        results = log.record_many([
+            entry("o-1", "c-1", limited=("sample",)),   # takes the last sample
+            entry("o-2", "c-2", limited=("sample",)),   # none left
+            entry("o-1", "c-9"),                        # o-1 again: its stored answer, nothing used
+            entry("o-3", "c-1"),                        # decided without knowing o-1 of the same customer
+            entry("o-4", "c-4"),
+        ])
+        assert isinstance(results[0], Recorded) and results[0].row_id is not None
+        assert isinstance(results[1], OutOfStock) and results[1].action_id == "sample"
+        assert results[2] == Recorded('{"answer":"o-1"}', None)
+        assert isinstance(results[3], CustomerMoved)
+        assert isinstance(results[4], Recorded) and results[4].row_id is not None
+        # knowing o-1, the customer's next order goes through
+        assert isinstance(log.record_many([entry("o-3", "c-1", last_id=results[0].row_id)])[0], Recorded)
+        assert log.counters()["sample"]["used"] == 1
+    finally:
+        log.close()
+    with sqlite3.connect(tmp_path / "log.db") as conn:
+        logged = [r[0] for r in conn.execute("SELECT order_id FROM decisions ORDER BY id")]
+    assert logged == ["o-1", "o-4", "o-3"]
+
+
+def test_concurrent_requests_share_commits_and_never_oversell(tmp_path):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(SCARCE_CATALOG)
+    app = create_app(settings(tmp_path, catalog))
+    # 40 orders at once: 30 customers, one of whom places 10 of them (contact cap: one coupon in 30 days)
+    bodies = [order(i, customer="same" if i < 10 else None) for i in range(40)]
+
+    async def run() -> tuple[list[httpx.Response], str]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=auth(DECIDE)) as c:
+                responses = await asyncio.gather(*(c.post("/v1/recommendations", json=b) for b in bodies))
+                return list(responses), (await c.get("/metrics")).text
+
+    responses, metrics = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 40
+    boxes = [r.json()["slots"] for r in responses]
+    assert [b["insert"]["action_id"] for b in boxes].count("sample") == 5          # stock 5
+    assert [b["coupon"]["action_id"] for b in boxes].count("ten_off") == 3         # budget 9 at 3
+    assert [b["coupon"]["action_id"] for b in boxes[:10]].count("ten_off") <= 1    # the cap holds
+    with sqlite3.connect(tmp_path / "log.db") as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT order_id) FROM decisions").fetchone() == (40, 40)
+    groups = float(re.search(r"^insertrec_commit_group_size_count (\S+)$", metrics, re.M).group(1))
+    assert groups < 40  # decisions made in the same turn of the event loop were committed together
