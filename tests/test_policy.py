@@ -179,6 +179,29 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
                 assert any(r.startswith("estimated value") for r in choice.reasons)
 
 
+def test_reasons_name_the_features_that_moved_the_choice_most(trained: tuple[Engine, pd.DataFrame]) -> None:
+    """A driver is "feature (+0.12)": the feature's value times the chosen action's weight over the
+    slot default's, the largest of those in size, best first."""
+    policy = trained[0].policy
+    names = policy.encoder.feature_names_
+    checked = 0
+    for record in records(trained[1])[:150]:
+        phi = policy.encoder.transform_one(record)
+        for s, (slot, choice) in enumerate(policy.decide_one(record).slots.items()):
+            default = policy.catalog.slots[slot].actions[policy.space.defaults[s]].id
+            if choice.action_id == default or slot in policy.playbook_slots:
+                continue
+            a = policy.catalog.slots[slot].action_ids.index(choice.action_id)
+            w = policy.value_model.W_[s]
+            contrib = phi * (w[:, a] - w[:, policy.space.defaults[s]])
+            drivers = [r for r in choice.reasons if r.endswith(")") and not r.startswith("exploring")]
+            expected = [f"{names[j]} ({contrib[j]:+.2f})" for j in np.argsort(-np.abs(contrib))[:3]
+                        if abs(contrib[j]) > 1e-3 and names[j] != "intercept"]
+            assert drivers == expected
+            checked += 1
+    assert checked > 20
+
+
 def test_the_chosen_box_is_the_best_eligible_one_by_the_value_models_own_design(
         trained: tuple[Engine, pd.DataFrame]) -> None:
     """Checked through `ValueModel.predict` (the design matrix), not the grid the policy scores with."""

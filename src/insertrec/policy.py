@@ -85,13 +85,15 @@ class BatchDecisions:
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
+_M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_S11, _S27, _S30, _S31 = _U64(11), _U64(27), _U64(30), _U64(31)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: every input bit moves every output bit (uint64 arrays wrap)."""
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
 
 
 @lru_cache(maxsize=64)
@@ -120,7 +122,7 @@ def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.n
     points = ids.view(np.uint32).reshape(len(ids), ids.dtype.itemsize // 4)
     h = (points * _position_keys(points.shape[1])).sum(axis=1, dtype=_U64)
     z = _mix64(h[:, None] ^ _lanes(salt, n_slots))
-    return ((z >> _U64(11)) * 2.0**-53).reshape(len(ids), n_slots, 2)
+    return ((z >> _S11) * 2.0**-53).reshape(len(ids), n_slots, 2)
 
 
 class Policy:
@@ -307,37 +309,41 @@ class Policy:
                 segment: str | None = None) -> Decision:
         """Turn row ``i`` of a batch into a Decision with notes, reasons and alternatives;
         ``phi`` is the order's encoded features (None for a rules-only policy)."""
-        slots = {}
         who = " ".join(w for w in (str(record.get("journey_stage", "")), str(record.get("nps_tier", "")))
                        if w and w != "unknown")
+        actions, explored = batch.actions[i].tolist(), batch.explored[i].tolist()
+        propensities = batch.propensities[i].tolist()
+        drivers = self._drivers(actions, phi)
+        slots = {}
         for s, name in enumerate(self.slot_names):
-            a = int(batch.actions[i, s])
-            scores = batch.alt_scores[s][i].tolist()
-            ranked = sorted(compress(range(len(scores)), batch.eligible[s][i].tolist()),
+            a, d = actions[s], self.space.defaults[s]
+            scores, eligible = batch.alt_scores[s][i].tolist(), batch.eligible[s][i].tolist()
+            ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
-            alternatives = tuple((self._ids[s][j], scores[j]) for j in ranked)
+            reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] if explored[s] else []
+            if self.value_model is None or name in self.playbook_slots:
+                reasons.append("marketer's playbook rule" if a != d else "slot default")
+            else:
+                reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
+                if a != d:
+                    reasons.extend(drivers[s])
             note = self._notes[s][a]
-            slots[name] = SlotChoice(self._ids[s][a], float(batch.propensities[i, s]),
-                                     f"{note}: {who}" if who and a != self.space.defaults[s] else note,
-                                     self._reasons(s, a, i, batch, phi), alternatives)
-        label = "explore" if batch.explored[i].any() else self.name
+            slots[name] = SlotChoice(self._ids[s][a], propensities[s],
+                                     f"{note}: {who}" if who and a != d else note, tuple(reasons),
+                                     tuple((self._ids[s][j], scores[j]) for j in ranked))
+        label = "explore" if any(explored) else self.name
         uplift = None if batch.uplift is None else round(float(batch.uplift[i]), 4)
         return Decision(str(batch.order_ids[i]), label, self.version, slots, segment, uplift)
 
-    def _reasons(self, s: int, a: int, i: int, batch: BatchDecisions, phi: np.ndarray | None) -> tuple[str, ...]:
-        out = []
-        if batch.explored[i, s]:
-            out.append(f"exploring: picked at random among {int(batch.eligible[s][i].sum())} eligible actions")
-        if self.value_model is None or self.slot_names[s] in self.playbook_slots:
-            out.append("marketer's playbook rule" if a != self.space.defaults[s] else "slot default")
-            return tuple(out)
-        d = self.space.defaults[s]
-        gain = batch.alt_scores[s][i, a] - batch.alt_scores[s][i, d]
-        out.append(f"estimated value {gain:+.2f} over {self._ids[s][d]}")
-        if a != d and phi is not None:
-            contrib = phi * (self.value_model.W_[s][:, a] - self.value_model.W_[s][:, d])
-            names = self.encoder.feature_names_
-            for j in np.argsort(-np.abs(contrib))[:3]:
-                if abs(contrib[j]) > 1e-3 and names[j] != "intercept":
-                    out.append(f"{names[j]} ({contrib[j]:+.2f})")
-        return tuple(out)
+    def _drivers(self, actions: list[int], phi: np.ndarray | None) -> list[list[str]]:
+        """Per slot, the (at most three) features that moved the chosen action's value over the
+        slot default the most, as "name (+0.12)": all slots in one pass over the weights."""
+        if phi is None or self._scorer is None:
+            return [[] for _ in self.slot_names]
+        weights = self._scorer.weights
+        contrib = phi[:, None] * (weights[:, self._columns + actions] - weights[:, self._columns + self._defaults])
+        top = np.argsort(-np.abs(contrib), axis=0)[:3].T
+        values = np.take_along_axis(contrib.T, top, axis=1).tolist()
+        names = self.encoder.feature_names_
+        return [[f"{names[j]} ({v:+.2f})" for j, v in zip(js, vs) if abs(v) > 1e-3 and names[j] != "intercept"]
+                for js, vs in zip(top.tolist(), values)]
