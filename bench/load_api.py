@@ -7,8 +7,11 @@ Starts, each on 127.0.0.1 with uvicorn and the same worker count:
 Both are loaded with wrk (C, Lua request script: every request a new order_id,
 customers recurring so the service folds their history), at the same
 connections for the same duration, alternating (a)/(b) `--rounds` times so
-that a noisy shared machine hits both alike. Prints and writes
-bench/results/load_api.json.
+that a noisy shared machine hits both alike. Besides requests per second it
+records the servers' own CPU time per request (all worker processes, from
+/proc), which other work on the machine does not inflate: the ratio of the
+two CPU costs is what the throughput ratio would be on a machine of its own.
+Prints and writes bench/results/load_api.json.
 
 Usage: python bench/load_api.py [--model DIR] [--workers 2] [--connections 64] [--duration 10]
 Needs `wrk` (Debian: apt-get install -y wrk).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -104,7 +108,23 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def wrk(port: int, connections: int, duration: float, script: Path, tag: str) -> dict[str, float]:
+def cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every live process in a process group (the server and its
+    workers): CPU per request is a fair measure even when other work shares the machine."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group:      # pgrp; utime and stime follow at 11 and 12
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, connections: int, duration: float, script: Path, tag: str,
+        server: subprocess.Popen | None = None) -> dict[str, float]:
+    cpu_before = cpu_seconds(server.pid) if server is not None else 0.0
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script),
                           f"http://127.0.0.1:{port}/v1/recommendations", "--", tag],
                          capture_output=True, text=True, check=True).stdout
@@ -113,7 +133,9 @@ def wrk(port: int, connections: int, duration: float, script: Path, tag: str) ->
     total = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
+    cpu = cpu_seconds(server.pid) - cpu_before if server is not None else math.nan
     return {"rps": rps, "p50_ms": pct["50"], "p90_ms": pct["90"], "p99_ms": pct["99"], "requests": total,
+            "server_cpu_us_per_request": round(cpu / total * 1e6, 1),
             "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": errors.group(1) if errors else ""}
 
 
@@ -152,28 +174,34 @@ def main() -> None:
     try:
         procs.append(start(service_cmd, env, service_port, tmp / "service.log"))
         procs.append(start(noop_cmd, env, noop_port, tmp / "noop.log"))
+        servers = {"service": (service_port, procs[0]), "noop": (noop_port, procs[1])}
         load_before = os.getloadavg()
         runs: dict[str, list[dict]] = {"service": [], "noop": []}
         for r in range(args.rounds):
-            for name, port in (("noop", noop_port), ("service", service_port)):
+            for name in ("noop", "service"):
+                port, proc = servers[name]
                 wrk(port, args.connections, 2, script, f"warm{r}{name}")  # warm-up, discarded
-                result = wrk(port, args.connections, args.duration, script, f"run{r}{name}")
+                result = wrk(port, args.connections, args.duration, script, f"run{r}{name}", proc)
                 runs[name].append(result)
                 print(f"round {r + 1} {name:8s} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
-                      f"p99 {result['p99_ms']:.2f} ms  non-2xx {result['non_2xx']}", flush=True)
+                      f"p99 {result['p99_ms']:.2f} ms  server CPU {result['server_cpu_us_per_request']:.0f} us/req  "
+                      f"non-2xx {result['non_2xx']}", flush=True)
         metrics = httpx.get(f"http://127.0.0.1:{service_port}/metrics").text
     finally:
         for proc in procs:
             stop(proc)
 
-    summary = {name: {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")}
+    summary = {name: {k: statistics.median(x[k] for x in rs)
+                      for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_us_per_request")}
                for name, rs in runs.items()}
     ratio = summary["service"]["rps"] / summary["noop"]["rps"]
+    cpu_ratio = summary["noop"]["server_cpu_us_per_request"] / summary["service"]["server_cpu_us_per_request"]
     stages = _stage_means(metrics)
     result = {"workers": args.workers, "connections": args.connections, "duration_s": args.duration,
               "rounds": args.rounds, "model": args.model or "rules only (example catalog)",
               "cpus": os.cpu_count(), "loadavg_before": load_before, "client": "wrk -t2 with a Lua body script",
               "noop": summary["noop"], "service": summary["service"], "ratio_rps": round(ratio, 3),
+              "ratio_cpu_per_request": round(cpu_ratio, 3),
               "targets": {"ratio_rps": 0.60, "service_p99_ms": 25.0},
               "met": {"ratio": ratio >= 0.60, "p99": summary["service"]["p99_ms"] < 25.0},
               "service_stage_mean_us": stages, "runs": runs}
@@ -181,7 +209,7 @@ def main() -> None:
           f"p99 {summary['noop']['p99_ms']:.2f} ms")
     print(f"service {summary['service']['rps']:.0f} req/s, p50 {summary['service']['p50_ms']:.2f} ms, "
           f"p99 {summary['service']['p99_ms']:.2f} ms")
-    print(f"ratio   {ratio:.2f} (target >= 0.60); mean stage time (us): "
+    print(f"ratio   {ratio:.2f} (target >= 0.60); by server CPU per request {cpu_ratio:.2f}; mean stage time (us): "
           + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -343,7 +343,7 @@ class Policy:
         weights = self._scorer.weights
         contrib = phi[:, None] * (weights[:, self._columns + actions] - weights[:, self._columns + self._defaults])
         top = np.argsort(-np.abs(contrib), axis=0)[:3].T
-        values = np.take_along_axis(contrib.T, top, axis=1).tolist()
+        values = contrib[top, np.arange(len(top))[:, None]].tolist()
         names = self.encoder.feature_names_
         return [[f"{names[j]} ({v:+.2f})" for j, v in zip(js, vs) if abs(v) > 1e-3 and names[j] != "intercept"]
                 for js, vs in zip(top.tolist(), values)]
