@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -79,3 +80,23 @@ def test_concurrent_requests_share_commits_and_never_oversell(tmp_path):
         assert conn.execute("SELECT count(*), count(DISTINCT order_id) FROM decisions").fetchone() == (40, 40)
     groups = float(re.search(r"^insertrec_commit_group_size_count (\S+)$", metrics, re.M).group(1))
     assert groups < 40  # decisions made in the same turn of the event loop were committed together
+
+
+def test_the_wal_is_emptied_once_it_passes_its_limit(tmp_path):
+    """Checkpoints that run beside writers never let SQLite rewind the WAL; past the limit the
+    checkpointer takes the writers' turn and empties it."""
+    log = log_with_stock(tmp_path, stock=1)
+    wal = tmp_path / "log.db-wal"
+    try:
+        log.record_many([entry(f"o-{i}", f"c-{i}") for i in range(200)])
+        assert wal.stat().st_size > 0
+        log.start_checkpoints(every_seconds=0.02, wal_limit_bytes=0)
+        deadline = time.monotonic() + 10
+        while wal.stat().st_size > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert wal.stat().st_size == 0
+        assert isinstance(log.record_many([entry("o-after", "c-after")])[0], Recorded)  # writers carry on
+    finally:
+        log.close()
+    with sqlite3.connect(tmp_path / "log.db") as conn:
+        assert conn.execute("SELECT count(*) FROM decisions").fetchone() == (201,)

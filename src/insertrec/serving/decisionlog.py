@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -227,14 +228,14 @@ class _WriterTurn:
     one process: no turn (``database`` None)."""
 
     def __init__(self, database: str | None):
-        self._path = f"{database}.writer-lock" if database and database != ":memory:" else None
+        self.path = f"{database}.writer-lock" if database and database != ":memory:" else None
         self._fd: int | None = None
 
     def __enter__(self) -> None:
-        if self._path is None:
+        if self.path is None:
             return
         if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def __exit__(self, *_: object) -> None:
@@ -310,18 +311,31 @@ class DecisionLog:
             if not _exists(self.engine):  # another worker creating them at the same time is fine
                 raise LogUnavailable(f"decision log: cannot create tables ({type(exc).__name__})") from None
 
-    def start_checkpoints(self, every_seconds: float = 1.0) -> None:
-        """Move SQLite's WAL checkpoints (which fsync) to a background thread."""
-        if not self.sqlite or self._checkpointer is not None:
+    def start_checkpoints(self, every_seconds: float = 1.0, wal_limit_bytes: int = 64 << 20) -> None:
+        """Move SQLite's WAL checkpoints (which fsync) to a background thread.
+
+        A checkpoint that runs beside writers never catches up with them, and
+        the WAL is only rewound once one has; under steady load it would grow
+        without end (SQLite's "checkpoint starvation"). So when the WAL passes
+        ``wal_limit_bytes``, the checkpoint takes the writers' turn (they wait
+        a moment) and empties it.
+        """
+        if not self.sqlite or self._checkpointer is not None or self._turn.path is None:
             return
+        wal = Path(f"{self.engine.url.database}-wal")
+        turn = _WriterTurn(self.engine.url.database)   # its own descriptor: flock excludes per descriptor
 
         def loop() -> None:
             while not self._stop.wait(every_seconds):
                 try:
                     with self.engine.connect() as conn:
                         conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-                except SQLAlchemyError:
+                        if wal.exists() and wal.stat().st_size > wal_limit_bytes:
+                            with turn:
+                                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                except (SQLAlchemyError, OSError):
                     pass  # the next round tries again; requests are unaffected
+            turn.close()
 
         self._checkpointer = threading.Thread(target=loop, name="wal-checkpoint", daemon=True)
         self._checkpointer.start()
