@@ -11,6 +11,7 @@ which answers from ``fallback``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class EngineSlot:
             if self.on_swap is not None:
                 self.on_swap(loaded)
             self.current = loaded
+        _settle_heap()
         if loaded.reason:
             _log.warning("serving degraded", extra={"event": "model_degraded", "reason": loaded.reason,
                                                     "model_version": loaded.version})
@@ -141,6 +143,20 @@ class EngineSlot:
         what = failure or "no model given"
         raise InsertrecError(f"cannot serve: {what}, and no catalog to answer from "
                              "(set INSERTREC_CATALOG to the catalog.yaml to fall back on)")
+
+
+def _settle_heap() -> None:
+    """Collect what a replaced engine left behind, then exempt everything loaded from the cyclic GC.
+
+    A worker holds a few hundred thousand long-lived objects (model, snapshot,
+    libraries); every full collection walked them all, stalling requests for
+    150 ms (measured on the demo model, the service's worst tail). Frozen,
+    they are skipped. Unfreezing first lets this one collection free a
+    replaced model's reference cycles.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _reason(exc: BaseException) -> str:
