@@ -77,6 +77,16 @@ def test_ranks_and_calibrates_on_fresh_customers(trained: RepeatModel) -> None:
     assert spearmanr(truth["rate"][alive], p[alive]).statistic > 0.5
 
 
+def test_a_classifier_learning_from_a_subsample_still_ranks_and_calibrates() -> None:
+    frame, future, _ = population(6000, seed=13)
+    model = RepeatModel(horizon_days=60, max_customers=2500, **FAST).fit(frame, future)
+    assert (model.n_classifier_train_, model.n_train_) == (2500, 6000)
+    fresh, fresh_future, _ = population(4000, seed=14)
+    p = model.predict_p_repeat(fresh)
+    assert roc_auc_score(fresh_future > 0, p) > 0.75
+    assert abs(p.mean() - (fresh_future > 0).mean()) < 0.03
+
+
 def test_unseen_text_values_and_extra_columns_are_fine(trained: RepeatModel) -> None:
     frame, _, _ = population(50, seed=3)
     frame["ctx_device"] = "smart-fridge"

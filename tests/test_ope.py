@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from insertrec.ope import LoggedFeedback, difference, estimate
+from insertrec.ope import Bootstrap, LoggedFeedback, difference, estimate
 
 
 def _bandit(n: int, seed: int):
@@ -101,3 +101,22 @@ def test_clipped_joint_weights_keep_dr_on_the_truth_with_a_far_narrower_interval
     assert (clipped.dr.high - clipped.dr.low) < 0.2 * (exact.dr.high - exact.dr.low)
     single = fb.weights(target, slots=[0])                 # one slot: never clipped
     assert single.max() == pytest.approx(1 / (0.3 / 4))
+
+
+def test_one_bootstrap_shared_by_several_policies_gives_each_the_intervals_of_its_own_draw():
+    """Training judges many policies on one holdout with one set of replicates: the intervals
+    must be those each policy gets alone from the same seed, paired differences included."""
+    x, fb, mean_reward = _bandit(20_000, 7)
+    q = mean_reward(fb.actions[:, 0], fb.actions[:, 1])
+    shared = Bootstrap(len(x), seed=11)
+    for t0 in (np.where(x > 0, 1, 2), np.zeros(len(x), dtype=int)):
+        target = [_deterministic(t0, 3), _deterministic(np.zeros(len(x), dtype=int), 2)]
+        w, qt = fb.weights(target), mean_reward(t0, 0)
+        alone = estimate(fb, w, q, qt, seed=11).as_dict()
+        together = estimate(fb, w, q, qt, bootstrap=shared).as_dict()
+        for name in ("ips", "snips", "dr"):
+            assert together[name] == pytest.approx(alone[name], rel=1e-12)
+        w0 = fb.weights([_deterministic(np.zeros(len(x), dtype=int), 3), target[1]])
+        qb = mean_reward(np.zeros(len(x), dtype=int), 0)
+        assert (difference(fb, w, qt, w0, qb, q, bootstrap=shared).as_dict()
+                == pytest.approx(difference(fb, w, qt, w0, qb, q, seed=11).as_dict(), rel=1e-12))

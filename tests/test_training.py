@@ -8,13 +8,23 @@ import yaml
 
 from insertrec.catalog import Catalog
 from insertrec.engine import Engine
-from insertrec.training import TrainConfig, train
+from insertrec.training import TrainConfig, history_before, train
 from insertrec.world import World
 
 
 @pytest.fixture(scope="module")
 def history():
     return World.default().generate(customers=3000, seed=21).to_dataset()
+
+
+def test_history_before_a_cutoff_keeps_only_the_exposures_of_the_orders_before_it(history):
+    cutoff = history.orders["order_ts"].quantile(0.5)
+    past = history_before(history, cutoff)
+    kept = set(history.orders.loc[history.orders["order_ts"] < cutoff, "order_id"])
+    assert set(past.orders["order_id"]) == kept
+    expected = history.exposures[history.exposures["order_id"].map(kept.__contains__)]
+    assert 0 < len(past.exposures) < len(history.exposures)
+    pd.testing.assert_frame_equal(past.exposures, expected.reset_index(drop=True))
 
 
 def test_without_exposures_a_new_shop_gets_the_playbook_with_exploration(history, tmp_path):

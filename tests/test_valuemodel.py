@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from insertrec.valuemodel import ActionSpace, ValueModel
+from insertrec.valuemodel import ActionSpace, ValueModel, box_statistics
 
 SPACE = ActionSpace(sizes=(3, 4, 3), defaults=(0, 0, 0))
 
@@ -75,3 +75,35 @@ def test_predict_is_baseline_plus_combo_score():
     idx = np.array([np.flatnonzero((combos == a).all(axis=1))[0] for a in acts[:50]])
     expected = model.baseline(phi[:50]) + scores[np.arange(50), idx]
     np.testing.assert_allclose(model.predict(phi[:50], acts[:50], rules[:50]), expected)
+
+
+def _dense_design(phi, actions, rules, space):
+    """The value model's design written out column by column: phi, phi x each non-default
+    action (feature-major), the playbook indicators, one cell per slot pair."""
+    n = len(phi)
+    blocks = [phi]
+    for s, size in enumerate(space.sizes):
+        onehot = np.delete(np.eye(size)[actions[:, s]], space.defaults[s], axis=1)
+        blocks.append((phi[:, :, None] * onehot[:, None, :]).reshape(n, -1))
+    blocks.append((actions == rules).astype(float))
+    for s, t in space.pairs:
+        blocks.append(np.eye(space.sizes[s] * space.sizes[t])[actions[:, s] * space.sizes[t] + actions[:, t]])
+    return np.hstack(blocks)
+
+
+def test_per_box_statistics_equal_the_dense_design_products_and_predict_uses_the_same_terms():
+    space = ActionSpace(sizes=(3, 4, 2), defaults=(1, 0, 1))    # defaults not always first
+    rng = np.random.default_rng(3)
+    n = 3_000
+    phi = np.column_stack([np.ones(n), rng.normal(size=(n, 4))])
+    acts = np.stack([rng.integers(0, k, n) for k in space.sizes], axis=1)
+    rules = np.stack([rng.integers(0, k, n) for k in space.sizes], axis=1)
+    y, w, fold = rng.normal(size=n), rng.uniform(0.5, 2.0, n), rng.integers(0, 3, n)
+    gram, moment = box_statistics(phi, acts, rules, y, w, space, fold, 3)
+    z = _dense_design(phi, acts, rules, space)
+    for f in range(3):
+        zf = z[fold == f]
+        np.testing.assert_allclose(gram[f], (zf * w[fold == f, None]).T @ zf, rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(moment[f], zf.T @ (w * y)[fold == f], rtol=1e-10, atol=1e-9)
+    model = ValueModel(boosted_baseline=False).fit(phi, acts, y, space, rules)
+    np.testing.assert_allclose(model.predict(phi, acts, rules), z @ model.theta_, rtol=1e-10, atol=1e-10)

@@ -32,6 +32,7 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from insertrec import features
+from insertrec.blocks import in_blocks
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import DataError, Problem
@@ -117,6 +118,8 @@ class RepeatModel(BaseEstimator):
         frame is noisy and a few hundred thousand rows at most). A fixed
         number of rounds rather than early stopping: the same data gives the
         same p_repeat, which early stopping's random validation split did not.
+        60 rounds at 0.08 scored as 100 at 0.05 did (CDNOW and the demo
+        world's holdout), with 40% fewer trees to run for every customer.
     n_bags : int
         Bootstrap replicas averaged for the count model: the heaviest buyers
         are few, and one boosted model's count for them was noisy.
@@ -124,14 +127,21 @@ class RepeatModel(BaseEstimator):
         Fewer buyers (or non-buyers) than this in training and boosting would
         memorise them: a regularised logistic model is used instead. With no
         buyer or no non-buyer at all the model is the smoothed base rate.
+    max_customers : int or None
+        The classifier learns from at most this many customers, a random
+        subsample (None: all): on the million-order demo world (372k
+        customers) 100k moved the holdout AUC by -0.0005 and the Brier score
+        by +0.0001, at a third of the cost. The count model, which learns
+        from buyers only, keeps them all.
     random_state : int
-        Seeds the calibration folds and the boosting's validation split.
+        Seeds the subsample, the calibration folds and the bagging.
     """
 
-    def __init__(self, horizon_days: float = 60.0, *, max_iter: int = 100,
-                 learning_rate: float = 0.05, max_leaf_nodes: int = 15,
+    def __init__(self, horizon_days: float = 60.0, *, max_iter: int = 60,
+                 learning_rate: float = 0.08, max_leaf_nodes: int = 15,
                  min_samples_leaf: int = 50, l2_regularization: float = 1.0,
-                 min_class_count: int = 50, n_bags: int = 5, random_state: int = 0):
+                 min_class_count: int = 50, n_bags: int = 5, max_customers: int | None = 100_000,
+                 random_state: int = 0):
         self.horizon_days = horizon_days
         self.max_iter = max_iter
         self.learning_rate = learning_rate
@@ -140,6 +150,7 @@ class RepeatModel(BaseEstimator):
         self.l2_regularization = l2_regularization
         self.min_class_count = min_class_count
         self.n_bags = n_bags
+        self.max_customers = max_customers
         self.random_state = random_state
 
     def _boosting(self, loss: str) -> HistGradientBoostingClassifier | HistGradientBoostingRegressor:
@@ -170,32 +181,37 @@ class RepeatModel(BaseEstimator):
         x = self.encoder_.transform(design)
         base = self._count_baseline(design)
         buyer = y > 0
-        n_pos, n_neg = int(buyer.sum()), int((~buyer).sum())
-        self.n_train_, self.n_positive_ = len(y), n_pos
+        self.n_train_, self.n_positive_ = len(y), int(buyer.sum())
         # Half a buyer in one pseudo-customer: a history with no buyer does not claim p = 0.
-        self.base_rate_ = (n_pos + 0.5) / (len(y) + 1.0)
+        self.base_rate_ = (self.n_positive_ + 0.5) / (len(y) + 1.0)
+        sample: slice | np.ndarray = slice(None)
+        if self.max_customers is not None and len(y) > self.max_customers:
+            rng = np.random.default_rng(self.random_state)
+            sample = np.sort(rng.choice(len(y), self.max_customers, replace=False))
+        n_pos, n_neg = int(buyer[sample].sum()), int((~buyer[sample]).sum())
+        self.n_classifier_train_ = n_pos + n_neg
         self.classifier_: CalibratedClassifierCV | LogisticRegression | None = None
         with threadpool_limits(1):
             if n_pos == 0 or n_neg == 0:
                 self.kind_ = "constant"
             elif min(n_pos, n_neg) < self.min_class_count:
                 self.kind_ = "logistic"
-                self.classifier_ = LogisticRegression(C=0.1, max_iter=1000).fit(x, buyer)
+                self.classifier_ = LogisticRegression(C=0.1, max_iter=1000).fit(x[sample], buyer[sample])
             else:
                 self.kind_ = "boosting"
                 method = "isotonic" if min(n_pos, n_neg) >= 1000 else "sigmoid"
                 # Shuffled folds: frames come sorted by id, which often follows the join date.
                 folds = StratifiedKFold(3, shuffle=True, random_state=self.random_state)
                 self.classifier_ = CalibratedClassifierCV(self._boosting("log_loss"), method=method,
-                                                          cv=folds).fit(x, buyer)
+                                                          cv=folds).fit(x[sample], buyer[sample])
             # Orders beyond the first, among buyers: >= 0 by construction, so E[N | N>=1] >= 1.
             # Boosted as a multiple of the customer's own past rate (a Poisson offset, via
             # target/base with weight base): trees cannot extrapolate, and the heaviest
             # buyers at prediction time are heavier than any seen in training.
             extra, base = y[buyer] - 1.0, base[buyer]
-            self.extra_mean_ = float(extra.sum() / base.sum()) if n_pos else 0.0
+            self.extra_mean_ = float(extra.sum() / base.sum()) if self.n_positive_ else 0.0
             self.extra_model_ = None
-            if n_pos >= self.min_class_count and extra.any():
+            if self.n_positive_ >= self.min_class_count and extra.any():
                 self.count_edges_ = _bin_edges(x[buyer])
                 self.extra_model_ = BaggingRegressor(self._boosting("poisson"), n_estimators=self.n_bags,
                                                      random_state=self.random_state).fit(
@@ -209,12 +225,11 @@ class RepeatModel(BaseEstimator):
     def _window_predictions(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         design = _design(frame)
         x = self.encoder_.transform(design)
+        classifier, extra = self.classifier_, self.extra_model_
         with threadpool_limits(1):
-            if self.classifier_ is None:
-                p = np.full(len(x), self.base_rate_)
-            else:
-                p = self.classifier_.predict_proba(x)[:, 1]
-            ratio = (self.extra_model_.predict(_binned(x, self.count_edges_)) if self.extra_model_ is not None
+            p = (np.full(len(x), self.base_rate_) if classifier is None
+                 else in_blocks(lambda rows: classifier.predict_proba(rows)[:, 1], x))
+            ratio = (in_blocks(extra.predict, _binned(x, self.count_edges_)) if extra is not None
                      else self.extra_mean_)
         return p, p * (1.0 + ratio * self._count_baseline(design))
 
@@ -293,7 +308,8 @@ def _frame_at(data: Dataset, params: features.FeatureParams, as_of: pd.Timestamp
 
 
 def fit_repeat(data: Dataset, params: features.FeatureParams, cutoff: pd.Timestamp | str,
-               horizon_days: float = 60.0, *, model: RepeatModel | None = None) -> RepeatResult:
+               horizon_days: float = 60.0, *, model: RepeatModel | None = None,
+               current: pd.DataFrame | None = None) -> RepeatResult:
     """Evaluate on a time-based holdout, then refit on the latest window and score everyone at ``cutoff``.
 
     With ``W`` the label window (the horizon, or a third of the history
@@ -304,6 +320,9 @@ def fit_repeat(data: Dataset, params: features.FeatureParams, cutoff: pd.Timesta
        ``[cutoff - W, cutoff)``. Nothing after the cutoff is ever read.
     2. final: train on features at ``cutoff - W`` with those same orders, and
        predict for every customer at ``cutoff`` over ``horizon_days``.
+
+    ``current`` is the customer frame at ``cutoff`` when the caller already
+    has it (``train`` does): scored as it is instead of built again.
     """
     cutoff = pd.Timestamp(cutoff)
     cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
@@ -332,5 +351,5 @@ def fit_repeat(data: Dataset, params: features.FeatureParams, cutoff: pd.Timesta
     metrics.update(repeat_train_customers=float(final_model.n_train_),
                    repeat_train_buyers=float(final_model.n_positive_))
     final_model.set_params(horizon_days=horizon_days)
-    scores = final_model.predict_frame(_frame_at(data, params, cutoff))
+    scores = final_model.predict_frame(_frame_at(data, params, cutoff) if current is None else current)
     return RepeatResult(final_model, scores, metrics, cutoff, float(horizon_days), window)

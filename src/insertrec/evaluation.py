@@ -22,8 +22,8 @@ from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.ope import (Estimate, LoggedFeedback, PolicyEstimates, difference, estimate, expected_value,
-                          onehot)
+from insertrec.ope import (Bootstrap, Estimate, LoggedFeedback, PolicyEstimates, difference, estimate,
+                          expected_value, onehot)
 from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, ValueModel
 
@@ -123,15 +123,24 @@ class Judge:
             models.append((fold == k, model))
         # q(x, box) of every order and box does not depend on the policy being judged, and
         # training judges a dozen policies on the same orders: every box is scored once.
-        self.q_logged, self.q_baseline = np.empty(len(logged)), np.empty(len(logged))
+        self.q_baseline = np.empty(len(logged))
         self.q_boxes = np.empty((len(logged), len(combos)))   # over the all-default box
         step = max(1, 2_000_000 // len(combos))   # rows per chunk: bounds the temporaries
         for mask, model in models:
-            self.q_logged[mask] = model.predict(phi[mask], f.actions[mask], rules[mask])
             self.q_baseline[mask] = model.baseline(phi[mask])
             idx = np.flatnonzero(mask)
             for part in (idx[lo:lo + step] for lo in range(0, len(idx), step)):
                 self.q_boxes[part] = model.combo_scores(phi[part], rules[part], combos)
+        # The logged box's prediction is one of the boxes just scored (ValueModel.predict's terms).
+        logged_box = np.ravel_multi_index(tuple(f.actions.T), space.sizes)
+        self.q_logged = self.q_baseline + self.q_boxes[np.arange(len(logged)), logged_box]
+        self._bootstraps: dict[int, Bootstrap] = {}
+
+    def bootstrap(self, seed: int) -> Bootstrap:
+        """The replicates of ``seed`` over these orders, drawn once for every policy judged with it."""
+        if seed not in self._bootstraps:
+            self._bootstraps[seed] = Bootstrap(len(self.logged), seed=seed)
+        return self._bootstraps[seed]
 
     def expected_q(self, probs: list[np.ndarray]) -> np.ndarray:
         """E over a product-form policy of q(x, box), for every logged order."""
@@ -140,14 +149,16 @@ class Judge:
     def judge(self, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """IPS/SNIPS/DR of a policy given as per-slot action probabilities (n, n_actions)."""
         w = self.logged.feedback.weights(probs)
-        return estimate(self.logged.feedback, w, self.q_logged, self.expected_q(probs), seed=seed)
+        return estimate(self.logged.feedback, w, self.q_logged, self.expected_q(probs),
+                        bootstrap=self.bootstrap(seed))
 
     def judge_slot(self, s: int, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """The policy in slot ``s`` only, the other slots as logged."""
         f = self.logged.feedback
         logged = onehot(f.actions, self.space.sizes)
         mixed = [probs[t] if t == s else logged[t] for t in range(len(probs))]
-        return estimate(f, f.weights(mixed, [s]), self.q_logged, self.expected_q(mixed), seed=seed)
+        return estimate(f, f.weights(mixed, [s]), self.q_logged, self.expected_q(mixed),
+                        bootstrap=self.bootstrap(seed))
 
     def judge_difference(self, probs_a: list[np.ndarray], probs_b: list[np.ndarray], seed: int = 0,
                          slot: int | None = None, level: float = 0.95) -> Estimate:
@@ -159,7 +170,7 @@ class Judge:
             probs_b = [p if t == slot else logged[t] for t, p in enumerate(probs_b)]
         slots = None if slot is None else [slot]
         return difference(f, f.weights(probs_a, slots), self.expected_q(probs_a), f.weights(probs_b, slots),
-                          self.expected_q(probs_b), self.q_logged, seed=seed, level=level)
+                          self.expected_q(probs_b), self.q_logged, level=level, bootstrap=self.bootstrap(seed))
 
 
 def policy_probabilities(policy: Policy, feats: pd.DataFrame) -> list[np.ndarray]:

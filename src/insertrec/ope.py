@@ -96,11 +96,27 @@ class PolicyEstimates:
                 "ess": self.ess, "n": self.n}
 
 
-def _poisson_counts(n: int, n_boot: int, seed: int, chunk: int = 50):
-    """Poisson(1) bootstrap replicate counts (B, n), in chunks to bound memory."""
-    rng = np.random.default_rng(seed)
-    for lo in range(0, n_boot, chunk):
-        yield rng.poisson(1.0, size=(min(chunk, n_boot - lo), n)).astype(float)
+class Bootstrap:
+    """Poisson(1) bootstrap replicates over n orders: replicate b weighs order i by ``counts[b, i]``.
+
+    Drawn once and shared by every estimate on the same orders: training
+    judges a dozen policies (and their differences) on one holdout, and
+    drawing the counts anew for each took most of the estimators' time.
+    Kept as uint8 (a Poisson(1) count above 255 has probability below
+    1e-500), drawn in chunks to bound the temporaries.
+    """
+
+    def __init__(self, n: int, n_boot: int = 200, seed: int = 0, chunk: int = 50):
+        rng = np.random.default_rng(seed)
+        self.counts = np.concatenate([rng.poisson(1.0, size=(min(chunk, n_boot - lo), n)).astype(np.uint8)
+                                      for lo in range(0, n_boot, chunk)])
+        self.totals = self.counts.sum(axis=1, dtype=float)
+        self._chunk = chunk
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """(B, m): every replicate's count-weighted sums of the columns of ``values`` (n, m)."""
+        return np.concatenate([self.counts[lo:lo + self._chunk].astype(float) @ values
+                               for lo in range(0, len(self.counts), self._chunk)])
 
 
 def _interval(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -109,29 +125,26 @@ def _interval(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def _point(counts: np.ndarray, w: np.ndarray, r: np.ndarray, dr_terms: np.ndarray) -> np.ndarray:
-    """(3, B): IPS, SNIPS and DR for each bootstrap replicate's counts (B, n)."""
-    total = counts.sum(axis=1)
-    ips = counts @ (w * r) / total
-    snips = counts @ (w * r) / np.maximum(counts @ w, 1e-12)
-    dr = counts @ dr_terms / total
-    return np.stack([ips, snips, dr])
+def _point(sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """(3, B): IPS, SNIPS and DR from the sums of (w r, w, DR term) (B, 3) over ``totals`` orders."""
+    wr, w, dr = sums.T
+    return np.stack([wr / totals, wr / np.maximum(w, 1e-12), dr / totals])
 
 
 def estimate(feedback: LoggedFeedback, weights: np.ndarray, q_logged: np.ndarray,
-             q_target: np.ndarray, n_boot: int = 200, level: float = 0.95,
-             seed: int = 0) -> PolicyEstimates:
+             q_target: np.ndarray, level: float = 0.95, seed: int = 0,
+             bootstrap: Bootstrap | None = None) -> PolicyEstimates:
     """Estimate a target policy's value from its importance weights and the value model.
 
     ``q_logged`` is the value model's prediction for the logged box of each
-    order, ``q_target`` its expectation under the target policy.
+    order, ``q_target`` its expectation under the target policy. Intervals
+    come from ``bootstrap`` (default: 200 replicates drawn from ``seed``).
     """
     r = feedback.rewards
-    dr_terms = q_target + weights * (r - q_logged)
-    point = _point(np.ones((1, len(r))), weights, r, dr_terms)[:, 0]
-    reps = np.concatenate([_point(c, weights, r, dr_terms) for c in _poisson_counts(len(r), n_boot, seed)],
-                          axis=1)
-    low, high = _interval(reps, level)
+    terms = np.column_stack([weights * r, weights, q_target + weights * (r - q_logged)])
+    point = _point(terms.sum(axis=0, keepdims=True), np.array([float(len(r))]))[:, 0]
+    boot = Bootstrap(len(r), seed=seed) if bootstrap is None else bootstrap
+    low, high = _interval(_point(boot.sums(terms), boot.totals), level)
     ests = [Estimate(float(p), float(lo), float(hi)) for p, lo, hi in zip(point, low, high)]
     ess = float(weights.sum() ** 2 / max(float((weights ** 2).sum()), 1e-12))
     return PolicyEstimates(ests[0], ests[1], ests[2], ess, len(r))
@@ -139,7 +152,7 @@ def estimate(feedback: LoggedFeedback, weights: np.ndarray, q_logged: np.ndarray
 
 def difference(feedback: LoggedFeedback, weights_a: np.ndarray, q_target_a: np.ndarray,
                weights_b: np.ndarray, q_target_b: np.ndarray, q_logged: np.ndarray,
-               n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Estimate:
+               level: float = 0.95, seed: int = 0, bootstrap: Bootstrap | None = None) -> Estimate:
     """DR estimate of value(a) - value(b) on the same orders, with a paired bootstrap interval.
 
     Pairing matters: both policies are judged on the same orders, so the
@@ -148,6 +161,6 @@ def difference(feedback: LoggedFeedback, weights_a: np.ndarray, q_target_a: np.n
     """
     r = feedback.rewards
     terms = (q_target_a + weights_a * (r - q_logged)) - (q_target_b + weights_b * (r - q_logged))
-    reps = np.concatenate([c @ terms / c.sum(axis=1) for c in _poisson_counts(len(r), n_boot, seed)])
-    low, high = _interval(reps, level)
+    boot = Bootstrap(len(r), seed=seed) if bootstrap is None else bootstrap
+    low, high = _interval(boot.sums(terms[:, None])[:, 0] / boot.totals, level)
     return Estimate(float(terms.mean()), float(low), float(high))

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from insertrec import features, modeldir
 from insertrec.customers import fit_repeat
@@ -70,11 +72,19 @@ def _rows(frame: pd.DataFrame, keep: pd.Series) -> pd.DataFrame:
 
 
 def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
-    """The data as it was known at ``cutoff``: events strictly before it."""
+    """The data as it was known at ``cutoff``: events strictly before it.
+
+    Exposures are matched to the kept orders with Arrow's hash lookup: pandas'
+    ``isin`` on Arrow strings converts every order id to a Python object first
+    (11 s of a million-order training; this takes half a second).
+    """
     orders = _rows(data.orders, data.orders["order_ts"] < cutoff)
+    known = pc.is_in(pa.array(data.exposures["order_id"], type=pa.string()),
+                     value_set=pa.array(orders["order_id"], type=pa.string()))
     return Dataset(orders=orders,
                    nps=_rows(data.nps, data.nps["response_ts"] < cutoff),
-                   exposures=_rows(data.exposures, data.exposures["order_id"].isin(orders["order_id"])),
+                   exposures=_rows(data.exposures, pd.Series(known.to_numpy(zero_copy_only=False),
+                                                             index=data.exposures.index)),
                    incidents=_rows(data.incidents, data.incidents["ts"] < cutoff),
                    catalog=data.catalog, rejected=data.rejected, source=data.source)
 
@@ -142,9 +152,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     rewards = features.order_rewards(history, horizon_days=config.horizon_days, costs=costs)
 
     progress("repurchase propensity")
-    repeat = fit_repeat(history, params, cutoff, config.horizon_days)
     snapshot = features.Snapshot.build(history, params, as_of=cutoff)
-    customers = features.customer_frame(snapshot, cutoff).merge(repeat.scores, on="customer_id", how="left")
+    customers = features.customer_frame(snapshot, cutoff)
+    repeat = fit_repeat(history, params, cutoff, config.horizon_days, current=customers)
+    customers = customers.merge(repeat.scores, on="customer_id", how="left")
 
     progress("segments")
     seg_model = SegmentModel(random_state=config.seed).fit(customers)
