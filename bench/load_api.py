@@ -3,8 +3,13 @@
 Starts, each on 127.0.0.1 with uvicorn and the same worker count:
   (a) the real service (`insertrec.serving.app.run`), decision log on a temp SQLite file;
   (b) a no-op FastAPI app whose POST /v1/recommendations validates the same body
-      (`OrderIn`, FastAPI's usual typed-body way) and returns a constant.
-Both are loaded with wrk (C, Lua request script: every request a new order_id,
+      (`OrderIn`, FastAPI's usual typed-body way) and returns a constant;
+  (c) with --fixed-decision, the real service with the model taken out: every
+      request answered with one real decision made once (its order id changed),
+      but the customer's state still read from the log, the decision still
+      committed durably and the response still built. Its ratio to (b) is the
+      most any model, however fast, could reach on this service.
+All are loaded with wrk (C, Lua request script: every request a new order_id,
 customers recurring so the service folds their history), at the same
 connections for the same duration, alternating (a)/(b) `--rounds` times so
 that a noisy shared machine hits both alike. Besides requests per second it
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -52,6 +58,44 @@ async def noop(order: OrderIn) -> dict[str, str]:
 @noop_app.get("/readyz")
 async def noop_ready() -> dict[str, str]:
     return {"status": "ready"}
+
+
+def fixed_decision_app() -> FastAPI:
+    """Arm (c), each worker's factory: the service's own app, its model's decision replaced by
+    one decision made once by that model and reused."""
+    from dataclasses import replace
+
+    from insertrec.serving import service
+    from insertrec.serving.app import app_from_env
+
+    made: dict[str, Any] = {}
+    model_score = service.DecisionService._score
+
+    def score(self, loaded, record, state, unavailable):  # noqa: ANN001 - same signature as _score
+        if "decision" not in made:
+            made["decision"] = model_score(self, loaded, record, state, unavailable)[0]
+        decision = replace(made["decision"], order_id=record["order_id"])
+        return (decision, *service._body(decision))
+
+    service.DecisionService._score = score
+    return app_from_env()
+
+
+def serve_fixed_decision(port: int, workers: int) -> None:
+    """Start arm (c) as `insertrec serve` would, from the INSERTREC_* environment."""
+    import uvicorn
+
+    from insertrec.serving.decisionlog import DecisionLog
+    from insertrec.serving.logs import uvicorn_log_config
+    from insertrec.serving.settings import Settings
+
+    log = DecisionLog(Settings.load().db_url)
+    log.create()
+    log.close()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="insertrec-bench-metrics-")
+    uvicorn.run("load_api:fixed_decision_app", factory=True, app_dir=str(ROOT / "bench"), host="127.0.0.1",
+                port=port, workers=workers, access_log=False, server_header=False,
+                log_config=uvicorn_log_config("WARNING"), timeout_graceful_shutdown=10)
 
 
 WRK_SCRIPT = r"""
@@ -151,6 +195,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--fixed-decision", action="store_true",
+                    help="also run the service with its model taken out (arm c): the ceiling for any model")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load_api.json"))
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -162,54 +208,65 @@ def main() -> None:
     env = {**os.environ, "INSERTREC_API_KEYS": f"{KEY}:decide", "INSERTREC_CATALOG": args.catalog,
            "INSERTREC_DB_URL": f"sqlite:///{tmp / 'decisions.db'}", "INSERTREC_LOG_LEVEL": "WARNING",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    service_port, noop_port = free_port(), free_port()
     model = f"model={args.model!r}, " if args.model else ""
-    service_cmd = [sys.executable, "-c", "from insertrec.serving.app import run; "
-                   f"run({model}port={service_port}, workers={args.workers})"]
-    noop_cmd = [sys.executable, "-c", "import uvicorn; from insertrec.serving.logs import uvicorn_log_config; "
-                f"uvicorn.run('load_api:noop_app', app_dir={str(ROOT / 'bench')!r}, host='127.0.0.1', "
-                f"port={noop_port}, workers={args.workers}, access_log=False, server_header=False, "
-                "log_config=uvicorn_log_config('WARNING'), timeout_graceful_shutdown=10)"]
-    procs = []
+    ports = {name: free_port() for name in ("noop", "service", "fixed_decision")}
+    commands = {
+        "noop": [sys.executable, "-c", "import uvicorn; from insertrec.serving.logs import uvicorn_log_config; "
+                 f"uvicorn.run('load_api:noop_app', app_dir={str(ROOT / 'bench')!r}, host='127.0.0.1', "
+                 f"port={ports['noop']}, workers={args.workers}, access_log=False, server_header=False, "
+                 "log_config=uvicorn_log_config('WARNING'), timeout_graceful_shutdown=10)"],
+        "service": [sys.executable, "-c", "from insertrec.serving.app import run; "
+                    f"run({model}port={ports['service']}, workers={args.workers})"],
+        "fixed_decision": [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+                           f"import load_api; load_api.serve_fixed_decision({ports['fixed_decision']}, {args.workers})"],
+    }
+    envs = {"noop": env, "service": env,
+            "fixed_decision": {**env, "INSERTREC_DB_URL": f"sqlite:///{tmp / 'fixed.db'}",
+                               **({"INSERTREC_MODEL": args.model} if args.model else {})}}
+    names = ["noop", "service"] + (["fixed_decision"] if args.fixed_decision else [])
+    procs: dict[str, subprocess.Popen] = {}
     try:
-        procs.append(start(service_cmd, env, service_port, tmp / "service.log"))
-        procs.append(start(noop_cmd, env, noop_port, tmp / "noop.log"))
-        servers = {"service": (service_port, procs[0]), "noop": (noop_port, procs[1])}
+        for name in names:
+            procs[name] = start(commands[name], envs[name], ports[name], tmp / f"{name}.log")
         load_before = os.getloadavg()
-        runs: dict[str, list[dict]] = {"service": [], "noop": []}
+        runs: dict[str, list[dict]] = {name: [] for name in names}
         for r in range(args.rounds):
-            for name in ("noop", "service"):
-                port, proc = servers[name]
-                wrk(port, args.connections, 2, script, f"warm{r}{name}")  # warm-up, discarded
-                result = wrk(port, args.connections, args.duration, script, f"run{r}{name}", proc)
+            for name in names:
+                wrk(ports[name], args.connections, 2, script, f"warm{r}{name}")  # warm-up, discarded
+                result = wrk(ports[name], args.connections, args.duration, script, f"run{r}{name}", procs[name])
                 runs[name].append(result)
-                print(f"round {r + 1} {name:8s} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
+                print(f"round {r + 1} {name:14s} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
                       f"p99 {result['p99_ms']:.2f} ms  server CPU {result['server_cpu_us_per_request']:.0f} us/req  "
                       f"non-2xx {result['non_2xx']}", flush=True)
-        metrics = httpx.get(f"http://127.0.0.1:{service_port}/metrics").text
+        metrics = httpx.get(f"http://127.0.0.1:{ports['service']}/metrics").text
     finally:
-        for proc in procs:
+        for proc in procs.values():
             stop(proc)
 
     summary = {name: {k: statistics.median(x[k] for x in rs)
                       for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_us_per_request")}
                for name, rs in runs.items()}
-    ratio = summary["service"]["rps"] / summary["noop"]["rps"]
-    cpu_ratio = summary["noop"]["server_cpu_us_per_request"] / summary["service"]["server_cpu_us_per_request"]
+    noop = summary["noop"]
+    ratios = {name: {"rps": round(summary[name]["rps"] / noop["rps"], 3),
+                     "cpu_per_request": round(noop["server_cpu_us_per_request"]
+                                              / summary[name]["server_cpu_us_per_request"], 3)}
+              for name in names if name != "noop"}
+    ratio = ratios["service"]["rps"]
     stages = _stage_means(metrics)
     result = {"workers": args.workers, "connections": args.connections, "duration_s": args.duration,
               "rounds": args.rounds, "model": args.model or "rules only (example catalog)",
               "cpus": os.cpu_count(), "loadavg_before": load_before, "client": "wrk -t2 with a Lua body script",
-              "noop": summary["noop"], "service": summary["service"], "ratio_rps": round(ratio, 3),
-              "ratio_cpu_per_request": round(cpu_ratio, 3),
+              **summary, "ratio_rps": ratio, "ratio_cpu_per_request": ratios["service"]["cpu_per_request"],
+              "ratios_to_noop": ratios,
               "targets": {"ratio_rps": 0.60, "service_p99_ms": 25.0},
               "met": {"ratio": ratio >= 0.60, "p99": summary["service"]["p99_ms"] < 25.0},
               "service_stage_mean_us": stages, "runs": runs}
-    print(f"no-op   {summary['noop']['rps']:.0f} req/s, p50 {summary['noop']['p50_ms']:.2f} ms, "
-          f"p99 {summary['noop']['p99_ms']:.2f} ms")
-    print(f"service {summary['service']['rps']:.0f} req/s, p50 {summary['service']['p50_ms']:.2f} ms, "
-          f"p99 {summary['service']['p99_ms']:.2f} ms")
-    print(f"ratio   {ratio:.2f} (target >= 0.60); by server CPU per request {cpu_ratio:.2f}; mean stage time (us): "
+    for name in names:
+        print(f"{name:14s} {summary[name]['rps']:6.0f} req/s, p50 {summary[name]['p50_ms']:.2f} ms, "
+              f"p99 {summary[name]['p99_ms']:.2f} ms, server CPU {summary[name]['server_cpu_us_per_request']:.0f} us/req"
+              + (f", ratio to no-op {ratios[name]['rps']:.2f} (by CPU per request {ratios[name]['cpu_per_request']:.2f})"
+                 if name in ratios else ""))
+    print(f"target: service ratio >= 0.60, p99 < 25 ms; service mean stage time (us): "
           + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
