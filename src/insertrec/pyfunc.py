@@ -27,9 +27,9 @@ class InsertrecModel(PythonModel):
     def load_context(self, context: Any) -> None:
         self.engine = Engine.load(context.artifacts[MODEL_DIR_ARTIFACT])
 
-    # ``model_input`` is left unannotated on purpose: MLflow reads predict's type hints as a
-    # signature and warns about any hint that is not ``list[...]``; the logged signature rules.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # A DataFrame hint tells MLflow there is no schema to infer from it: the logged signature rules.
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.engine.decide_batch(pd.DataFrame(model_input))
 
 

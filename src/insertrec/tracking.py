@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -50,8 +49,6 @@ def load_mlflow() -> ModuleType:
     still show. ``MLFLOW_LOGGING_LEVEL`` set by the user wins.
     """
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # insertrec's pyfunc declares its signature explicitly; MLflow's advice to add type hints is noise
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
