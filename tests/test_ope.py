@@ -103,6 +103,20 @@ def test_clipped_joint_weights_keep_dr_on_the_truth_with_a_far_narrower_interval
     assert single.max() == pytest.approx(1 / (0.3 / 4))
 
 
+def test_dr_may_clip_its_weights_harder_than_ips_and_snips_without_moving_them():
+    x, fb, mean_reward = _bandit(20_000, 8)
+    target = [_deterministic(np.where(x > 0, 1, 2), 3), _deterministic(np.ones(len(x), dtype=int), 2)]
+    w, q = fb.weights(target), mean_reward(fb.actions[:, 0], fb.actions[:, 1])
+    qt = mean_reward(np.where(x > 0, 1, 2), 1)
+    same = estimate(fb, w, q, qt, seed=3)
+    hard = estimate(fb, w, q, qt, seed=3, dr_weights=np.minimum(w, 2.0))
+    assert estimate(fb, w, q, qt, seed=3, dr_weights=w).as_dict() == same.as_dict()
+    assert hard.ips == same.ips and hard.snips == same.snips and hard.ess == same.ess
+    r = fb.rewards
+    assert hard.dr.value == pytest.approx(np.mean(qt + np.minimum(w, 2.0) * (r - q)))
+    assert hard.dr.value != pytest.approx(same.dr.value)
+
+
 def test_one_bootstrap_shared_by_several_policies_gives_each_the_intervals_of_its_own_draw():
     """Training judges many policies on one holdout with one set of replicates: the intervals
     must be those each policy gets alone from the same seed, paired differences included."""

@@ -22,6 +22,7 @@ from insertrec.world import World
 pytestmark = pytest.mark.slow
 
 CUSTOMERS = 30_000
+EXTRA_DR_CASES = [("default", 1), ("perturbed", 1), ("perturbed", 2)]
 
 
 def _world(kind: str) -> World:
@@ -29,14 +30,27 @@ def _world(kind: str) -> World:
     return world if kind == "default" else world.perturbed(seed=2026)
 
 
-@pytest.fixture(scope="module", params=["default", "perturbed"])
-def trained(request, tmp_path_factory):
-    world = _world(request.param)
-    generated = world.generate(customers=CUSTOMERS, seed=4242)
-    out = tmp_path_factory.mktemp(request.param) / "model"
+def _trained(kind: str, seed: int, tmp_path_factory) -> tuple:
+    world = _world(kind)
+    generated = world.generate(customers=CUSTOMERS, seed=seed)
+    out = tmp_path_factory.mktemp(f"{kind}-{seed}") / "model"
     cutoff = generated.orders["order_ts"].quantile(0.8)   # the last fifth stays unseen, for OPE
     train(generated.to_dataset(), out, TrainConfig(cutoff=cutoff.isoformat()))
-    return request.param, world, generated, Engine.load(out), cutoff
+    return kind, world, generated, Engine.load(out), cutoff
+
+
+@pytest.fixture(scope="module", params=["default", "perturbed"])
+def trained(request, tmp_path_factory):
+    return _trained(request.param, 4242, tmp_path_factory)
+
+
+# DR on one history can pass by luck: on these holdouts its error has a bias of about -1% and a
+# bootstrap sd of about 2%, and 10 of 12 histories measured were within 5% (bench/dr_bias.py:
+# perturbed seeds 5 and 6 were not). Seeds 1 and 2 of the perturbed world missed by 7-9% before
+# the judge was fixed. More histories, each trained once (~27 s), only for DR.
+@pytest.fixture(scope="module", params=EXTRA_DR_CASES, ids=[f"{k}-{s}" for k, s in EXTRA_DR_CASES])
+def trained_elsewhere(request, tmp_path_factory):
+    return _trained(*request.param, tmp_path_factory)
 
 
 def test_learned_policy_beats_the_playbook_the_logging_policy_and_doing_nothing(trained):
@@ -50,8 +64,7 @@ def test_learned_policy_beats_the_playbook_the_logging_policy_and_doing_nothing(
     assert sim["value_oracle"] >= sim["value_model_greedy"] >= sim["value_model"]
 
 
-def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy(trained):
-    _, world, generated, engine, cutoff = trained
+def _dr_and_truth(world, generated, engine, cutoff) -> tuple[dict, float]:
     data = generated.to_dataset()
     feats = order_features(data, engine.params)
     costs = {a.id: a.cost for slot in engine.catalog.slots.values() for a in slot.actions}
@@ -65,5 +78,16 @@ def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy
     weight = np.ones_like(truth)
     for s, p in enumerate(probs):
         weight *= p[:, combos[:, s]]
-    true_value = float((weight * truth).sum(axis=1).mean())
+    return metrics, float((weight * truth).sum(axis=1).mean())
+
+
+def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy(trained):
+    _, world, generated, engine, cutoff = trained
+    metrics, true_value = _dr_and_truth(world, generated, engine, cutoff)
+    assert abs(metrics["policy_value_dr"] - true_value) < 0.05 * abs(true_value), (metrics, true_value)
+
+
+def test_dr_estimate_is_within_five_percent_on_other_histories_too(trained_elsewhere):
+    _, world, generated, engine, cutoff = trained_elsewhere
+    metrics, true_value = _dr_and_truth(world, generated, engine, cutoff)
     assert abs(metrics["policy_value_dr"] - true_value) < 0.05 * abs(true_value), (metrics, true_value)

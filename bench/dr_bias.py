@@ -1,0 +1,180 @@
+"""How far the holdout DR estimate is from the simulator's truth, and why.
+
+For the default world and the perturbed one (``World.default().perturbed(seed=2026)``)
+over several generation seeds, trains exactly as tests/test_quality.py does
+(30k customers, cutoff at the 0.8 quantile of order_ts, the last fifth the
+holdout), then on the holdout orders reports:
+
+  - truth: the learned policy's true value on the same orders (world.expected_reward
+    averaged under the policy's probabilities), and the logging policy's;
+  - IPS, SNIPS and DR as the library's `Judge.judge` computes them (IPS and SNIPS with
+    weights clipped at JOINT_CLIP, DR at DR_CLIP), their errors in %, the ESS;
+  - DR's error split into the direct-method part (mean q_target - truth) and the
+    correction part (mean w (r - q_logged)), the correction split into what it is
+    expected to be given q (known here: the truth of every box, the logging
+    policy's probabilities) and reward noise; and the clip's share of the weight mass
+    (1 - sum min(w, c) / sum w) and the clip's bias given q,
+    -mean_x sum_a pi (1 - min(1, c mu / pi)) (T - q).
+
+Trained models and the arrays the estimators need (the judge's q included, as
+the code of the run that built them fitted it) are cached per (world, seed)
+under /tmp/dr_cache (override with --cache; use a fresh one after changing the
+judge or training), so estimator variants are tried without retraining.
+
+Usage: python bench/dr_bias.py [--seeds 4242 1 2 3] [--worlds default perturbed]
+                               [--json bench/results/dr_bias.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+CUSTOMERS = 30_000
+
+
+def _world(kind: str):
+    from insertrec.world import World
+    world = World.default()
+    return world if kind == "default" else world.perturbed(seed=2026)
+
+
+def build(kind: str, seed: int, cache: Path) -> dict[str, np.ndarray]:
+    """The holdout's arrays for (world, seed): trained once, then read from the cache."""
+    path = cache / f"{kind}_{seed}"
+    arrays = path / "arrays.npz"
+    if arrays.exists():
+        with np.load(arrays) as z:
+            return {k: z[k] for k in z.files}
+    from insertrec.engine import Engine
+    from insertrec.evaluation import judge_for, logged_orders, policy_probabilities, rules_actions
+    from insertrec.features import order_features, order_rewards
+    from insertrec.policy import Policy
+    from insertrec.training import TrainConfig, train
+
+    path.mkdir(parents=True, exist_ok=True)
+    world = _world(kind)
+    t0 = time.perf_counter()
+    generated = world.generate(customers=CUSTOMERS, seed=seed)
+    cutoff = generated.orders["order_ts"].quantile(0.8)
+    if not (path / "model").exists():
+        train(generated.to_dataset(), path / "model", TrainConfig(cutoff=cutoff.isoformat()))
+    engine = Engine.load(path / "model")
+    data = generated.to_dataset()
+    feats = order_features(data, engine.params)
+    costs = {a.id: a.cost for slot in engine.catalog.slots.values() for a in slot.actions}
+    logged = logged_orders(data, feats, order_rewards(data, horizon_days=60, costs=costs), engine.catalog)
+    late = logged.subset((feats["order_ts"].iloc[logged.rows] >= cutoff).to_numpy())
+    sub = feats.iloc[late.rows]
+    policy = engine.policy
+    probs = policy_probabilities(policy, sub)
+    playbook = policy_probabilities(Policy(policy.catalog, epsilon=0.0), sub)
+    logging = policy_probabilities(Policy(policy.catalog, epsilon=world.epsilon), sub)
+    combos = policy.combos
+    truth = world.expected_reward(generated.hidden.iloc[late.rows].reset_index(drop=True), combos)
+    judge = judge_for(policy, feats, late, policy.encoder)
+    f = late.feedback
+    out = {"rewards": f.rewards, "actions": f.actions, "pscores": f.pscores,
+           "phi": policy.encoder.transform(sub), "rules": rules_actions(policy.catalog, sub),
+           "truth": truth, "q_baseline": judge.q_baseline, "q_boxes": judge.q_boxes,
+           "q_logged": judge.q_logged, "sizes": np.asarray(policy.space.sizes),
+           "defaults": np.asarray(policy.space.defaults)}
+    for name, p in (("pi", probs), ("playbook", playbook), ("mu", logging)):
+        for s, ps in enumerate(p):
+            out[f"{name}{s}"] = ps
+    np.savez(arrays, **out)
+    print(f"  built {kind} seed {seed}: {len(f.rewards)} holdout orders, {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return out
+
+
+def probs_of(a: dict[str, np.ndarray], name: str) -> list[np.ndarray]:
+    return [a[f"{name}{s}"] for s in range(len(a["sizes"]))]
+
+
+def joint(probs: list[np.ndarray]) -> np.ndarray:
+    """(n, n_boxes) product-form probabilities in ActionSpace.combos (C) order."""
+    out = probs[0]
+    for p in probs[1:]:
+        out = (out[:, :, None] * p[:, None, :]).reshape(len(out), -1)
+    return out
+
+
+def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = None) -> dict[str, float]:
+    """The library's estimates of policy ``name`` and DR's error decomposed (see the module docstring);
+    ``clip`` is DR's (default: the library's DR_CLIP; IPS and SNIPS keep JOINT_CLIP)."""
+    from insertrec.ope import DR_CLIP, JOINT_CLIP, LoggedFeedback, estimate
+    clip = DR_CLIP if clip is None else clip
+    f = LoggedFeedback(a["rewards"], a["actions"], a["pscores"])
+    probs = probs_of(a, name)
+    n = len(f.rewards)
+    pj, mj = joint(probs), joint(probs_of(a, "mu"))
+    truth_v = float((pj * a["truth"]).sum(1).mean())
+    box = np.ravel_multi_index(tuple(f.actions.T), tuple(a["sizes"]))
+    q_all = a["q_baseline"][:, None] + a["q_boxes"]
+    q_target = (pj * q_all).sum(1)
+    w_exact = f.weights(probs, clip=None)
+    w = np.minimum(w_exact, clip)
+    est = estimate(f, np.minimum(w_exact, JOINT_CLIP), a["q_logged"], q_target, dr_weights=w)
+    resid = f.rewards - a["q_logged"]
+    t_logged = a["truth"][np.arange(n), box]
+    ratio = np.divide(pj, mj, out=np.zeros_like(pj), where=mj > 0)
+    kept = np.minimum(1.0, np.divide(clip, ratio, out=np.ones_like(ratio), where=ratio > 0))
+    clip_bias = float(-(pj * (1 - kept) * (a["truth"] - q_all)).sum(1).mean())
+    pct = lambda v: 100.0 * (v - truth_v) / abs(truth_v)  # noqa: E731
+    return {
+        "n": n, "truth": truth_v, "logging_truth": float((mj * a["truth"]).sum(1).mean()),
+        "mean_reward": float(f.rewards.mean()), "mean_truth_logged_box": float(t_logged.mean()),
+        "ips": est.ips.value, "snips": est.snips.value, "dr": est.dr.value,
+        "ips_pct": pct(est.ips.value), "snips_pct": pct(est.snips.value), "dr_pct": pct(est.dr.value),
+        "dr_low": est.dr.low, "dr_high": est.dr.high, "ess": est.ess,
+        "dm_pct": pct(float(q_target.mean())),
+        "corr_pct": 100.0 * float((w * resid).mean()) / abs(truth_v),
+        "corr_expected_pct": 100.0 * float((mj * np.minimum(ratio, clip) * (a["truth"] - q_all)).sum(1).mean())
+        / abs(truth_v),
+        "corr_noise_pct": 100.0 * float((w * (f.rewards - t_logged)).mean()) / abs(truth_v),
+        "clip_bias_pct": 100.0 * clip_bias / abs(truth_v),
+        "clipped_mass_pct": 100.0 * (1.0 - float(w.sum() / w_exact.sum())),
+        "mean_w_exact": float(w_exact.mean()), "mean_w": float(w.mean()),
+        "pscore_check": float(np.abs(mj[np.arange(n), box] - f.pscores.prod(1)).max()),
+    }
+
+
+COLUMNS = [("truth", "{:8.3f}"), ("ips_pct", "{:7.1f}"), ("snips_pct", "{:7.1f}"), ("dr_pct", "{:7.1f}"),
+           ("ess", "{:7.0f}"), ("dm_pct", "{:7.1f}"), ("corr_pct", "{:7.1f}"), ("corr_expected_pct", "{:7.1f}"),
+           ("corr_noise_pct", "{:7.1f}"), ("clip_bias_pct", "{:7.1f}"), ("clipped_mass_pct", "{:7.1f}")]
+
+
+def table(rows: list[tuple[str, int, dict]]) -> str:
+    head = f"{'world':10s} {'seed':>5s} " + " ".join(f"{c[:8]:>8s}" if i == 0 else f"{c.replace('_pct', '')[:7]:>7s}"
+                                                    for i, (c, _) in enumerate(COLUMNS))
+    lines = [head]
+    for kind, seed, d in rows:
+        lines.append(f"{kind:10s} {seed:5d} " + " ".join(fmt.format(d[c]) for c, fmt in COLUMNS))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[4242, 1, 2, 3])
+    ap.add_argument("--worlds", nargs="+", default=["default", "perturbed"])
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/dr_cache"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    rows = []
+    with threadpool_limits(1):
+        for kind in args.worlds:
+            for seed in args.seeds:
+                rows.append((kind, seed, diagnose(build(kind, seed, args.cache))))
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([{"world": k, "seed": s, **d} for k, s, d in rows], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
