@@ -256,7 +256,12 @@ _GENERATION = sa.select(control.c.value).where(control.c.key == "model_generatio
 
 
 class DecisionLog:
-    """One process's handle on the log: a reader and a writer connection, used from one thread.
+    """One process's handle on the log: a reader and a writer connection.
+
+    The service uses it from its event loop's thread, but it is safe from any
+    thread: each connection is held by one thread at a time (a lock each). Two
+    threads on the one reused read cursor crashed the process (SIGSEGV), which
+    a test harness serving requests and the lifespan from different threads did.
 
     Parameters
     ----------
@@ -298,6 +303,7 @@ class DecisionLog:
         self._reader: Any = None
         self._read_cursor: Any = None
         self._writer: Any = None
+        self._read_lock, self._write_lock = threading.RLock(), threading.RLock()
         self._turn = _WriterTurn(self.engine.url.database if self.sqlite else None)
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -344,10 +350,11 @@ class DecisionLog:
         self._stop.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=5)
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                conn.close()
-        self._reader = self._writer = None
+        with self._read_lock, self._write_lock:
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    conn.close()
+            self._reader = self._writer = None
         self._turn.close()
         self.engine.dispose()
 
@@ -500,50 +507,53 @@ class DecisionLog:
     def _transaction(self) -> Iterator[Callable[[str, dict[str, Any]], Any]]:
         """One write transaction on the writer: ``run(name, params)`` executes a prepared statement.
         SQLite's starts with BEGIN IMMEDIATE: the write lock first, so what is read inside holds."""
-        if self._writer is None:
-            self._writer = self.engine.raw_connection()
-        conn = self._writer
-        cursor = conn.cursor()
+        with self._write_lock:
+            if self._writer is None:
+                self._writer = self.engine.raw_connection()
+            conn = self._writer
+            cursor = conn.cursor()
 
-        def run(name: str, params: dict[str, Any]) -> Any:
-            q = self._q[name]
-            cursor.execute(q.sql, q.args(params))
-            return cursor
+            def run(name: str, params: dict[str, Any]) -> Any:
+                q = self._q[name]
+                cursor.execute(q.sql, q.args(params))
+                return cursor
 
-        with self._turn:
-            try:
-                if self.sqlite:
-                    cursor.execute("BEGIN IMMEDIATE")
-                yield run
-                conn.commit()
-            except BaseException:
-                with contextlib.suppress(*self._errors):
-                    conn.rollback()
-                raise
-            finally:
-                cursor.close()
+            with self._turn:
+                try:
+                    if self.sqlite:
+                        cursor.execute("BEGIN IMMEDIATE")
+                    yield run
+                    conn.commit()
+                except BaseException:
+                    with contextlib.suppress(*self._errors):
+                        conn.rollback()
+                    raise
+                finally:
+                    cursor.close()
 
     def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple]:
-        try:
-            if self._reader is None:
-                self._reader = self.engine.raw_connection()
-                self._read_cursor = self._reader.driver_connection.cursor()  # one cursor, reused: reads are hot
-            q = self._q[name]
-            self._read_cursor.execute(q.sql, q.args(params))
-            rows = self._read_cursor.fetchall()
-            self._reader.driver_connection.rollback()  # end the read snapshot: see other workers' commits
-            return rows
-        except self._errors as exc:
-            raise self._failed("read", exc) from None
+        with self._read_lock:
+            try:
+                if self._reader is None:
+                    self._reader = self.engine.raw_connection()
+                    self._read_cursor = self._reader.driver_connection.cursor()  # one cursor, reused: reads are hot
+                q = self._q[name]
+                self._read_cursor.execute(q.sql, q.args(params))
+                rows = self._read_cursor.fetchall()
+                self._reader.driver_connection.rollback()  # end the read snapshot: see other workers' commits
+                return rows
+            except self._errors as exc:
+                raise self._failed("read", exc) from None
 
     def _failed(self, what: str, exc: BaseException) -> LogUnavailable:
         """Drop the connection that failed (the next call reconnects) and say why, without internals."""
         attr = "_reader" if what == "read" else "_writer"
-        conn = getattr(self, attr)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.invalidate()
-            setattr(self, attr, None)
+        with self._read_lock if what == "read" else self._write_lock:
+            conn = getattr(self, attr)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
+                setattr(self, attr, None)
         return LogUnavailable(f"decision log: {what} failed ({type(exc).__name__})")
 
 
