@@ -126,7 +126,7 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
     ratio = np.divide(pj, mj, out=np.zeros_like(pj), where=mj > 0)
     kept = np.minimum(1.0, np.divide(clip, ratio, out=np.ones_like(ratio), where=ratio > 0))
     clip_bias = float(-(pj * (1 - kept) * (a["truth"] - q_all)).sum(1).mean())
-    pct = lambda v: 100.0 * (v - truth_v) / abs(truth_v)  # noqa: E731
+    pct = lambda v: 100.0 * (v - truth_v) / abs(truth_v)
     return {
         "n": n, "truth": truth_v, "logging_truth": float((mj * a["truth"]).sum(1).mean()),
         "mean_reward": float(f.rewards.mean()), "mean_truth_logged_box": float(t_logged.mean()),

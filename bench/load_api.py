@@ -71,7 +71,7 @@ def fixed_decision_app() -> FastAPI:
     made: dict[str, Any] = {}
     model_score = service.DecisionService._score
 
-    def score(self, loaded, record, state, unavailable):  # noqa: ANN001 - same signature as _score
+    def score(self, loaded, record, state, unavailable):
         if "decision" not in made:
             made["decision"] = model_score(self, loaded, record, state, unavailable)[0]
         decision = replace(made["decision"], order_id=record["order_id"])
@@ -266,7 +266,7 @@ def main() -> None:
               f"p99 {summary[name]['p99_ms']:.2f} ms, server CPU {summary[name]['server_cpu_us_per_request']:.0f} us/req"
               + (f", ratio to no-op {ratios[name]['rps']:.2f} (by CPU per request {ratios[name]['cpu_per_request']:.2f})"
                  if name in ratios else ""))
-    print(f"target: service ratio >= 0.60, p99 < 25 ms; service mean stage time (us): "
+    print("target: service ratio >= 0.60, p99 < 25 ms; service mean stage time (us): "
           + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,7 @@ def main() -> None:
     bg_seconds = time.perf_counter() - started
 
     results = {
-        "dataset": {"customers": int(len(at_cal_end)), "calibration_orders": int(len(calibration.orders)),
+        "dataset": {"customers": len(at_cal_end), "calibration_orders": len(calibration.orders),
                     "holdout_orders": int(truth.sum()), "holdout_buyers": int((truth > 0).sum()),
                     "calibration": "1997-01-01..1997-09-30", "holdout": "1997-10-01..1998-06-30",
                     "order": "customer-day with at least one purchase"},

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import httpx
+from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, settings
 
 from insertrec.catalog import Catalog
 from insertrec.serving.app import create_app
 from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OutOfStock, Recorded
-from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, settings
 
 
 def entry(order_id: str, customer: str, last_id: int = 0, limited: tuple[str, ...] = ()) -> Entry:

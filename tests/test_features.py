@@ -23,9 +23,16 @@ from hypothesis import strategies as st
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.errors import DataError, InsertrecError
+from insertrec.features import (
+    CustomerState,
+    FeatureParams,
+    Snapshot,
+    customer_frame,
+    features_for_orders,
+    order_features,
+    order_rewards,
+)
 from insertrec.schema import FEATURES
-from insertrec.features import (CustomerState, FeatureParams, Snapshot, customer_frame, features_for_orders,
-                                order_features, order_rewards)
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 DAY = pd.Timedelta(days=1)

@@ -6,10 +6,10 @@ import re
 
 import pandas as pd
 import pytest
+from test_segments import planted
 
 from insertrec.report import render_report
 from insertrec.segments import SegmentModel
-from test_segments import planted
 
 
 @pytest.fixture(scope="module")

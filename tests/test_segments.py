@@ -13,7 +13,7 @@ from insertrec.segments import SEGMENTS_CSV_COLUMNS, SegmentModel
 def planted(n_each: int = 300, seed: int = 0) -> pd.DataFrame:
     """Four unmistakable groups of customers, in the customer-frame columns."""
     rng = np.random.default_rng(seed)
-    u = lambda lo, hi: rng.uniform(lo, hi, n_each)  # noqa: E731
+    u = lambda lo, hi: rng.uniform(lo, hi, n_each)
     groups = {
         "lapsed_detractors": dict(prior_orders=rng.integers(3, 6, n_each), recency_days=u(300, 500),
                                   tenure_days=u(600, 900), total_spend=u(800, 1500), return_rate=u(0, 0.1),

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, settings
 
 from insertrec.engine import Engine
 from insertrec.serving.app import create_app, run
 from insertrec.serving.decisionlog import read_logged
 from insertrec.serving.hotswap import Loaded
 from insertrec.serving.settings import Settings, SettingsError
-from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, settings
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_an_nps_score_in_the_request_is_used_for_that_order(client):
 
 def test_outcomes_are_stored_once_and_need_a_decided_order(client, tmp_path):
     decide(client, order(1))
-    post = lambda body: client.post("/v1/outcomes", json=body, headers=auth(FEEDBACK))  # noqa: E731
+    post = lambda body: client.post("/v1/outcomes", json=body, headers=auth(FEEDBACK))
     first = post({"order_id": "o-1", "type": "returned", "returned_value": 12.5})
     again = post({"order_id": "o-1", "type": "returned", "returned_value": 12.5})
     assert first.json()["recorded"] is True and again.json()["recorded"] is False

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, settings as hsettings
+from hypothesis import HealthCheck
+from hypothesis import settings as hsettings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+from serving_helpers import ADMIN, settings
 
 from insertrec.serving.app import create_app
-from serving_helpers import ADMIN, settings
 
 _dir = Path(tempfile.mkdtemp(prefix="insertrec-fuzz-"))
 app = create_app(settings(_dir))

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from serving_helpers import DECIDE, SCARCE_CATALOG, Server, auth, order
-from serving_helpers import EXAMPLE_CATALOG
+from serving_helpers import DECIDE, EXAMPLE_CATALOG, SCARCE_CATALOG, Server, auth, order
 
 
 def logged_decision_ids(db: Path) -> set[str]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -65,7 +65,7 @@ class _LineLoader(yaml.SafeLoader):
     test Norway as ``False``; here only true/false are booleans.
     """
 
-    yaml_implicit_resolvers = {
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
         first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
@@ -406,7 +406,7 @@ def _value(value: Any, at: _At, feature: str) -> Any:
     kind = _kind(feature)
     if kind == "bool" and not isinstance(value, bool):
         at.fail(f"{feature} is true or false, got {value!r}")
-    if kind == "number" and (isinstance(value, bool) or isinstance(value, str)):
+    if kind == "number" and isinstance(value, (bool, str)):
         at.fail(f"{feature} is a number, got {value!r}")
     if kind in ("category", "set"):
         if isinstance(value, bool):

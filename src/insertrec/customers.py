@@ -20,6 +20,7 @@ relative to the customer's usual gap), which trees do not build by themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy.special import lambertw

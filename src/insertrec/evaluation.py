@@ -22,8 +22,17 @@ from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.ope import (DR_CLIP, Bootstrap, Estimate, LoggedFeedback, PolicyEstimates, difference,
-                          estimate, expected_value, onehot)
+from insertrec.ope import (
+    DR_CLIP,
+    Bootstrap,
+    Estimate,
+    LoggedFeedback,
+    PolicyEstimates,
+    difference,
+    estimate,
+    expected_value,
+    onehot,
+)
 from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, ValueModel
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 DAY_NS = 86_400 * 10**9
 _NO_TS = int(np.iinfo(np.int64).min)   # "no such event"
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TIER_OF_SCORE = ("detractor",) * 7 + ("passive",) * 2 + ("promoter",) * 2
 _TIERS = (*_TIER_OF_SCORE, "unknown")               # index -1 (no answer) -> unknown
 _STAGES = ("new", "developing", "loyal", "lapsed")
@@ -188,7 +188,7 @@ def _ns_scalar(value: Any, name: str = "order_ts") -> int:
             raise InsertrecError(f"{name}: not an ISO 8601 timestamp (got {value!r})") from None
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         d = value - _EPOCH
         return (d.days * 86_400 + d.seconds) * 10**9 + d.microseconds * 1000
     if isinstance(value, np.datetime64):
@@ -689,7 +689,7 @@ def order_rewards(data: Dataset, *, horizon_days: float = 60,
     ev = _Events.of(g, ts, net=net)
     cum = np.r_[pd.Series(ev.cols["net"]).groupby(ev.g, sort=False).cumsum().to_numpy(dtype=np.float64), 0.0]
     start = ev.start(g)
-    horizon = int(round(horizon_days * DAY_NS))
+    horizon = round(horizon_days * DAY_NS)
     upto_t = start + ev.count_before(g, ts, inclusive=True, start=start) - 1   # the order itself is there
     upto_h = start + ev.count_before(g, ts + horizon, inclusive=True, start=start) - 1
     revenue = cum[upto_h] - cum[upto_t]
@@ -929,8 +929,23 @@ class CustomerState:
     everything folded in, which the service's clock guarantees.
     """
 
-    __slots__ = ("_layout", "n", "spend", "gifts", "cats", "chans", "recv", "recv_last", "first_ts",
-                 "last_ts", "matured_value", "matured_returned", "recent", "nps", "incidents")
+    __slots__ = (
+        "_layout",
+        "cats",
+        "chans",
+        "first_ts",
+        "gifts",
+        "incidents",
+        "last_ts",
+        "matured_returned",
+        "matured_value",
+        "n",
+        "nps",
+        "recent",
+        "recv",
+        "recv_last",
+        "spend",
+    )
 
     def __init__(self, layout: _Layout):
         p = layout.params
@@ -996,7 +1011,7 @@ class CustomerState:
         self.nps.sort(key=lambda answer: answer[0])   # stable: of two at one instant, the later told wins
         del self.nps[:-2]  # the latest, and the one before for an order at exactly the latest's instant
 
-    def add_incident(self, type: str, ts: Any) -> None:  # noqa: A002 - the incidents column's name
+    def add_incident(self, type: str, ts: Any) -> None:
         """Something that went wrong for the customer (late, damaged, ...)."""
         self.incidents.append((_ns_scalar(ts, "ts"), str(type)))
         self.incidents.sort(key=lambda incident: incident[0])
@@ -1015,7 +1030,7 @@ class CustomerState:
         L = self._layout
         p = L.params
         t = _ns_scalar(order["order_ts"]) if order.get("order_ts") is not None \
-            else _ns_scalar(datetime.now(timezone.utc))
+            else _ns_scalar(datetime.now(UTC))
         categories = _categories(order.get("categories"))
         n = self.n
         recency = float(t - self.last_ts) / DAY_NS if n else math.nan
@@ -1085,5 +1100,14 @@ def _order_value(order: Mapping[str, Any]) -> float:
     return value
 
 
-__all__ = ["FeatureParams", "order_features", "order_rewards", "Snapshot", "CustomerState",
-           "features_for_orders", "customer_frame", "CUSTOMER_COLUMNS", "DAY_NS"]
+__all__ = [
+    "CUSTOMER_COLUMNS",
+    "DAY_NS",
+    "CustomerState",
+    "FeatureParams",
+    "Snapshot",
+    "customer_frame",
+    "features_for_orders",
+    "order_features",
+    "order_rewards",
+]

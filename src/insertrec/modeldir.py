@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ def save(path: str | Path, objects: dict[str, Any], files: dict[str, str | bytes
         data = content.encode() if isinstance(content, str) else content
         (out / name).write_bytes(data)
     names = [f"{n}.joblib" for n in objects] + list(files)
-    manifest = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    manifest = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "libraries": library_versions(), **info,
                 "artifacts": {n: sha256_file(out / n) for n in sorted(names)}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,7 @@ def _own_holdout(c: Any, model_name: str, version: str, model_dir: Path) -> tupl
 def _record(c: Any, name: str, challenger: str, champion: str | None, promoted: bool, reason: str,
             figures: dict[str, Any], alias: str) -> None:
     """The decision on both versions: tags to filter on, a sentence in the description to read."""
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
     outcome = "promoted" if promoted else "rejected"
     line = f"{when}: {outcome} as {alias} against version {champion or '-'}: {reason}" + \

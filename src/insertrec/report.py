@@ -110,7 +110,7 @@ def _card(title: str, chart: str, note: str = "") -> str:
 
 def _charts(profiles: pd.DataFrame) -> str:
     names = profiles["segment_name"].astype(str).tolist()
-    col = lambda c: profiles[c].to_numpy(dtype=float)  # noqa: E731
+    col = lambda c: profiles[c].to_numpy(dtype=float)
     size = _bars(names, col("customers"), [f"{int(v):,} ({s:.0%})" for v, s in
                                            zip(col("customers"), col("share"))], "#5c6bc0")
     value = _bars(names, col("mean_value"), [_fmt_money(v) for v in col("mean_value")], "#26a69a")

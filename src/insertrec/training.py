@@ -25,8 +25,7 @@ from insertrec.customers import fit_repeat
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
-from insertrec.evaluation import (LoggedOrders, evaluate, judge_for, logged_orders, rules_actions,
-                                  worse_slots)
+from insertrec.evaluation import LoggedOrders, evaluate, judge_for, logged_orders, rules_actions, worse_slots
 from insertrec.policy import Policy
 from insertrec.report import render_report
 from insertrec.segments import SegmentModel

@@ -125,7 +125,7 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class _Node:
     """A value of world.json with its path, so that every refusal names the field."""
 
-    __slots__ = ("value", "path")
+    __slots__ = ("path", "value")
 
     def __init__(self, value: Any, path: str):
         self.value, self.path = value, path

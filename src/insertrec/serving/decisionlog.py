@@ -283,7 +283,7 @@ class DecisionLog:
         self._errors = (SQLAlchemyError, self._dbapi.Error)
         insert = decisions.insert()
         self._returning = bool(dialect.insert_returning)
-        prepare = lambda st, keys=None: _Prepared(st, dialect, keys)  # noqa: E731
+        prepare = lambda st, keys=None: _Prepared(st, dialect, keys)
         self._q = {
             "events": prepare(_EVENTS), "max_id": prepare(_MAX_ID), "take": prepare(_TAKE),
             "exhausted": prepare(_EXHAUSTED), "replay": prepare(_REPLAY),
@@ -425,7 +425,7 @@ class DecisionLog:
         return Recorded(entry.response_json, int(row_id))
 
     # -- outcomes -------------------------------------------------------------------
-    def record_outcome(self, key: str, order_id: str, type: str, ts_ns: int,  # noqa: A002 - the field's name
+    def record_outcome(self, key: str, order_id: str, type: str, ts_ns: int,
                        score: int | None = None, value: float | None = None,
                        action_id: str | None = None) -> bool:
         """Store an outcome of a decided order; False if the same outcome was stored before."""

@@ -113,7 +113,7 @@ class EngineSlot:
     def _reload_quietly(self, generation: int) -> None:
         try:
             self.load(generation)
-        except Exception as exc:  # noqa: BLE001 - a failed reload must never take the worker down
+        except Exception as exc:
             _log.error("reload failed", extra={"event": "reload_failed", "reason": _reason(exc)})
 
     def _build(self, generation: int) -> Loaded:
@@ -124,7 +124,7 @@ class EngineSlot:
         try:
             engine = Engine.load(resolve_model(self.model))
             return Loaded(engine, Engine.rules_only(engine.catalog), None, generation)
-        except Exception as exc:  # noqa: BLE001 - anything the artifacts raise means "no model"
+        except Exception as exc:
             reason = f"model {self.model!r} failed to load: {_reason(exc)}"
         if previous is not None and previous.engine is not None:
             return Loaded(previous.engine, previous.fallback,

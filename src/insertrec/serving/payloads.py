@@ -9,11 +9,22 @@ surface as a 500 further in.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict, StringConstraints, TypeAdapter,
-                      ValidationError, WithJsonSchema, field_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -37,8 +48,8 @@ def _ctx_value(value: Any) -> Any:
 CtxValue = Annotated[Any, PlainValidator(_ctx_value), WithJsonSchema(
     {"anyOf": [{"type": "string", "maxLength": 256}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]})]
 
-_EARLIEST = datetime(1678, 1, 1, tzinfo=timezone.utc)   # what pandas' nanosecond timestamps can hold
-_LATEST = datetime(2261, 12, 31, tzinfo=timezone.utc)
+_EARLIEST = datetime(1678, 1, 1, tzinfo=UTC)   # what pandas' nanosecond timestamps can hold
+_LATEST = datetime(2261, 12, 31, tzinfo=UTC)
 MAX_BATCH = 1000
 
 
@@ -56,7 +67,7 @@ def _utc(ts: datetime | None) -> datetime | None:
     """Naive timestamps are UTC (as in the data files); the range is what training can read back."""
     if ts is None:
         return None
-    ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
     if not _EARLIEST <= ts <= _LATEST:
         raise ValueError("must be between the years 1678 and 2261")
     return ts

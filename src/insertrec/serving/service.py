@@ -28,7 +28,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -40,7 +40,7 @@ from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
 
 _log = logging.getLogger("insertrec.serving")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_ATTEMPTS = 8          # each retry learns one more exhausted action or one newer order
 _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may be (commits re-check)
 
@@ -82,7 +82,7 @@ class DecisionService:
         loaded = self.slot.current
         if loaded is None:
             raise LogUnavailable("the service is still starting")
-        record = order.record(datetime.now(timezone.utc))
+        record = order.record(datetime.now(UTC))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
         unavailable = self._exhausted_now() & loaded.limited
         async with self._one_at_a_time(order.customer_id):
@@ -148,7 +148,7 @@ class DecisionService:
         """Store an outcome once (a retry with the same key, or the same body, is not stored again)."""
         key = outcome.outcome_id or "auto-" + hashlib.sha256(
             outcome.model_dump_json(exclude={"outcome_id"}).encode()).hexdigest()[:40]
-        ts = outcome.ts or datetime.now(timezone.utc)
+        ts = outcome.ts or datetime.now(UTC)
         recorded = self.log.record_outcome(
             key, outcome.order_id, outcome.type, _ns(ts),
             score=outcome.score if isinstance(outcome, NpsAnswer) else None,
@@ -187,7 +187,7 @@ class DecisionService:
             try:
                 decision = loaded.engine.decide(record, state, unavailable)
                 return (decision, *_body(decision))
-            except Exception as exc:  # noqa: BLE001 - a broken model must never stop a warehouse
+            except Exception as exc:
                 _log.error("model failed; answering from the rules", extra={
                     "event": "model_failed", "order_id": record["order_id"], "error_type": type(exc).__name__,
                     "model_version": loaded.version})
