@@ -141,16 +141,16 @@ class FeatureEncoder:
                 out[:, i] = missing
                 i += 1
         rows = np.arange(n)
-        for spec in self.categoricals_:
-            other = len(spec.values)
-            if spec.name in frame:
+        for cat in self.categoricals_:
+            other = len(cat.values)
+            if cat.name in frame:
                 # few distinct values per column: look each up once, as transform_one does
-                codes, uniques = pd.factorize(frame[spec.name])
-                index = self._index[spec.name]
+                codes, uniques = pd.factorize(frame[cat.name])
+                index = self._index[cat.name]
                 level = np.array([index.get(str(u), other) for u in uniques] + [index.get("unknown", other)])
                 codes = level[codes]   # factorize marks missing values -1: the last entry, "unknown"
             else:
-                codes = np.full(n, self._index[spec.name].get("unknown", other))
+                codes = np.full(n, self._index[cat.name].get("unknown", other))
             out[rows, i + codes] = 1.0
             i += other + 1
         return out
@@ -163,7 +163,7 @@ class FeatureEncoder:
         for spec in self.numerics_:
             raw = record.get(spec.name)
             try:
-                v = float(raw)
+                v = float(raw)  # type: ignore[arg-type]  # None and junk fall to NaN below
             except (TypeError, ValueError):
                 v = math.nan
             if spec.log and math.isfinite(v):
@@ -174,9 +174,9 @@ class FeatureEncoder:
             if spec.has_missing:
                 out[i] = 1.0 if missing else 0.0
                 i += 1
-        for spec in self.categoricals_:
-            raw = record.get(spec.name)
+        for cat in self.categoricals_:
+            raw = record.get(cat.name)
             key = "unknown" if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
-            out[i + self._index[spec.name].get(key, len(spec.values))] = 1.0
-            i += len(spec.values) + 1
+            out[i + self._index[cat.name].get(key, len(cat.values))] = 1.0
+            i += len(cat.values) + 1
         return out

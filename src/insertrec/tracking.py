@@ -182,14 +182,14 @@ def _signature(engine: Any) -> Any:
     """Orders in (the ``orders`` columns a decision can use; ``ctx_*`` as the shop sends them),
     decisions out. ``order_ts`` is ISO 8601 text: MLflow's datetime type drops time zones."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
     orders = TABLES["orders"]
-    columns = [ColSpec("string" if name == "order_ts" else _MLFLOW_TYPES[ORDER_DTYPES[name]], name,
+    columns: list[ColSpec | TensorSpec] = [ColSpec("string" if name == "order_ts" else _MLFLOW_TYPES[ORDER_DTYPES[name]], name,
                        required=name in orders["required"])
                for name in (*orders["required"], *orders["optional"]) if name not in _NOT_AT_DECISION_TIME]
     columns += [ColSpec(AnyType(), name, required=False) for name in engine.params.ctx_columns]
-    outputs = [ColSpec("string", "order_id"), ColSpec("string", "slot"), ColSpec("string", "action_id"),
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "order_id"), ColSpec("string", "slot"), ColSpec("string", "action_id"),
                ColSpec("double", "propensity"), ColSpec("string", "policy")]
     return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs))
 
