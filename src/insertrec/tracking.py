@@ -189,8 +189,9 @@ def _signature(engine: Any) -> Any:
                        required=name in orders["required"])
                for name in (*orders["required"], *orders["optional"]) if name not in _NOT_AT_DECISION_TIME]
     columns += [ColSpec(AnyType(), name, required=False) for name in engine.params.ctx_columns]
-    outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "order_id"), ColSpec("string", "slot"), ColSpec("string", "action_id"),
-               ColSpec("double", "propensity"), ColSpec("string", "policy")]
+    outputs: list[ColSpec | TensorSpec] = [
+        ColSpec("string", "order_id"), ColSpec("string", "slot"), ColSpec("string", "action_id"),
+        ColSpec("double", "propensity"), ColSpec("string", "policy")]
     return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs))
 
 
