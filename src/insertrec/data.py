@@ -160,6 +160,32 @@ def load_orders_file(path: str | os.PathLike[str]) -> pd.DataFrame:
     return orders.sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
 
 
+def parse_cells(name: str, cells: pd.DataFrame, file: str, lines: np.ndarray | None = None,
+                catalog: Catalog | None = None) -> tuple[pd.DataFrame, list[Problem]]:
+    """Table ``name``'s text cells (every column ``str``, ``""`` when empty) converted and checked
+    by the same code as ``load_data``: the typed frame of the good rows (indexed by their
+    position in ``cells``), and every problem.
+
+    For readers that split a table into pieces (Spark's partitions): the checks that span rows
+    (duplicate keys, references between tables) see only the piece, so such a reader checks those
+    across pieces itself. Exposures are checked against ``catalog`` as ``load_data`` does.
+    ``lines`` are what a user calls each row (None: not known, reported as such).
+    """
+    if name not in _PARSERS:
+        raise ValueError(f"unknown table {name!r}; expected one of {', '.join(_PARSERS)}")
+    known = lines is not None
+    table = _Table(file, _stripped(cells.reset_index(drop=True)),
+                   np.asarray(lines) if known else np.zeros(len(cells), dtype=np.int64))
+    check = _Checker(table)
+    frame = _PARSERS[name](check)
+    if name == "exposures":
+        _check_exposure_actions(check, catalog)
+    problems = check.problems()
+    if not known:
+        problems = [Problem(p.file, None, p.column, p.reason, p.value) for p in problems]
+    return frame[~check.bad], problems
+
+
 def write_rejected(dataset: Dataset, path: str | os.PathLike[str]) -> int:
     """Write the rows set aside by ``skip_bad_rows`` so the user can fix them at the source.
 
@@ -434,3 +460,17 @@ def _cascade(c: _Checker, gone: pd.Series, orders_file: str) -> None:
     hit = line.notna().to_numpy() & ~c.bad
     c.flag(hit, "order_id", "its order was rejected (line " + line.fillna(0).astype("int64").astype("str")
            + f" of {orders_file})")
+
+
+__all__ = [
+    "EXPOSURE_DTYPES",
+    "INCIDENT_DTYPES",
+    "NPS_DTYPES",
+    "ORDER_DTYPES",
+    "REJECTED_DTYPES",
+    "Dataset",
+    "load_data",
+    "load_orders_file",
+    "parse_cells",
+    "write_rejected",
+]
