@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
 from insertrec.serving.settings import Settings
 
@@ -42,9 +43,21 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def settings(tmp_path: Path, catalog: Path = EXAMPLE_CATALOG, **overrides: object) -> Settings:
-    return Settings.load(environ={}, catalog=str(catalog), db_url=f"sqlite:///{tmp_path / 'log.db'}",
+def settings(tmp_path: Path, catalog: Path = EXAMPLE_CATALOG, db_url: str | None = None,
+             **overrides: object) -> Settings:
+    return Settings.load(environ={}, catalog=str(catalog), db_url=db_url or f"sqlite:///{tmp_path / 'log.db'}",
                          api_keys=KEYS, **overrides)
+
+
+def query(db_url: str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` on the decision log at ``db_url`` (SQLite or PostgreSQL), read from outside
+    the service."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.exec_driver_sql(sql)]
+    finally:
+        engine.dispose()
 
 
 def order(i: int | str, customer: str | None = None, **fields: object) -> dict:
@@ -61,11 +74,13 @@ def free_port() -> int:
 class Server:
     """``insertrec.serving.app.run`` in its own process group on 127.0.0.1 (stopped by its pgid)."""
 
-    def __init__(self, tmp_path: Path, catalog: Path, workers: int = 2, db: Path | None = None):
+    def __init__(self, tmp_path: Path, catalog: Path, workers: int = 2, db: Path | None = None,
+                 db_url: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "INSERTREC_API_KEYS": KEYS, "INSERTREC_CATALOG": str(catalog),
-                    "INSERTREC_DB_URL": f"sqlite:///{db or tmp_path / 'log.db'}", "INSERTREC_LOG_LEVEL": "WARNING",
+                    "INSERTREC_DB_URL": db_url or f"sqlite:///{db or tmp_path / 'log.db'}",
+                    "INSERTREC_LOG_LEVEL": "WARNING",
                     "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{self.port}")}
         Path(self.env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
         self.workers = workers

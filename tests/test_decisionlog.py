@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, settings
+from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, query, settings
 
 from insertrec.catalog import Catalog
 from insertrec.serving.app import create_app
@@ -22,17 +22,17 @@ def entry(order_id: str, customer: str, last_id: int = 0, limited: tuple[str, ..
                  '{"answer":"%s"}' % order_id, last_id, 0, limited)
 
 
-def log_with_stock(tmp_path: Path, stock: int) -> DecisionLog:
+def log_with_stock(tmp_path: Path, stock: int, db_url: str | None = None) -> DecisionLog:
     path = tmp_path / "catalog.yaml"
     path.write_text(SCARCE_CATALOG.replace("stock: 5", f"stock: {stock}"))
-    log = DecisionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    log = DecisionLog(db_url or f"sqlite:///{tmp_path / 'log.db'}")
     log.create()
     log.sync_inventory(Catalog.load(path))
     return log
 
 
-def test_each_decision_of_a_group_fails_alone(tmp_path):
-    log = log_with_stock(tmp_path, stock=1)
+def test_each_decision_of_a_group_fails_alone(tmp_path, db_url):
+    log = log_with_stock(tmp_path, stock=1, db_url=db_url)
     try:
         results = log.record_many([
             entry("o-1", "c-1", limited=("sample",)),   # takes the last sample
@@ -51,15 +51,14 @@ def test_each_decision_of_a_group_fails_alone(tmp_path):
         assert log.counters()["sample"]["used"] == 1
     finally:
         log.close()
-    with sqlite3.connect(tmp_path / "log.db") as conn:
-        logged = [r[0] for r in conn.execute("SELECT order_id FROM decisions ORDER BY id")]
+    logged = [r[0] for r in query(db_url, "SELECT order_id FROM decisions ORDER BY id")]
     assert logged == ["o-1", "o-4", "o-3"]
 
 
-def test_concurrent_requests_share_commits_and_never_oversell(tmp_path):
+def test_concurrent_requests_share_commits_and_never_oversell(tmp_path, db_url):
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(SCARCE_CATALOG)
-    app = create_app(settings(tmp_path, catalog))
+    app = create_app(settings(tmp_path, catalog, db_url=db_url))
     # 40 orders at once: 30 customers, one of whom places 10 of them (contact cap: one coupon in 30 days)
     bodies = [order(i, customer="same" if i < 10 else None) for i in range(40)]
 
@@ -76,8 +75,7 @@ def test_concurrent_requests_share_commits_and_never_oversell(tmp_path):
     assert [b["insert"]["action_id"] for b in boxes].count("sample") == 5          # stock 5
     assert [b["coupon"]["action_id"] for b in boxes].count("ten_off") == 3         # budget 9 at 3
     assert [b["coupon"]["action_id"] for b in boxes[:10]].count("ten_off") <= 1    # the cap holds
-    with sqlite3.connect(tmp_path / "log.db") as conn:
-        assert conn.execute("SELECT count(*), count(DISTINCT order_id) FROM decisions").fetchone() == (40, 40)
+    assert query(db_url, "SELECT count(*), count(DISTINCT order_id) FROM decisions") == [(40, 40)]
     groups = float(re.search(r"^insertrec_commit_group_size_count (\S+)$", metrics, re.M).group(1))
     assert groups < 40  # decisions made in the same turn of the event loop were committed together
 
