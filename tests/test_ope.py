@@ -1,9 +1,13 @@
 """Off-policy estimators against a bandit whose true policy values are known."""
 
+import re
+
 import numpy as np
 import pytest
 
-from insertrec.ope import Bootstrap, LoggedFeedback, difference, estimate
+from insertrec.ope import DR, IPS, JOINT_CLIP, SNIPS, Bootstrap, LoggedFeedback, difference, estimate
+
+EXACT = (IPS(clip=None), SNIPS(clip=None), DR(clip=None))   # no clip: the weights as they are
 
 
 def _bandit(n: int, seed: int):
@@ -36,10 +40,10 @@ def test_estimators_cover_the_true_value_of_a_target_policy(seed):
     t1 = np.ones(len(x), dtype=int)
     truth = mean_reward(t0, t1).mean()
     target = [_deterministic(t0, 3), _deterministic(t1, 2)]
-    w = fb.weights(target, clip=None)   # exact: this reward has a slot interaction
+    # exact weights: this reward has a slot interaction
     # a deliberately poor value model: DR must still be unbiased through the weights
     q_logged = np.full(len(x), 5.0)
-    est = estimate(fb, w, q_logged, np.full(len(x), 5.0), seed=seed)
+    est = estimate(fb, target, q_logged, np.full(len(x), 5.0), seed=seed, estimators=EXACT)
     for e in (est.ips, est.snips, est.dr):
         assert e.low <= truth <= e.high, (e, truth)
     assert 0 < est.ess < len(x)
@@ -50,8 +54,8 @@ def test_dr_with_a_good_value_model_is_tighter_than_ips():
     t0, t1 = np.where(x > 0, 1, 2), np.zeros(len(x), dtype=int)
     target = [_deterministic(t0, 3), _deterministic(t1, 2)]
     truth = mean_reward(t0, t1).mean()
-    est = estimate(fb, fb.weights(target, clip=None), mean_reward(fb.actions[:, 0], fb.actions[:, 1]),
-                   mean_reward(t0, t1), seed=3)
+    est = estimate(fb, target, mean_reward(fb.actions[:, 0], fb.actions[:, 1]),
+                   mean_reward(t0, t1), seed=3, estimators=EXACT)
     assert est.dr.low <= truth <= est.dr.high
     assert (est.dr.high - est.dr.low) < 0.5 * (est.ips.high - est.ips.low)
 
@@ -60,10 +64,9 @@ def test_single_slot_weights_leave_the_other_slot_as_logged():
     x, fb, mean_reward = _bandit(40_000, 4)
     t0 = np.where(x > 0, 1, 2)
     target = [_deterministic(t0, 3), _deterministic(np.zeros(len(x), dtype=int), 2)]
-    w = fb.weights(target, slots=[0])
     # slot 1 keeps its logged distribution: 0.7 / 0.3
     truth = (0.7 * mean_reward(t0, 0) + 0.3 * mean_reward(t0, 1)).mean()
-    est = estimate(fb, w, np.zeros(len(x)), np.zeros(len(x)), seed=4)
+    est = estimate(fb, target, np.zeros(len(x)), np.zeros(len(x)), slots=[0], seed=4)
     assert est.snips.low <= truth <= est.snips.high
 
 
@@ -74,7 +77,7 @@ def test_paired_difference_detects_a_better_policy_and_its_size():
     q = mean_reward(fb.actions[:, 0], fb.actions[:, 1])
     qa = mean_reward(np.where(x > 0, 1, 2), 0)
     qb = mean_reward(np.zeros(len(x), dtype=int), 1)
-    d = difference(fb, fb.weights(good, clip=None), qa, fb.weights(worse, clip=None), qb, q, seed=5)
+    d = difference(fb, good, qa, worse, qb, q, seed=5, estimator=DR(clip=None))
     true_gap = (qa - qb).mean()
     assert d.low > 0
     assert d.low <= true_gap <= d.high
@@ -94,8 +97,8 @@ def test_clipped_joint_weights_keep_dr_on_the_truth_with_a_far_narrower_interval
     target = [_deterministic(np.full(n, 3), 4)] * 3        # always action 3: far from logging
     truth = 10 + 3 * 2.0
     q_logged, q_target = mean, np.full(n, truth)           # a good value model, as DR is meant to have
-    exact = estimate(fb, fb.weights(target, clip=None), q_logged, q_target, seed=6)
-    clipped = estimate(fb, fb.weights(target), q_logged, q_target, seed=6)
+    exact = estimate(fb, target, q_logged, q_target, seed=6, estimators=EXACT)
+    clipped = estimate(fb, target, q_logged, q_target, seed=6, estimators=(IPS(), SNIPS(), DR(JOINT_CLIP)))
     assert clipped.dr.low <= truth <= clipped.dr.high
     assert exact.dr.low <= truth <= exact.dr.high
     assert (clipped.dr.high - clipped.dr.low) < 0.2 * (exact.dr.high - exact.dr.low)
@@ -108,11 +111,11 @@ def test_dr_may_clip_its_weights_harder_than_ips_and_snips_without_moving_them()
     target = [_deterministic(np.where(x > 0, 1, 2), 3), _deterministic(np.ones(len(x), dtype=int), 2)]
     w, q = fb.weights(target), mean_reward(fb.actions[:, 0], fb.actions[:, 1])
     qt = mean_reward(np.where(x > 0, 1, 2), 1)
-    same = estimate(fb, w, q, qt, seed=3)
-    hard = estimate(fb, w, q, qt, seed=3, dr_weights=np.minimum(w, 2.0))
-    assert estimate(fb, w, q, qt, seed=3, dr_weights=w).as_dict() == same.as_dict()
+    same = estimate(fb, target, q, qt, seed=3, estimators=(IPS(), SNIPS(), DR(JOINT_CLIP)))
+    hard = estimate(fb, target, q, qt, seed=3, estimators=(IPS(), SNIPS(), DR(clip=2.0)))
     assert hard.ips == same.ips and hard.snips == same.snips and hard.ess == same.ess
     r = fb.rewards
+    assert same.dr.value == pytest.approx(np.mean(qt + w * (r - q)))   # DR on IPS's weights
     assert hard.dr.value == pytest.approx(np.mean(qt + np.minimum(w, 2.0) * (r - q)))
     assert hard.dr.value != pytest.approx(same.dr.value)
 
@@ -125,12 +128,70 @@ def test_one_bootstrap_shared_by_several_policies_gives_each_the_intervals_of_it
     shared = Bootstrap(len(x), seed=11)
     for t0 in (np.where(x > 0, 1, 2), np.zeros(len(x), dtype=int)):
         target = [_deterministic(t0, 3), _deterministic(np.zeros(len(x), dtype=int), 2)]
-        w, qt = fb.weights(target), mean_reward(t0, 0)
-        alone = estimate(fb, w, q, qt, seed=11).as_dict()
-        together = estimate(fb, w, q, qt, bootstrap=shared).as_dict()
+        qt = mean_reward(t0, 0)
+        alone = estimate(fb, target, q, qt, seed=11).as_dict()
+        together = estimate(fb, target, q, qt, bootstrap=shared).as_dict()
         for name in ("ips", "snips", "dr"):
             assert together[name] == pytest.approx(alone[name], rel=1e-12)
-        w0 = fb.weights([_deterministic(np.zeros(len(x), dtype=int), 3), target[1]])
+        base = [_deterministic(np.zeros(len(x), dtype=int), 3), target[1]]
         qb = mean_reward(np.zeros(len(x), dtype=int), 0)
-        assert (difference(fb, w, qt, w0, qb, q, bootstrap=shared).as_dict()
-                == pytest.approx(difference(fb, w, qt, w0, qb, q, seed=11).as_dict(), rel=1e-12))
+        assert (difference(fb, target, qt, base, qb, q, bootstrap=shared).as_dict()
+                == pytest.approx(difference(fb, target, qt, base, qb, q, seed=11).as_dict(), rel=1e-12))
+
+
+def test_a_new_estimator_is_one_class_sharing_the_bootstrap_and_the_paired_difference():
+    """Switch-DR (Wang, Agarwal & Dudik 2017) written against the interface: DR where the weight
+    is at most tau, the value model alone beyond it."""
+    from dataclasses import dataclass
+
+    from insertrec.ope import Estimator
+
+    @dataclass(frozen=True)
+    class SwitchDR(Estimator):
+        tau: float = 5.0
+        clip: float | None = None
+
+        def terms(self, weights, rewards, q_logged, q_target):
+            return (q_target + np.where(weights <= self.tau, weights, 0.0) * (rewards - q_logged))[:, None]
+
+        def combine(self, sums, totals):
+            return sums[..., 0] / totals
+
+    x, fb, mean_reward = _bandit(40_000, 9)
+    t0 = np.where(x > 0, 1, 2)
+    target = [_deterministic(t0, 3), _deterministic(np.zeros(len(x), dtype=int), 2)]
+    q, qt = mean_reward(fb.actions[:, 0], fb.actions[:, 1]), mean_reward(t0, 0)
+    truth = qt.mean()
+    est = SwitchDR().estimate(fb, target, q, qt, bootstrap=Bootstrap(len(x), seed=2))
+    assert est.low <= truth <= est.high
+    assert SwitchDR(tau=np.inf).estimate(fb, target, q, qt) == DR(clip=None).estimate(fb, target, q, qt)
+    assert SwitchDR().difference(fb, target, qt, target, qt, q).as_dict() == {"value": 0.0, "low": 0.0, "high": 0.0}
+
+
+@pytest.mark.parametrize("field, change, reason", [
+    ("pscores", lambda r, a, p: (r, a, np.where(np.arange(len(p))[:, None] == 3, 0.0, p)), "in (0, 1]"),
+    ("pscores", lambda r, a, p: (r, a, p * 2), "in (0, 1]"),
+    ("rewards", lambda r, a, p: (np.where(np.arange(len(r)) == 5, np.nan, r), a, p), "finite"),
+    ("actions", lambda r, a, p: (r, a[:-1], p), "(orders, slots)"),
+    ("pscores", lambda r, a, p: (r, a, p[:, :1]), "actions' shape"),
+])
+def test_bad_logged_feedback_is_refused_naming_the_field(field, change, reason):
+    from insertrec.errors import InsertrecError
+    _, fb, _ = _bandit(100, 0)
+    with pytest.raises(InsertrecError, match=rf"{field}.*{re.escape(reason)}"):
+        LoggedFeedback(*change(fb.rewards, fb.actions, fb.pscores))
+
+
+def test_estimate_refuses_a_target_or_value_model_of_the_wrong_shape():
+    from insertrec.errors import InsertrecError
+    x, fb, _ = _bandit(100, 0)
+    target = [_deterministic(np.zeros(100, dtype=int), 3), _deterministic(np.zeros(100, dtype=int), 2)]
+    q = np.zeros(100)
+    with pytest.raises(InsertrecError, match="target.*2 slots"):
+        estimate(fb, target[:1], q, q)
+    with pytest.raises(InsertrecError, match=r"target\[0\]"):
+        estimate(fb, [target[0][:50], target[1]], q, q)
+    with pytest.raises(InsertrecError, match="q_target.*one value per order"):
+        estimate(fb, target, q, q[:10])
+    with pytest.raises(InsertrecError, match="q_logged.*finite"):
+        estimate(fb, target, np.full(100, np.inf), q)

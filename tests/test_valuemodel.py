@@ -1,6 +1,7 @@
 """The box value model recovers who gains from what, under confounded logging."""
 
 import numpy as np
+import pytest
 
 from insertrec.valuemodel import ActionSpace, ValueModel, box_statistics
 
@@ -107,3 +108,22 @@ def test_per_box_statistics_equal_the_dense_design_products_and_predict_uses_the
         np.testing.assert_allclose(moment[f], zf.T @ (w * y)[fold == f], rtol=1e-10, atol=1e-9)
     model = ValueModel(boosted_baseline=False).fit(phi, acts, y, space, rules)
     np.testing.assert_allclose(model.predict(phi, acts, rules), z @ model.theta_, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("field, change", [
+    ("rewards", lambda a: {**a, "rewards": np.where(np.arange(len(a["rewards"])) == 2, np.nan, a["rewards"])}),
+    ("actions", lambda a: {**a, "actions": a["actions"] + 5}),
+    ("rules", lambda a: {**a, "rules": a["rules"][:, :2]}),
+    ("pscore", lambda a: {**a, "pscore": np.zeros(len(a["rewards"]))}),
+    ("phi", lambda a: {**a, "phi": a["phi"][:, 0]}),
+])
+def test_fit_refuses_bad_inputs_naming_the_field(field, change):
+    from insertrec.errors import InsertrecError
+    rng = np.random.default_rng(0)
+    n = 60
+    args = {"phi": np.column_stack([np.ones(n), rng.normal(size=n)]),
+            "actions": np.stack([rng.integers(0, k, n) for k in SPACE.sizes], axis=1),
+            "rewards": rng.normal(size=n), "space": SPACE, "rules": np.zeros((n, 3), dtype=int),
+            "pscore": np.full(n, 0.5)}
+    with pytest.raises(InsertrecError, match=field):
+        ValueModel(boosted_baseline=False).fit(**change(args))

@@ -23,7 +23,6 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.features import FeatureParams, order_features, order_rewards
 from insertrec.ope import (
-    DR_CLIP,
     Bootstrap,
     Estimate,
     LoggedFeedback,
@@ -165,17 +164,15 @@ class Judge:
 
     def judge(self, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """IPS/SNIPS/DR of a policy given as per-slot action probabilities (n, n_actions)."""
-        w = self.logged.feedback.weights(probs)
-        return estimate(self.logged.feedback, w, self.q_logged, self.expected_q(probs),
-                        bootstrap=self.bootstrap(seed), dr_weights=np.minimum(w, DR_CLIP))
+        return estimate(self.logged.feedback, probs, self.q_logged, self.expected_q(probs),
+                        bootstrap=self.bootstrap(seed))
 
     def judge_slot(self, s: int, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """The policy in slot ``s`` only, the other slots as logged."""
         f = self.logged.feedback
         logged = onehot(f.actions, self.space.sizes)
         mixed = [probs[t] if t == s else logged[t] for t in range(len(probs))]
-        return estimate(f, f.weights(mixed, [s]), self.q_logged, self.expected_q(mixed),
-                        bootstrap=self.bootstrap(seed))
+        return estimate(f, mixed, self.q_logged, self.expected_q(mixed), [s], bootstrap=self.bootstrap(seed))
 
     def judge_difference(self, probs_a: list[np.ndarray], probs_b: list[np.ndarray], seed: int = 0,
                          slot: int | None = None, level: float = 0.95) -> Estimate:
@@ -186,9 +183,8 @@ class Judge:
             probs_a = [p if t == slot else logged[t] for t, p in enumerate(probs_a)]
             probs_b = [p if t == slot else logged[t] for t, p in enumerate(probs_b)]
         slots = None if slot is None else [slot]
-        return difference(f, f.weights(probs_a, slots, DR_CLIP), self.expected_q(probs_a),
-                          f.weights(probs_b, slots, DR_CLIP), self.expected_q(probs_b), self.q_logged,
-                          level=level, bootstrap=self.bootstrap(seed))
+        return difference(f, probs_a, self.expected_q(probs_a), probs_b, self.expected_q(probs_b),
+                          self.q_logged, slots, level=level, bootstrap=self.bootstrap(seed))
 
 
 def policy_probabilities(policy: Policy, feats: pd.DataFrame) -> list[np.ndarray]:

@@ -35,38 +35,79 @@ pseudo-inverse weight for slates (Swaminathan et al. 2017) missed by +1.0%
 and +10.6% on two worlds: its additivity assumption the worlds'
 interactions break.
 
-- IPS: unbiased, high variance when weights are large.
-- SNIPS: IPS normalised by the mean weight; a little bias, far less variance.
-- DR: the value model's prediction for the target, corrected by the weighted
-  residual on the logged action; unbiased if either the propensities or the
-  value model are right, and the lowest variance of the three here.
-Intervals come from a Poisson bootstrap over orders; the effective sample
-size (sum w)^2 / sum w^2 says how many logged orders the estimate really
-rests on.
+Each estimator (`IPS`, `SNIPS`, `DR`) is a small frozen dataclass holding its
+settings (its clip), behind one interface (`Estimator`): it turns the logged
+feedback, the target's per-slot probabilities and the value model's
+predictions into per-order terms and combines their sums into a value. The
+clip rule lives in one place, `LoggedFeedback.weights`: a weight over more
+than one slot is clipped at the estimator's clip, a one-slot weight never is.
+Point values, bootstrap intervals (a Poisson bootstrap over orders, the
+replicates shared by every policy judged on the same orders) and paired
+differences are computed once for all estimators, so a new one (switch-DR,
+say) is one class. The effective sample size (sum w)^2 / sum w^2 says how
+many logged orders an estimate really rests on.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
+
+from insertrec.errors import InsertrecError
+
+__all__ = [
+    "DR", "DR_CLIP", "IPS", "JOINT_CLIP", "SNIPS", "Bootstrap", "Estimate", "Estimator", "LoggedFeedback",
+    "PolicyEstimates", "difference", "effective_sample_size", "estimate", "expected_value", "onehot",
+]
 
 JOINT_CLIP = 30.0   # IPS and SNIPS: their bias is the clipped mass, which a lower clip raises
 DR_CLIP = 10.0      # DR: its value model covers what the clip leaves out; see the module docstring
 
 
+def _fail(field: str, reason: str) -> None:
+    raise InsertrecError(f"off-policy estimate: {field} {reason}")
+
+
 @dataclass(frozen=True)
 class LoggedFeedback:
-    """Logged orders: reward, received action index per slot, its logged propensity."""
+    """Logged orders: reward, received action index per slot, its logged propensity.
+
+    Checked when built, since every estimate divides by the propensities and
+    averages the rewards: a propensity of 0 or a NaN reward would otherwise
+    come out as an infinite or NaN policy value with no word of why.
+    """
 
     rewards: np.ndarray      # (n,)
     actions: np.ndarray      # (n, n_slots) int
     pscores: np.ndarray      # (n, n_slots) float in (0, 1]
 
+    def __post_init__(self) -> None:
+        r, a, p = self.rewards, self.actions, self.pscores
+        if r.ndim != 1:
+            _fail("rewards", f"must be one value per order, got shape {r.shape}")
+        if a.ndim != 2 or a.shape[0] != len(r):
+            _fail("actions", f"must be (orders, slots) = ({len(r)}, k), got shape {a.shape}")
+        if p.shape != a.shape:
+            _fail("pscores", f"must have the actions' shape {a.shape}, got {p.shape}")
+        if not np.isfinite(r).all():
+            _fail("rewards", f"must be finite ({int((~np.isfinite(r)).sum())} are not)")
+        if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0):
+            _fail("actions", "must be non-negative action indices")
+        bad = ~((p > 0) & (p <= 1))
+        if bad.any():
+            _fail("pscores", f"must be in (0, 1] ({int(bad.sum())} are not, e.g. {p[bad][0]!r})")
+
     def weights(self, target: list[np.ndarray], slots: list[int] | None = None,
                 clip: float | None = JOINT_CLIP) -> np.ndarray:
         """pi(A|x) / mu(A|x) over the given slots (all by default; the others as logged),
-        clipped at ``clip`` when more than one slot is weighted (None: exact)."""
+        clipped at ``clip`` when more than one slot is weighted (None: exact).
+
+        The one clip rule of every estimator: a joint weight's tail is what the
+        clip is for (module docstring), while a one-slot weight is bounded by
+        the logging policy's exploration and stays exact.
+        """
         slots = list(range(self.actions.shape[1])) if slots is None else list(slots)
         n = len(self.rewards)
         w = np.prod([target[s][np.arange(n), self.actions[:, s]] / self.pscores[:, s] for s in slots], axis=0)
@@ -85,6 +126,11 @@ def expected_value(box_values: np.ndarray, probs: list[np.ndarray]) -> np.ndarra
     for p in reversed(probs):
         q = np.einsum("n...a,na->n...", q, p)
     return q
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """(sum w)^2 / sum w^2: how many logged orders an estimate with these weights rests on."""
+    return float(weights.sum() ** 2 / max(float((weights ** 2).sum()), 1e-12))
 
 
 @dataclass(frozen=True)
@@ -141,46 +187,180 @@ def _interval(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def _point(sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
-    """(3, B): IPS, SNIPS and DR from the sums of (w r, w, DR term) (B, 3) over ``totals`` orders."""
-    wr, w, dr = sums.T
-    return np.stack([wr / totals, wr / np.maximum(w, 1e-12), dr / totals])
+class Estimator(ABC):
+    """One off-policy estimator: per-order terms whose sums give the value.
 
-
-def estimate(feedback: LoggedFeedback, weights: np.ndarray, q_logged: np.ndarray,
-             q_target: np.ndarray, level: float = 0.95, seed: int = 0,
-             bootstrap: Bootstrap | None = None, dr_weights: np.ndarray | None = None) -> PolicyEstimates:
-    """Estimate a target policy's value from its importance weights and the value model.
-
-    ``q_logged`` is the value model's prediction for the logged box of each
-    order, ``q_target`` its expectation under the target policy. ``dr_weights``
-    (default: ``weights``) are the ones DR's correction uses, which may be
-    clipped harder than IPS's. Intervals come from ``bootstrap`` (default: 200
-    replicates drawn from ``seed``); the effective sample size is that of
-    ``weights``.
+    Written so because every estimator here is a function of a few column
+    sums over the orders: the point value is ``combine`` of the sums over all
+    orders, each bootstrap replicate ``combine`` of its count-weighted sums,
+    and a paired difference the difference of two ``combine``s on the same
+    replicate. Subclasses define ``terms`` and ``combine`` only.
     """
-    r = feedback.rewards
-    dr_w = weights if dr_weights is None else dr_weights
-    terms = np.column_stack([weights * r, weights, q_target + dr_w * (r - q_logged)])
-    point = _point(terms.sum(axis=0, keepdims=True), np.array([float(len(r))]))[:, 0]
-    boot = Bootstrap(len(r), seed=seed) if bootstrap is None else bootstrap
-    low, high = _interval(_point(boot.sums(terms), boot.totals), level)
-    ests = [Estimate(float(p), float(lo), float(hi)) for p, lo, hi in zip(point, low, high)]
-    ess = float(weights.sum() ** 2 / max(float((weights ** 2).sum()), 1e-12))
-    return PolicyEstimates(ests[0], ests[1], ests[2], ess, len(r))
+
+    clip: float | None
+
+    @abstractmethod
+    def terms(self, weights: np.ndarray, rewards: np.ndarray, q_logged: np.ndarray,
+              q_target: np.ndarray) -> np.ndarray:
+        """(n, m) per-order terms given the clipped importance weights."""
+
+    @abstractmethod
+    def combine(self, sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """Values from the column sums (..., m) of the terms over ``totals`` orders (broadcast
+        against ``sums[..., 0]``)."""
+
+    def _terms(self, feedback: LoggedFeedback, target: list[np.ndarray], q_logged: np.ndarray,
+               q_target: np.ndarray, slots: list[int] | None) -> np.ndarray:
+        w = feedback.weights(target, slots, self.clip)
+        return self.terms(w, feedback.rewards, q_logged, q_target)
+
+    def estimate(self, feedback: LoggedFeedback, target: list[np.ndarray], q_logged: np.ndarray,
+                 q_target: np.ndarray, slots: list[int] | None = None, bootstrap: Bootstrap | None = None,
+                 level: float = 0.95) -> Estimate:
+        """The target policy's value per order with a bootstrap interval.
+
+        ``target`` is the policy's per-slot probabilities (n, n_actions),
+        ``slots`` the slots it is judged on (the others as logged; default
+        all), ``q_logged`` the value model's prediction for each logged box and
+        ``q_target`` its expectation under the target.
+        """
+        _check(feedback, target, q_logged, q_target, level)
+        terms = self._terms(feedback, target, q_logged, q_target, slots)
+        boot = Bootstrap(len(feedback.rewards)) if bootstrap is None else bootstrap
+        point = self.combine(terms.sum(axis=0), np.asarray(float(len(terms))))
+        low, high = _interval(self.combine(boot.sums(terms), boot.totals), level)
+        return Estimate(float(point), float(low), float(high))
+
+    def difference(self, feedback: LoggedFeedback, target_a: list[np.ndarray], q_target_a: np.ndarray,
+                   target_b: list[np.ndarray], q_target_b: np.ndarray, q_logged: np.ndarray,
+                   slots: list[int] | None = None, bootstrap: Bootstrap | None = None,
+                   level: float = 0.95) -> Estimate:
+        """value(a) - value(b) on the same orders, with a paired bootstrap interval.
+
+        Pairing matters: both policies are judged on the same orders (and the
+        same replicates), so the orders' shared noise cancels and the interval
+        is far narrower than the two separate intervals suggest.
+        """
+        _check(feedback, target_a, q_logged, q_target_a, level)
+        _check(feedback, target_b, q_logged, q_target_b, level)
+        a = self._terms(feedback, target_a, q_logged, q_target_a, slots)
+        b = self._terms(feedback, target_b, q_logged, q_target_b, slots)
+        m = a.shape[1]
+        both = np.hstack([a, b])
+        boot = Bootstrap(len(feedback.rewards)) if bootstrap is None else bootstrap
+        sums, reps = both.sum(axis=0), boot.sums(both)
+        n = np.asarray(float(len(both)))
+        point = self.combine(sums[:m], n) - self.combine(sums[m:], n)
+        totals = boot.totals
+        low, high = _interval(self.combine(reps[:, :m], totals) - self.combine(reps[:, m:], totals), level)
+        return Estimate(float(point), float(low), float(high))
 
 
-def difference(feedback: LoggedFeedback, weights_a: np.ndarray, q_target_a: np.ndarray,
-               weights_b: np.ndarray, q_target_b: np.ndarray, q_logged: np.ndarray,
-               level: float = 0.95, seed: int = 0, bootstrap: Bootstrap | None = None) -> Estimate:
-    """DR estimate of value(a) - value(b) on the same orders, with a paired bootstrap interval.
+@dataclass(frozen=True)
+class IPS(Estimator):
+    """Inverse propensity scoring (Horvitz & Thompson 1952; Precup, Sutton & Singh 2000):
 
-    Pairing matters: both policies are judged on the same orders, so the
-    orders' shared noise cancels and the interval is far narrower than the
-    two separate intervals suggest.
+        V = 1/n sum_i w_i r_i,   w_i = pi(a_i | x_i) / mu(a_i | x_i)
+
+    Unbiased with exact weights, high variance when weights are large; its
+    bias when clipped is the clipped share of the target's mass.
     """
-    r = feedback.rewards
-    terms = (q_target_a + weights_a * (r - q_logged)) - (q_target_b + weights_b * (r - q_logged))
-    boot = Bootstrap(len(r), seed=seed) if bootstrap is None else bootstrap
-    low, high = _interval(boot.sums(terms[:, None])[:, 0] / boot.totals, level)
-    return Estimate(float(terms.mean()), float(low), float(high))
+
+    clip: float | None = JOINT_CLIP
+
+    def terms(self, weights: np.ndarray, rewards: np.ndarray, q_logged: np.ndarray,
+              q_target: np.ndarray) -> np.ndarray:
+        return (weights * rewards)[:, None]
+
+    def combine(self, sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        return sums[..., 0] / totals
+
+
+@dataclass(frozen=True)
+class SNIPS(Estimator):
+    """Self-normalised IPS (Swaminathan & Joachims 2015, "The self-normalized estimator for
+    counterfactual learning"):
+
+        V = sum_i w_i r_i / sum_i w_i
+
+    A little bias, far less variance than IPS when the weights' mean is off 1.
+    """
+
+    clip: float | None = JOINT_CLIP
+
+    def terms(self, weights: np.ndarray, rewards: np.ndarray, q_logged: np.ndarray,
+              q_target: np.ndarray) -> np.ndarray:
+        return np.column_stack([weights * rewards, weights])
+
+    def combine(self, sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        return sums[..., 0] / np.maximum(sums[..., 1], 1e-12)
+
+
+@dataclass(frozen=True)
+class DR(Estimator):
+    """Doubly robust (Dudik, Langford & Li 2011, "Doubly robust policy evaluation and learning"):
+
+        V = 1/n sum_i [ E_pi q(x_i, A) + w_i (r_i - q(x_i, a_i)) ]
+
+    The value model's prediction for the target, corrected by the weighted
+    residual on the logged box: unbiased if either the propensities or the
+    value model are right, and the lowest variance of the three here. Its
+    clip is lower than IPS's (DR_CLIP; see the module docstring): the value
+    model covers what the clip leaves out.
+    """
+
+    clip: float | None = DR_CLIP
+
+    def terms(self, weights: np.ndarray, rewards: np.ndarray, q_logged: np.ndarray,
+              q_target: np.ndarray) -> np.ndarray:
+        return (q_target + weights * (rewards - q_logged))[:, None]
+
+    def combine(self, sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        return sums[..., 0] / totals
+
+
+def _check(feedback: LoggedFeedback, target: list[np.ndarray], q_logged: np.ndarray,
+           q_target: np.ndarray, level: float) -> None:
+    n, k = feedback.actions.shape
+    if len(target) != k:
+        _fail("target", f"must give probabilities for each of the {k} slots, got {len(target)}")
+    for s, p in enumerate(target):
+        if p.ndim != 2 or p.shape[0] != n or p.shape[1] <= feedback.actions[:, s].max(initial=-1):
+            _fail(f"target[{s}]", f"must be (orders, actions of slot {s}) with {n} orders, got {p.shape}")
+    for name, q in (("q_logged", q_logged), ("q_target", q_target)):
+        if np.shape(q) != (n,):
+            _fail(name, f"must be one value per order ({n}), got shape {np.shape(q)}")
+        if not np.isfinite(q).all():
+            _fail(name, "must be finite")
+    if not 0 < level < 1:
+        _fail("level", f"must be in (0, 1), got {level}")
+
+
+DEFAULT_ESTIMATORS: tuple[Estimator, Estimator, Estimator] = (IPS(), SNIPS(), DR())
+
+
+def estimate(feedback: LoggedFeedback, target: list[np.ndarray], q_logged: np.ndarray,
+             q_target: np.ndarray, slots: list[int] | None = None, level: float = 0.95, seed: int = 0,
+             bootstrap: Bootstrap | None = None,
+             estimators: tuple[Estimator, Estimator, Estimator] = DEFAULT_ESTIMATORS) -> PolicyEstimates:
+    """IPS, SNIPS and DR of one target policy on the same bootstrap replicates.
+
+    ``target`` are the policy's per-slot probabilities, ``slots`` the slots
+    weighted (default all; the others as logged). Intervals come from
+    ``bootstrap`` (default: 200 replicates drawn from ``seed``); the effective
+    sample size is that of the IPS estimator's weights.
+    """
+    boot = Bootstrap(len(feedback.rewards), seed=seed) if bootstrap is None else bootstrap
+    ips, snips, dr = (e.estimate(feedback, target, q_logged, q_target, slots, boot, level) for e in estimators)
+    ess = effective_sample_size(feedback.weights(target, slots, estimators[0].clip))
+    return PolicyEstimates(ips, snips, dr, ess, len(feedback.rewards))
+
+
+def difference(feedback: LoggedFeedback, target_a: list[np.ndarray], q_target_a: np.ndarray,
+               target_b: list[np.ndarray], q_target_b: np.ndarray, q_logged: np.ndarray,
+               slots: list[int] | None = None, level: float = 0.95, seed: int = 0,
+               bootstrap: Bootstrap | None = None, estimator: Estimator = DEFAULT_ESTIMATORS[2]) -> Estimate:
+    """``estimator``'s (default DR) value(a) - value(b) on the same orders, paired bootstrap interval."""
+    boot = Bootstrap(len(feedback.rewards), seed=seed) if bootstrap is None else bootstrap
+    return estimator.difference(feedback, target_a, q_target_a, target_b, q_target_b, q_logged, slots,
+                                boot, level)

@@ -39,6 +39,9 @@ import scipy.linalg
 from threadpoolctl import threadpool_limits
 
 from insertrec.blocks import in_blocks
+from insertrec.errors import InsertrecError
+
+__all__ = ["ActionSpace", "BoxGrid", "ValueModel", "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -189,6 +192,32 @@ class BoxGrid:
         return grid
 
 
+def _check_fit(phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray, space: ActionSpace,
+               rules: np.ndarray, pscore: np.ndarray | None) -> None:
+    def fail(field: str, reason: str) -> None:
+        raise InsertrecError(f"value model fit: {field} {reason}")
+
+    if np.ndim(phi) != 2:
+        fail("phi", f"must be (orders, features), got shape {np.shape(phi)}")
+    n, k = len(phi), len(space.sizes)
+    if not np.isfinite(phi).all():
+        fail("phi", "must be finite")
+    for name, a in (("actions", actions), ("rules", rules)):
+        if np.shape(a) != (n, k):
+            fail(name, f"must be (orders, slots) = ({n}, {k}), got shape {np.shape(a)}")
+        if not np.issubdtype(np.asarray(a).dtype, np.integer) or (n and ((a < 0) | (a >= space.sizes)).any()):
+            fail(name, f"must be action indices within each slot's sizes {space.sizes}")
+    if np.shape(rewards) != (n,):
+        fail("rewards", f"must be one value per order ({n}), got shape {np.shape(rewards)}")
+    if not np.isfinite(rewards).all():
+        fail("rewards", "must be finite")
+    if pscore is not None:
+        if np.shape(pscore) != (n,):
+            fail("pscore", f"must be one joint propensity per order ({n}), got shape {np.shape(pscore)}")
+        if not ((pscore > 0) & (pscore <= 1)).all():
+            fail("pscore", "must be in (0, 1]")
+
+
 class ValueModel:
     """Ridge value model of a whole box; see the module docstring.
 
@@ -241,7 +270,10 @@ class ValueModel:
         joint logged propensity of the received box (None: unweighted).
         BLAS runs single-threaded here: on two shared cores a threaded solve
         of this size was measured 8x slower than a single-threaded one.
+        Inputs are checked first: a NaN reward or an action index past its
+        slot would otherwise come out as a NaN model or a silently wrong one.
         """
+        _check_fit(phi, actions, rewards, space, rules, pscore)
         with threadpool_limits(1):
             return self._fit(phi, actions, rewards, space, rules, pscore)
 
