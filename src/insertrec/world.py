@@ -224,7 +224,7 @@ def _per_action(node: _Node, catalog: Catalog) -> list[np.ndarray]:
     return out
 
 
-class _Layout:
+class _StateDesign:
     """The design row x(h) of a hidden state: which coefficient of a term multiplies what."""
 
     def __init__(self, channels: tuple[str, ...]):
@@ -384,7 +384,7 @@ class _Population:
 class _Truth:
     """The true response to actions (``effects``, ``reward``) on top of the catalog's costs."""
 
-    def __init__(self, root: _Node, catalog: Catalog, layout: _Layout, pop: _Population):
+    def __init__(self, root: _Node, catalog: Catalog, layout: _StateDesign, pop: _Population):
         self.layout, self.pop = layout, pop
         self.slots = tuple(catalog.slots)
         eff = root["effects"]
@@ -580,7 +580,7 @@ class World:
             self.catalog = _catalog(root["catalog"])
             self.epsilon = root["logging_policy"]["epsilon"].num(0.0, 1.0)
             self._pop = _Population(root)
-            self._layout = _Layout(self._pop.channels)
+            self._layout = _StateDesign(self._pop.channels)
             self._truth = _Truth(root, self.catalog, self._layout, self._pop)
             self._dyn = _Dynamics(root)
         except WorldError as err:
