@@ -59,8 +59,8 @@ of ``reward(h,a)``. It counts the next order only (the SPEC's derived reward
 counts every order in the horizon; the logged one overrides it), and for the
 last orders it may count a next order past the end of the data.
 
-The shop's features are computed inside the simulation with the same
-definitions as ``insertrec.features`` (so the logged propensities are exact
+The shop's features are computed inside the simulation by ``insertrec.features``
+itself on the history simulated so far (so the logged propensities are exact
 from the engine's point of view too). :meth:`World.evaluation_set` gives fresh
 orders, the history before them and their hidden state, for ``simulate``;
 :meth:`World.perturbed` re-deals the truth so that quality is measured on
@@ -85,7 +85,9 @@ import yaml
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.errors import CatalogError, InsertrecError
-from insertrec.schema import JOURNEY_STAGES
+from insertrec.features import FeatureParams
+from insertrec.features.history import ArrayHistory, history_features
+from insertrec.schema import FEATURES, JOURNEY_STAGES
 
 TIERS: tuple[str, ...] = ("promoter", "passive", "detractor")
 TRAITS: tuple[str, ...] = ("price_sensitivity", "eco", "return_proneness", "satisfaction")
@@ -172,6 +174,13 @@ class _Node:
         if v < lo or v > hi or (open_lo and v == lo):
             self.fail(f"expected a number in {'(' if open_lo else '['}{lo}, {hi}]")
         return float(v)
+
+    def days(self) -> int:
+        """A positive whole number of days (a feature window, as ``FeatureParams`` takes it)."""
+        v = self.num(1.0)
+        if v != int(v):
+            self.fail("expected a whole number of days")
+        return int(v)
 
     def text(self) -> str:
         if not isinstance(self.value, str) or not self.value:
@@ -487,19 +496,13 @@ class _Dynamics:
         self.incident_delay = np.array([n["delay_days"].pair() for _, n in inc]).reshape(-1, 2)
         self.gap_shape = root["repeat_timing"]["shape"].num(0.0, open_lo=True)
         obs = root["observed"]
-        self.nps_ttl = obs["nps_ttl_days"].num(0.0)
-        self.lapse = obs["lapse_days"].num(0.0)
-        self.return_window = obs["return_window_days"].num(0.0)
-        self.incident_window = obs["incident_window_days"].num(0.0)
+        self.nps_ttl = obs["nps_ttl_days"].days()
+        self.lapse = obs["lapse_days"].days()
+        self.return_window = obs["return_window_days"].days()
+        self.incident_window = obs["incident_window_days"].days()
 
     def tier(self, satisfaction: np.ndarray) -> np.ndarray:
         return np.where(satisfaction >= self.promoter_min, 0, np.where(satisfaction >= self.passive_min, 1, 2))
-
-
-def _nps_tier(score: np.ndarray) -> np.ndarray:
-    """Observed tier of an NPS score (the SPEC's 9-10 / 7-8 / 0-6), ``unknown`` for NaN."""
-    return np.select([score >= 9, score >= 7, score >= 0], ["promoter", "passive", "detractor"],
-                     "unknown").astype(object)
 
 
 def _logging_probs(catalog: Catalog, features: pd.DataFrame, epsilon: float) -> dict[str, np.ndarray]:
@@ -759,11 +762,12 @@ def _catalog(node: _Node) -> Catalog:
 class _Run:
     """One simulated history: every customer's k-th order at once, round after round.
 
-    Per-customer running sums hold what features need cumulatively; windowed
-    features (returns known after the return window, recent incidents, latest
-    NPS answer, contact caps) look back over the earlier rounds' records, where
-    a customer's row is found by binary search (each round's customers are
-    sorted, and a customer in round k was in every round before).
+    The shop's features of an order are ``insertrec.features``' own
+    (:func:`~insertrec.features.history.history_features`) on the history
+    simulated so far, so the logged propensities are exactly what the engine
+    computes from the written tables. A customer in round k was in every round
+    before (each round's customers are sorted), so their prior orders are one
+    row found by binary search in each earlier round.
     """
 
     def __init__(self, world: World, customers: int, seed: int, *, keep_features: bool):
@@ -771,29 +775,29 @@ class _Run:
             raise WorldError("customers", "expected at least one customer", file="generate")
         self.w, self.keep_features = world, keep_features
         self.rng = np.random.default_rng(seed)
-        n, pop = int(customers), world._pop
+        n, pop, dyn = int(customers), world._pop, world._dyn
         self.c = pop.sample(n, world.days, self.rng)
         self.responder = self.rng.random(n) < world._dyn.responder_share
         self.ctx_cols = [k for k in self.c if k.startswith("ctx_")]
         slots = list(world.catalog.slots.values())
         self.ids = [aid for s in slots for aid in s.action_ids]
         self.offsets = np.cumsum([0] + [len(s.actions) for s in slots])[:-1]
-        windows = world.catalog.cap_windows()
-        self.caps = [(i, j, days, f"received_{a.id}_{days}d") for i, s in enumerate(slots)
-                     for j, a in enumerate(s.actions) for days in windows.get(a.id, ())]
-        self.n_prior = np.zeros(n, np.int64)
-        self.first_t, self.last_t = np.full(n, np.nan), np.full(n, np.nan)
-        self.spend, self.gifts = np.zeros(n), np.zeros(n)
-        self.cat_cnt = np.zeros((n, len(pop.categories)))
-        self.chan_cnt = np.zeros((n, len(pop.channels)))
-        self.recv_cnt = np.zeros((n, len(self.ids)))
-        self.recv_last = np.full((n, len(self.ids)), np.nan)
+        self.params = FeatureParams(
+            nps_ttl_days=dyn.nps_ttl, lapse_days=dyn.lapse, return_window_days=dyn.return_window,
+            incident_window_days=dyn.incident_window, categories=pop.categories, channels=pop.channels,
+            action_ids=tuple(self.ids), cap_windows=world.catalog.cap_windows(), ctx_columns=tuple(self.ctx_cols))
         # what an order leaves for the next one: its return logit offset, discount, and whether it came in time
         self.ret_off, self.disc, self.in_time = np.zeros(n), np.zeros(n), np.zeros(n, bool)
         self.rounds: list[dict[str, Any]] = []
+        # a round of no orders, so that the history before the first round has the columns' shapes
+        self._none: dict[str, Any] = {
+            "ledger": {"ts": np.zeros(0, np.int64), "value": np.zeros(0), "returned": np.zeros(0),
+                       "gift": np.zeros(0, bool), "cats": np.zeros((0, len(pop.categories)), bool),
+                       "chan": np.zeros(0, np.int64), "recv": np.zeros((0, len(self.ids)), bool)},
+            "nps_t": np.zeros(0), "inc_t": np.zeros(0), "score": np.zeros(0), "inc": np.zeros(0, np.int64)}
 
     def run(self) -> tuple[WorldData, pd.DataFrame | None]:
-        pending, t_next = np.arange(len(self.n_prior)), self.c["arrival"].copy()
+        pending, t_next = np.arange(len(self.c["type"])), self.c["arrival"].copy()
         while pending.size:
             pending = self._step(pending, t_next)
         return self._tables()
@@ -845,89 +849,71 @@ class _Run:
         self.c["satisfaction"][idx] = np.clip(after + dyn.reversion * (pop.sat_mean[typ] - after)
                                               + dyn.sat_noise * rng.standard_normal(n), 0.0, 10.0)
 
+        recv = np.zeros((n, len(self.ids)), dtype=bool)
+        recv[rows[:, None], self.offsets + chosen] = True
         self.rounds.append({"cust": idx, "t": t, "paid": paid, "returned": returned, "items": attrs["items"],
                             "categories": frame["categories"].to_numpy(), "channel": attrs["channel"],
                             "is_gift": attrs["is_gift"], "actions": chosen, "propensity": propensity,
                             "reward": -truth.by_action(truth.costs, picks)[:, 0], "inc": inc, "inc_t": inc_t,
                             "nps_t": nps_t, "score": score, "state": st,
-                            "features": frame if self.keep_features else None})
-        new = self.n_prior[idx] == 0
-        self.first_t[idx[new]] = t[new]
-        self.n_prior[idx] += 1
-        self.last_t[idx] = t
-        self.spend[idx] += paid
-        self.gifts[idx] += attrs["is_gift"]
-        self.cat_cnt[idx] += (attrs["cat_mask"][:, None] >> np.arange(len(pop.categories))) & 1
-        self.chan_cnt[idx, attrs["channel"]] += 1
-        got = self.offsets + chosen
-        self.recv_cnt[idx[:, None], got] += 1
-        self.recv_last[idx[:, None], got] = t[:, None]
+                            "features": frame if self.keep_features else None,
+                            "ledger": {"ts": self._ns(t), "value": paid, "returned": returned, "gift": attrs["is_gift"],
+                                       "cats": (attrs["cat_mask"][:, None] >> np.arange(len(pop.categories))) & 1 > 0,
+                                       "chan": attrs["channel"], "recv": recv}})
         self.ret_off[idx], self.in_time[idx] = off, in_time
         self.disc[idx] = 1.0 - np.prod([1.0 - d[chosen[:, i]] for i, d in enumerate(truth.discount)], axis=0)
         t_next[idx] = t + gap
         return idx[in_time | (later & (t + gap < w.days))]
 
+    def _ns(self, days: np.ndarray) -> np.ndarray:
+        """Simulated days as the UTC nanoseconds of the written tables (rounded to the second)."""
+        seconds = np.round(np.where(np.isfinite(days), days, 0.0) * _SECONDS_PER_DAY).astype(np.int64)
+        return self.w.start.value + seconds * 10**9
+
+    def _history(self, idx: np.ndarray) -> ArrayHistory:
+        """Customers ``idx``'s orders, NPS answers and incidents so far, customer ``i`` coded ``i``."""
+        w, n = self.w, len(idx)
+        pos = [np.searchsorted(r["cust"], idx) for r in self.rounds]
+        code = np.tile(np.arange(n), len(pos))
+
+        def gather(get: Any) -> np.ndarray:
+            return np.concatenate([get(self._none), *(get(r)[p] for r, p in zip(self.rounds, pos))])
+
+        orders = {"customer": code} | {k: gather(lambda r, k=k: r["ledger"][k]) for k in self._none["ledger"]}
+        nps_t, inc_t = gather(lambda r: r["nps_t"]), gather(lambda r: r["inc_t"])
+        told, hit = nps_t < w.days, inc_t < w.days
+        return ArrayHistory(
+            orders=orders,
+            nps={"customer": code[told], "ts": self._ns(nps_t[told]),
+                 "score": gather(lambda r: r["score"])[told].astype(np.int64)},
+            incidents={"customer": code[hit], "ts": self._ns(inc_t[hit]),
+                       "type": gather(lambda r: r["inc"])[hit].astype(np.int64)},
+            incident_types=tuple(w._dyn.incident_types))
+
     def _observe(self, idx: np.ndarray, t: np.ndarray, attrs: dict[str, np.ndarray],
                  paid: np.ndarray) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         """The shop's features of each order (strictly from before it) and the order's hidden state."""
-        pop, dyn, c = self.w._pop, self.w._dyn, self.c
-        n = len(idx)
-        prior = self.n_prior[idx].astype(float)
-        per = np.divide(1.0, prior, out=np.full(n, np.nan), where=prior > 0)
-        recency = t - self.last_t[idx]
-        stage = np.select([prior == 0, recency > dyn.lapse, prior <= 2], [_NEW, _LAPSED, _DEVELOPING], _LOYAL)
-        old_paid, old_returned, incidents = np.zeros(n), np.zeros(n), np.zeros(n)
-        inc_last, inc_type = np.full(n, -np.inf), np.full(n, -1)
-        nps_last, score = np.full(n, -np.inf), np.full(n, np.nan)
-        capped = np.zeros((n, len(self.caps)))
-        for r in self.rounds:
-            pos = np.searchsorted(r["cust"], idx)
-            tm = r["t"][pos]
-            matured = tm <= t - dyn.return_window
-            old_paid += np.where(matured, r["paid"][pos], 0.0)
-            old_returned += np.where(matured, r["returned"][pos], 0.0)
-            it = r["inc_t"][pos]
-            incidents += (it < t) & (it >= t - dyn.incident_window)
-            newer = (it < t) & (it > inc_last)
-            inc_last, inc_type = np.where(newer, it, inc_last), np.where(newer, r["inc"][pos], inc_type)
-            nt = r["nps_t"][pos]
-            newer = (nt < t) & (nt > nps_last)
-            nps_last, score = np.where(newer, nt, nps_last), np.where(newer, r["score"][pos], score)
-            for k, (slot, j, days, _) in enumerate(self.caps):
-                capped[:, k] += (r["actions"][pos, slot] == j) & (tm >= t - days)
-        score = np.where(t - nps_last <= dyn.nps_ttl, score, np.nan)
-        cats = pop.category_strings(attrs["main"], attrs["cat_mask"])
-        cols: dict[str, Any] = {
+        pop, c = self.w._pop, self.c
+        hist = history_features(self.params, self._history(idx), np.arange(len(idx)), self._ns(t))
+        own = {
             "order_value": paid, "n_items": attrs["items"].astype(float),
             "channel": np.asarray(pop.channels, dtype=object)[attrs["channel"]], "region": c["region"][idx],
-            "is_gift": attrs["is_gift"], "categories": cats,
+            "is_gift": attrs["is_gift"], "categories": pop.category_strings(attrs["main"], attrs["cat_mask"]),
             "main_category": np.asarray(pop.categories, dtype=object)[attrs["main"]],
-            "nps_tier": _nps_tier(score), "nps_score": score,
-            "journey_stage": np.asarray(_STAGES, dtype=object)[stage],
-            "prior_orders": prior, "recency_days": recency,
-            "tenure_days": np.where(prior > 0, t - self.first_t[idx], 0.0),
-            "monetary": self.spend[idx] * per, "total_spend": self.spend[idx],
-            "return_rate": np.divide(old_returned, old_paid, out=np.full(n, np.nan), where=old_paid > 0),
-            "gift_share": self.gifts[idx] * per, "incidents_90d": incidents,
-            "days_since_incident": np.where(inc_type >= 0, t - inc_last, np.nan),
-            "last_incident_type": np.where(inc_type >= 0, np.append(self.w._dyn.incident_types, "none")[inc_type],
-                                           "none").astype(object),
         }
-        cols.update({col: c[col][idx] for col in self.ctx_cols})
-        cols.update({f"cat_share_{name}": self.cat_cnt[idx, i] * per for i, name in enumerate(pop.categories)})
-        cols.update({f"channel_share_{name}": self.chan_cnt[idx, i] * per for i, name in enumerate(pop.channels)})
-        cols.update({f"received_{aid}": self.recv_cnt[idx, g] for g, aid in enumerate(self.ids)})
-        cols.update({f"days_since_{aid}": t - self.recv_last[idx, g] for g, aid in enumerate(self.ids)})
-        cols.update({name: capped[:, k] for k, (_, _, _, name) in enumerate(self.caps)})
-        state = {"type": c["type"][idx], "tier": dyn.tier(c["satisfaction"][idx]), "stage": stage,
-                 "channel": attrs["channel"], "is_gift": attrs["is_gift"], "incident": incidents > 0,
+        cols = {k: getattr(v, "array", v) for k, v in (own | hist).items()}
+        frame = pd.DataFrame({k: cols[k] for k in FEATURES} | {k: c[k][idx] for k in self.ctx_cols}
+                             | {k: v for k, v in cols.items() if k not in FEATURES})
+        stage = pd.Categorical(cols["journey_stage"], categories=_STAGES).codes.astype(np.intp)
+        state = {"type": c["type"][idx], "tier": self.w._dyn.tier(c["satisfaction"][idx]), "stage": stage,
+                 "channel": attrs["channel"], "is_gift": attrs["is_gift"], "incident": cols["incidents_90d"] > 0,
                  "satisfaction": c["satisfaction"][idx].copy(), "aff": c["aff"][idx],
                  **{k: c[k][idx] for k in ("price_sensitivity", "eco", "return_proneness", "value_mu", "value_sigma")}}
-        return pd.DataFrame(cols), state
+        return frame, state
 
     def _tables(self) -> tuple[WorldData, pd.DataFrame | None]:
         w, pop, rounds = self.w, self.w._pop, self.rounds
-        cat = {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0] if k not in ("state", "features")}
+        cat = {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0] if k not in ("state", "features", "ledger")}
         seconds = np.round(cat["t"] * _SECONDS_PER_DAY)
         order = np.argsort(seconds, kind="stable")
         cat = {k: v[order] for k, v in cat.items()}

@@ -1,7 +1,15 @@
-"""Offline point-in-time features: every order's customer history as known strictly before it."""
+"""Point-in-time history features: every order's customer history as known strictly before it.
+
+One computation (:func:`_history` over a ledger) for two kinds of input: tables
+(:func:`order_features`, the offline frame) and arrays (:func:`history_features`,
+the simulator's history so far), so that the world decides on exactly the
+features the engine later learns from.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,12 +18,13 @@ import pyarrow as pa
 
 from insertrec.data import Dataset
 from insertrec.features.columns import _NO_TS, DAY_NS, _factorize, _str_column, _take
-from insertrec.features.ledger import _Events, _Ledger, _Orders, _Side, _Totals
+from insertrec.features.ledger import _LEDGER_COLUMNS, _Events, _Ledger, _Orders, _Side, _Totals
 from insertrec.features.params import FeatureParams, _ColumnLayout
+from insertrec.schema import JOURNEY_STAGES
 
 _TIER_OF_SCORE = ("detractor",) * 7 + ("passive",) * 2 + ("promoter",) * 2
 _TIERS = (*_TIER_OF_SCORE, "unknown")               # index -1 (no answer) -> unknown
-_STAGES = ("new", "developing", "loyal", "lapsed")
+_STAGES = JOURNEY_STAGES
 
 
 def _share(count: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -116,4 +125,39 @@ def order_features(data: Dataset, params: FeatureParams) -> pd.DataFrame:
     return _frame(orders, hist, layout, data.orders.index)
 
 
-__all__ = ["order_features"]
+@dataclass(frozen=True)
+class ArrayHistory:
+    """A history held as arrays rather than tables (the simulator's): customers are integer
+    codes, instants int64 UTC nanoseconds, vocabularies those of the :class:`FeatureParams`.
+
+    ``orders``: ``customer``, ``ts``, ``value``, ``returned`` (returned value), ``gift`` (bool),
+    ``cats`` (bool, one column per ``params.categories``), ``chan`` (index in
+    ``params.channels``, -1 outside) and ``recv`` (bool, one column per ``params.action_ids``);
+    ``nps``: ``customer``, ``ts``, ``score`` (0..10); ``incidents``: ``customer``, ``ts``,
+    ``type`` (index in ``incident_types``).
+    """
+
+    orders: Mapping[str, np.ndarray]
+    nps: Mapping[str, np.ndarray]
+    incidents: Mapping[str, np.ndarray]
+    incident_types: tuple[str, ...]
+
+
+def history_features(params: FeatureParams, history: ArrayHistory, customer: np.ndarray,
+                     ts: np.ndarray) -> dict[str, Any]:
+    """The customer-history columns of :func:`order_features` (everything but the order's own
+    columns and context) for new orders of ``customer`` at ``ts``, each placed after every
+    order of its customer in ``history``; NPS answers and incidents count when strictly before."""
+    o, n, i = history.orders, history.nps, history.incidents
+    customer = np.asarray(customer, dtype=np.int64)
+    ts = np.asarray(ts, dtype=np.int64)
+    ledger = _Ledger(_Events.of(o["customer"], o["ts"], **{k: o[k] for k in _LEDGER_COLUMNS}), params._layout)
+    start = ledger.ev.start(customer)
+    hist, _ = _history(customer, ts, start, ledger.ev.end(customer) - start, ledger, None,
+                       _Events.of(n["customer"], n["ts"], score=n["score"]),
+                       _Events.of(i["customer"], i["ts"], type=i["type"]),
+                       pa.array(list(history.incident_types), type=pa.large_string()))
+    return hist
+
+
+__all__ = ["ArrayHistory", "history_features", "order_features"]
