@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from insertrec.data import load_data
 from insertrec.errors import InsertrecError
 from insertrec.features import FeatureParams, order_features
-from insertrec.world import World, WorldError, _Run
+from insertrec.world import World, WorldError
+from insertrec.world.simulation import _Run
 
 
 @pytest.fixture(scope="module")
