@@ -1,4 +1,11 @@
-"""Input columns as arrays: timestamps as UTC nanoseconds, strings as Arrow, numbers and flags."""
+"""Input columns as arrays: timestamps as UTC nanoseconds, strings as Arrow, numbers and flags.
+
+A ``Dataset`` from ``data.load_data`` arrives typed and validated (refusals by
+file line there), so on it these conversions refuse nothing. They refuse only
+frames built in code (a ``Dataset(orders=frame)`` of a caller or a test), where
+no file lines exist: a problem names row ``i`` as line ``i + 2``, the line it
+would have in a CSV written with a header.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ def _ns(column: pd.Series, file: str, name: str) -> np.ndarray:
     if len(bad):
         raise DataError([Problem(file, int(i) + 2, name, "missing or not an ISO 8601 timestamp",
                                  str(column.iloc[i])) for i in bad[:20]])
-    return ts.dt.as_unit("ns").array.asi8
+    return ts.dt.as_unit("ns").to_numpy(dtype=np.int64)
 
 
 def _ns_scalar(value: Any, name: str = "order_ts") -> int:

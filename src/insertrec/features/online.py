@@ -77,7 +77,8 @@ class CustomerState:
         self._layout = layout
         self.n, self.spend, self.gifts = 0, 0.0, 0
         self.cats, self.chans = [0] * len(p.categories), [0] * len(p.channels)
-        self.recv, self.recv_last = [0] * len(p.action_ids), [None] * len(p.action_ids)
+        self.recv = [0] * len(p.action_ids)
+        self.recv_last: list[int | None] = [None] * len(p.action_ids)
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.matured_value, self.matured_returned = 0.0, 0.0
@@ -158,8 +159,10 @@ class CustomerState:
             else _ns_scalar(datetime.now(UTC))
         categories = _categories(order.get("categories"))
         n = self.n
-        recency = float(t - self.last_ts) / DAY_NS if n else math.nan
-        stage = "new" if n == 0 else "lapsed" if t - self.last_ts > p.lapse_days * DAY_NS \
+        last = t if self.last_ts is None else self.last_ts    # both set by the first order: n > 0
+        first = t if self.first_ts is None else self.first_ts
+        recency = float(t - last) / DAY_NS if n else math.nan
+        stage = "new" if n == 0 else "lapsed" if t - last > p.lapse_days * DAY_NS \
             else "developing" if n < 3 else "loyal"
         score, tier = math.nan, "unknown"
         answer = next((a for a in reversed(self.nps) if a[0] < t), None)
@@ -189,7 +192,7 @@ class CustomerState:
             "journey_stage": stage,
             "prior_orders": float(n),
             "recency_days": recency,
-            "tenure_days": float(t - self.first_ts) / DAY_NS if n else 0.0,
+            "tenure_days": float(t - first) / DAY_NS if n else 0.0,
             "monetary": self.spend / n if n else math.nan,
             "total_spend": self.spend,
             "return_rate": mr / mv if mv > 0 else math.nan,
@@ -206,9 +209,9 @@ class CustomerState:
         for name, count in zip(L.chan_columns, self.chans):
             row[name] = count / n if n else math.nan
         for a, (received, days_since, windowed) in enumerate(L.action_columns):
-            last = self.recv_last[a]
+            got_at = self.recv_last[a]
             row[received] = float(self.recv[a])
-            row[days_since] = float(t - last) / DAY_NS if last is not None else math.nan
+            row[days_since] = float(t - got_at) / DAY_NS if got_at is not None else math.nan
             for name, w in windowed:
                 start = t - L.windows[w] * DAY_NS
                 row[name] = float(sum(1 for r in self.recent if r[0] >= start and a in r[3]))

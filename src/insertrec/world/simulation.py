@@ -318,6 +318,7 @@ def evaluation_set(world: World, orders: int, seed: int) -> EvaluationSet:
     customers = max(1000, 8 * orders)    # roughly 1 customer in 7 orders in the last stretch
     while True:
         data, feats = _Run(world, customers, seed, keep_features=True).run()
+        assert feats is not None    # kept, as asked
         t0 = world.start + pd.Timedelta(days=world.days - world.horizon)
         late = data.orders.index[data.orders["order_ts"] >= t0]
         firsts = data.orders.loc[late].drop_duplicates("customer_id").index.to_numpy()
