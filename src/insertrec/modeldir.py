@@ -99,4 +99,5 @@ def load(path: str | Path, name: str) -> Any:
         return joblib.load(Path(path) / f"{name}.joblib")
     except Exception as exc:  # a verified file that still fails is a version mismatch
         raise ModelError(f"{path}: cannot load artifact {name!r} ({type(exc).__name__}: {exc}); "
-                         "was it built with other library versions?") from None
+                         "was it built with other library versions or an older insertrec (whose classes "
+                         "have moved since)? Retrain the model with this version") from None
