@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, settings
 
+from insertrec import modeldir
 from insertrec.engine import Engine
 from insertrec.serving.app import create_app, run
 from insertrec.serving.decisionlog import read_logged
@@ -182,6 +183,7 @@ def test_a_corrupt_model_directory_serves_fallback_and_reports_degraded(tmp_path
     (model / "catalog.yaml").write_text(Path(settings(tmp_path).catalog).read_text())
     (model / "engine.joblib").write_bytes(b"garbage")
     (model / "manifest.json").write_text(json.dumps({"format": 1, "artifacts": {"engine.joblib": "0" * 64}}))
+    modeldir.sign(model)    # signed by the key holder, yet corrupt
     s = Settings.load(environ={}, model=str(model), db_url=f"sqlite:///{tmp_path / 'log.db'}", api_keys=KEYS)
     with TestClient(create_app(s)) as c:
         ready = c.get("/readyz").json()
