@@ -307,3 +307,30 @@ def test_training_refuses_a_log_whose_ctx_names_are_unbounded(client, tmp_path):
         own[f"ctx_shop_{k}"] = pd.Series(dtype="float64")    # 13 of the shop's own + 20 logged = 33
     with pytest.raises(DataError, match="too many context fields"):
         merge_logged(Dataset(orders=own), url)
+
+
+def test_readyz_is_not_ready_while_the_sqlite_log_cannot_write(tmp_path):
+    """A full disk, made real for this process: RLIMIT_FSIZE stops every file from growing (the kernel
+    answers EFBIG, as ENOSPC on a full disk), so SQLite's writes fail while its reads still work."""
+    import os
+    import resource
+
+    db = tmp_path / "log.db"
+    with TestClient(create_app(settings(tmp_path))) as c:
+        assert decide(c, order(0)).status_code == 200 and c.get("/readyz").status_code == 200
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        limit = max(os.path.getsize(f) for f in (db, f"{db}-wal")) + 16_384
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            for i in range(1, 3000):
+                decide(c, order(i))
+                ready = c.get("/readyz")
+                if ready.json()["status"] != "ready":
+                    break
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable", i
+        assert "write failed" in ready.json()["reason"]
+        # space again: readiness comes back without a decision having to succeed first
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert decide(c, order("after")).status_code == 200

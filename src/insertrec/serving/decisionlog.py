@@ -296,6 +296,7 @@ class DecisionLog:
                                       .values(value=_P("value"))),
             "first_generation": prepare(control.insert(), ["key", "value"]),
             "ping": prepare(sa.select(sa.literal(1))),
+            "probe": prepare(control.update().where(control.c.key == "write_probe").values(value=_P("value"))),
             "savepoint": _Raw("SAVEPOINT decision"), "release": _Raw("RELEASE SAVEPOINT decision"),
             "undo": _Raw("ROLLBACK TO SAVEPOINT decision"),
             "counters": prepare(sa.select(inventory.c.action_id, inventory.c.stock, inventory.c.used,
@@ -308,6 +309,7 @@ class DecisionLog:
         self._turn = _WriterTurn(self.engine.url.database if self.sqlite else None)
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._write_failed = False   # since the last write failed, until one succeeds (see ping)
 
     # -- lifecycle ----------------------------------------------------------------
     def create(self) -> None:
@@ -500,8 +502,23 @@ class DecisionLog:
             raise self._failed("write", exc) from None
 
     def ping(self) -> None:
-        """Raise LogUnavailable if the log cannot be read."""
+        """Raise LogUnavailable if the log cannot be read, or cannot be written since a write failed.
+
+        A full disk or a read-only file fails every write while reads still
+        work, so a read alone would call the log ready. After a failed write
+        the log counts as down until a write succeeds; this retries one (a
+        one-row update) so that readiness comes back without waiting for a
+        decision, which would not come while the service is not ready.
+        """
         self._fetch("ping", {})
+        if not self._write_failed:
+            return
+        try:
+            with self._transaction() as run:
+                if run("probe", {"value": int(time.time())}).rowcount == 0:
+                    run("first_generation", {"key": "write_probe", "value": int(time.time())})
+        except self._errors as exc:
+            raise self._failed("write", exc) from None
 
     # -- plumbing ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -525,6 +542,7 @@ class DecisionLog:
                         cursor.execute("BEGIN IMMEDIATE")
                     yield run
                     conn.commit()
+                    self._write_failed = False
                 except BaseException:
                     with contextlib.suppress(*self._errors):
                         conn.rollback()
@@ -549,6 +567,7 @@ class DecisionLog:
     def _failed(self, what: str, exc: BaseException) -> LogUnavailable:
         """Drop the connection that failed (the next call reconnects) and say why, without internals."""
         attr = "_reader" if what == "read" else "_writer"
+        self._write_failed = self._write_failed or what == "write"
         with self._read_lock if what == "read" else self._write_lock:
             conn = getattr(self, attr)
             if conn is not None:
