@@ -136,3 +136,12 @@ def test_the_server_starts_on_the_rules_when_its_model_is_tampered(tmp_path):
         r = c.post("/v1/recommendations", json=order(1), headers=auth(DECIDE))
         assert r.status_code == 200 and r.json()["policy"] == "fallback"
     assert not marker.exists()
+
+
+def test_a_model_cannot_be_loaded_where_no_key_exists(tmp_path, monkeypatch):
+    model = write_model(tmp_path / "m")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "another-user"))
+    with pytest.raises(ModelError, match=r"/m: cannot check the model's signature: the per-user model key "
+                                         r".*another-user/insertrec/model\.key.*: no such file; set "
+                                         r"INSERTREC_MODEL_KEY or INSERTREC_MODEL_KEY_FILE"):
+        Engine.load(model)

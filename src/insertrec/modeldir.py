@@ -66,7 +66,11 @@ class ModelKey:
 
 def default_key_file() -> Path:
     """The per-user key used when neither INSERTREC_MODEL_KEY nor INSERTREC_MODEL_KEY_FILE is set."""
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "insertrec" / "model.key"
+    try:
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    except RuntimeError:   # no HOME and no passwd entry: nowhere per-user to keep a key
+        raise ModelError(f"no home directory for the per-user model key; set {KEY_ENV} or {KEY_FILE_ENV}") from None
+    return config / "insertrec" / "model.key"
 
 
 def model_key(*, create: bool = False) -> ModelKey:
@@ -219,7 +223,12 @@ def verify(path: str | Path, key: ModelKey | None = None) -> dict:
     """
     root = Path(path)
     raw = _manifest_bytes(root)
-    _check_signature(root, raw, key or model_key())
+    if key is None:
+        try:
+            key = model_key()
+        except ModelError as err:
+            raise ModelError(f"{root}: cannot check the model's signature: {err}") from None
+    _check_signature(root, raw, key)
     manifest = _parse(root, raw)
     for name, expected in manifest["artifacts"].items():
         file = root / name
