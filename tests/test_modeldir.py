@@ -145,3 +145,14 @@ def test_a_model_cannot_be_loaded_where_no_key_exists(tmp_path, monkeypatch):
                                          r".*another-user/insertrec/model\.key.*: no such file; set "
                                          r"INSERTREC_MODEL_KEY or INSERTREC_MODEL_KEY_FILE"):
         Engine.load(model)
+
+
+def test_the_cli_refuses_an_unsigned_model_in_one_line(tmp_path, capsys):
+    from insertrec.cli import main
+
+    model = write_model(tmp_path / "m")
+    (model / "manifest.sig").unlink()
+    assert main(["segments", "--model", str(model), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "manifest.sig: missing; the model is not signed" in err
+    assert "Traceback" not in err
