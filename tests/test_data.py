@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from insertrec.data import load_data, write_rejected
+from insertrec.data import load_data, load_orders_file, write_rejected
 from insertrec.errors import CatalogError, DataError, Problem
 
 CATALOG = Path(__file__).parent / "data" / "catalog_example.yaml"
@@ -319,3 +319,26 @@ def test_fingerprint_follows_content(tmp_path):
     b = load_data(write(tmp_path / "b", orders_csv=ORDERS))
     c = load_data(with_orders_row(tmp_path, "o9,c9,2024-02-01,5,1,web,,no,0,north"))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("columns, column, reason", [
+    (["ctx_" + "x" * 61], "ctx_" + "x" * 57 + "...", "must be ctx_ followed by 1 to 60 letters"),
+    (["ctx_device type"], "ctx_device type", "must be ctx_ followed by 1 to 60"),
+    (["ctx_"], "ctx_", "must be ctx_ followed by 1 to 60"),
+    ([f"ctx_f{i}" for i in range(33)], "ctx_f32", "too many context fields: at most 32"),
+])
+def test_ctx_names_are_bounded_and_never_skipped(tmp_path, columns, column, reason):
+    header = ",".join(["order_id", "customer_id", "order_ts", "order_value", *columns])
+    data = write(tmp_path / "d", orders_csv=f"{header}\no1,c1,2024-01-01,1{',1' * len(columns)}\n")
+    for load in (lambda: load_data(data, skip_bad_rows=True), lambda: load_orders_file(data / "orders.csv")):
+        with pytest.raises(DataError) as err:
+            load()
+        problem = err.value.problems[0]
+        assert (problem.file, problem.column) == ("orders.csv", column) and reason in problem.reason
+
+
+def test_ctx_names_at_the_limits_load(tmp_path):
+    columns = ["ctx_" + "x" * 60] + [f"ctx_f{i}" for i in range(31)]
+    header = ",".join(["order_id", "customer_id", "order_ts", "order_value", *columns])
+    data = write(tmp_path / "d", orders_csv=f"{header}\no1,c1,2024-01-01,1{',1' * len(columns)}\n")
+    assert [c for c in load_data(data).orders.columns if c.startswith("ctx_")] == columns

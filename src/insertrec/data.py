@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from insertrec.catalog import Catalog
 from insertrec.errors import DataError, Problem
-from insertrec.schema import SLOTS, TABLES
+from insertrec.schema import SLOTS, TABLES, context_problems
 
 
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
@@ -102,9 +103,9 @@ def load_data(path: str | os.PathLike[str], *, skip_bad_rows: bool = False) -> D
                 fatal.append(Problem(str(directory), None, None,
                                      "required table missing: expected orders.csv or orders.parquet"))
             continue
-        missing = [c for c in TABLES[name]["required"] if c not in table.cells.columns]
-        fatal.extend(Problem(table.file, None, c, "required column missing") for c in missing)
-        if not missing:
+        header = header_problems(name, table.cells.columns, table.file)
+        fatal.extend(header)
+        if not header:
             tables[name] = table
 
     checks = {name: _Checker(table) for name, table in tables.items()}
@@ -150,14 +151,25 @@ def load_orders_file(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not file.is_file() or file.suffix not in _EXTENSIONS:
         raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders")])
     table = _read_file(file)
-    missing = [c for c in TABLES["orders"]["required"] if c not in table.cells.columns]
-    if missing:
-        raise DataError([Problem(table.file, None, c, "required column missing") for c in missing])
+    header = header_problems("orders", table.cells.columns, file.name)
+    if header:
+        raise DataError(header)
     check = _Checker(table)
     orders = _parse_orders(check)
     if check.bad.any():
         raise DataError(check.problems())
     return orders.sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
+
+
+def header_problems(name: str, columns: Iterable[str], file: str) -> list[Problem]:
+    """What is wrong with table ``name``'s columns as a whole: a required one missing, or
+    (orders) ``ctx_*`` names that are malformed or too many. Never skippable: no row is to blame."""
+    columns = [str(c) for c in columns]
+    problems = [Problem(file, None, c, "required column missing")
+                for c in TABLES[name]["required"] if c not in columns]
+    if name == "orders":
+        problems += [Problem(file, None, c, reason) for c, reason in context_problems(columns)]
+    return problems
 
 
 def parse_cells(name: str, cells: pd.DataFrame, file: str, lines: np.ndarray | None = None,
@@ -469,6 +481,7 @@ __all__ = [
     "ORDER_DTYPES",
     "REJECTED_DTYPES",
     "Dataset",
+    "header_problems",
     "load_data",
     "load_orders_file",
     "parse_cells",

@@ -42,7 +42,7 @@ class Engine:
     def load(cls, path: str | Path) -> Engine:
         """Load a verified model directory (raises ModelError if missing or altered)."""
         manifest = modeldir.verify(path)
-        parts = modeldir.load(path, "engine")
+        parts = modeldir.load(path, "engine", manifest)
         return cls(parts["policy"], parts["params"], parts["snapshot"], parts["segments"], manifest)
 
     @classmethod
