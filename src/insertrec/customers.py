@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.special import lambertw
+from scipy.optimize import minimize
+from scipy.special import betaln, gammaln, hyp2f1, lambertw
 from sklearn.base import BaseEstimator, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import BaggingRegressor, HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -41,22 +42,82 @@ from insertrec.errors import DataError, Problem
 # Columns the model needs; everything else in the frame is optional context.
 REQUIRED_COLUMNS: tuple[str, ...] = ("customer_id", "prior_orders", "recency_days", "tenure_days")
 _NOT_INPUTS = ("customer_id", "first_order_ts", "last_order_ts")
+# Day counts that only grow with the calendar: a model trained at an early anchor meets larger
+# values at prediction time than it ever saw, and trees do not extrapolate.
+_ABSOLUTE_TIMES = ("recency_days", "tenure_days", "active_span_days")
 
 
-def _design(frame: pd.DataFrame) -> pd.DataFrame:
-    """The customer frame plus BG/NBD-style ratios, without ids and timestamps."""
+def _rfm(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BG/NBD's summary of each customer, in days: repeat orders x, first-to-last t_x, age T."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError([Problem("customer frame", None, c, "required column is missing")
                          for c in missing])
+    orders = frame["prior_orders"].to_numpy(dtype="float64").clip(min=1.0)  # in the frame = ordered once
+    tenure = frame["tenure_days"].to_numpy(dtype="float64").clip(min=0.0)
+    span = (tenure - frame["recency_days"].to_numpy(dtype="float64")).clip(min=0.0, max=tenure)
+    return orders - 1.0, span, tenure
+
+
+class BGNBD:
+    """The BG/NBD model (Fader, Hardie & Lee 2005), fitted by maximum likelihood on (x, t_x, T).
+
+    Why here: its two summaries of a customer, the expected orders in a
+    window and P(still active), are exactly what trees struggle to build
+    from recency and frequency alone; fitted on the training frame (history
+    before the anchor only), they enter the repurchase model as features.
+    Times are in weeks inside (days / 7) to keep alpha of order one.
+    """
+
+    def fit(self, x: np.ndarray, t_x: np.ndarray, t: np.ndarray) -> BGNBD:
+        x, t_x, t = x, t_x / 7.0, np.maximum(t / 7.0, 1e-6)
+
+        def nll(log_params: np.ndarray) -> float:
+            r, alpha, a, b = np.exp(log_params)
+            common = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
+            alive = betaln(a, b + x) - betaln(a, b) - (r + x) * np.log(alpha + t)
+            died = np.where(x > 0, betaln(a + 1, np.maximum(b + x - 1, 1e-12)) - betaln(a, b)
+                            - (r + x) * np.log(alpha + t_x), -np.inf)
+            return -float(np.mean(common + np.logaddexp(alive, died)))
+
+        start = np.log([0.5, max(float(np.mean(t)), 1.0), 1.0, 2.0])
+        fit = minimize(nll, start, method="Nelder-Mead",
+                       options={"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-9})
+        self.r_, self.alpha_, self.a_, self.b_ = (float(v) for v in np.exp(fit.x))
+        return self
+
+    def _odds_dead(self, x: np.ndarray, t_x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        r, alpha, a, b = self.r_, self.alpha_, self.a_, self.b_
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            log_odds = np.log(a / np.maximum(b + x - 1.0, 1e-12)) + (r + x) * np.log((alpha + t) / (alpha + t_x))
+        return np.where(x > 0, np.exp(np.minimum(log_odds, 700.0)), 0.0)
+
+    def p_alive(self, x: np.ndarray, t_x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """P(the customer has not dropped out) at age ``t`` (days)."""
+        return 1.0 / (1.0 + self._odds_dead(x, t_x / 7.0, t / 7.0))
+
+    def expected(self, days: float, x: np.ndarray, t_x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """E[orders in the next ``days`` | x, t_x, T] (the paper's equation 10)."""
+        r, alpha, a, b = self.r_, self.alpha_, self.a_, self.b_
+        h, t_x, t = days / 7.0, t_x / 7.0, t / 7.0
+        z = h / (alpha + t + h)
+        tail = 1.0 - ((alpha + t) / (alpha + t + h)) ** (r + x) * hyp2f1(r + x, b + x, a + b + x - 1.0, z)
+        return (a + b + x - 1.0) / (a - 1.0) * tail / (1.0 + self._odds_dead(x, t_x, t))
+
+
+def _design(frame: pd.DataFrame, bgnbd: BGNBD | None = None, window_days: float = 0.0) -> pd.DataFrame:
+    """The customer frame plus BG/NBD-style ratios (and BG/NBD's own summaries when given),
+    without ids and timestamps."""
+    x, span, tenure = _rfm(frame)
     out = frame.drop(columns=[c for c in _NOT_INPUTS if c in frame.columns])
-    orders = out["prior_orders"].astype("float64").clip(lower=1.0)   # in the frame = ordered at least once
-    recency = out["recency_days"].astype("float64")
-    tenure = out["tenure_days"].astype("float64")
-    span = (tenure - recency).clip(lower=0.0)            # first to last order (BG/NBD's t_x)
-    mean_gap = span / (orders - 1.0).where(orders > 1)   # NaN for one-order customers
+    orders = x + 1.0
+    recency = out["recency_days"].to_numpy(dtype="float64")
+    mean_gap = np.where(orders > 1, span / np.maximum(orders - 1.0, 1.0), np.nan)  # NaN: one order
+    if bgnbd is not None:
+        out = out.assign(bgnbd_expected=bgnbd.expected(window_days, x, span, tenure),
+                         bgnbd_p_alive=bgnbd.p_alive(x, span, tenure))
     return out.assign(
-        repeat_orders=(orders - 1.0).clip(lower=0.0),
+        repeat_orders=x,
         active_span_days=span,
         orders_per_year=365.0 * orders / (tenure + 30.0),  # +30: a week-old customer is not "52 a year"
         recency_share=recency / (tenure + 1.0),
@@ -142,6 +203,7 @@ class RepeatModel(BaseEstimator):
                  learning_rate: float = 0.08, max_leaf_nodes: int = 15,
                  min_samples_leaf: int = 50, l2_regularization: float = 1.0,
                  min_class_count: int = 50, n_bags: int = 5, max_customers: int | None = 100_000,
+                 bgnbd_features: bool = True, absolute_times: bool = True, calibration: str = "auto",
                  random_state: int = 0):
         self.horizon_days = horizon_days
         self.max_iter = max_iter
@@ -152,6 +214,9 @@ class RepeatModel(BaseEstimator):
         self.min_class_count = min_class_count
         self.n_bags = n_bags
         self.max_customers = max_customers
+        self.bgnbd_features = bgnbd_features
+        self.absolute_times = absolute_times
+        self.calibration = calibration
         self.random_state = random_state
 
     def _boosting(self, loss: str) -> HistGradientBoostingClassifier | HistGradientBoostingRegressor:
@@ -177,7 +242,8 @@ class RepeatModel(BaseEstimator):
         if not np.all(np.isfinite(y)) or (y < 0).any():
             raise DataError([Problem("labels", None, "n_orders", "counts must be finite and >= 0")])
         self.window_days_ = float(window_days or self.horizon_days)
-        design = _design(frame)
+        self.bgnbd_ = BGNBD().fit(*_rfm(frame)) if self.bgnbd_features and len(frame) else None
+        design = self._design(frame)
         self.encoder_ = FeatureEncoder().fit(design)
         x = self.encoder_.transform(design)
         base = self._count_baseline(design)
@@ -200,7 +266,8 @@ class RepeatModel(BaseEstimator):
                 self.classifier_ = LogisticRegression(C=0.1, max_iter=1000).fit(x[sample], buyer[sample])
             else:
                 self.kind_ = "boosting"
-                method = "isotonic" if min(n_pos, n_neg) >= 1000 else "sigmoid"
+                method = self.calibration if self.calibration != "auto" else (
+                    "isotonic" if min(n_pos, n_neg) >= 1000 else "sigmoid")
                 # Shuffled folds: frames come sorted by id, which often follows the join date.
                 folds = StratifiedKFold(3, shuffle=True, random_state=self.random_state)
                 self.classifier_ = CalibratedClassifierCV(self._boosting("log_loss"), method=method,
@@ -223,8 +290,12 @@ class RepeatModel(BaseEstimator):
         """The customer's smoothed past order rate over one label window."""
         return design["orders_per_year"].to_numpy(dtype="float64") * self.window_days_ / 365.0
 
+    def _design(self, frame: pd.DataFrame) -> pd.DataFrame:
+        design = _design(frame, self.bgnbd_, self.window_days_)
+        return design if self.absolute_times else design.drop(columns=list(_ABSOLUTE_TIMES))
+
     def _window_predictions(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        design = _design(frame)
+        design = self._design(frame)
         x = self.encoder_.transform(design)
         classifier, extra = self.classifier_, self.extra_model_
         with threadpool_limits(1):
