@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from test_segments import planted
 
-from insertrec.report import EVIDENCE, build_report, evidence_warnings, recommendation, render_report
+from insertrec.report import EVIDENCE, MATERIAL_SHARE, build_report, evidence_warnings, recommendation, render_report
 from insertrec.segments import SegmentModel
 from insertrec.training import TrainConfig, train
 from insertrec.world import World
@@ -86,6 +86,10 @@ def test_recommendation_follows_the_uplift_and_the_holdout() -> None:
     assert recommendation(_facts(0.5, 1.5), engine_lost=True).startswith("Keep the playbook: on the holdout")
     assert "same parcel" in recommendation(_facts(-0.1, 0.1, same=0.95), engine_lost=False)
     assert recommendation({"box": []}, engine_lost=False).startswith("Serve the playbook")
+    # A sure but tiny gain (under MATERIAL_SHARE of the order's value) is not worth a change.
+    tiny = _facts(0.2, 0.4) | {"value_per_order": {"value": 0.3 / MATERIAL_SHARE * 1.5}}
+    assert recommendation(tiny, engine_lost=False).startswith("Either box will do")
+    assert recommendation(tiny | {"value_per_order": {"value": 20.0}}, engine_lost=False).startswith("Switch")
 
 
 def test_facts_of_a_trained_model_add_up(trained: Path, facts: dict) -> None:

@@ -31,11 +31,12 @@ import pandas as pd
 from insertrec.policy import Policy
 from insertrec.schema import JOURNEY_STAGES, NPS_TIERS
 
-__all__ = ["EVIDENCE", "build_report", "evidence_warnings", "recommendation", "render_report",
+__all__ = ["EVIDENCE", "MATERIAL_SHARE", "build_report", "evidence_warnings", "recommendation", "render_report",
            "segment_outcomes"]
 
 # Thresholds behind the warnings: below these the figures are shown, but flagged as weak.
 EVIDENCE = {"holdout_orders": 1000, "ess": 200.0, "repeat_auc": 0.6}
+MATERIAL_SHARE = 0.01   # a gain below 1% of the value per order is "about the same"
 _Z90 = 1.6449   # two-sided 90% normal interval
 _NPS_COLORS = {"promoter": "#2e7d32", "passive": "#9e9e9e", "detractor": "#c62828", "unknown": "#e0e0e0"}
 _STAGE_COLORS = {"new": "#90caf9", "developing": "#42a5f5", "loyal": "#1565c0", "lapsed": "#ffb74d"}
@@ -216,6 +217,10 @@ def recommendation(facts: dict, engine_lost: bool) -> str:
     up = facts["vs_rules"]
     if all(b["same_as_playbook"] >= 0.9 for b in facts["box"]):
         return "Keep the playbook: the engine gives these customers the same parcel."
+    material = MATERIAL_SHARE * abs(facts.get("value_per_order", {}).get("value", 0.0))
+    if abs(up["value"]) < material:
+        return (f"Either box will do: the engine's is worth about the same as the playbook's "
+                f"({up['value']:+,.2f} per order).")
     if up["low"] > 0:
         return f"Switch to the engine's box: about {up['value']:+,.2f} per order over the playbook."
     if up["high"] < 0:
@@ -286,6 +291,13 @@ def _money(v: float | None, signed: bool = False) -> str:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.0%}"
+
+
+def _share_of(used: float, available: float) -> str:
+    if not available:
+        return "none left"
+    share = used / available
+    return "under 1%" if 0 < share < 0.01 else f"{share:.0%}"
 
 
 def _count(v: float) -> str:
@@ -399,11 +411,11 @@ def _use(engine: dict, money: str, horizon: int) -> str:
     for u in engine["use"]:
         parts = []
         if u["stock"] is not None:
-            parts.append(f"{_count(u['units'])} of a stock of {_count(u['stock'])} "
-                         f"({u['units'] / u['stock']:.0%})" if u["stock"] else "no stock left")
+            parts.append(f"{_count(u['units'])} units, {_share_of(u['units'], u['stock'])} of its stock of "
+                         f"{_count(u['stock'])}")
         if u["budget"] is not None:
-            parts.append(f"{_money(u['spend'])} of a budget of {_money(u['budget'])}"
-                         + (f" ({u['spend'] / u['budget']:.0%})" if u["budget"] else ""))
+            parts.append(f"{_money(u['spend'])} {escape(money)}, {_share_of(u['spend'], u['budget'])} of its "
+                         f"budget of {_money(u['budget'])}")
         lines.append(f"<li>{escape(u['action_name'])}: {'; '.join(parts)}</li>")
     return f"<ul>{''.join(lines)}</ul>"
 
@@ -422,13 +434,12 @@ def _segment(seg: dict, report: dict, money: str) -> str:
                  f"<p class=\"uplift\">Against the all-default box: {_interval(engine['vs_default'])}</p>")
     else:
         value = "<p>No value estimate: the playbook decides (no learnt engine yet).</p>"
-    return (head + '<div class="facts">'
+    return (head + f'<div class="action"><h4>Recommended action</h4><p>{escape(seg["action"])}</p></div>'
+            '<div class="facts">'
             f'<div class="box"><h4>What the engine gives them</h4>{_box(engine)}</div>'
             f'<div class="value"><h4>What it is worth ({escape(money)} per order)</h4>{value}</div>'
             f'<div class="cost"><h4>What it costs and uses</h4>{_use(engine, money, report["horizon_days"])}'
-            "</div>"
-            f'<div class="action"><h4>Recommended action</h4><p>{escape(seg["action"])}</p></div>'
-            "</div></section>")
+            "</div></div></section>")
 
 
 def _table(report: dict, money: str) -> str:
