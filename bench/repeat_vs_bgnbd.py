@@ -22,10 +22,11 @@ learns from features at 1997-07-01 with the orders of 1997-07-01..09-30 (92
 days), then predicts from features at 1997-10-01 for the 273-day holdout
 (carrying its 92-day window over to 273 days). Its settings (tree size,
 whether the calendar-bound day counts are features, whether BG/NBD's own
-summaries are features) are chosen on an inner time split inside the
-calibration period, one quarter earlier: learn at 1997-04-01 from the orders
-of 04-01..06-30, judge at 1997-07-01 on the orders of 07-01..09-30, by
-ROC-AUC. The holdout is read once, after the choice, to report.
+summaries are features) are chosen by ROC-AUC on an inner time split inside
+the calibration period that mirrors that design: learn at 1997-04-01 from
+the orders of the next 45 days, judge at 1997-05-16 on the orders of the
+next 135 days (three times the label window, as 273 is to 92). The holdout
+is read once, after the choice, to report.
 
 No leakage: every feature and label comes from a dataset cut at 1997-10-01
 (asserted), and the holdout counts only orders on or after it.
@@ -58,8 +59,12 @@ CAL_END = pd.Timestamp("1997-10-01", tz="UTC")       # calibration = everything 
 HOLDOUT_DAYS = 273                                    # 1997-10-01 .. 1998-06-30
 TRAIN_ANCHOR = pd.Timestamp("1997-07-01", tz="UTC")
 TRAIN_WINDOW_DAYS = (CAL_END - TRAIN_ANCHOR).days     # 92
+# The inner split mirrors the outer one inside calibration: learn at an anchor from a label window
+# W, score at the anchor + W for a horizon three times W (outer: 92 days carried over to 273).
 INNER_ANCHOR = pd.Timestamp("1997-04-01", tz="UTC")
-INNER_WINDOW_DAYS = (TRAIN_ANCHOR - INNER_ANCHOR).days  # 91
+INNER_WINDOW_DAYS = 45
+INNER_JUDGE = INNER_ANCHOR + pd.Timedelta(days=INNER_WINDOW_DAYS)    # 1997-05-16
+INNER_HORIZON_DAYS = 3 * INNER_WINDOW_DAYS                            # to 1997-09-28
 GRID = {"max_leaf_nodes": (4, 7, 15), "absolute_times": (True, False), "bgnbd_features": (False, True)}
 SEEDS = (0, 1, 2)
 OUT = Path(__file__).parent / "results" / "repeat_vs_bgnbd.json"
@@ -111,14 +116,15 @@ def bgnbd_scored(truth: np.ndarray, p_any: np.ndarray, expected: np.ndarray) -> 
 
 def choose_settings(calibration: Dataset) -> tuple[dict, list[dict]]:
     """The grid's best settings by ROC-AUC on the inner split (calibration data only)."""
+    assert INNER_JUDGE + pd.Timedelta(days=INNER_HORIZON_DAYS) <= CAL_END
     learn = customer_frame(calibration, INNER_ANCHOR)
     learn_y = order_counts(calibration.orders, learn["customer_id"], INNER_ANCHOR, INNER_WINDOW_DAYS)
-    judge = customer_frame(calibration, TRAIN_ANCHOR)
-    judge_y = order_counts(calibration.orders, judge["customer_id"], TRAIN_ANCHOR, TRAIN_WINDOW_DAYS)
+    judge = customer_frame(calibration, INNER_JUDGE)
+    judge_y = order_counts(calibration.orders, judge["customer_id"], INNER_JUDGE, INNER_HORIZON_DAYS)
     tried = []
     for values in itertools.product(*GRID.values()):
         settings = dict(zip(GRID, values))
-        model = RepeatModel(horizon_days=TRAIN_WINDOW_DAYS, random_state=0, **settings).fit(
+        model = RepeatModel(horizon_days=INNER_HORIZON_DAYS, random_state=0, **settings).fit(
             learn, learn_y, window_days=INNER_WINDOW_DAYS)
         pred = model.predict_frame(judge)
         tried.append({**settings, **repeat_metrics(judge_y, pred["p_repeat"].to_numpy(),
@@ -169,8 +175,9 @@ def main() -> None:
         "ours": {**{k: float(v) for k, v in worst.items()}, "per_seed": runs, "model": ours.kind_,
                  "settings": settings, "train_anchor": str(TRAIN_ANCHOR.date()),
                  "train_window_days": TRAIN_WINDOW_DAYS, "seconds": round(ours_seconds, 1)},
-        "inner_split": {"learn_anchor": str(INNER_ANCHOR.date()), "judge_anchor": str(TRAIN_ANCHOR.date()),
-                        "window_days": TRAIN_WINDOW_DAYS, "criterion": "ROC-AUC", "tried": tried,
+        "inner_split": {"learn_anchor": str(INNER_ANCHOR.date()), "label_window_days": INNER_WINDOW_DAYS,
+                        "judge_anchor": str(INNER_JUDGE.date()), "judge_horizon_days": INNER_HORIZON_DAYS,
+                        "criterion": "ROC-AUC", "tried": tried,
                         "seconds": round(choose_seconds, 1)},
         "bgnbd": {**bgnbd_scored(truth, bg_p, bg_m), "params": bg_params, "seconds": round(bg_seconds, 1)},
     }

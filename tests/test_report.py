@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from test_segments import planted
 
+from insertrec.cli import main
 from insertrec.report import EVIDENCE, MATERIAL_SHARE, build_report, evidence_warnings, recommendation, render_report
 from insertrec.segments import SegmentModel
 from insertrec.training import TrainConfig, train
@@ -124,6 +125,14 @@ def test_facts_of_a_trained_model_add_up(trained: Path, facts: dict) -> None:
 @pytest.fixture(scope="module")
 def page(facts: dict) -> str:
     return render_report(facts, currency="EUR")
+
+
+def test_segments_command_writes_the_page_in_the_currency_asked_for(trained: Path, tmp_path: Path) -> None:
+    assert main(["segments", "--model", str(trained), "--out", str(tmp_path / "a"), "--currency", "EUR"]) == 0
+    assert "amounts in EUR" in (tmp_path / "a" / "report.html").read_text()
+    assert main(["segments", "--model", str(trained), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "report.html").read_text() == (trained / "report.html").read_text()
+    assert "amounts in currency units" in (tmp_path / "b" / "report.html").read_text()
 
 
 def test_self_contained(page: str) -> None:
