@@ -30,6 +30,7 @@ import pandas as pd
 
 from insertrec.policy import Policy
 from insertrec.schema import JOURNEY_STAGES, NPS_TIERS
+from insertrec.valuemodel import BoxGrid
 
 __all__ = ["EVIDENCE", "MATERIAL_SHARE", "build_report", "evidence_warnings", "recommendation", "render_report",
            "segment_outcomes"]
@@ -78,8 +79,8 @@ def _feature_words(name: str, action_names: dict[str, str]) -> str:
     return f"{words}: {level}" if level else words
 
 
-def _drivers(policy: Policy, phi: np.ndarray, rules: np.ndarray, slot: int, action: int,
-             top: int = 3) -> list[dict]:
+def _drivers(policy: Policy, grid: BoxGrid, names: list[str], phi: np.ndarray, rules: np.ndarray, slot: int,
+             action: int, top: int = 3) -> list[dict]:
     """What moves ``action``'s value over the slot default the most for this segment, largest first.
 
     The value model is linear in the features per action, so the segment's
@@ -88,11 +89,9 @@ def _drivers(policy: Policy, phi: np.ndarray, rules: np.ndarray, slot: int, acti
     terms that are not features are named too: the action's effect on every
     customer (the intercept) and the playbook bonus where the rules pick it.
     """
-    grid = policy.value_model.box_grid
     column = grid.columns[slot]
     mean_phi = phi.mean(axis=0)
     effect = mean_phi * (grid.weights[:, column + action] - grid.weights[:, column + policy.space.defaults[slot]])
-    names = policy.encoder.feature_names_
     action_names = {a.id: a.name for s in policy.catalog.slots.values() for a in s.actions}
     words = ["every customer (its base effect)" if n == "intercept" else _feature_words(n, action_names)
              for n in names]
@@ -112,10 +111,10 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
     customers with a 90% interval over customers; exploration is left out.
     """
     recent = feats.groupby("customer_id", sort=False).tail(1).reset_index(drop=True)
-    ids = recent["customer_id"].astype(str)
-    seg = segment_of.reindex(ids).to_numpy()
+    all_ids = recent["customer_id"].astype(str)
+    seg = segment_of.reindex(all_ids).to_numpy()
     keep = ~pd.isna(seg)
-    recent, seg, ids = recent[keep].reset_index(drop=True), seg[keep].astype(int), ids[keep].to_numpy()
+    recent, seg, ids = recent[keep].reset_index(drop=True), seg[keep].astype(int), all_ids.to_numpy()[keep]
     catalog, space = policy.catalog, policy.space
     eligible, rules = catalog.assess(recent)
     columns, defaults = np.array(catalog.columns), np.array(space.defaults)
@@ -124,9 +123,10 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
     chosen = policy.decide_frame(recent, explore=False).greedy
     flat_costs = np.concatenate([s.costs for s in catalog.slots.values()])
     cost = flat_costs[chosen + columns].sum(axis=1)
-    model = policy.value_model
-    if model is not None:
-        phi = policy.encoder.transform(recent)
+    model, encoder = policy.value_model, policy.encoder
+    names: list[str] = []
+    if model is not None and encoder is not None:
+        phi, names = encoder.transform(recent), encoder.feature_names_
         grid, rule_columns = model.box_grid, rules + model.box_grid.columns
         v_chosen = grid.value(phi, rule_columns, chosen)
         per_order = model.baseline(phi) + v_chosen
@@ -149,7 +149,7 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
             elif top == defaults[s]:
                 note = "kept at the default: no alternative adds value for most of them"
             else:
-                why, note = _drivers(policy, phi[m], rules[m], s, top), ""
+                why, note = _drivers(policy, grid, names, phi[m], rules[m], s, top), ""
             picks = [{"action_id": slot.actions[a].id, "action_name": slot.actions[a].name,
                       "share": float(counts[a]), "default": bool(a == defaults[s])}
                      for a in np.argsort(-counts, kind="stable") if counts[a] > 0]
