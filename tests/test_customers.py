@@ -138,7 +138,7 @@ def test_ranked_carry_over_keeps_the_carried_probabilities_in_the_window_order()
     frame, future20, _ = population(6000, seed=7, horizon=20.0)
     model = RepeatModel(horizon_days=60, **FAST).fit(frame, future20, window_days=20)
     fresh, future60, _ = population(4000, seed=8, horizon=60.0)
-    own = model.predict_frame(fresh)
+    own = model.set_params(carry_over="customer").predict_frame(fresh)
     ranked = model.set_params(carry_over="ranked").predict_frame(fresh)
     window = model.set_params(horizon_days=20).predict_p_repeat(fresh)
     # The same probabilities (so the same share coming back), in the window's order.
