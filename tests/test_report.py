@@ -3,7 +3,8 @@
 The browser tests open the page in headless Chromium from the distribution
 (``.ci/system-packages`` installs it): a copy of the page gets a measuring
 script appended (the page itself has none), Chromium runs it and prints the
-DOM with the measurements, and a screenshot is kept for people to look at.
+DOM with the measurements, and a screenshot is kept for people to look at
+(in ``$REPORT_SCREENSHOTS`` when set, else the test's temporary directory).
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def facts(trained: Path) -> dict:
 def lost_to_rules(facts: dict) -> dict:
     """The same facts, had the holdout shown the engine worse than the playbook."""
     out = copy.deepcopy(facts)
+    diff = {"value": -1.2, "low": -2.0, "high": -0.3}
     out["warnings"] = evidence_warnings({"repeat_auc": 0.43, "ess": 50.0, "lift_vs_rules": -0.04},
-                                        {"orders": 250, "playbook_slots": ["coupon"],
-                                         "model_minus_rules": {"value": -1.2, "low": -2.0, "high": -0.3}}, "model")
+                                        {"orders": 250, "playbook_slots": ["coupon"], "model_minus_rules": diff},
+                                        "model")
+    out["repeat_auc"], out["holdout"]["model_minus_rules"] = 0.43, diff
+    for seg in out["segments"]:
+        seg["action"] = recommendation(seg["engine"], engine_lost=True)
     return out
 
 
@@ -195,7 +200,7 @@ _MEASURE = """<script>
     warnings: document.querySelectorAll('.warnings li').length,
     segments: [...document.querySelectorAll('section.segment')].map(s => ({
       value: shown(s.querySelector('.value')), uplift: shown(s.querySelector('.uplift')),
-      action: shown(s.querySelector('.action'))}))};
+      action: shown(s.querySelector('.action')) ? s.querySelector('.action p').textContent : ''}))};
   const pre = document.createElement('pre'); pre.id = 'measured';
   pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
 })();
@@ -248,5 +253,7 @@ def test_reads_well_in_a_browser(facts: dict, width: int, tmp_path: Path) -> Non
 
 
 def test_warnings_show_in_a_browser_when_the_engine_lost(facts: dict, tmp_path: Path) -> None:
-    seen = open_in_chromium(render_report(lost_to_rules(facts)), 800, tmp_path)
+    shot = Path(os.environ.get("REPORT_SCREENSHOTS", tmp_path)) / "report-lost-800.png"
+    seen = open_in_chromium(render_report(lost_to_rules(facts)), 800, tmp_path, screenshot=shot)
     assert seen["warnings"] == 5 and seen["scroll"] <= seen["width"]
+    assert all(s["action"].startswith("Keep the playbook: on the holdout") for s in seen["segments"])

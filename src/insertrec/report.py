@@ -147,7 +147,7 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
             elif slot_name in policy.playbook_slots:
                 note = "the playbook decides this slot: on the holdout the engine did worse than it here"
             elif top == defaults[s]:
-                note = "kept at the default: no alternative adds value for most of them"
+                note = "most get the default: for them no alternative adds value"
             else:
                 why, note = _drivers(policy, grid, names, phi[m], rules[m], s, top), ""
             picks = [{"action_id": slot.actions[a].id, "action_name": slot.actions[a].name,
