@@ -126,7 +126,7 @@ class SegmentModel(BaseEstimator):
                 labels = KMeans(k, n_init=self.n_init, random_state=self.random_state).fit_predict(sample)
                 scores[k] = silhouette_score(sample, labels) if len(np.unique(labels)) > 1 else -1.0
             # Too few distinct customers for the range: one segment, no silhouette to speak of.
-            self.k_ = max(scores, key=scores.get) if scores else 1
+            self.k_ = max(scores, key=lambda k: scores[k]) if scores else 1
             self.silhouette_ = float(scores[self.k_]) if scores else float("nan")
             self.kmeans_ = KMeans(self.k_, n_init=self.n_init, random_state=self.random_state).fit(x)
         labels = self.kmeans_.labels_
@@ -209,10 +209,10 @@ def _names(profile: pd.DataFrame, base: dict[str, float]) -> list[str]:
     heads, extras = [], []
     for _, seg in profile.iterrows():
         stage_shares = seg[[f"stage_{s}" for s in JOURNEY_STAGES]].astype(float)
-        stage = stage_shares.idxmax().removeprefix("stage_")
+        stage = str(stage_shares.idxmax()).removeprefix("stage_")
         stage_word = stage.capitalize() if stage_shares.max() >= 0.5 else "Mixed"
         known = seg[[f"nps_{t}" for t in _PLURAL]].astype(float)
-        tier = known.idxmax().removeprefix("nps_")
+        tier = str(known.idxmax()).removeprefix("nps_")
         value = _ratio(seg["mean_value"], base["mean_value"])
         value_word = "high-value " if value >= 1.5 else "low-value " if value <= 0.6 else ""
         if known.max() >= 0.4:
@@ -272,13 +272,13 @@ def _descriptions(profile: pd.DataFrame, base: dict[str, float]) -> list[str]:
     for _, seg in profile.iterrows():
         stage = seg[[f"stage_{s}" for s in JOURNEY_STAGES]].astype(float)
         nps = seg[[f"nps_{t}" for t in NPS_TIERS]].astype(float)
-        tier = nps.idxmax().removeprefix("nps_")
+        tier = str(nps.idxmax()).removeprefix("nps_")
         nps_words = (f"{nps.max():.0%} never answered the NPS survey" if tier == "unknown"
                      else f"{nps.max():.0%} {_PLURAL[tier]}")
         value = _ratio(seg["mean_value"], base["mean_value"])
         out.append(
             f"{seg['orders_per_customer']:.1f} orders and {seg['mean_value']:,.0f} spent per customer "
-            f"({value:.1f}x the average); {stage.max():.0%} {stage.idxmax().removeprefix('stage_')}; "
+            f"({value:.1f}x the average); {stage.max():.0%} {str(stage.idxmax()).removeprefix('stage_')}; "
             f"{nps_words}; {seg['p_repeat']:.0%} likely to order again within the horizon."
         )
     return out
