@@ -39,6 +39,9 @@ from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import DataError, Problem
 
+__all__ = ["BGNBD", "REQUIRED_COLUMNS", "RepeatModel", "RepeatResult", "fit_repeat", "order_counts",
+           "repeat_metrics"]
+
 # Columns the model needs; everything else in the frame is optional context.
 REQUIRED_COLUMNS: tuple[str, ...] = ("customer_id", "prior_orders", "recency_days", "tenure_days")
 _NOT_INPUTS = ("customer_id", "first_order_ts", "last_order_ts")

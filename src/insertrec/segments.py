@@ -28,6 +28,8 @@ from threadpoolctl import threadpool_limits
 from insertrec.errors import DataError, Problem
 from insertrec.schema import JOURNEY_STAGES, NPS_TIERS
 
+__all__ = ["LIKELY", "REQUIRED_COLUMNS", "SEGMENTS_CSV_COLUMNS", "UNLIKELY", "SegmentModel", "customer_stage"]
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("customer_id", "prior_orders", "recency_days", "tenure_days",
                                      "total_spend", "nps_tier", "journey_stage", "p_repeat",
                                      "expected_orders")
