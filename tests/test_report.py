@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_segments import planted
@@ -99,6 +100,7 @@ def test_recommendation_follows_the_uplift_and_the_holdout() -> None:
 
 
 def test_facts_of_a_trained_model_add_up(trained: Path, facts: dict) -> None:
+    assert "NaN" not in (trained / "report.json").read_text()      # strict JSON, readable anywhere
     segments = pd.read_csv(trained / "segments.csv")
     assert len(facts["segments"]) == segments["segment_id"].nunique()
     assert sum(s["customers"] for s in facts["segments"]) == len(segments)
@@ -187,6 +189,11 @@ def test_returns_and_nps_only_when_the_data_has_them() -> None:
     assert "What to do" not in html and all(n in html for n in model.names_)
     with_returns = build_report(model.profiles(), customers.assign(return_rate=0.1), shop="x", period=PERIOD)
     assert "Return rate" in render_report(with_returns)
+    # A segment with no customers left (KMeans can leave one empty) still draws, as "n/a".
+    empty = model.profiles()
+    empty.loc[0, [c for c in empty if c not in ("segment_id", "segment_name", "description")]] = np.nan
+    empty.loc[0, ["customers", "share"]] = 0      # as SegmentModel fills an empty cluster
+    assert "n/a" in render_report(build_report(empty, customers, shop="x", period=PERIOD))
 
 
 # -- in a browser -----------------------------------------------------------------------------------

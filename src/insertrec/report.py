@@ -264,7 +264,7 @@ def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, 
     segments = []
     for row in profiles.to_dict("records"):
         facts = outcomes.get(int(row["segment_id"]))
-        seg = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+        seg = dict(row)
         if facts is not None:
             seg |= {"engine": facts, "action": recommendation(facts, lost)}
         segments.append(seg)
@@ -274,23 +274,38 @@ def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, 
                    "rules": (ope.get("rules") or {}).get("dr"), "model_minus_rules": diff or None,
                    "lift_vs_rules": metrics.get("lift_vs_rules"), "ess": metrics.get("ess")}
     stamp = lambda k: None if pd.isna(period.get(k)) else pd.Timestamp(period[k]).date().isoformat()
-    return {"shop": shop, "version": version, "currency": currency, "policy": kind,
+    return _plain({"shop": shop, "version": version, "currency": currency, "policy": kind,
             "as_of": stamp("as_of"), "data_from": stamp("data_from"), "data_to": stamp("data_to"),
             "horizon_days": int(period.get("horizon_days", 60)), **_customer_figures(customers),
             "repeat_auc": metrics.get("repeat_auc"), "holdout": holdout, "warnings": warnings,
-            "segments": segments}
+            "segments": segments})
+
+
+def _plain(value: Any) -> Any:
+    """JSON's own types throughout: NumPy scalars unwrapped, NaN and infinities as null (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 # -- drawing --------------------------------------------------------------------------------------
 
+def _number(v: float | None, spec: str) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else format(v, spec)
+
+
 def _money(v: float | None, signed: bool = False) -> str:
-    if v is None or not np.isfinite(v):
-        return "n/a"
-    return f"{v:+,.2f}" if signed else f"{v:,.2f}"
+    return _number(v, "+,.2f" if signed else ",.2f")
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None or not np.isfinite(v) else f"{v:.0%}"
+    return _number(v, ".0%")
 
 
 def _share_of(used: float, available: float) -> str:
@@ -300,8 +315,8 @@ def _share_of(used: float, available: float) -> str:
     return "under 1%" if 0 < share < 0.01 else f"{share:.0%}"
 
 
-def _count(v: float) -> str:
-    return f"{v:,.0f}"
+def _count(v: float | None) -> str:
+    return _number(v, ",.0f")
 
 
 def _label(y: float, text: str) -> str:
@@ -336,7 +351,7 @@ def _stacked(names: list[str], shares: list[dict[str, float]], colors: dict[str,
         y, x = i * _ROW_H, float(_LABEL_W)
         parts = [_label(y, name)]
         for level, color in colors.items():
-            share = float(mix.get(level, 0.0))
+            share = float(mix.get(level) or 0.0)
             w = _BAR_W * share
             if w <= 0:
                 continue
@@ -446,9 +461,9 @@ def _table(report: dict, money: str) -> str:
     cols = [("Customers", lambda s: _count(s["customers"])), ("Share", lambda s: _pct(s["share"])),
             (f"Avg spend ({money})", lambda s: _money(s["mean_value"])),
             (f"Avg order ({money})", lambda s: _money(s["mean_order_value"])),
-            ("Orders each", lambda s: f"{s['orders_per_customer']:.1f}"),
+            ("Orders each", lambda s: _number(s["orders_per_customer"], ".1f")),
             ("Chance to order again", lambda s: _pct(s["p_repeat"])),
-            ("Expected orders", lambda s: f"{s['expected_orders']:.2f}")]
+            ("Expected orders", lambda s: _number(s["expected_orders"], ".2f"))]
     if report["returns_recorded"]:
         cols.append(("Return rate", lambda s: _pct(s["return_rate"])))
     head = "<tr><th>Segment</th>" + "".join(f"<th>{escape(c)}</th>" for c, _ in cols) + "</tr>"
@@ -462,7 +477,7 @@ def _table(report: dict, money: str) -> str:
 def _summary(report: dict) -> str:
     segs = report["segments"]
     biggest = max(segs, key=lambda s: s["customers"])
-    best = max(segs, key=lambda s: s["p_repeat"] if s["p_repeat"] == s["p_repeat"] else -1)
+    best = max(segs, key=lambda s: -1.0 if s["p_repeat"] is None else s["p_repeat"])
     kpis = [(_count(report["customers"]), "customers"), (str(len(segs)), "segments"),
             (_pct(report["mean_p_repeat"]), f"average chance to order again within {report['horizon_days']} days"),
             (_count(report["expected_orders"]), "orders expected within that time")]

@@ -189,7 +189,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     manifest = modeldir.save(out, {"engine": {"policy": policy, "params": params, "snapshot": snapshot,
                                               "segments": segments_map}},
                              {"catalog.yaml": catalog.text, "segments.csv": seg_csv.to_csv(index=False),
-                              "report.html": render_report(facts), "report.json": json.dumps(facts, indent=2),
+                              "report.html": render_report(facts), "report.json": json.dumps(facts, indent=2, allow_nan=False),
                               "ope.json": json.dumps(ope_report, indent=2, default=str)},
                              info)
     return TrainResult(Path(out), metrics, manifest, notes)
