@@ -99,6 +99,7 @@ def test_recommendation_follows_the_uplift_and_the_holdout() -> None:
     assert recommendation(tiny | {"value_per_order": {"value": 20.0}}, engine_lost=False).startswith("Switch")
 
 
+@pytest.mark.slow
 def test_facts_of_a_trained_model_add_up(trained: Path, facts: dict) -> None:
     assert "NaN" not in (trained / "report.json").read_text()      # strict JSON, readable anywhere
     segments = pd.read_csv(trained / "segments.csv")
@@ -134,6 +135,7 @@ def page(facts: dict) -> str:
     return render_report(facts, currency="EUR")
 
 
+@pytest.mark.slow
 def test_segments_command_writes_the_page_in_the_currency_asked_for(trained: Path, tmp_path: Path) -> None:
     assert main(["segments", "--model", str(trained), "--out", str(tmp_path / "a"), "--currency", "EUR"]) == 0
     assert "amounts in EUR" in (tmp_path / "a" / "report.html").read_text()
@@ -142,6 +144,7 @@ def test_segments_command_writes_the_page_in_the_currency_asked_for(trained: Pat
     assert "amounts in currency units" in (tmp_path / "b" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_self_contained(page: str) -> None:
     assert "<script" not in page.lower()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", page, re.I)
@@ -149,6 +152,7 @@ def test_self_contained(page: str) -> None:
     assert page.count("<svg") >= 4       # size, value, propensity, stage
 
 
+@pytest.mark.slow
 def test_page_names_shop_period_horizon_and_currency(page: str, facts: dict) -> None:
     title = re.search(r"<h1>(.*?)</h1>", page).group(1)
     assert "world" in title and facts["version"] not in title
@@ -159,6 +163,7 @@ def test_page_names_shop_period_horizon_and_currency(page: str, facts: dict) -> 
     assert not re.search(r"\d\.\d{4,}", page)  # no raw floats like 0.2345678
 
 
+@pytest.mark.slow
 def test_every_segment_says_what_to_do(page: str, facts: dict) -> None:
     sections = re.findall(r'<section class="segment" id="segment-\d+">(.*?)</section>', page, re.S)
     assert len(sections) == len(facts["segments"])
@@ -168,6 +173,7 @@ def test_every_segment_says_what_to_do(page: str, facts: dict) -> None:
         assert seg["action"] in html.replace("&#x27;", "'")
 
 
+@pytest.mark.slow
 def test_hostile_text_is_escaped(facts: dict) -> None:
     hostile = copy.deepcopy(facts)
     hostile["shop"] = "<script>alert(1)</script> & co"
@@ -248,6 +254,7 @@ def open_in_chromium(html: str, width: int, tmp: Path, screenshot: Path | None =
     return json.loads(found.group(1).replace("&quot;", '"'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [800, 1280])
 def test_reads_well_in_a_browser(facts: dict, width: int, tmp_path: Path) -> None:
     shot = Path(os.environ.get("REPORT_SCREENSHOTS", tmp_path)) / f"report-{width}.png"
@@ -259,6 +266,7 @@ def test_reads_well_in_a_browser(facts: dict, width: int, tmp_path: Path) -> Non
     assert seen["warnings"] == len(facts["warnings"])
 
 
+@pytest.mark.slow
 def test_warnings_show_in_a_browser_when_the_engine_lost(facts: dict, tmp_path: Path) -> None:
     shot = Path(os.environ.get("REPORT_SCREENSHOTS", tmp_path)) / "report-lost-800.png"
     seen = open_in_chromium(render_report(lost_to_rules(facts)), 800, tmp_path, screenshot=shot)
