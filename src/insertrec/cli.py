@@ -106,8 +106,15 @@ def cmd_segments(args: argparse.Namespace) -> None:
     modeldir.verify(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("segments.csv", "report.html"):
-        shutil.copyfile(Path(args.model) / name, out / name)
+    shutil.copyfile(Path(args.model) / "segments.csv", out / "segments.csv")
+    facts = Path(args.model) / "report.json"
+    if facts.exists():   # drawn again, in the currency asked for (models before report.json: copied)
+        from insertrec.report import render_report
+
+        page = render_report(json.loads(facts.read_text(encoding="utf-8")), currency=args.currency)
+        (out / "report.html").write_text(page, encoding="utf-8")
+    else:
+        shutil.copyfile(Path(args.model) / "report.html", out / "report.html")
     print(f"wrote {out / 'segments.csv'} and {out / 'report.html'}")
 
 
@@ -184,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("segments", help="write segments.csv and report.html for marketers")
     c.add_argument("--model", required=True)
     c.add_argument("--out", required=True)
+    c.add_argument("--currency", default=None,
+                   help='what the report calls amounts, e.g. EUR (default: "currency units")')
     c.set_defaults(fn=cmd_segments)
 
     c = sub.add_parser("recommend", help="batch decisions for a file of orders")

@@ -27,7 +27,7 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.evaluation import LoggedOrders, evaluate, judge_for, logged_orders, rules_actions, worse_slots
 from insertrec.policy import Policy
-from insertrec.report import render_report
+from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
 from insertrec.valuemodel import ValueModel
 
@@ -111,26 +111,6 @@ def _judged_on_holdout(candidate: Policy, feats: pd.DataFrame, holdout: LoggedOr
     return deferred, ope_metrics, ope_report
 
 
-def _treatments(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
-                names: dict[int, str]) -> pd.DataFrame:
-    """What each segment receives under the policy, on its customers' recent orders."""
-    recent = feats.groupby("customer_id", sort=False).tail(1)
-    batch = policy.decide_frame(recent, explore=False)
-    seg = segment_of.reindex(recent["customer_id"].astype(str)).to_numpy()
-    rows = []
-    for s, slot in enumerate(policy.slot_names):
-        actions = batch.greedy[:, s]
-        frame = pd.DataFrame({"segment_id": seg, "action": actions}).dropna()
-        shares = frame.groupby("segment_id")["action"].value_counts(normalize=True)
-        for (segment_id, a), share in shares.items():
-            act = policy.catalog.slots[slot].actions[int(a)]
-            why = ("marketer's playbook" if policy.value_model is None
-                   else "highest estimated net value for these customers")
-            rows.append({"segment_id": int(segment_id), "slot": slot, "action_id": act.id,
-                         "action_name": act.name, "share": float(share), "why": why})
-    return pd.DataFrame(rows, columns=["segment_id", "slot", "action_id", "action_name", "share", "why"])
-
-
 def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
           progress: Callable[[str], None] = lambda step: None) -> TrainResult:
     """Learn segments, repurchase propensity and the box policy; write the model directory."""
@@ -196,9 +176,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
 
     progress("report")
     seg_csv = seg_model.segments_csv(customers)
-    treatments = _treatments(policy, feats, segment_of, names)
-    html = render_report(seg_model.profiles(), customers, treatments=treatments, metrics=metrics,
-                         title=f"insertrec segments, model {version}")
+    facts = build_report(seg_model.profiles(), customers, shop=Path(data.source or "").name, period={
+        "as_of": cutoff, "data_from": history.orders["order_ts"].min(), "data_to": history.orders["order_ts"].max(),
+        "horizon_days": config.horizon_days}, metrics=metrics, ope=ope_report, policy=policy, feats=feats,
+        version=version)
     progress("save")
     info = {"version": version, "cutoff": cutoff.isoformat(), "catalog_sha256": catalog.sha256,
             "data_fingerprint": fingerprint, "feature_list": policy.encoder.feature_names_
@@ -208,7 +189,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     manifest = modeldir.save(out, {"engine": {"policy": policy, "params": params, "snapshot": snapshot,
                                               "segments": segments_map}},
                              {"catalog.yaml": catalog.text, "segments.csv": seg_csv.to_csv(index=False),
-                              "report.html": html, "ope.json": json.dumps(ope_report, indent=2, default=str)},
+                              "report.html": render_report(facts), "report.json": json.dumps(facts, indent=2, allow_nan=False),
+                              "ope.json": json.dumps(ope_report, indent=2, default=str)},
                              info)
     return TrainResult(Path(out), metrics, manifest, notes)
 
