@@ -113,10 +113,10 @@ def cmd_segments(args: argparse.Namespace) -> None:
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     from insertrec.data import load_orders_file
+    from insertrec.decide import Decider
     from insertrec.engine import Engine
 
-    engine = Engine.load(args.model)
-    decisions = engine.decide_batch(load_orders_file(args.orders))
+    decisions = Decider(Engine.load(args.model)).decide_batch(load_orders_file(args.orders))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":

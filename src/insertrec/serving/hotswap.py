@@ -5,8 +5,8 @@ to the end, so a swap (one reference assignment) never changes an engine
 under a request in flight. A new engine is loaded completely in a
 background thread before it is swapped in; if it fails to load, the worker
 keeps what it had (or the catalog's rules) and reports degraded with the
-reason. A model that fails *at decision time* is handled by the caller,
-which answers from ``fallback``.
+reason. A model that fails *at decision time* is answered for by the rules
+in ``fallback`` (see `Loaded.decider`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from insertrec.catalog import Catalog
+from insertrec.decide import Decider
 from insertrec.engine import Engine
 from insertrec.errors import InsertrecError
 from insertrec.registry import resolve_model
@@ -48,6 +49,11 @@ class Loaded:
     @property
     def version(self) -> str:
         return (self.engine or self.fallback).version
+
+    @cached_property
+    def decider(self) -> Decider:
+        """Where this worker's boxes are decided: the model, and the rules answering for it."""
+        return Decider(self.engine, self.fallback)
 
     @cached_property
     def limited(self) -> frozenset[str]:
