@@ -215,14 +215,15 @@ class Policy:
         return out
 
     # -- one order ------------------------------------------------------------
-    def decide_one(self, record: dict, unavailable: frozenset[str] = frozenset(),
+    def decide_one(self, row: dict, unavailable: frozenset[str] = frozenset(),
                    segment: str | None = None) -> Decision:
-        """Decide one order given its features as a dict: the service's fast path."""
-        eligible, rules = self.catalog.assess_one(record)
-        phi = None if self.encoder is None else self.encoder.transform_one(record)[None, :]
-        batch = self._decide(np.array([str(record["order_id"])]), phi, eligible[None, :], rules[None, :],
+        """Decide one order given its feature row as a dict (`CustomerState.features`): the
+        service's fast path."""
+        eligible, rules = self.catalog.assess_one(row)
+        phi = None if self.encoder is None else self.encoder.transform_one(row)[None, :]
+        batch = self._decide(np.array([str(row["order_id"])]), phi, eligible[None, :], rules[None, :],
                              unavailable, True, alternatives=True)
-        return self.explain(batch, 0, record, None if phi is None else phi[0], segment)
+        return self.explain(batch, 0, row, None if phi is None else phi[0], segment)
 
     # -- core -----------------------------------------------------------------
     def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: np.ndarray,
@@ -305,11 +306,11 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0)
 
     # -- reasons --------------------------------------------------------------
-    def explain(self, batch: BatchDecisions, i: int, record: dict, phi: np.ndarray | None,
+    def explain(self, batch: BatchDecisions, i: int, row: dict, phi: np.ndarray | None,
                 segment: str | None = None) -> Decision:
-        """Turn row ``i`` of a batch into a Decision with notes, reasons and alternatives;
-        ``phi`` is the order's encoded features (None for a rules-only policy)."""
-        who = " ".join(w for w in (str(record.get("journey_stage", "")), str(record.get("nps_tier", "")))
+        """Turn order ``i`` of a batch into a Decision with notes, reasons and alternatives;
+        ``row`` is its feature row, ``phi`` its encoded features (None for a rules-only policy)."""
+        who = " ".join(w for w in (str(row.get("journey_stage", "")), str(row.get("nps_tier", "")))
                        if w and w != "unknown")
         actions, explored = batch.actions[i].tolist(), batch.explored[i].tolist()
         propensities = batch.propensities[i].tolist()

@@ -1,6 +1,6 @@
 """The engine a worker decides with, and how it is replaced without failing a request.
 
-A request reads `EngineSlot.current` once and decides with that `Loaded`
+A request reads `ModelHolder.current` once and decides with that `Loaded`
 to the end, so a swap (one reference assignment) never changes an engine
 under a request in flight. A new engine is loaded completely in a
 background thread before it is swapped in; if it fails to load, the worker
@@ -75,7 +75,7 @@ class Loaded:
         return int(as_of.value) if as_of is not None else -(2**63)
 
 
-class EngineSlot:
+class ModelHolder:
     """Holds the current `Loaded` of one worker and replaces it on request.
 
     Parameters

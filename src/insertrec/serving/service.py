@@ -34,7 +34,7 @@ import orjson
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
 from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock, Recorded
-from insertrec.serving.hotswap import EngineSlot, Loaded
+from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
 
@@ -59,7 +59,7 @@ class DecisionService:
 
     Parameters
     ----------
-    slot : the worker's engines (hot-swappable).
+    holder : the worker's model (hot-swappable).
     log : the decision log.
     metrics : where stage timings, decisions and fallbacks are counted.
     cache_size : customers whose folded state is kept between requests; the
@@ -67,8 +67,8 @@ class DecisionService:
         saves work, never correctness.
     """
 
-    def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
-        self.slot, self.log, self.metrics = slot, log, metrics
+    def __init__(self, holder: ModelHolder, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
+        self.holder, self.log, self.metrics = holder, log, metrics
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -78,7 +78,7 @@ class DecisionService:
 
     async def decide(self, order: OrderIn, watch: Stopwatch) -> tuple[str, bool]:
         """The response JSON for ``order`` and whether it is a stored one (a retry)."""
-        loaded = self.slot.current
+        loaded = self.holder.current
         if loaded is None:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
