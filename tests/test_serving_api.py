@@ -76,10 +76,9 @@ def test_contact_cap_holds_for_a_returning_customer(tmp_path):
 
 def test_the_service_state_follows_the_customer(client):
     first = decide(client, order(1, customer="anna")).json()
-    assert "new" in first["slots"]["insert"]["pick_note"] or first["policy"] == "explore"
+    assert first["slots"]["insert"]["action_id"] == "thank_you_card" or first["policy"] == "explore"  # new
     second = decide(client, order(2, customer="anna")).json()
-    assert "developing" in second["slots"]["insert"]["pick_note"] + second["slots"]["packaging"]["pick_note"] \
-        or second["policy"] == "explore"
+    assert second["slots"]["insert"]["action_id"] == "survey_card" or second["policy"] == "explore"  # developing
     r = client.post("/v1/outcomes", json={"order_id": "o-2", "type": "nps", "score": 2}, headers=auth(FEEDBACK))
     assert r.status_code == 200 and r.json()["recorded"] is True
     third = decide(client, order(3, customer="anna")).json()

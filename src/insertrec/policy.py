@@ -223,7 +223,7 @@ class Policy:
         phi = None if self.encoder is None else self.encoder.transform_one(row)[None, :]
         batch = self._decide(np.array([str(row["order_id"])]), phi, eligible[None, :], rules[None, :],
                              unavailable, True, alternatives=True)
-        return self.explain(batch, 0, row, None if phi is None else phi[0], segment)
+        return self.explain(batch, 0, None if phi is None else phi[0], segment)
 
     # -- core -----------------------------------------------------------------
     def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: np.ndarray,
@@ -306,14 +306,16 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0)
 
     # -- reasons --------------------------------------------------------------
-    def explain(self, batch: BatchDecisions, i: int, row: dict, phi: np.ndarray | None,
+    def explain(self, batch: BatchDecisions, i: int, phi: np.ndarray | None,
                 segment: str | None = None) -> Decision:
         """Turn order ``i`` of a batch into a Decision with notes, reasons and alternatives;
-        ``row`` is its feature row, ``phi`` its encoded features (None for a rules-only policy)."""
-        who = " ".join(w for w in (str(row.get("journey_stage", "")), str(row.get("nps_tier", "")))
-                       if w and w != "unknown")
-        actions, explored = batch.actions[i].tolist(), batch.explored[i].tolist()
-        propensities = batch.propensities[i].tolist()
+        ``phi`` is its encoded features (None for a rules-only policy).
+
+        The pick note is for the warehouse packer: it describes the item (the catalog's ``note``),
+        never the customer. A slot says it explored only when the draw changed its action: an
+        exploration draw that lands on the best action leaves the box as the model chose it."""
+        actions, greedy = batch.actions[i].tolist(), batch.greedy[i].tolist()
+        explored, propensities = batch.explored[i].tolist(), batch.propensities[i].tolist()
         drivers = self._drivers(actions, phi)
         slots = {}
         for s, name in enumerate(self.slot_names):
@@ -321,16 +323,15 @@ class Policy:
             scores, eligible = batch.alt_scores[s][i].tolist(), batch.eligible[s][i].tolist()
             ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
-            reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] if explored[s] else []
+            reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] \
+                if a != greedy[s] else []
             if self.value_model is None or name in self.playbook_slots:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
                 if a != d:
                     reasons.extend(drivers[s])
-            note = self._notes[s][a]
-            slots[name] = SlotChoice(self._ids[s][a], propensities[s],
-                                     f"{note}: {who}" if who and a != d else note, tuple(reasons),
+            slots[name] = SlotChoice(self._ids[s][a], propensities[s], self._notes[s][a], tuple(reasons),
                                      tuple((self._ids[s][j], scores[j]) for j in ranked))
         label = "explore" if any(explored) else self.name
         uplift = None if batch.uplift is None else round(float(batch.uplift[i]), 4)
