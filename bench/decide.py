@@ -114,7 +114,7 @@ def single(engine: Engine, recs: list[dict]) -> dict:
         "eligibility_rules": timed(lambda i: policy.catalog.assess_one(feats[i]), idx),
         "encode": timed(lambda i: policy.encoder.transform_one(feats[i]) if policy.encoder else None, idx),
         "score": timed(score, idx),
-        "explain": timed(lambda i: policy.explain(batches[i], 0, None if phis[i] is None else phis[i][0],
+        "explain": timed(lambda i: policy._explain(batches[i], 0, None if phis[i] is None else phis[i][0],
                                                   engine.segments.get(str(recs[i]["customer_id"]))), idx),
     }
     decide = timed(engine.decide, recs)

@@ -164,7 +164,7 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
     for record in records(trained[1])[:150]:
         decision = policy.decide_one(record)
         json.dumps(decision.as_dict(), allow_nan=False)        # what the service answers: no inf/NaN
-        eligible = policy.catalog.eligible_one(record)
+        eligible = {slot: ok[0] for slot, ok in policy.catalog.eligible(pd.DataFrame([record])).items()}
         for s, (name, choice) in enumerate(decision.slots.items()):
             ids = [a for a, _ in choice.alternatives]
             scores = [score for _, score in choice.alternatives]

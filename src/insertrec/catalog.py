@@ -7,10 +7,9 @@ The module has three parts, in this order:
    ``CatalogError`` naming the line and the field (``slots.insert.actions[2].cost``).
    Indices in field paths count from 0, as in the rules' indices.
 2. The condition language of ``when``, evaluated vectorised on a frame of
-   order features (``mask``) or on one order given as a dict (``compile``: a
-   closure over the condition's constants, the HTTP fast path; ``holds`` is
-   the same closure for a one-off test). Both follow the same rules, value by
-   value.
+   order features (``mask``) or on one order's feature row given as a dict
+   (``compile``: a closure over the condition's constants, built once, the
+   HTTP fast path). Both follow the same rules, value by value.
 3. The catalog model: ``Cap``, ``Action``, ``Slot``, ``Rule``, ``Catalog``.
 """
 
@@ -33,6 +32,8 @@ import yaml
 
 from insertrec.errors import CatalogError
 from insertrec.schema import CATEGORY_VALUES, FEATURES, SLOTS, is_feature_name
+
+__all__ = ["Action", "Assessment", "Cap", "Catalog", "Check", "Condition", "Membership", "Range", "Rule", "Slot"]
 
 # ---------------------------------------------------------------------------
 # 1. YAML with line numbers
@@ -225,7 +226,7 @@ def _numbers(column: pd.Series) -> np.ndarray:
     """``_number`` over a column, vectorised for the typed columns the feature builder produces."""
     if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=float, na_value=np.nan)
-    if column.dtype == object:  # mixed types: a value's own type decides, as in `holds`
+    if column.dtype == object:  # mixed types: a value's own type decides, as in `compile`
         return np.fromiter((_number(v) for v in column), dtype=float, count=len(column))
     return np.full(len(column), np.nan)
 
@@ -262,9 +263,6 @@ class Membership:
         else:
             hit = column.isin(list(self.values)).to_numpy(dtype=bool, na_value=False)
         return ~hit if self.negate else hit
-
-    def holds(self, row: Mapping[str, Any]) -> bool:
-        return self.compile()(row)
 
     def compile(self) -> Check:
         feature, lookup, negate = self.feature, self._lookup, self.negate
@@ -314,9 +312,6 @@ class Range:
             return np.zeros(len(frame), dtype=bool)
         return self._within(_numbers(column))
 
-    def holds(self, row: Mapping[str, Any]) -> bool:
-        return self.compile()(row)
-
     def compile(self) -> Check:
         feature = self.feature
         low = -math.inf if self.low is None else self.low
@@ -345,12 +340,9 @@ class Condition:
         combine = np.logical_or if self.any_of else np.logical_and
         return reduce(combine, (clause.mask(frame) for clause in self.clauses))
 
-    def holds(self, row: Mapping[str, Any]) -> bool:
-        """``mask`` for a single order given as a dict, without building a frame."""
-        return self.compile()(row)
-
     def compile(self) -> Check:
-        """``holds`` as a closure, built once per catalog for the per-request path."""
+        """``mask`` for one order's feature row, as a closure built once per catalog for the
+        per-request path (no frame is built)."""
         checks, any_of = tuple(clause.compile() for clause in self.clauses), self.any_of
         if len(checks) == 1:  # all-of or any-of one clause is the clause
             return checks[0]
@@ -534,9 +526,6 @@ class Action:
             if column is not None:
                 ok = ok & (np.nan_to_num(_numbers(column), nan=0.0) < self.cap.count)
         return ok
-
-    def eligible_one(self, row: Mapping[str, Any]) -> bool:
-        return self.compile()(row)
 
     def compile(self) -> Check:
         """``eligible`` for one order given as a dict, as a closure."""
@@ -750,9 +739,6 @@ class Catalog:
         """Slot -> bool (n_orders, n_actions): ``when`` and contact cap; the default always."""
         return self._by_slot(np.column_stack([a.eligible(frame) for a in self._flat_actions]))
 
-    def eligible_one(self, row: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return self._by_slot(self.assess_one(row).eligible)
-
     def rules_fired(self, frame: pd.DataFrame) -> np.ndarray:
         """Per order the index in ``rules`` of the first rule whose ``when`` holds, -1 for none."""
         if not self.rules:
@@ -760,18 +746,11 @@ class Catalog:
         hits = np.column_stack([rule.when.mask(frame) for rule in self.rules])
         return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
 
-    def rules_fired_one(self, row: Mapping[str, Any]) -> int:
-        return next((i for i, when in enumerate(self._compiled.rules) if when(row)), -1)
-
     def rules_choice(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> action index per order from the playbook; anything the fired rule does not
         name, or names but is not eligible for the order, is the slot default."""
         choice = self.assess(frame).playbook
         return {name: choice[:, s] for s, name in enumerate(self.slots)}
-
-    def rules_choice_one(self, row: Mapping[str, Any]) -> dict[str, int]:
-        choice = self.assess_one(row).playbook
-        return {name: int(choice[s]) for s, name in enumerate(self.slots)}
 
 
 def _declared_ids(slots: _Map) -> frozenset[str]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from insertrec.errors import DataError, InsertrecError
 
+__all__ = ["build_parser", "main"]
+
 
 def _print_json_or_table(metrics: dict, as_json: bool) -> None:
     if as_json:

@@ -18,6 +18,8 @@ from insertrec.catalog import Catalog
 from insertrec.features import CustomerState, FeatureParams, Snapshot, features_for_orders
 from insertrec.policy import Decision, Policy
 
+__all__ = ["Engine"]
+
 
 class Engine:
     """One model version: policy + catalog + customer snapshot + segment names."""

@@ -31,6 +31,8 @@ from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
 from insertrec.valuemodel import ActionSpace, ValueModel
 
+__all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
+
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
 
 
@@ -223,7 +225,7 @@ class Policy:
         phi = None if self.encoder is None else self.encoder.transform_one(row)[None, :]
         batch = self._decide(np.array([str(row["order_id"])]), phi, eligible[None, :], rules[None, :],
                              unavailable, True, alternatives=True)
-        return self.explain(batch, 0, None if phi is None else phi[0], segment)
+        return self._explain(batch, 0, None if phi is None else phi[0], segment)
 
     # -- core -----------------------------------------------------------------
     def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: np.ndarray,
@@ -306,7 +308,7 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0)
 
     # -- reasons --------------------------------------------------------------
-    def explain(self, batch: BatchDecisions, i: int, phi: np.ndarray | None,
+    def _explain(self, batch: BatchDecisions, i: int, phi: np.ndarray | None,
                 segment: str | None = None) -> Decision:
         """Turn order ``i`` of a batch into a Decision with notes, reasons and alternatives;
         ``phi`` is its encoded features (None for a rules-only policy).

@@ -21,6 +21,8 @@ from insertrec.decide import Decider
 from insertrec.engine import Engine
 from insertrec.tracking import MODEL_DIR_ARTIFACT
 
+__all__ = ["InsertrecModel"]
+
 
 class InsertrecModel(PythonModel):
     """One order per input row; one decision per order and slot out (see ``Decider.decide_batch``)."""

@@ -46,6 +46,8 @@ from insertrec.serving.middleware import BodyLimit, RequestMetrics
 from insertrec.serving.service import DecisionService
 from insertrec.serving.settings import Settings, SettingsError
 
+__all__ = ["BadInput", "app_from_env", "create_app", "run"]
+
 _log = logging.getLogger("insertrec.serving")
 _JSON = "application/json"
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -26,6 +26,8 @@ from insertrec.errors import InsertrecError
 from insertrec.registry import resolve_model
 from insertrec.serving.decisionlog import limited_actions
 
+__all__ = ["Loaded", "ModelHolder"]
+
 _log = logging.getLogger("insertrec.serving")
 
 

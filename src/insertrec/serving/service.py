@@ -38,6 +38,8 @@ from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
 
+__all__ = ["DecisionService", "GroupCommit"]
+
 _log = logging.getLogger("insertrec.serving")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_ATTEMPTS = 8          # each retry learns one more exhausted action or one newer order
