@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeVar
 
 import pandas as pd
 
@@ -35,7 +33,6 @@ from insertrec.policy import Decision
 __all__ = ["Decider"]
 
 _log = logging.getLogger("insertrec.decide")
-_T = TypeVar("_T", Decision, pd.DataFrame)
 
 
 class Decider:
@@ -59,27 +56,34 @@ class Decider:
                unavailable: frozenset[str] = frozenset()) -> Decision:
         """One order (a dict with the orders columns) -> its box; ``state`` defaults to the customer
         as of the model's snapshot."""
-        return self._answer(lambda engine: engine.decide(order, state, unavailable), _checked,
-                            lambda d: replace(d, policy="fallback"), {"order_id": str(order["order_id"])})
+        if self.model is not None:
+            try:
+                return _checked(self.model.decide(order, state, unavailable))
+            except Exception as exc:
+                self._model_failed(exc, order_id=str(order["order_id"]))
+        return replace(self._fallback.decide(order, state, unavailable), policy="fallback")
 
     def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:
         """Many orders -> one row per order and slot (see `Engine.decide_batch`)."""
-        return self._answer(lambda engine: engine.decide_batch(orders, unavailable), lambda frame: frame,
-                            lambda frame: frame.assign(policy="fallback"), {"orders": len(orders)})
-
-    def _answer(self, decide: Callable[[Engine], _T], check: Callable[[_T], _T],
-                relabel: Callable[[_T], _T], about: dict[str, object]) -> _T:
         if self.model is not None:
             try:
-                return check(decide(self.model))
+                return self.model.decide_batch(orders, unavailable)
             except Exception as exc:
-                if self.rules is None:
-                    raise
-                _log.error("model failed; answering from the rules", extra={
-                    "event": "model_failed", **about, "error_type": type(exc).__name__,
-                    "model_version": self.model.version})
-        assert self.rules is not None   # by the constructor
-        return relabel(decide(self.rules))
+                self._model_failed(exc, orders=len(orders))
+        return self._fallback.decide_batch(orders, unavailable).assign(policy="fallback")
+
+    @property
+    def _fallback(self) -> Engine:
+        assert self.rules is not None   # a model failing without rules re-raised; the constructor wants one
+        return self.rules
+
+    def _model_failed(self, exc: Exception, **about: object) -> None:
+        """Log a model failure the rules will answer for; without rules, let it propagate."""
+        if self.rules is None:
+            raise exc
+        _log.error("model failed; answering from the rules", extra={
+            "event": "model_failed", **about, "error_type": type(exc).__name__,
+            "model_version": self.model.version if self.model is not None else None})
 
 
 def _checked(decision: Decision) -> Decision:
