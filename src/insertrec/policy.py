@@ -22,7 +22,7 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -82,6 +82,14 @@ class BatchDecisions:
     # per slot (n, n_actions): each action's best box value; only for one order's explanation
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
+
+
+class _Best(NamedTuple):
+    """The model's best eligible boxes for a chunk of orders (see `Policy._best`)."""
+
+    greedy: np.ndarray          # (n, n_slots) action index per slot
+    alt: np.ndarray | None      # (n, n_actions) flat: each action's best eligible box value, or None
+    uplift: np.ndarray          # (n,) the box's value over the all-default box
 
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
@@ -183,7 +191,7 @@ class Policy:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # also reads model directories pickled before the constants existed (their state is __dict__)
-        self.__init__(**{k: state[k] for k in _PARAMS})
+        Policy.__init__(self, **{k: state[k] for k in _PARAMS})
 
     def replace(self, **changes) -> Policy:
         """A copy with some constructor parameters changed (the fitted parts are shared)."""
@@ -233,7 +241,7 @@ class Policy:
                 alternatives: bool = False) -> BatchDecisions:
         """The one decision core. ``eligible`` is bool (n, n_actions) flat (``Catalog.columns``),
         ``rules`` the playbook's action index per slot (n, n_slots). ``alternatives``: also each
-        action's best box value, for `explain` (three more passes over every box of every order,
+        action's best box value, for `_explain` (three more passes over every box of every order,
         which batch callers do not need)."""
         n = len(order_ids)
         rows = np.arange(n)[:, None]
@@ -248,19 +256,20 @@ class Policy:
                 alt = eligible.astype(float)
                 alt[rows, greedy + self._columns] += 1.0
         else:
+            assert phi is not None   # a policy with a value model has an encoder
             step = max(1, _ROW_CHUNK // len(self.combos))
             parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
                                 playbook[lo:lo + step], alternatives) for lo in range(0, max(n, 1), step)]
-            greedy, alt, uplift = parts[0] if len(parts) == 1 else (
-                np.concatenate([part[0] for part in parts]),
-                np.concatenate([part[1] for part in parts]) if alternatives else None,
-                np.concatenate([part[2] for part in parts]))
+            greedy, alt, uplift = parts[0] if len(parts) == 1 else _Best(
+                np.concatenate([part.greedy for part in parts]),
+                np.concatenate([part.alt for part in parts if part.alt is not None]) if alternatives else None,
+                np.concatenate([part.uplift for part in parts]))
         if explore and self.epsilon > 0:
             actions, explored, props = self._explore(order_ids, eligible, greedy)
         else:
             actions, explored, props = greedy, np.zeros(greedy.shape, dtype=bool), np.ones(greedy.shape)
         return BatchDecisions(order_ids, actions, props, explored, greedy, self._by_slot(eligible),
-                              self._by_slot(alt) if alternatives else [], uplift)
+                              self._by_slot(alt) if alt is not None else [], uplift)
 
     def _by_slot(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[:, sl] for sl in self._slices]
@@ -271,11 +280,13 @@ class Policy:
         return out
 
     def _best(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray, playbook: np.ndarray,
-              alternatives: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+              alternatives: bool) -> _Best:
         """Best eligible box per order (the playbook's action fixed in its slots), each action's
         best eligible box value (flat, -inf when ineligible; None unless ``alternatives``), and the
         box's value over the all-default box."""
-        grid = self._scorer.grid(phi, rule_columns, eligible)
+        scorer = self._scorer
+        assert scorer is not None   # only called for a policy with a value model
+        grid = scorer.grid(phi, rule_columns, eligible)
         n = len(grid)
         flat = grid.reshape(n, len(self.combos))
         alt = flat[:, self._holding].max(axis=2) if alternatives else None
@@ -284,10 +295,10 @@ class Policy:
         else:
             restricted = grid.copy()
             for s in self._playbook:
-                restricted += self._fixed[s][playbook[:, s]].reshape((n, *self._scorer.shapes[s]))
+                restricted += self._fixed[s][playbook[:, s]].reshape((n, *scorer.shapes[s]))
             best = restricted.reshape(n, len(self.combos)).argmax(axis=1)
         uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
-        return self.combos[best], alt, uplift
+        return _Best(self.combos[best], alt, uplift)
 
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray,
                  greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -342,7 +353,7 @@ class Policy:
     def _drivers(self, actions: list[int], phi: np.ndarray | None) -> list[list[str]]:
         """Per slot, the (at most three) features that moved the chosen action's value over the
         slot default the most, as "name (+0.12)": all slots in one pass over the weights."""
-        if phi is None or self._scorer is None:
+        if phi is None or self._scorer is None or self.encoder is None:
             return [[] for _ in self.slot_names]
         weights = self._scorer.weights
         contrib = phi[:, None] * (weights[:, self._columns + actions] - weights[:, self._columns + self._defaults])
