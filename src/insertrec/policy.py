@@ -215,7 +215,8 @@ class Policy:
                             unavailable, explore)
 
     def probabilities(self, decisions: BatchDecisions) -> list[np.ndarray]:
-        """Per slot (n, n_actions): the probability this policy gives each action."""
+        """Per slot (n, n_actions): the probability this policy gives each action (the
+        exploration rule of `_explore`, for every action rather than the chosen one)."""
         out = []
         for s, elig in enumerate(decisions.eligible):
             k = elig.sum(axis=1, keepdims=True)
@@ -303,7 +304,11 @@ class Policy:
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray,
                  greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Epsilon-greedy per slot among the eligible actions: the actions, which slots explored,
-        and each chosen action's exact propensity."""
+        and each chosen action's exact propensity.
+
+        The one place where exploration changes a box; `probabilities` is the same rule written
+        as every action's probability (for off-policy evaluation), so a new exploration rule
+        changes these two methods and nothing else."""
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
