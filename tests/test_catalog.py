@@ -335,8 +335,8 @@ def test_condition_semantics(spec: dict, expected: list[int]) -> None:
     condition = when(spec)
     assert condition.mask(FRAME).astype(int).tolist() == expected
     records = FRAME.to_dict("records")
-    assert [int(condition.holds(r)) for r in records] == expected
-    assert [int(condition.holds({k: v for k, v in r.items() if v is not None})) for r in records] == expected
+    assert [int(condition.compile()(r)) for r in records] == expected
+    assert [int(condition.compile()({k: v for k, v in r.items() if v is not None})) for r in records] == expected
 
 
 def test_category_values_from_numbers_match_text_columns() -> None:
@@ -347,9 +347,9 @@ def test_category_values_from_numbers_match_text_columns() -> None:
 def test_holds_accepts_categories_as_a_list() -> None:
     """The HTTP API receives categories as a JSON list."""
     condition = when({"categories": ["shoes"]})
-    assert condition.holds({"categories": ["apparel", "shoes"]})
-    assert not condition.holds({"categories": ["apparel"]})
-    assert not condition.holds({"categories": []})
+    assert condition.compile()({"categories": ["apparel", "shoes"]})
+    assert not condition.compile()({"categories": ["apparel"]})
+    assert not condition.compile()({"categories": []})
 
 
 def test_condition_features_lists_what_it_reads() -> None:
@@ -413,7 +413,7 @@ def order_rows(draw: st.DrawFn) -> list[dict]:
 @given(condition=conditions, rows=order_rows())
 def test_mask_and_holds_agree(condition: Condition, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows, index=range(len(rows)))  # keeps the rows even when no key is present
-    assert condition.mask(frame).tolist() == [condition.holds(r) for r in rows]
+    assert condition.mask(frame).tolist() == [condition.compile()(r) for r in rows]
 
 
 # ---------------------------------------------------------------------------
@@ -440,7 +440,7 @@ def test_cap_count_above_one() -> None:
     action = Action("c10", "10% off", 3.0, cap=Cap(count=2, days=60))
     frame = pd.DataFrame({"received_c10_60d": [0, 1, 2, 5]})
     assert action.eligible(frame).tolist() == [True, True, False, False]
-    assert [action.eligible_one(r) for r in frame.to_dict("records")] == [True, True, False, False]
+    assert [action.compile()(r) for r in frame.to_dict("records")] == [True, True, False, False]
 
 
 def test_defaults_are_always_eligible_and_shapes_follow_the_catalog(example: Catalog) -> None:
@@ -474,13 +474,11 @@ ORDER = st.fixed_dictionaries({
 @given(rows=st.lists(ORDER, min_size=1, max_size=10))
 def test_one_order_paths_match_the_frame_paths(example: Catalog, rows: list[dict]) -> None:
     frame = pd.DataFrame.from_records(rows)
-    eligible, choice, fired = example.eligible(frame), example.rules_choice(frame), example.rules_fired(frame)
+    eligible, choice, assessed = example.eligible(frame), example.rules_choice(frame), example.assess(frame)
     for i, record in enumerate(rows):
-        one = example.eligible_one(record)
-        for slot in example.slots:
-            assert one[slot].tolist() == eligible[slot][i].tolist()
-        assert example.rules_fired_one(record) == fired[i]
-        assert example.rules_choice_one(record) == {s: int(choice[s][i]) for s in example.slots}
+        one = example.assess_one(record)
+        assert one.eligible.tolist() == assessed.eligible[i].tolist()
+        assert one.playbook.tolist() == assessed.playbook[i].tolist()
     for slot, picks in choice.items():  # a rule never picks an ineligible action
         assert eligible[slot][np.arange(len(rows)), picks].all()
 
@@ -519,7 +517,8 @@ def test_capped_rule_choice_falls_back_to_default(example: Catalog) -> None:
     frame = pd.DataFrame({"nps_tier": ["passive", "passive"], "received_next_order_10_60d": [1.0, 2.0]})
     assert example.rules_choice(frame)["coupon"].tolist() == [1, 0]
     record = frame.iloc[1].to_dict()
-    assert example.rules_choice_one(record)["coupon"] == 0 and example.rules_fired_one(record) == 4
+    assert example.assess_one(record).playbook[list(example.slots).index("coupon")] == 0
+    assert example.rules_fired(frame)[1] == 4
 
 
 def test_first_matching_rule_wins_even_when_its_choice_is_ineligible() -> None:

@@ -78,10 +78,9 @@ def test_contact_cap_holds_for_a_returning_customer(tmp_path):
 
 def test_the_service_state_follows_the_customer(client):
     first = decide(client, order(1, customer="anna")).json()
-    assert "new" in first["slots"]["insert"]["pick_note"] or first["policy"] == "explore"
+    assert first["slots"]["insert"]["action_id"] == "thank_you_card" or first["policy"] == "explore"  # new
     second = decide(client, order(2, customer="anna")).json()
-    assert "developing" in second["slots"]["insert"]["pick_note"] + second["slots"]["packaging"]["pick_note"] \
-        or second["policy"] == "explore"
+    assert second["slots"]["insert"]["action_id"] == "survey_card" or second["policy"] == "explore"  # developing
     r = client.post("/v1/outcomes", json={"order_id": "o-2", "type": "nps", "score": 2}, headers=auth(FEEDBACK))
     assert r.status_code == 200 and r.json()["recorded"] is True
     third = decide(client, order(3, customer="anna")).json()
@@ -170,9 +169,9 @@ def test_a_failing_model_is_answered_from_the_rules(client):
         def decide(self, *args, **kwargs):
             raise RuntimeError("model exploded")
 
-    slot = client.app.state.service.slot
-    rules = slot.current.fallback
-    slot.current = Loaded(Broken(rules.policy, rules.params), rules)
+    holder = client.app.state.service.holder
+    rules = holder.current.fallback
+    holder.current = Loaded(Broken(rules.policy, rules.params), rules)
     r = decide(client, order(1))
     assert r.status_code == 200 and r.json()["policy"] == "fallback"
     assert "insertrec_fallbacks_total 1.0" in client.get("/metrics").text
@@ -194,15 +193,15 @@ def test_a_corrupt_model_directory_serves_fallback_and_reports_degraded(tmp_path
 
 
 def test_reload_keeps_serving_and_bumps_the_generation(client):
-    before = client.app.state.service.slot.current
+    before = client.app.state.service.holder.current
     r = client.post("/v1/admin/reload", headers=auth(ADMIN))
     assert r.status_code == 202 and r.json()["generation"] == 1
     assert decide(client, order(1)).status_code == 200  # served by the old or the new engine, never refused
     for _ in range(100):
-        if client.app.state.service.slot.current is not before:
+        if client.app.state.service.holder.current is not before:
             break
         __import__("time").sleep(0.05)
-    assert client.app.state.service.slot.current.generation == 1
+    assert client.app.state.service.holder.current.generation == 1
 
 
 def test_metrics_break_requests_down_by_stage(client):

@@ -7,10 +7,9 @@ The module has three parts, in this order:
    ``CatalogError`` naming the line and the field (``slots.insert.actions[2].cost``).
    Indices in field paths count from 0, as in the rules' indices.
 2. The condition language of ``when``, evaluated vectorised on a frame of
-   order features (``mask``) or on one order given as a dict (``compile``: a
-   closure over the condition's constants, the HTTP fast path; ``holds`` is
-   the same closure for a one-off test). Both follow the same rules, value by
-   value.
+   order features (``mask``) or on one order's feature row given as a dict
+   (``compile``: a closure over the condition's constants, built once, the
+   HTTP fast path). Both follow the same rules, value by value.
 3. The catalog model: ``Cap``, ``Action``, ``Slot``, ``Rule``, ``Catalog``.
 """
 
@@ -25,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -34,11 +33,13 @@ import yaml
 from insertrec.errors import CatalogError
 from insertrec.schema import CATEGORY_VALUES, FEATURES, SLOTS, is_feature_name
 
+__all__ = ["Action", "Assessment", "Cap", "Catalog", "Check", "Condition", "Membership", "Range", "Rule", "Slot"]
+
 # ---------------------------------------------------------------------------
 # 1. YAML with line numbers
 # ---------------------------------------------------------------------------
 
-Check = Callable[[Mapping[str, Any]], bool]  # a compiled condition: one order (a dict) -> holds?
+Check = Callable[[Mapping[str, Any]], bool]  # a compiled condition: one order's feature row (a dict) -> holds?
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -225,7 +226,7 @@ def _numbers(column: pd.Series) -> np.ndarray:
     """``_number`` over a column, vectorised for the typed columns the feature builder produces."""
     if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=float, na_value=np.nan)
-    if column.dtype == object:  # mixed types: a value's own type decides, as in `holds`
+    if column.dtype == object:  # mixed types: a value's own type decides, as in `compile`
         return np.fromiter((_number(v) for v in column), dtype=float, count=len(column))
     return np.full(len(column), np.nan)
 
@@ -263,14 +264,11 @@ class Membership:
             hit = column.isin(list(self.values)).to_numpy(dtype=bool, na_value=False)
         return ~hit if self.negate else hit
 
-    def holds(self, record: Mapping[str, Any]) -> bool:
-        return self.compile()(record)
-
     def compile(self) -> Check:
         feature, lookup, negate = self.feature, self._lookup, self.negate
         if self._is_set:
-            def holds_set(record: Mapping[str, Any]) -> bool:
-                value = record.get(feature)
+            def holds_set(row: Mapping[str, Any]) -> bool:
+                value = row.get(feature)
                 if isinstance(value, str):
                     members = value.split("|")
                 elif isinstance(value, (list, tuple, set, frozenset)):  # the HTTP API sends a list
@@ -280,9 +278,9 @@ class Membership:
                 return lookup.isdisjoint(members) == negate
             return holds_set
 
-        def holds(record: Mapping[str, Any]) -> bool:
+        def holds(row: Mapping[str, Any]) -> bool:
             try:  # missing values (None, NaN, NA) are in no list of values
-                hit = record.get(feature) in lookup
+                hit = row.get(feature) in lookup
             except TypeError:  # unhashable (a list), or NA compared on a hash collision
                 hit = False
             return hit != negate
@@ -314,14 +312,11 @@ class Range:
             return np.zeros(len(frame), dtype=bool)
         return self._within(_numbers(column))
 
-    def holds(self, record: Mapping[str, Any]) -> bool:
-        return self.compile()(record)
-
     def compile(self) -> Check:
         feature = self.feature
         low = -math.inf if self.low is None else self.low
         high = math.inf if self.high is None else self.high
-        return lambda record: low <= _number(record.get(feature)) <= high  # NaN is within nothing
+        return lambda row: low <= _number(row.get(feature)) <= high  # NaN is within nothing
 
     def features(self) -> frozenset[str]:
         return frozenset((self.feature,))
@@ -345,21 +340,18 @@ class Condition:
         combine = np.logical_or if self.any_of else np.logical_and
         return reduce(combine, (clause.mask(frame) for clause in self.clauses))
 
-    def holds(self, record: Mapping[str, Any]) -> bool:
-        """``mask`` for a single order given as a dict, without building a frame."""
-        return self.compile()(record)
-
     def compile(self) -> Check:
-        """``holds`` as a closure, built once per catalog for the per-request path."""
+        """``mask`` for one order's feature row, as a closure built once per catalog for the
+        per-request path (no frame is built)."""
         checks, any_of = tuple(clause.compile() for clause in self.clauses), self.any_of
         if len(checks) == 1:  # all-of or any-of one clause is the clause
             return checks[0]
         if not checks:
-            return lambda record: not any_of
+            return lambda row: not any_of
 
-        def holds(record: Mapping[str, Any]) -> bool:
+        def holds(row: Mapping[str, Any]) -> bool:
             for check in checks:  # a plain loop: this is the per-request hot path
-                if check(record) == any_of:
+                if check(row) == any_of:
                     return any_of
             return not any_of
         return holds
@@ -535,20 +527,17 @@ class Action:
                 ok = ok & (np.nan_to_num(_numbers(column), nan=0.0) < self.cap.count)
         return ok
 
-    def eligible_one(self, record: Mapping[str, Any]) -> bool:
-        return self.compile()(record)
-
     def compile(self) -> Check:
         """``eligible`` for one order given as a dict, as a closure."""
         if self.default:
-            return lambda record: True
+            return lambda row: True
         when = self.when.compile()
         if self.cap is None:
             return when
         feature, count = self.cap_feature, self.cap.count
 
-        def eligible(record: Mapping[str, Any]) -> bool:
-            return not _number(record.get(feature)) >= count and when(record)  # NaN: never received
+        def eligible(row: Mapping[str, Any]) -> bool:
+            return not _number(row.get(feature)) >= count and when(row)  # NaN: never received
         return eligible
 
     def to_dict(self) -> dict[str, Any]:
@@ -598,6 +587,18 @@ class Slot:
         costs = np.array([action.cost for action in self.actions], dtype=float)
         costs.flags.writeable = False
         return costs
+
+
+class Assessment(NamedTuple):
+    """One or many orders against the catalog: what each may get and what the playbook picks."""
+
+    eligible: np.ndarray   # bool, flat in ``Catalog.columns`` layout: (n_actions,) or (n_orders, n_actions)
+    playbook: np.ndarray   # int, the playbook's action index per slot: (n_slots,) or (n_orders, n_slots)
+
+
+class _Compiled(NamedTuple):
+    actions: tuple[Check, ...]   # per action (flat), its eligibility check
+    rules: tuple[Check, ...]     # per rule, its condition
 
 
 @dataclass(frozen=True)
@@ -698,9 +699,9 @@ class Catalog:
                      for rule in self.rules)
 
     @cached_property
-    def _compiled(self) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
+    def _compiled(self) -> _Compiled:
         """Per action its eligibility check, per rule its condition: compiled once, used per request."""
-        return (tuple(a.compile() for a in self._flat_actions), tuple(r.when.compile() for r in self.rules))
+        return _Compiled(tuple(a.compile() for a in self._flat_actions), tuple(r.when.compile() for r in self.rules))
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_compiled"}  # closures do not pickle
@@ -708,7 +709,7 @@ class Catalog:
     def _by_slot(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.slots, np.split(flat, self.columns[1:], axis=-1)))
 
-    def assess(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def assess(self, frame: pd.DataFrame) -> Assessment:
         """Every order's eligibility, bool (n_orders, n_actions) flat in ``columns`` layout, and the
         playbook's choice, int (n_orders, n_slots) action index per slot (see ``rules_choice``)."""
         ok = np.column_stack([a.eligible(frame) for a in self._flat_actions])
@@ -719,27 +720,24 @@ class Catalog:
             if rows.any():
                 for s, column, index in picks:
                     choice[rows & ok[:, column], s] = index
-        return ok, choice
+        return Assessment(ok, choice)
 
-    def assess_one(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """``assess`` for one order given as a dict: bool (n_actions,) and int (n_slots,)."""
-        checks, whens = self._compiled
-        ok = [check(record) for check in checks]
+    def assess_one(self, row: Mapping[str, Any]) -> Assessment:
+        """``assess`` for one order's feature row: bool (n_actions,) and int (n_slots,)."""
+        compiled = self._compiled
+        ok = [check(row) for check in compiled.actions]
         choice = [slot.default_index for slot in self.slots.values()]
-        for when, picks in zip(whens, self._rule_picks):
-            if when(record):
+        for when, picks in zip(compiled.rules, self._rule_picks):
+            if when(row):
                 for s, column, index in picks:
                     if ok[column]:
                         choice[s] = index
                 break
-        return np.array(ok, dtype=bool), np.array(choice)
+        return Assessment(np.array(ok, dtype=bool), np.array(choice))
 
     def eligible(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> bool (n_orders, n_actions): ``when`` and contact cap; the default always."""
         return self._by_slot(np.column_stack([a.eligible(frame) for a in self._flat_actions]))
-
-    def eligible_one(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return self._by_slot(self.assess_one(record)[0])
 
     def rules_fired(self, frame: pd.DataFrame) -> np.ndarray:
         """Per order the index in ``rules`` of the first rule whose ``when`` holds, -1 for none."""
@@ -748,18 +746,11 @@ class Catalog:
         hits = np.column_stack([rule.when.mask(frame) for rule in self.rules])
         return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
 
-    def rules_fired_one(self, record: Mapping[str, Any]) -> int:
-        return next((i for i, when in enumerate(self._compiled[1]) if when(record)), -1)
-
     def rules_choice(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> action index per order from the playbook; anything the fired rule does not
         name, or names but is not eligible for the order, is the slot default."""
-        choice = self.assess(frame)[1]
+        choice = self.assess(frame).playbook
         return {name: choice[:, s] for s, name in enumerate(self.slots)}
-
-    def rules_choice_one(self, record: Mapping[str, Any]) -> dict[str, int]:
-        choice = self.assess_one(record)[1]
-        return {name: int(choice[s]) for s, name in enumerate(self.slots)}
 
 
 def _declared_ids(slots: _Map) -> frozenset[str]:

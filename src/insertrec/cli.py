@@ -17,6 +17,8 @@ from pathlib import Path
 
 from insertrec.errors import DataError, InsertrecError
 
+__all__ = ["build_parser", "main"]
+
 
 def _print_json_or_table(metrics: dict, as_json: bool) -> None:
     if as_json:
@@ -120,10 +122,10 @@ def cmd_segments(args: argparse.Namespace) -> None:
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     from insertrec.data import load_orders_file
+    from insertrec.decide import Decider
     from insertrec.engine import Engine
 
-    engine = Engine.load(args.model)
-    decisions = engine.decide_batch(load_orders_file(args.orders))
+    decisions = Decider(Engine.load(args.model)).decide_batch(load_orders_file(args.orders))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":

@@ -18,6 +18,8 @@ from insertrec.catalog import Catalog
 from insertrec.features import CustomerState, FeatureParams, Snapshot, features_for_orders
 from insertrec.policy import Decision, Policy
 
+__all__ = ["Engine"]
+
 
 class Engine:
     """One model version: policy + catalog + customer snapshot + segment names."""
@@ -64,8 +66,8 @@ class Engine:
                unavailable: frozenset[str] = frozenset()) -> Decision:
         """One order (a dict with the orders columns) -> its box."""
         state = self.state(str(order["customer_id"])) if state is None else state
-        record = state.features(order)
-        return self.policy.decide_one(record, unavailable, self.segments.get(str(order["customer_id"])))
+        return self.policy.decide_one(state.features(order), unavailable,
+                                      self.segments.get(str(order["customer_id"])))
 
     def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:
         """Many orders -> one row per order and slot: order_id, slot, action_id, propensity, policy."""
