@@ -105,3 +105,94 @@ def test_bad_input_exits_2_with_a_one_line_reason_and_no_traceback(tmp_path):
     assert first.startswith("insertrec: invalid data:") and "line 3" in first
     assert "order_ts" in proc.stderr and "order_value" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_orders_only_history_trains_segments_and_logs_to_mlflow(shop, tmp_path, monkeypatch, capsys):
+    """SPEC: only orders is required. Without a catalog there is no policy, but segments,
+    repurchase propensity, the report and the MLflow run are there, and every command that
+    decides says in one line why it cannot."""
+    _, data, _ = shop
+    orders_only, model = tmp_path / "orders-only", tmp_path / "model"
+    orders_only.mkdir()
+    (orders_only / "orders.csv").write_text((data / "orders.csv").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["train", "--data", str(orders_only), "--out", str(model)]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "no catalog.yaml" in notes[0]
+    assert f"insertrec init-catalog --out {orders_only / 'catalog.yaml'}" in notes[0]
+    assert "repeat_auc" in captured.out and "MLflow run" in captured.out
+
+    from insertrec.tracking import client
+
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name("insertrec").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["repeat_auc"] > 0.5
+    assert {"segments.csv", "report.html", "manifest.json"} <= {a.path for a in c.list_artifacts(runs[0].info.run_id)}
+    assert c.search_registered_models() == []       # nothing that decides, nothing to register
+
+    assert main(["segments", "--model", str(model), "--out", str(tmp_path / "seg")]) == 0
+    seg = pd.read_csv(tmp_path / "seg" / "segments.csv")
+    assert seg["customer_id"].nunique() > 1000 and seg["p_repeat"].between(0, 1).all()
+    assert "<svg" in (tmp_path / "seg" / "report.html").read_text()
+    capsys.readouterr()
+
+    refusals = [["evaluate", "--model", str(model), "--data", str(data)],
+                ["recommend", "--model", str(model), "--orders", str(data / "orders.csv"), "--out", "d.csv"],
+                ["serve", "--model", str(model), "--insecure-dev", "--port", "1"]]
+    for argv in refusals:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "trained without catalog.yaml" in err, argv
+        assert "init-catalog" in err and "Traceback" not in err
+
+
+def test_a_catalog_without_exposures_serves_the_playbook_with_exploration(shop, tmp_path, capsys):
+    _, data, _ = shop
+    history, model = tmp_path / "history", tmp_path / "model"
+    history.mkdir()
+    for name in ("orders.csv", "catalog.yaml"):
+        (history / name).write_text((data / name).read_text())
+    orders = pd.read_csv(data / "orders.csv")
+    cutoff = pd.to_datetime(orders["order_ts"]).quantile(0.8)
+    assert main(["train", "--data", str(history), "--out", str(model), "--no-mlflow",
+                 "--cutoff", cutoff.isoformat()]) == 0
+    assert "cold start: 0 logged orders" in capsys.readouterr().err
+    later = orders[pd.to_datetime(orders["order_ts"]) >= cutoff]
+    later.to_csv(tmp_path / "later.csv", index=False)
+    assert main(["recommend", "--model", str(model), "--orders", str(tmp_path / "later.csv"),
+                 "--out", str(tmp_path / "d.csv")]) == 0
+    dec = pd.read_csv(tmp_path / "d.csv")
+    assert len(dec) == 3 * len(later)
+    assert set(dec["policy"]) == {"rules", "explore"}
+    explored = dec.groupby("order_id")["policy"].first().eq("explore").mean()
+    assert 0.1 < explored < 0.5                     # epsilon 0.1 per slot, three slots
+    assert dec.groupby("slot")["action_id"].nunique().min() > 1
+
+
+def test_recommend_names_the_order_and_shows_its_timestamp_when_it_is_too_early(shop, capsys):
+    root, data, model = shop
+    assert main(["recommend", "--model", str(model), "--orders", str(data / "orders.csv"),
+                 "--out", str(root / "early.csv")]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    ts = pd.read_csv(data / "orders.csv")["order_ts"].iloc[0]
+    order_id = pd.read_csv(data / "orders.csv")["order_id"].iloc[0]
+    assert f"order {order_id!r}" in first and str(pd.Timestamp(ts))[:10] in first.split("(got")[1]
+
+
+def test_init_catalog_writes_a_starter_that_loads_and_never_overwrites(tmp_path, capsys):
+    from insertrec.catalog import Catalog
+
+    out = tmp_path / "shop" / "catalog.yaml"
+    assert main(["init-catalog", "--out", str(out)]) == 0
+    catalog = Catalog.load(out)
+    assert list(catalog.slots) == ["packaging", "insert", "coupon"]
+    assert all(len(slot.actions) >= 3 for slot in catalog.slots.values())
+    assert any(a.when.clauses for slot in catalog.slots.values() for a in slot.actions)
+    assert len(catalog.rules) >= 3 and out.read_text().startswith("#")
+    out.write_text("# mine\n")
+    assert main(["init-catalog", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == "# mine\n"
+    assert main(["init-catalog", "--out", str(out), "--force"]) == 0
+    assert Catalog.load(out).sha256 == catalog.sha256

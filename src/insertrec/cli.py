@@ -76,9 +76,22 @@ def cmd_train(args: argparse.Namespace) -> None:
             "catalog_sha256": result.manifest["catalog_sha256"]},
             metrics=result.metrics | progress.seconds(), experiment=args.experiment,
             register_as=args.register_as or None)
-        print(f"MLflow run {run.run_id}" + (f", registered as version {run.version}" if run.version else ""))
+        print(f"MLflow run {run.run_id}" + (f", registered as version {run.version}" if run.version else "")
+              + ("" if run.model_uri else " (no model logged: nothing to decide with without a catalog)"))
     _print_json_or_table(result.metrics, False)
     print(f"model written to {result.model_dir}")
+
+
+def cmd_init_catalog(args: argparse.Namespace) -> None:
+    from importlib.resources import files
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise InsertrecError(f"{out} already exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(files("insertrec").joinpath("starter_catalog.yaml").read_text(encoding="utf-8"),
+                   encoding="utf-8")
+    print(f"wrote a starter catalog to {out}: edit the actions, costs and rules, then train again")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -165,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-bad-rows", action="store_true",
                    help="set bad rows aside in rejected.csv instead of refusing the data")
     c.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("init-catalog", help="write a commented starter catalog.yaml to edit")
+    c.add_argument("--out", required=True, help="file to write (usually DATA/catalog.yaml)")
+    c.add_argument("--force", action="store_true", help="overwrite the file if it exists")
+    c.set_defaults(fn=cmd_init_catalog)
 
     c = sub.add_parser("evaluate", help="off-policy evaluation of a model on logged data")
     c.add_argument("--model", required=True)

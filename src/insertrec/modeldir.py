@@ -93,6 +93,11 @@ def verify(path: str | Path) -> dict:
     return manifest
 
 
+def has_policy(manifest: dict) -> bool:
+    """Whether the directory holds a decision engine; one trained on orders alone does not."""
+    return "engine.joblib" in manifest["artifacts"]
+
+
 def load(path: str | Path, name: str) -> Any:
     """Unpickle one verified artifact (call `verify` first, once per directory)."""
     try:
