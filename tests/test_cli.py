@@ -15,13 +15,17 @@ SPEC_EVALUATE_KEYS = {"policy_value_dr", "policy_value_ips", "policy_value_snips
                       "rules_policy_value", "lift_vs_logging", "lift_vs_rules", "ess"}
 
 
+SHOP_CUTOFF = "2024-09-01"
+
+
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
-    """A small simulated shop and a model trained on it through the CLI."""
+    """A small simulated shop and a model trained through the CLI on its history before SHOP_CUTOFF
+    (the demo's two years end in late 2024), so that what follows is data the model has not seen."""
     root = tmp_path_factory.mktemp("shop")
     data, model = root / "data", root / "model"
     assert main(["demo-data", "--out", str(data), "--customers", "3000", "--seed", "5"]) == 0
-    assert main(["train", "--data", str(data), "--out", str(model), "--no-mlflow"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(model), "--no-mlflow", "--cutoff", SHOP_CUTOFF]) == 0
     return root, data, model
 
 
@@ -62,7 +66,35 @@ def test_simulate_and_evaluate_report_spec_metric_names(shop, capsys):
     assert set(sim) >= SPEC_SIMULATE_KEYS
     assert sim["value_oracle"] >= sim["value_model"]
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) >= SPEC_EVALUATE_KEYS
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
+    assert set(metrics) >= SPEC_EVALUATE_KEYS
+    # judged only on the orders after the training cutoff, and it says so
+    orders = pd.read_csv(data / "orders.csv", parse_dates=["order_ts"])
+    after = orders["order_ts"] >= pd.Timestamp(SHOP_CUTOFF, tz="UTC")
+    assert metrics["evaluated_from"] == pd.Timestamp(SHOP_CUTOFF, tz="UTC").isoformat()
+    assert 0 < metrics["orders_evaluated"] <= after.sum()
+    assert metrics["orders_left_out_inside_training"] == (~after).sum()
+    assert f"at or after the training cutoff {metrics['evaluated_from']}" in out.err
+    assert f"warning: {(~after).sum()} orders of the data fall inside the training period" in out.err
+
+
+def test_evaluate_refuses_data_the_model_learned_from(shop, tmp_path, capsys):
+    _, data, model = shop
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    orders = pd.read_csv(data / "orders.csv")
+    orders = orders[pd.to_datetime(orders["order_ts"]) < pd.Timestamp(SHOP_CUTOFF, tz="UTC")]
+    orders.to_csv(seen / "orders.csv", index=False)
+    exposures = pd.read_csv(data / "exposures.csv")
+    exposures[exposures["order_id"].isin(orders["order_id"])].to_csv(seen / "exposures.csv", index=False)
+    (seen / "catalog.yaml").write_text((data / "catalog.yaml").read_text())
+    assert main(["evaluate", "--model", str(model), "--data", str(seen)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "no order at or after the model's training cutoff" in err and "--cutoff" in err
+    assert main(["evaluate", "--model", str(model), "--data", str(tmp_path / "missing")]) == 2
+    assert "data directory not found" in capsys.readouterr().err
 
 
 def test_recommend_gives_one_row_per_order_and_slot(shop):

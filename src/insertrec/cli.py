@@ -96,12 +96,15 @@ def cmd_init_catalog(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from insertrec.engine import Engine
-    from insertrec.evaluation import evaluate_on
+    from insertrec.evaluation import evaluate_on, training_cutoff
 
     engine = Engine.load(args.model)
     horizon = int(engine.manifest.get("params", {}).get("horizon_days", 60))
-    metrics, _ = evaluate_on(engine.policy, engine.params, _load(args), horizon)
-    _print_json_or_table(metrics, args.json)
+    cutoff = training_cutoff(engine.manifest, args.model)
+    metrics, unseen = evaluate_on(engine.policy, engine.params, _load(args), horizon, cutoff)
+    print(f"[insertrec] {unseen.describe()}", file=sys.stderr)
+    _print_json_or_table(metrics | {"orders_evaluated": len(unseen.logged), "evaluated_from": cutoff.isoformat(),
+                                    "orders_left_out_inside_training": unseen.inside}, args.json)
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
