@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from insertrec.errors import DataError, InsertrecError
+from insertrec.errors import CatalogError, DataError, InsertrecError
 
 
 def _print_json_or_table(metrics: dict, as_json: bool) -> None:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         args.fn(args)
-    except DataError as err:
+    except (DataError, CatalogError) as err:
         print(f"insertrec: {err}", file=sys.stderr)
         if len(err.problems) > 1:
             print(err.details(), file=sys.stderr)
