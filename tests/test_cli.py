@@ -62,7 +62,9 @@ def test_simulate_and_evaluate_report_spec_metric_names(shop, capsys):
     _, data, model = shop
     assert main(["simulate", "--model", str(model), "--world", str(data / "world.json"),
                  "--orders", "1000", "--json"]) == 0
-    sim = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    sim = json.loads(captured.out)
+    assert "simulating 1000 fresh orders" in captured.err       # progress on stderr, stdout stays JSON
     assert set(sim) >= SPEC_SIMULATE_KEYS
     assert sim["value_oracle"] >= sim["value_model"]
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--json"]) == 0
@@ -228,3 +230,29 @@ def test_init_catalog_writes_a_starter_that_loads_and_never_overwrites(tmp_path,
     assert "--force" in capsys.readouterr().err and out.read_text() == "# mine\n"
     assert main(["init-catalog", "--out", str(out), "--force"]) == 0
     assert Catalog.load(out).sha256 == catalog.sha256
+
+
+def test_help_says_what_the_tool_does_and_every_option_has_help_and_its_default(capsys):
+    import argparse
+
+    from insertrec.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "which packaging, insert and coupon go into" in top and "insertrec demo-data --out demo" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "evaluate", "promote", "init-catalog", "serve"} <= set(commands)
+    for name, sub in commands.items():
+        shown = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings}: no help"
+            if action.default is not None and action.default is not False and "default" not in action.help:
+                assert f"(default: {action.default})" in shown, f"{name} {action.option_strings}"
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out.strip() == f"insertrec {version('insertrec')}"

@@ -131,6 +131,8 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
     try:
         experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else _experiment_id(experiment)
         with mlflow.start_run(experiment_id=experiment_id, run_name=manifest.get("version")) as run:
+            if experiment_id is None:
+                _warn_if_misplaced(run.info.experiment_id, experiment)
             resolved = {key: manifest[key] for key in ("version", "cutoff", "catalog_sha256", "data_fingerprint")
                         if key in manifest}
             mlflow.log_params(_unlogged(_flatten(params | resolved), run.data.params))
@@ -170,6 +172,15 @@ def _experiment_id(name: str | None) -> str:
         raise InsertrecError(f"MLflow experiment {name!r} is deleted; restore it in the MLflow UI "
                              "or pass another --experiment")
     return found.experiment_id
+
+
+def _warn_if_misplaced(experiment_id: str, wanted: str | None) -> None:
+    """``mlflow run`` creates the run before insertrec starts, in MLflow's Default experiment unless
+    told otherwise; the run cannot be moved, so say how to put the next one with the others."""
+    if client().get_experiment(experiment_id).name == "Default":
+        print(f"[insertrec] warning: `mlflow run` put this run in MLflow's Default experiment; pass "
+              f"--experiment-name {wanted or DEFAULT_EXPERIMENT} to mlflow run to keep runs together",
+              file=sys.stderr)
 
 
 def _register(name: str, model_uri: str, manifest: dict, metrics: dict[str, float]) -> str:
