@@ -104,7 +104,7 @@ def load_data(path: str | os.PathLike[str], *, skip_bad_rows: bool = False) -> D
                 fatal.append(Problem(str(directory), None, None,
                                      "required table missing: expected orders.csv or orders.parquet"))
             continue
-        missing = _missing_columns(table, name)
+        missing = missing_columns(table.file, list(table.cells.columns), name)
         fatal.extend(missing)
         if not missing:
             tables[name] = table
@@ -152,7 +152,7 @@ def load_orders_file(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not file.is_file() or file.suffix not in _EXTENSIONS:
         raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders")])
     table = _read_file(file)
-    missing = _missing_columns(table, "orders")
+    missing = missing_columns(table.file, list(table.cells.columns), "orders")
     if missing:
         raise DataError(missing)
     check = _Checker(table)
@@ -214,22 +214,22 @@ class _Table:
 _SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
 
 
-def _missing_columns(table: _Table, name: str) -> list[Problem]:
-    """The required columns ``table`` lacks, each with a hint when the cause can be guessed: a file
-    written with another separator (its header reads as one column), or a near-miss name
-    (``Order_ID``, ``orderid``, ``customer``)."""
-    columns = [str(c) for c in table.cells.columns]
+def missing_columns(file: str, header: list[str], name: str) -> list[Problem]:
+    """The required columns of table ``name`` that ``file`` (its ``header``) lacks, each with a
+    hint when the cause can be guessed: a file written with another separator (its header reads
+    as one column), or a near-miss name (``Order_ID``, ``orderid``, ``customer``)."""
+    columns = [str(c) for c in header]
     missing = [c for c in TABLES[name]["required"] if c not in columns]
     if not missing:
         return []
     if len(columns) == 1:
         found = [word for sep, word in _SEPARATORS.items() if sep in columns[0]]
         if found:
-            return [Problem(table.file, None, None, f"the file looks {found[0]}-separated (its header reads as "
+            return [Problem(file, None, None, f"the file looks {found[0]}-separated (its header reads as "
                             f"the one column {columns[0]!r}); save it comma-separated")]
     known = {*TABLES[name]["required"], *TABLES[name]["optional"]}
     spare = [c for c in columns if c not in known and not c.startswith("ctx_")]
-    return [Problem(table.file, None, c, "required column missing" + _did_you_mean(c, spare)) for c in missing]
+    return [Problem(file, None, c, "required column missing" + _did_you_mean(c, spare)) for c in missing]
 
 
 def _did_you_mean(column: str, candidates: list[str]) -> str:
@@ -505,6 +505,7 @@ __all__ = [
     "Dataset",
     "load_data",
     "load_orders_file",
+    "missing_columns",
     "parse_cells",
     "write_rejected",
 ]

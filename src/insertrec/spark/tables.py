@@ -28,7 +28,15 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from insertrec.catalog import Catalog
-from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, parse_cells
+from insertrec.data import (
+    EXPOSURE_DTYPES,
+    INCIDENT_DTYPES,
+    NPS_DTYPES,
+    ORDER_DTYPES,
+    Dataset,
+    missing_columns,
+    parse_cells,
+)
 from insertrec.errors import DataError, Problem
 from insertrec.schema import TABLES
 
@@ -148,8 +156,8 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
                                      "required table missing: expected orders.csv or orders.parquet"))
             continue
         frame = _read_text(spark, *located)
-        missing = [c for c in TABLES[name]["required"] if c not in frame.columns]
-        fatal.extend(Problem(located[0].name, None, c, "required column missing") for c in missing)
+        missing = missing_columns(located[0].name, frame.columns, name)
+        fatal.extend(missing)
         if not missing:
             text[name] = (frame, located[0].name)
     if fatal:
