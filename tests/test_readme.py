@@ -67,3 +67,4 @@ def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
     first, second = outputs[-2].stdout, outputs[-1].stdout
     assert "version 1: now champion (no champion yet)" in first
     assert "judged_from: 2024-06-01T00:00:00+00:00" in second and "orders_left_out_inside_training" in second
+    assert "at or after 2024-06-01T00:00:00+00:00, the later of the two training cutoffs; warning:" in second

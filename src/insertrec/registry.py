@@ -158,6 +158,12 @@ class PromotionResult:
         """What the CLI prints: the decision, then the figures it rests on."""
         verb = "now champion" if self.promoted else "not promoted"
         lines = [f"{self.model_name} version {self.challenger}: {verb} ({self.reason})"]
+        if "judged_from" in self.figures:
+            left_out = self.figures.get("orders_left_out_inside_training", 0)
+            lines.append(f"judged on {self.figures['orders']} logged orders at or after {self.figures['judged_from']}, "
+                         "the later of the two training cutoffs" + (
+                             f"; warning: {left_out} orders of the data fall inside a training period and were "
+                             "left out" if left_out else ""))
         lines += [f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
                   for key, value in self.figures.items()]
         return "\n".join(lines)
