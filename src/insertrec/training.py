@@ -226,8 +226,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
 
 def _no_catalog_note(data: Dataset) -> str:
     target = Path(data.source) / "catalog.yaml" if data.source else Path("catalog.yaml")
+    edit = "edit it so that its action ids are the ones exposures names" if len(data.exposures) else "edit it"
     return ("no catalog.yaml, so no policy (it chooses among the catalog's actions): learned segments and "
-            f"repurchase propensity only; to add one, run `insertrec init-catalog --out {target}`, edit it, "
+            f"repurchase propensity only; to add one, run `insertrec init-catalog --out {target}`, {edit}, "
             "and train again")
 
 
