@@ -211,10 +211,12 @@ def test_recommend_names_the_order_and_shows_its_timestamp_when_it_is_too_early(
     root, data, model = shop
     assert main(["recommend", "--model", str(model), "--orders", str(data / "orders.csv"),
                  "--out", str(root / "early.csv")]) == 2
-    first = capsys.readouterr().err.splitlines()[0]
-    ts = pd.read_csv(data / "orders.csv")["order_ts"].iloc[0]
-    order_id = pd.read_csv(data / "orders.csv")["order_id"].iloc[0]
-    assert f"order {order_id!r}" in first and str(pd.Timestamp(ts))[:10] in first.split("(got")[1]
+    lines = capsys.readouterr().err.splitlines()
+    orders = pd.read_csv(data / "orders.csv")
+    ts, order_id = orders["order_ts"].iloc[0], orders["order_id"].iloc[0]
+    assert f"order {order_id!r}" in lines[0] and str(pd.Timestamp(ts))[:10] in lines[0].split("(got")[1]
+    early = (pd.to_datetime(orders["order_ts"]) < pd.Timestamp(SHOP_CUTOFF, tz="UTC")).sum()
+    assert lines[-1].endswith(f"{early - 20} more orders are before the snapshot's end (not listed)")
 
 
 def test_init_catalog_writes_a_starter_that_loads_and_never_overwrites(tmp_path, capsys):

@@ -846,10 +846,14 @@ def features_for_orders(snapshot: Snapshot, orders: pd.DataFrame) -> pd.DataFram
     early = np.flatnonzero(new.ts < snapshot.as_of_ns)
     if len(early):
         shown = orders["order_ts"].iloc[early[:20]].astype(str).to_numpy()
-        raise DataError([Problem("orders", int(i) + 2, "order_ts",
-                                 f"order {new.order_id[int(i)].as_py()!r} is before the snapshot's end "
-                                 f"{snapshot.as_of}: its features would see later history", value)
-                         for i, value in zip(early[:20], shown)])
+        listed = [Problem("orders", int(i) + 2, "order_ts",
+                          f"order {new.order_id[int(i)].as_py()!r} is before the snapshot's end "
+                          f"{snapshot.as_of}: its features would see later history", value)
+                  for i, value in zip(early[:20], shown)]
+        if len(early) > len(listed):
+            listed.append(Problem("orders", None, "order_ts", f"{len(early) - len(listed)} more orders are "
+                                  "before the snapshot's end (not listed)"))
+        raise DataError(listed)
     g = _lookup(new.customer_id, pa.array(snapshot.customer_ids, type=pa.large_string()))
     unseen = g < 0
     if unseen.any():
