@@ -16,12 +16,13 @@ The module has three parts, in this order:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from pathlib import Path
@@ -143,7 +144,7 @@ class _At:
     file: str
     field: str
     line: int | None
-    problems: list[CatalogError] = field(default_factory=list, compare=False, repr=False)
+    problems: list[CatalogError] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def note(self, reason: str) -> None:
         """Record a problem without abandoning the value (it is still refused in the end)."""
@@ -153,10 +154,10 @@ class _At:
         self.note(reason)
         raise _Refused
 
-    def attempt(self, parse: Callable[[], _T]) -> _T | None:
-        """``parse()``, or None when it failed (its problems recorded)."""
+    def attempt(self, parse: Callable[..., _T], *args: Any) -> _T | None:
+        """``parse(*args)``, or None when it failed (its problems recorded)."""
         try:
-            return parse()
+            return parse(*args)
         except _Refused:
             return None
 
@@ -456,7 +457,7 @@ def _values(value: Any, at: _At, feature: str) -> tuple[Any, ...]:
         if not value:
             at.fail("an empty list matches nothing")
         before = len(at.problems)
-        found = [at.attempt(lambda i=i, v=v: _value(v, at.item(value, i), feature)) for i, v in enumerate(value)]
+        found = [at.attempt(_value, v, at.item(value, i), feature) for i, v in enumerate(value)]
         at.refuse_if_any(before)
     else:
         found = [_value(value, at, feature)]
@@ -503,13 +504,12 @@ def _parse_condition(value: Any, at: _At, action_ids: frozenset[str]) -> Conditi
     clauses: list[Membership | Range | Condition] = []
     for key, test in when.items():
         key_at = at.key(when, key)
-        clauses.extend(key_at.attempt(lambda key=key, test=test, key_at=key_at:
-                                      _parse_clause(key, test, key_at, action_ids)) or ())
+        clauses.extend(key_at.attempt(_parse_clause, key, test, key_at, action_ids) or ())
     at.refuse_if_any(before)
     return Condition(tuple(clauses))
 
 
-def _parse_clause(key: str, test: Any, at: _At, action_ids: frozenset[str]) -> list[Membership | Range | Condition]:
+def _parse_clause(key: str, test: Any, at: _At, action_ids: frozenset[str]) -> Sequence[Membership | Range | Condition]:
     """One entry of a ``when``: an ``any:``/``all:`` group or a feature's test."""
     if key not in _GROUPS:
         return _parse_test(key, test, at, action_ids)
@@ -517,8 +517,7 @@ def _parse_clause(key: str, test: Any, at: _At, action_ids: frozenset[str]) -> l
     if not items:
         at.fail(f"{key} needs at least one condition")
     before = len(at.problems)
-    subs = [at.attempt(lambda i=i, item=item: _parse_condition(item, at.item(items, i), action_ids))
-            for i, item in enumerate(items)]
+    subs = [at.attempt(_parse_condition, item, at.item(items, i), action_ids) for i, item in enumerate(items)]
     at.refuse_if_any(before)
     return [Condition(tuple(sub for sub in subs if sub is not None), any_of=_GROUPS[key])]
 
@@ -876,7 +875,7 @@ def _parse_slot(name: str, value: Any, at: _At, action_ids: frozenset[str], seen
     if not items:
         actions_at.fail("a slot needs at least one action")
     before = len(at.problems)
-    parsed = [actions_at.attempt(lambda i=i, item=item: _parse_action(item, actions_at.item(items, i), action_ids, seen))
+    parsed = [actions_at.attempt(_parse_action, item, actions_at.item(items, i), action_ids, seen)
               for i, item in enumerate(items)]
     defaults = [i for i, action in enumerate(parsed) if action is not None and action.default]
     if not defaults and len(at.problems) == before:
@@ -910,7 +909,7 @@ def _parse_rule(value: Any, at: _At, declared: dict[str, tuple[str, ...]], actio
                          f"{', '.join(declared[slot_name])}")
         return action_id
 
-    choose = {name: choose_at.attempt(lambda name=name, a=a: pick(name, a)) for name, a in spec.items()}
+    choose = {name: choose_at.attempt(pick, name, a) for name, a in spec.items()}
     at.refuse_if_any(before)
     assert when is not None
     return Rule(when, {k: v for k, v in choose.items() if v is not None}, m.line)
@@ -937,14 +936,14 @@ def _parse_catalog_at(data: Any, root: _At) -> tuple[dict[str, Slot], tuple[Rule
     declared = _declared_ids(slot_specs)
     action_ids = frozenset(a for ids in declared.values() for a in ids)
     seen: dict[str, _At] = {}
-    parsed = {name: slots_at.attempt(lambda name=name, spec=spec: _parse_slot(
-        name, spec, slots_at.key(slot_specs, name), action_ids, seen)) for name, spec in slot_specs.items()}
+    parsed = {name: slots_at.attempt(_parse_slot, name, spec, slots_at.key(slot_specs, name), action_ids, seen)
+              for name, spec in slot_specs.items()}
     slots = {name: slot for name, slot in parsed.items() if slot is not None}
     rules: list[Rule | None] = []
     if top.get("rules") is not None:
         rules_at = root.key(top, "rules")
         items = rules_at.attempt(lambda: _sequence(top["rules"], rules_at)) or _Seq()
-        rules = [rules_at.attempt(lambda i=i, item=item: _parse_rule(
-            item, rules_at.item(items, i), declared, action_ids)) for i, item in enumerate(items)]
+        rules = [rules_at.attempt(_parse_rule, item, rules_at.item(items, i), declared, action_ids)
+                 for i, item in enumerate(items)]
     root.refuse_if_any(0)
     return slots, tuple(rule for rule in rules if rule is not None)

@@ -190,7 +190,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.required or action.default is None or action.default is False or "default" in text:
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text
 
 
 class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
