@@ -298,6 +298,26 @@ rules:
     assert len(details) == 8 and "did you mean 'nps_tier'" in details[2] and "'default: true'" in details[5]
 
 
+def test_slot_defaults_are_checked_even_when_an_action_is_refused() -> None:
+    text = """slots:
+  insert:
+    actions:
+      - {name: A, cost: 0, default: true}
+      - {id: b, name: B, cost: 0, default: true}
+  coupon:
+    actions:
+      - {id: c, name: C, cost: -1}
+"""
+    with pytest.raises(CatalogError) as err:
+        Catalog.from_yaml(text)
+    assert [(p.field, p.reason.split(";")[0]) for p in err.value.problems] == [
+        ("slots.insert.actions[0].id", "missing 'id'"),
+        ("slots.insert.actions[1].default", "a second default"),
+        ("slots.coupon.actions[0].cost", "must be zero or more, got -1"),
+        ("slots.coupon.actions", "no action has 'default: true'")]
+    assert "actions[0] is already this slot's default" in err.value.problems[1].reason
+
+
 def test_the_cli_prints_every_catalog_problem(tmp_path, capsys) -> None:
     from insertrec.cli import main
 

@@ -877,12 +877,15 @@ def _parse_slot(name: str, value: Any, at: _At, action_ids: frozenset[str], seen
     before = len(at.problems)
     parsed = [actions_at.attempt(_parse_action, item, actions_at.item(items, i), action_ids, seen)
               for i, item in enumerate(items)]
-    defaults = [i for i, action in enumerate(parsed) if action is not None and action.default]
-    if not defaults and len(at.problems) == before:
+    # read off the items as written, so that an action refused for another reason still counts
+    defaults = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("default") is True]
+    if not defaults:
         actions_at.fail("no action has 'default: true'; a slot needs exactly one control action")
+    first = items[defaults[0]].get("id")
+    first = repr(first) if isinstance(first, str) else f"actions[{defaults[0]}]"
     for second in defaults[1:]:
         actions_at.item(items, second).key(items[second], "default").note(
-            f"a second default; {items[defaults[0]]['id']!r} is already this slot's default")
+            f"a second default; {first} is already this slot's default")
     at.refuse_if_any(before)
     return Slot(name, tuple(action for action in parsed if action is not None))
 
