@@ -117,7 +117,7 @@ def test_the_server_refuses_a_tampered_model_on_reload_and_keeps_answering(tmp_p
         plant(model, marker)
         assert c.post("/v1/admin/reload", headers=auth(ADMIN)).status_code == 202
         deadline = time.monotonic() + 30
-        while c.app.state.service.slot.current.generation != 1 and time.monotonic() < deadline:
+        while c.app.state.service.holder.current.generation != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         ready = c.get("/readyz").json()
         assert ready["status"] == "degraded" and "signature does not match" in ready["reason"]

@@ -8,8 +8,10 @@ whole list, not one error per run.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,8 +167,7 @@ def header_problems(name: str, columns: Iterable[str], file: str) -> list[Proble
     """What is wrong with table ``name``'s columns as a whole: a required one missing, or
     (orders) ``ctx_*`` names that are malformed or too many. Never skippable: no row is to blame."""
     columns = [str(c) for c in columns]
-    problems = [Problem(file, None, c, "required column missing")
-                for c in TABLES[name]["required"] if c not in columns]
+    problems = _missing_columns(file, columns, name)
     if name == "orders":
         problems += [Problem(file, None, c, reason) for c, reason in context_problems(columns)]
     return problems
@@ -219,6 +220,38 @@ class _Table:
     file: str
     cells: pd.DataFrame
     lines: np.ndarray  # what a user calls each row: CSV line number, or 1-based Parquet row
+
+
+_SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def _missing_columns(file: str, header: list[str], name: str) -> list[Problem]:
+    """The required columns of table ``name`` that ``file`` (its ``header``) lacks, each with a
+    hint when the cause can be guessed: a file written with another separator (its header reads
+    as one column), or a near-miss name (``Order_ID``, ``orderid``, ``customer``)."""
+    columns = [str(c) for c in header]
+    missing = [c for c in TABLES[name]["required"] if c not in columns]
+    if not missing:
+        return []
+    if len(columns) == 1:
+        found = [word for sep, word in _SEPARATORS.items() if sep in columns[0]]
+        if found:
+            return [Problem(file, None, None, f"the file looks {found[0]}-separated (its header reads as "
+                            f"the one column {columns[0]!r}); save it comma-separated")]
+    known = {*TABLES[name]["required"], *TABLES[name]["optional"]}
+    spare = [c for c in columns if c not in known and not c.startswith("ctx_")]
+    return [Problem(file, None, c, "required column missing" + _did_you_mean(c, spare)) for c in missing]
+
+
+def _did_you_mean(column: str, candidates: list[str]) -> str:
+    """``"; the file has 'Order_ID': did you mean order_id?"`` for the closest candidate, if any."""
+    def squeeze(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    same = [c for c in candidates if squeeze(c) == squeeze(column)]
+    close = same or [c for c in candidates
+                     if difflib.get_close_matches(squeeze(column), [squeeze(c)], n=1, cutoff=0.75)]
+    return f"; the file has {close[0]!r}: did you mean {column}?" if close else ""
 
 
 def _read_table(directory: Path, name: str) -> _Table | None:

@@ -15,6 +15,7 @@ import pandas as pd
 
 from insertrec import modeldir
 from insertrec.catalog import Catalog
+from insertrec.errors import ModelError
 from insertrec.features import CustomerState, FeatureParams, Snapshot, features_for_orders
 from insertrec.policy import Decision, Policy
 
@@ -42,8 +43,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path) -> Engine:
-        """Load a verified model directory (raises ModelError if missing or altered)."""
+        """Load a verified model directory (raises ModelError if missing or altered, or if it
+        was trained without a catalog and so has nothing to decide with)."""
         manifest = modeldir.verify(path)
+        if not modeldir.has_policy(manifest):
+            raise ModelError(f"{path}: trained without catalog.yaml, so it has segments and repurchase "
+                             "propensity but no policy to decide with; add a catalog (insertrec init-catalog "
+                             "--out DATA/catalog.yaml) and train again")
         parts = modeldir.load(path, "engine", manifest)
         return cls(parts["policy"], parts["params"], parts["snapshot"], parts["segments"], manifest)
 

@@ -240,6 +240,11 @@ def verify(path: str | Path, key: ModelKey | None = None) -> dict:
     return manifest
 
 
+def has_policy(manifest: dict) -> bool:
+    """Whether the directory holds a decision engine; one trained on orders alone does not."""
+    return "engine.joblib" in manifest["artifacts"]
+
+
 def load(path: str | Path, name: str, manifest: dict) -> Any:
     """Unpickle one artifact of a verified ``manifest`` (what `verify` returned).
 
