@@ -17,6 +17,8 @@ import pandas as pd
 
 from insertrec.schema import FEATURES
 
+__all__ = ["DEFAULT_EXCLUDE_PREFIXES", "FeatureEncoder"]
+
 # Not model inputs: identifiers, timestamps, and the raw category set (its
 # information reaches the model through main_category).
 _EXCLUDED = {"order_id", "customer_id", "order_ts", "categories"}

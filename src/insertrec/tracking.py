@@ -28,10 +28,22 @@ from insertrec.data import ORDER_DTYPES
 from insertrec.errors import InsertrecError, ModelError
 from insertrec.schema import TABLES
 
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_MODEL_NAME",
+    "MODEL_DIR_ARTIFACT",
+    "Progress",
+    "RunInfo",
+    "client",
+    "load_mlflow",
+    "log_training_run",
+    "tracking_uri",
+]
+
 DEFAULT_EXPERIMENT = "insertrec"
 DEFAULT_MODEL_NAME = "insertrec"
 MODEL_DIR_ARTIFACT = "model_dir"    # the model directory's key among the pyfunc's artifacts
-RUN_ARTIFACTS = ("manifest.json", "catalog.yaml", "segments.csv", "report.html", "ope.json")
+_RUN_ARTIFACTS = ("manifest.json", "catalog.yaml", "segments.csv", "report.html", "ope.json")
 _MLFLOW_TYPES = {"str": "string", "float64": "double", "bool": "boolean"}
 _NOT_AT_DECISION_TIME = ("returned_value",)  # known only weeks after the parcel left
 
@@ -140,7 +152,7 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
             finite = _finite(metrics)
             if finite:
                 mlflow.log_metrics(finite, model_id=logged.model_id if logged else None)
-            for name in RUN_ARTIFACTS:
+            for name in _RUN_ARTIFACTS:
                 if (root / name).is_file():
                     mlflow.log_artifact(str(root / name))
         version = _register(register_as, logged.model_uri, manifest, finite) \
