@@ -47,14 +47,14 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _Map(dict):
+class _Map(dict[str, Any]):
     """A YAML mapping that remembers its own line and the line of each key."""
 
     line: int
     key_lines: dict[str, int]
 
 
-class _Seq(list):
+class _Seq(list[Any]):
     """A YAML list that remembers its own line and the line of each item."""
 
     line: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -157,7 +158,7 @@ class FeatureEncoder:
             i += other + 1
         return out
 
-    def transform_one(self, record: dict) -> np.ndarray:
+    def transform_one(self, record: dict[str, Any]) -> np.ndarray:
         """Encode one order given as a dict: the serving path, no pandas."""
         out = np.zeros(self.n_features_)
         out[0] = 1.0
