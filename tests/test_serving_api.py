@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, settings
 
 from insertrec.engine import Engine
+from insertrec.logged import read_logged
 from insertrec.serving.app import create_app, run
-from insertrec.serving.decisionlog import read_logged
 from insertrec.serving.hotswap import Loaded
 from insertrec.serving.settings import Settings, SettingsError
 
@@ -247,7 +247,7 @@ def test_the_server_refuses_to_start_without_keys(tmp_path, monkeypatch):
 
 def test_merge_logged_feeds_training_with_logged_propensities(client, tmp_path):
     from insertrec.data import Dataset
-    from insertrec.serving.decisionlog import merge_logged
+    from insertrec.logged import merge_logged
 
     decide(client, order(1, categories=["apparel", "shoes"], ctx_age=31))
     orders, exposures, _ = read_logged(f"sqlite:///{tmp_path / 'log.db'}")

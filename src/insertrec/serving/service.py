@@ -34,10 +34,13 @@ import orjson
 
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock, Recorded
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock
 from insertrec.serving.hotswap import EngineSlot, Loaded
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
+from insertrec.serving.writers import GroupCommit
+
+__all__ = ["DecisionService"]
 
 _log = logging.getLogger("insertrec.serving")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -201,44 +204,6 @@ class DecisionService:
             self._exhausted = self.log.exhausted()
             self._exhausted_at = now
         return set(self._exhausted)
-
-
-class GroupCommit:
-    """Commits the decisions submitted in one turn of the event loop together.
-
-    The first submission schedules the commit with ``call_soon``: it runs
-    once every request that was ready in this turn has chosen its box and
-    submitted too. Each waits for its own result; nothing is answered
-    before its commit. A request whose client went away is still committed
-    (a retry gets the stored answer).
-    """
-
-    def __init__(self, log: DecisionLog, metrics: Metrics):
-        self.log, self.metrics = log, metrics
-        self._pending: list[tuple[Entry, asyncio.Future]] = []
-
-    async def submit(self, entry: Entry) -> Recorded | CustomerMoved | OutOfStock:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._commit)
-        self._pending.append((entry, future))
-        return await future
-
-    def _commit(self) -> None:
-        group, self._pending = self._pending, []
-        self.metrics.commit_group.observe(len(group))
-        try:
-            results: list = self.log.record_many([entry for entry, _ in group])
-        except LogUnavailable as exc:
-            results = [exc] * len(group)
-        for (_, future), result in zip(group, results):
-            if future.done():  # cancelled: the client went away
-                continue
-            if isinstance(result, LogUnavailable):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
 
 
 def _body(decision: Decision) -> tuple[str, str]:
