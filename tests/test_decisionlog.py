@@ -9,11 +9,15 @@ import time
 from pathlib import Path
 
 import httpx
-from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, query, settings
+import pytest
+from fastapi.testclient import TestClient
+from serving_helpers import DECIDE, KEYS, SCARCE_CATALOG, auth, order, query, settings
 
 from insertrec.catalog import Catalog
+from insertrec.cli import main
 from insertrec.serving.app import create_app
 from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OutOfStock, Recorded
+from insertrec.serving.settings import Settings
 
 
 def entry(order_id: str, customer: str, last_id: int = 0, limited: tuple[str, ...] = ()) -> Entry:
@@ -131,3 +135,34 @@ def test_one_log_shared_by_threads_neither_crashes_nor_loses_a_decision(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     recorded, used = map(int, done.stdout.split())
     assert (recorded, used) == (4 * 300 - (4 * 60 - 50), 50)   # 240 ask for the sample; 50 in stock
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A model trained on a small simulated shop: its customer snapshot ends on 2024-12-30."""
+    root = tmp_path_factory.mktemp("shop")
+    assert main(["demo-data", "--out", str(root / "data"), "--customers", "300", "--seed", "5"]) == 0
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "model"), "--no-mlflow"]) == 0
+    return root / "model"
+
+
+BACK_DATED = "2024-06-01T00:00:00Z"   # before the snapshot's end
+LATE_2025, EARLY_2025 = "2025-03-01T00:00:00Z", "2025-02-01T00:00:00Z"
+
+
+def test_a_back_dated_order_is_decided_and_never_blocks_the_customer(tmp_path, db_url, small_model):
+    """A late import or a time-zone slip puts an order before the model's snapshot end, or before the
+    customer's latest order: it is decided from what is known, and the customer's later orders
+    (single or in a batch) are decided too. Before, every later order of the customer got 503."""
+    s = Settings.load(environ={}, model=str(small_model), db_url=db_url, api_keys=KEYS)
+    with TestClient(create_app(s)) as c:
+        post = lambda body: c.post("/v1/recommendations", json=body, headers=auth(DECIDE))
+        statuses = [post(order(i, customer="c000001", order_ts=ts)).status_code
+                    for i, ts in enumerate([BACK_DATED, None, LATE_2025, EARLY_2025, None])]
+        batch = c.post("/v1/recommendations:batch", headers=auth(DECIDE), json={"orders": [
+            order(f"b{i}", customer="c000002", order_ts=ts) for i, ts in enumerate([None, BACK_DATED, None])]})
+        again = post(order("after-batch", customer="c000002"))
+    assert statuses == [200] * 5
+    assert [r["status"] for r in batch.json()["results"]] == [200] * 3
+    assert again.status_code == 200
+    assert query(db_url, "SELECT count(*) FROM decisions") == [(9,)]

@@ -104,6 +104,13 @@ class Entry:
     since_ns: int = -(2**63)
     limited: tuple[str, ...] = ()
 
+    @property
+    def in_history(self) -> bool:
+        """Whether the log counts this order in the customer's history (`DecisionLog.events` and the
+        commit's check): orders from the snapshot's end on. An order dated before it (a late import,
+        a time-zone slip) is logged and answered, but the snapshot, not the log, speaks for that time."""
+        return self.order_ts_ns >= self.since_ns
+
 
 @dataclass(frozen=True)
 class Recorded:

@@ -120,8 +120,9 @@ class DecisionService:
             watch.lap("logging")
             if outcome.row_id is None:
                 return outcome.response_json, True
-            known.state.add_order(record, actions)
-            known.last_decision = outcome.row_id
+            if entry.in_history:  # as another worker would read it back from the log
+                known.state.add_order(record, actions)
+                known.last_decision = outcome.row_id
             self.metrics.decisions.labels(decision.policy).inc()
             _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
                                           "order_id": order.order_id, "customer_id": order.customer_id,
