@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from serving_helpers import DECIDE, EXAMPLE_CATALOG, SCARCE_CATALOG, Server, auth, order
+from serving_helpers import DECIDE, EXAMPLE_CATALOG, SCARCE_CATALOG, Server, auth, order, query
 
 
 def logged_decision_ids(db: Path) -> set[str]:
@@ -80,3 +82,37 @@ def test_concurrent_orders_across_two_workers_never_oversell(tmp_path):
     served = sum(float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith('insertrec_requests_total{route="/v1/recommendations",status="200"}'))
     assert served == 50  # /metrics aggregates both workers
+
+
+CAPPED_CATALOG = """
+slots:
+  packaging:
+    actions:
+      - {id: box, name: Box, cost: 0.4, default: true}
+  insert:
+    actions:
+      - {id: none, name: No insert, cost: 0, default: true}
+      - {id: gift, name: Gift, cost: 1.0, max_per_customer: {count: 1, days: 365}}
+rules:
+  - when: {order_value: {min: 0}}
+    choose: {insert: gift}
+"""
+
+
+@pytest.mark.slow
+def test_a_contact_cap_holds_across_two_workers(tmp_path, db_url):
+    """40 customers place 20 orders each, all at once, on two workers: the gift (one per customer a
+    year) reaches each customer once. On PostgreSQL 19 of 40 customers got it twice, when the
+    commit's check of the customer's history ran beside the other worker's uncommitted decision."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CAPPED_CATALOG)
+    bodies = [order(f"{c}-{i}", customer=f"c-{c}") for i in range(20) for c in range(40)]
+    with Server(tmp_path, catalog, workers=2, db_url=db_url) as server, \
+            httpx.Client(base_url=server.url, headers=auth(DECIDE), timeout=60,
+                         limits=httpx.Limits(max_connections=64)) as client, \
+            ThreadPoolExecutor(max_workers=64) as pool:
+        statuses = list(pool.map(lambda body: client.post("/v1/recommendations", json=body).status_code, bodies))
+    assert statuses == [200] * len(bodies)
+    gifts = Counter(customer for customer, box in query(db_url, "SELECT customer_id, box_json FROM decisions")
+                    if json.loads(box)["insert"][0] == "gift")
+    assert len(gifts) == 40 and set(gifts.values()) == {1}

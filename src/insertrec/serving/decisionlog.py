@@ -144,7 +144,10 @@ class DecisionLog:
 
     def __init__(self, url: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000):
         try:
-            self.engine = sa.create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            # READ COMMITTED whatever the server's default: the commit's checks must see what the
+            # transaction they waited for (`_lock`) committed
+            options = {} if url.startswith("sqlite") else {"pool_pre_ping": True, "isolation_level": "READ COMMITTED"}
+            self.engine = sa.create_engine(url, **options)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
             raise LogUnavailable(f"INSERTREC_DB_URL: cannot use {redacted(url)} ({type(exc).__name__})") from None
         dialect = self.engine.dialect
@@ -242,6 +245,7 @@ class DecisionLog:
         out: list[Recorded | CustomerMoved | OutOfStock] = []
         try:
             with self._transaction() as run:
+                self._lock(run, entries)
                 for entry in entries:
                     run(self._sql.savepoint)
                     try:
@@ -258,6 +262,19 @@ class DecisionLog:
             return out
         except self._errors as exc:
             raise self._failed("write", exc) from None
+
+    def _lock(self, run: _Run, entries: Sequence[Entry]) -> None:
+        """Lock what the group will check and move, in one order every worker follows (customers,
+        then counters, each sorted): concurrent groups then wait for each other instead of
+        deadlocking, and no other transaction extends a customer's history between the check
+        and the commit. Under READ COMMITTED each later statement sees what the waited-for
+        transaction committed. SQLite's BEGIN IMMEDIATE already holds the whole database."""
+        if self._sql.lock_customer is not None:
+            for customer_id in sorted({entry.customer_id for entry in entries}):
+                run(self._sql.lock_customer, cid=customer_id)
+        if self._sql.lock_counter is not None:
+            for action_id in sorted({action_id for entry in entries for action_id in entry.limited}):
+                run(self._sql.lock_counter, aid=action_id)
 
     def _record(self, run: _Run, entry: Entry) -> Recorded:
         last = run(self._sql.last_decision, cid=entry.customer_id, since=entry.since_ns).fetchone()[0] or 0

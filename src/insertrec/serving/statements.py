@@ -88,6 +88,13 @@ def _events() -> sa.CompoundSelect:
     )
 
 
+def _customer_lock() -> sa.Select:
+    """PostgreSQL's transaction-scoped advisory lock on the customer id's 64-bit hash. Two customers
+    with one hash only wait for each other; no row is needed, so a customer's first order locks too."""
+    key = sa.func.hashtextextended(_P("cid", type_=sa.Text), sa.literal_column("0"))
+    return sa.select(sa.func.pg_advisory_xact_lock(key))
+
+
 def _within_limits() -> sa.ColumnElement[bool]:
     return sa.and_(sa.or_(inventory.c.stock.is_(None), inventory.c.used < inventory.c.stock),
                    sa.or_(inventory.c.budget.is_(None),
@@ -135,6 +142,12 @@ class Statements:
         #: every counter as a ``CounterRow``
         self.counters = prepare(sa.select(inventory.c.action_id, inventory.c.stock, inventory.c.used,
                                           inventory.c.budget, inventory.c.spent))
+        #: wait for, and hold until commit, the right to check and extend customer ``cid``'s history
+        #: (None: the database holds one writer at a time anyway, as SQLite's BEGIN IMMEDIATE does)
+        self.lock_customer = prepare(_customer_lock()) if dialect.name == "postgresql" else None
+        #: wait for, and hold until commit, the counter row of action ``aid``
+        self.lock_counter = None if dialect.name == "sqlite" else prepare(
+            sa.select(inventory.c.action_id).where(inventory.c.action_id == _P("aid")).with_for_update())
         self.savepoint = Raw("SAVEPOINT decision")
         self.release = Raw("RELEASE SAVEPOINT decision")
         self.undo = Raw("ROLLBACK TO SAVEPOINT decision")
