@@ -16,9 +16,11 @@ model's training data. Three guarantees rest on it:
   ``UPDATE ... WHERE used < stock`` in the decision's transaction; contact caps
   rest on the customer's history, checked unchanged inside the same
   transaction. SQLite transactions start with ``BEGIN IMMEDIATE`` (one writer
-  at a time across processes), so both checks are exact; on other databases
-  the counters stay exact (the conditional update is atomic) and the cap
-  check is as strong as the isolation level.
+  at a time across processes); on PostgreSQL a transaction first locks the
+  customers and counters it will touch (`DecisionLog._lock`), so both checks
+  are exact on both. On other databases the counters stay exact (the
+  conditional update is atomic) and the cap check is as strong as the
+  isolation level.
 
 Decisions are committed in groups (`DecisionLog.record_many`): one
 transaction, each decision inside its own savepoint, so one decision's

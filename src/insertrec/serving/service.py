@@ -44,7 +44,8 @@ __all__ = ["DecisionService"]
 
 _log = logging.getLogger("insertrec.serving")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_ATTEMPTS = 8          # each retry learns one more exhausted action or one newer order
+_MAX_ATTEMPTS = 24  # each retry learns one more exhausted action or one newer order; two workers deciding
+#                    one customer's orders at once each lose a round with odds 1/2, so 8 rounds starved 3 in 800
 _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may be (commits re-check)
 
 
