@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -166,3 +167,31 @@ def test_a_back_dated_order_is_decided_and_never_blocks_the_customer(tmp_path, d
     assert [r["status"] for r in batch.json()["results"]] == [200] * 3
     assert again.status_code == 200
     assert query(db_url, "SELECT count(*) FROM decisions") == [(9,)]
+
+
+def test_workers_starting_together_on_a_fresh_database_all_start(tmp_path, db_url):
+    """Every worker creates the tables and the stock counters at startup. On a fresh PostgreSQL
+    database two of them inserted the same counter row and one failed on the primary key, which
+    stopped the whole server (1 start in 13); here eight start at once, each with its own log."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(SCARCE_CATALOG)
+    barrier, failures = threading.Barrier(8), []
+
+    def start() -> None:
+        log = DecisionLog(db_url)
+        try:
+            barrier.wait(timeout=30)
+            log.create()
+            log.sync_inventory(Catalog.load(catalog))
+        except Exception as exc:  # any failure fails the test
+            failures.append(repr(exc))
+        finally:
+            log.close()
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    assert sorted(query(db_url, "SELECT action_id, used FROM inventory")) == [("sample", 0), ("ten_off", 0)]

@@ -364,11 +364,12 @@ def run(model: str | None = None, host: str | None = None, port: int | None = No
         raise SettingsError("refusing to start without API keys: set INSERTREC_API_KEYS or "
                             "INSERTREC_API_KEYS_FILE (or pass --insecure-dev on a development machine)")
     log = DecisionLog(settings.db_url, settings.db_synchronous)
-    try:
+    try:  # fail here, with the reason, not in every worker; and set up the log before they start
         log.create()
+        EngineSlot(settings.model, settings.catalog,
+                   on_swap=lambda loaded: log.sync_inventory(loaded.fallback.catalog)).load()
     finally:
         log.close()
-    EngineSlot(settings.model, settings.catalog).load()  # fail here, with the reason, not in every worker
     os.environ.update(settings.to_environ())
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         directory = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="insertrec-metrics-"))

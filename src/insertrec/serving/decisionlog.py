@@ -123,6 +123,11 @@ class Recorded:
     row_id: int | None
 
 
+# The advisory lock key of the log's own setup (an arbitrary constant; a customer whose id hashes
+# to it would only wait for a worker's startup).
+_SCHEMA_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.literal_column("7367811519823411")))
+
+
 class _Run(Protocol):
     """Runs a statement inside `DecisionLog._transaction` and returns the cursor."""
 
@@ -171,7 +176,8 @@ class DecisionLog:
     def create(self) -> None:
         """Create missing tables (safe to run from every worker at once)."""
         try:
-            metadata.create_all(self.engine, checkfirst=True)
+            with self._alone() as conn:
+                metadata.create_all(conn, checkfirst=True)
         except SQLAlchemyError as exc:
             if not tables_exist(self.engine):  # another worker creating them at the same time is fine
                 raise LogUnavailable(f"decision log: cannot create tables ({type(exc).__name__})") from None
@@ -320,11 +326,8 @@ class DecisionLog:
         """
         wanted = limited_actions(catalog)
         try:  # rare, and in the model-loading thread: its own connection, through SQLAlchemy
-            with self.engine.connect() as conn:
-                if self.sqlite:
-                    conn.execution_options(insertrec_writer=True)
-                with conn.begin():
-                    self._sync(conn, wanted)
+            with self._alone() as conn:
+                self._sync(conn, wanted)
         except SQLAlchemyError as exc:
             raise LogUnavailable(f"decision log: cannot update stock counters ({type(exc).__name__})") from None
 
@@ -370,6 +373,20 @@ class DecisionLog:
         self._fetch(self._sql.ping, {})
 
     # -- plumbing ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[sa.Connection]:
+        """A rare write through SQLAlchemy (tables, counters) that no other worker's runs beside:
+        SQLite's BEGIN IMMEDIATE, PostgreSQL's transaction-scoped advisory lock. Workers starting
+        together on a fresh database create the tables and insert the counters one after another
+        instead of colliding on them, and a counter is reset at most once per catalog change."""
+        with self.engine.connect() as conn:
+            if self.sqlite:
+                conn.execution_options(insertrec_writer=True)
+            with conn.begin():
+                if self.engine.dialect.name == "postgresql":
+                    conn.execute(_SCHEMA_LOCK)
+                yield conn
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[_Run]:
         """One write transaction on the writer: ``run(statement, **params)`` executes a prepared statement.
