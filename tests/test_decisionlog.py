@@ -7,17 +7,19 @@ import re
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from serving_helpers import DECIDE, KEYS, SCARCE_CATALOG, auth, order, query, settings
 
 from insertrec.catalog import Catalog
 from insertrec.cli import main
 from insertrec.serving.app import create_app
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OutOfStock, Recorded
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OrderConflict, OutOfStock, Recorded
 from insertrec.serving.settings import Settings
 
 
@@ -42,17 +44,20 @@ def test_each_decision_of_a_group_fails_alone(tmp_path, db_url):
         results = log.record_many([
             entry("o-1", "c-1", limited=("sample",)),   # takes the last sample
             entry("o-2", "c-2", limited=("sample",)),   # none left
-            entry("o-1", "c-9"),                        # o-1 again: its stored answer, nothing used
+            entry("o-1", "c-9"),                        # o-1 again, for another customer: refused, nothing used
             entry("o-3", "c-1"),                        # decided without knowing o-1 of the same customer
             entry("o-4", "c-4"),
         ])
         assert isinstance(results[0], Recorded) and results[0].row_id is not None
         assert isinstance(results[1], OutOfStock) and results[1].action_id == "sample"
-        assert results[2] == Recorded('{"answer":"o-1"}', None)
+        assert isinstance(results[2], OrderConflict) and results[2].what == "customer_id"
         assert isinstance(results[3], CustomerMoved)
         assert isinstance(results[4], Recorded) and results[4].row_id is not None
         # knowing o-1, the customer's next order goes through
-        assert isinstance(log.record_many([entry("o-3", "c-1", last_id=results[0].row_id)])[0], Recorded)
+        o3, = log.record_many([entry("o-3", "c-1", last_id=results[0].row_id)])
+        assert isinstance(o3, Recorded) and o3.row_id is not None
+        # o-1 again, as it was: its stored answer, nothing used
+        assert log.record_many([entry("o-1", "c-1", last_id=o3.row_id)]) == [Recorded('{"answer":"o-1"}', None)]
         assert log.counters()["sample"]["used"] == 1
     finally:
         log.close()
@@ -195,3 +200,51 @@ def test_workers_starting_together_on_a_fresh_database_all_start(tmp_path, db_ur
         t.join(timeout=60)
     assert failures == []
     assert sorted(query(db_url, "SELECT action_id, used FROM inventory")) == [("sample", 0), ("ten_off", 0)]
+
+
+def test_a_reused_order_id_with_another_customer_or_body_is_a_conflict(tmp_path, db_url):
+    """A retry (the same body) gets the stored decision; the same order_id with another customer or
+    body is 409 naming the conflict, single or in a batch. Before, it got the other order's decision."""
+    with TestClient(create_app(settings(tmp_path, db_url=db_url))) as c:
+        post = lambda body: c.post("/v1/recommendations", json=body, headers=auth(DECIDE))
+        first = post(order(1))
+        assert post(order(1)).text == first.text
+        other_customer, other_body = post(order(1, customer="someone-else")), post(order(1, order_value=999.0))
+        batch = c.post("/v1/recommendations:batch", headers=auth(DECIDE),
+                       json={"orders": [order(1), order(1, order_value=7.0), order(2)]}).json()["results"]
+    for r, what in ((other_customer, "customer_id"), (other_body, "body")):
+        assert r.status_code == 409 and r.json()["error"]["field"] == "order_id"
+        assert f"different {what}" in r.json()["error"]["reason"]
+    assert [r["status"] for r in batch] == [200, 409, 200]
+    assert batch[0]["decision"] == first.json() and "different body" in batch[1]["error"]["reason"]
+    assert query(db_url, "SELECT count(*) FROM decisions") == [(2,)]
+
+
+def test_a_batch_entry_that_is_not_an_object_fails_alone(tmp_path, db_url):
+    with TestClient(create_app(settings(tmp_path, db_url=db_url))) as c:
+        r = c.post("/v1/recommendations:batch", headers=auth(DECIDE),
+                   json={"orders": [order(1), "not an order", None, 7, order(2)]})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 422, 422, 422, 200]
+    assert [x["error"]["field"] for x in results[1:4]] == ["orders.1", "orders.2", "orders.3"]
+    assert all(x["error"]["reason"] for x in results[1:4])
+
+
+def test_a_log_from_before_body_fingerprints_gains_the_column(tmp_path, db_url):
+    log = log_with_stock(tmp_path, stock=1, db_url=db_url)
+    try:
+        first, = log.record_many([entry("o-old", "c-1")])
+        with sa.create_engine(db_url).begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE decisions DROP COLUMN body_sha256")
+        log.close()
+        log = DecisionLog(db_url)
+        log.create()
+        stored, new = log.record_many([replace(entry("o-old", "c-1", first.row_id), body_sha256="b" * 64),
+                                       replace(entry("o-new", "c-2"), body_sha256="a" * 64)])
+        assert stored == Recorded('{"answer":"o-old"}', None)   # logged without a fingerprint: a retry
+        assert isinstance(new, Recorded) and new.row_id is not None
+    finally:
+        log.close()
+    assert query(db_url, "SELECT order_id, body_sha256 FROM decisions ORDER BY id") == [("o-old", None),
+                                                                                       ("o-new", "a" * 64)]

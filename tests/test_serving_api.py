@@ -46,7 +46,7 @@ def test_a_retried_order_gets_the_stored_decision_and_uses_no_stock(tmp_path):
     catalog.write_text(SCARCE_CATALOG)
     with TestClient(create_app(settings(tmp_path, catalog))) as c:
         first = decide(c, order(1))
-        again = decide(c, order(1, order_value=999.0))  # the same order_id wins over a changed body
+        again = decide(c, dict(reversed(order(1).items())))  # the same order, its keys in another order
         assert again.status_code == 200 and again.text == first.text
         assert again.headers["Idempotent-Replayed"] == "true"
         used = c.app.state.service.log.counters()["sample"]["used"]
@@ -184,8 +184,10 @@ def test_a_corrupt_model_directory_serves_fallback_and_reports_degraded(tmp_path
     (model / "manifest.json").write_text(json.dumps({"format": 1, "artifacts": {"engine.joblib": "0" * 64}}))
     s = Settings.load(environ={}, model=str(model), db_url=f"sqlite:///{tmp_path / 'log.db'}", api_keys=KEYS)
     with TestClient(create_app(s)) as c:
-        ready = c.get("/readyz").json()
+        ready = c.get("/readyz", headers=auth(ADMIN)).json()
         assert ready["status"] == "degraded" and "engine.joblib" in ready["reason"]
+        anyone = c.get("/readyz").json()   # no file names or error types without an admin key
+        assert anyone["status"] == "degraded" and "joblib" not in anyone["reason"] and str(model) not in anyone["reason"]
         r = decide(c, order(1))
         assert r.status_code == 200 and r.json()["policy"] == "fallback"
 
@@ -218,7 +220,9 @@ def test_errors_do_not_leak_internals(client, tmp_path):
     r = decide(client, order(1))
     assert r.status_code == 503 and r.json() == {"error": {"field": None, "reason":
                                                            "decisions cannot be recorded right now; retry shortly"}}
-    assert client.get("/readyz").status_code == 503
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["reason"] == "the decision log cannot be reached"
+    assert "Error" in client.get("/readyz", headers=auth(ADMIN)).json()["reason"]  # the type, for an admin
 
 
 def test_settings_come_from_file_then_env_then_flags(tmp_path):

@@ -28,6 +28,7 @@ decisions = sa.Table(
     sa.Column("order_json", sa.Text, nullable=False),     # the order as decided on (for state and training)
     sa.Column("box_json", sa.Text, nullable=False),       # {slot: [action_id, propensity]}
     sa.Column("response_json", sa.Text, nullable=False),  # the answer, replayed verbatim on retries
+    sa.Column("body_sha256", sa.String(64)),  # the request as sent, canonical: a reused order_id must match it
     sa.Index("ix_decisions_customer", "customer_id", "id"),
 )
 outcomes = sa.Table(

@@ -47,11 +47,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from insertrec.catalog import Action, Catalog
 from insertrec.errors import InsertrecError
-from insertrec.logschema import LogUnavailable, inventory, metadata, redacted, tables_exist
-from insertrec.serving.statements import CounterRow, EventRow, Prepared, Raw, Statements
+from insertrec.logschema import LogUnavailable, decisions, inventory, metadata, redacted, tables_exist
+from insertrec.serving.statements import CounterRow, EventRow, Prepared, Raw, Statements, StoredRow
 from insertrec.serving.writers import WriterTurn
 
-__all__ = ["CustomerMoved", "DecisionLog", "Entry", "Event", "LogUnavailable", "OutOfStock", "Recorded",
+__all__ = ["CustomerMoved", "DecisionLog", "Entry", "Event", "LogUnavailable", "OrderConflict", "OutOfStock", "Recorded",
            "UnknownOrder", "limited_actions"]
 
 
@@ -65,6 +65,16 @@ class OutOfStock(Exception):
     def __init__(self, action_id: str):
         self.action_id = action_id
         super().__init__(action_id)
+
+
+class OrderConflict(InsertrecError):
+    """An ``order_id`` decided before for another customer or with another body: a new order
+    needs a new id, and a retry must repeat the request as it was."""
+
+    def __init__(self, order_id: str, what: str):
+        self.order_id, self.what = order_id, what
+        super().__init__(f"order_id {order_id!r} was decided before with a different {what}; "
+                         "a retry must send the same order, a new order needs a new order_id")
 
 
 class CustomerMoved(Exception):
@@ -105,6 +115,7 @@ class Entry:
     customer_last_id: int = 0
     since_ns: int = -(2**63)
     limited: tuple[str, ...] = ()
+    body_sha256: str | None = None
 
     @property
     def in_history(self) -> bool:
@@ -178,6 +189,7 @@ class DecisionLog:
         try:
             with self._alone() as conn:
                 metadata.create_all(conn, checkfirst=True)
+                _add_missing_columns(conn)
         except SQLAlchemyError as exc:
             if not tables_exist(self.engine):  # another worker creating them at the same time is fine
                 raise LogUnavailable(f"decision log: cannot create tables ({type(exc).__name__})") from None
@@ -241,16 +253,17 @@ class DecisionLog:
         rows = self._fetch(self._sql.replay, {"oid": order_id})
         return rows[0][0] if rows else None
 
-    def record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock]:
+    def record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock | OrderConflict]:
         """Commit decisions in one transaction; per entry, what became of it.
 
         An entry fails alone, leaving nothing written: CustomerMoved if the
         customer has a decision newer than ``customer_last_id`` (an earlier
         entry of the same group counts), OutOfStock if one of its ``limited``
         actions ran out. An order decided before gives its stored response
-        (``row_id`` None). Raises LogUnavailable, for all, if the log fails.
+        (``row_id`` None), or OrderConflict if the customer or the body differs.
+        Raises LogUnavailable, for all, if the log fails.
         """
-        out: list[Recorded | CustomerMoved | OutOfStock] = []
+        out: list[Recorded | CustomerMoved | OutOfStock | OrderConflict] = []
         try:
             with self._transaction() as run:
                 self._lock(run, entries)
@@ -264,9 +277,7 @@ class DecisionLog:
                         out.append(failed)
                     except self._dbapi.IntegrityError:
                         run(self._sql.undo)
-                        stored = run(self._sql.replay, oid=entry.order_id).fetchone()
-                        # no stored order: a decision_id (uuid4) collision; deciding again draws a new one
-                        out.append(Recorded(stored[0], None) if stored else CustomerMoved())
+                        out.append(_retried(entry, run(self._sql.stored, oid=entry.order_id).fetchone()))
             return out
         except self._errors as exc:
             raise self._failed("write", exc) from None
@@ -446,6 +457,18 @@ def limited_actions(catalog: Catalog) -> dict[str, Action]:
             if not a.default and (a.stock is not None or a.budget is not None)}
 
 
+def _retried(entry: Entry, stored: tuple | None) -> Recorded | CustomerMoved | OrderConflict:
+    """What a second decision of an order gets: the stored answer if it is the same request."""
+    if stored is None:  # not a stored order: a decision_id (uuid4) collision; deciding again draws a new one
+        return CustomerMoved()
+    row = StoredRow._make(stored)
+    if row.customer_id != entry.customer_id:
+        return OrderConflict(entry.order_id, "customer_id")
+    if None not in (row.body_sha256, entry.body_sha256) and row.body_sha256 != entry.body_sha256:
+        return OrderConflict(entry.order_id, "body")
+    return Recorded(row.response_json, None)
+
+
 def _event(row: EventRow) -> Event:
     if row.kind == 0:
         box = orjson.loads(row.box_json)
@@ -458,7 +481,8 @@ def _row(entry: Entry) -> dict[str, Any]:
     return {"decision_id": entry.decision_id, "order_id": entry.order_id, "customer_id": entry.customer_id,
             "order_ts_ns": entry.order_ts_ns, "logged_ns": time.time_ns(),
             "model_version": entry.model_version, "policy": entry.policy, "order_json": entry.order_json,
-            "box_json": orjson.dumps(entry.box).decode(), "response_json": entry.response_json}
+            "box_json": orjson.dumps(entry.box).decode(), "response_json": entry.response_json,
+            "body_sha256": entry.body_sha256}
 
 
 def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -> None:
@@ -478,3 +502,12 @@ def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -
     def _begin(conn: sa.Connection) -> None:
         if conn.get_execution_options().get("insertrec_writer"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Columns added to the log after it was first created (nullable, so old rows stay valid)."""
+    have = {column["name"] for column in sa.inspect(conn).get_columns(decisions.name)}
+    for column in decisions.columns:
+        if column.name not in have:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {decisions.name} ADD COLUMN {column.name} {kind}")

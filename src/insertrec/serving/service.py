@@ -108,7 +108,7 @@ class DecisionService:
                           decision.policy, orjson.dumps(record).decode(),
                           {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
                           known.last_decision, loaded.as_of_ns,
-                          tuple(a for a in actions.values() if a in loaded.limited))
+                          tuple(a for a in actions.values() if a in loaded.limited), order.fingerprint())
             outcome = await self.commits.submit(entry)
             if isinstance(outcome, OutOfStock):
                 unavailable.add(outcome.action_id)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from insertrec.logschema import control, decisions, inventory, outcomes
 
-__all__ = ["CounterRow", "EventRow", "Prepared", "Raw", "Statements"]
+__all__ = ["CounterRow", "EventRow", "Prepared", "Raw", "Statements", "StoredRow"]
 
 _P = sa.bindparam
 
@@ -57,6 +57,14 @@ class EventRow(NamedTuple):
     value: float | None        # an outcome's: the NPS score or the returned value
 
 
+class StoredRow(NamedTuple):
+    """A row of `Statements.stored`."""
+
+    response_json: str
+    customer_id: str
+    body_sha256: str | None   # None: logged before bodies were fingerprinted
+
+
 class CounterRow(NamedTuple):
     """A row of `Statements.counters`."""
 
@@ -68,7 +76,7 @@ class CounterRow(NamedTuple):
 
 
 DECISION_KEYS = ["decision_id", "order_id", "customer_id", "order_ts_ns", "logged_ns", "model_version", "policy",
-                 "order_json", "box_json", "response_json"]
+                 "order_json", "box_json", "response_json", "body_sha256"]
 OUTCOME_KEYS = ["outcome_key", "order_id", "customer_id", "type", "ts_ns", "score", "value", "action_id",
                 "logged_ns"]
 
@@ -127,6 +135,9 @@ class Statements:
         self.exhausted = prepare(sa.select(inventory.c.action_id).where(sa.not_(_within_limits())))
         #: the stored response for order ``oid``
         self.replay = prepare(sa.select(decisions.c.response_json).where(decisions.c.order_id == _P("oid")))
+        #: what a retry of order ``oid`` is compared with, as a ``StoredRow``
+        self.stored = prepare(sa.select(decisions.c.response_json, decisions.c.customer_id, decisions.c.body_sha256)
+                              .where(decisions.c.order_id == _P("oid")))
         #: a new decision (returns its row id where the dialect can)
         self.insert_decision = prepare(insert.returning(decisions.c.id) if self.returning else insert,
                                        DECISION_KEYS)

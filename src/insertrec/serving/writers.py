@@ -17,6 +17,7 @@ import fcntl
 import os
 from typing import TYPE_CHECKING
 
+from insertrec.errors import InsertrecError
 from insertrec.logschema import LogUnavailable
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ class GroupCommit:
     once every request that was ready in this turn has chosen its box and
     submitted too. Each waits for its own result; nothing is answered
     before its commit. A request whose client went away is still committed
-    (a retry gets the stored answer).
+    (a retry gets the stored answer). A log that failed, or an order id reused
+    for another order (`OrderConflict`), is raised in the request.
 
     Parameters
     ----------
@@ -90,7 +92,7 @@ class GroupCommit:
         for (_, future), result in zip(group, results):
             if future.done():  # cancelled: the client went away
                 continue
-            if isinstance(result, LogUnavailable):
+            if isinstance(result, InsertrecError):  # LogUnavailable, OrderConflict
                 future.set_exception(result)
             else:
                 future.set_result(result)
