@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -248,3 +252,47 @@ def test_a_log_from_before_body_fingerprints_gains_the_column(tmp_path, db_url):
         log.close()
     assert query(db_url, "SELECT order_id, body_sha256 FROM decisions ORDER BY id") == [("o-old", None),
                                                                                        ("o-new", "a" * 64)]
+
+
+@contextlib.contextmanager
+def writer_held(db_url: str, tmp_path: Path, how: str) -> Iterator[None]:
+    """Another process's hold on the log's writing: SQLite's writer-lock file or its own write lock,
+    a PostgreSQL session's exclusive lock on the decisions table. Released after 5 s at the latest,
+    so that a service without deadlines makes this test fail rather than hang."""
+    if how == "writer-lock":
+        fd = os.open(f"{tmp_path / 'log.db'}.writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        timer = threading.Timer(5, fcntl.flock, (fd, fcntl.LOCK_UN))
+        release = lambda: (timer.cancel(), fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))
+    else:
+        conn = sa.create_engine(db_url).connect()
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if db_url.startswith("sqlite") else
+                             "BEGIN; LOCK TABLE decisions IN EXCLUSIVE MODE")
+        timer = threading.Timer(5, conn.rollback)
+        release = lambda: (timer.cancel(), conn.rollback(), conn.close())
+    timer.start()
+    try:
+        yield
+    finally:
+        release()
+
+
+@pytest.mark.parametrize("how", ["writer-lock", "database lock"])
+def test_a_held_write_lock_costs_a_request_its_deadline_not_more(tmp_path, db_url, how):
+    """A writer that does not let go (a stopped process, an operator's script, a long transaction)
+    makes a decision a 503 after ``db_deadline_ms``; the worker answers other requests meanwhile and
+    decides again once the lock is free. Before, the request and the worker waited as long as the
+    lock was held (the writer-lock without end, SQLite's own lock 5 s)."""
+    if how == "writer-lock" and not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL queues writers itself: no writer-lock file")
+    with TestClient(create_app(settings(tmp_path, db_url=db_url, db_deadline_ms=50))) as c:
+        post = lambda i: c.post("/v1/recommendations", json=order(i), headers=auth(DECIDE))
+        assert post(0).status_code == 200   # tables created, connections open
+        with writer_held(db_url, tmp_path, how):
+            started = time.monotonic()
+            held = post(1)
+            waited = time.monotonic() - started
+            assert c.get("/healthz").status_code == 200
+        assert held.status_code == 503 and held.headers["Retry-After"] == "1"
+        assert waited < 2.0, f"waited {waited:.2f} s for a lock with a 50 ms deadline"
+        assert post(2).status_code == 200

@@ -84,7 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The service for one worker process (the decision log and the model load at startup)."""
     keys = KeyRing(settings.keys, insecure=settings.insecure_dev and not settings.keys)
     metrics = Metrics()
-    log = DecisionLog(settings.db_url, settings.db_synchronous)
+    log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
     slot = EngineSlot(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
     service = DecisionService(slot, log, metrics)
 
@@ -385,7 +385,7 @@ def run(model: str | None = None, host: str | None = None, port: int | None = No
     if not settings.keys and not settings.insecure_dev:
         raise SettingsError("refusing to start without API keys: set INSERTREC_API_KEYS or "
                             "INSERTREC_API_KEYS_FILE (or pass --insecure-dev on a development machine)")
-    log = DecisionLog(settings.db_url, settings.db_synchronous)
+    log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
     try:  # fail here, with the reason, not in every worker; and set up the log before they start
         log.create()
         EngineSlot(settings.model, settings.catalog,

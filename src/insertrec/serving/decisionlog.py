@@ -134,6 +134,8 @@ class Recorded:
     row_id: int | None
 
 
+SETUP_DEADLINE_S = 30.0   # tables and counters at startup: every worker waits its turn for them
+
 # The advisory lock key of the log's own setup (an arbitrary constant; a customer whose id hashes
 # to it would only wait for a worker's startup).
 _SCHEMA_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.literal_column("7367811519823411")))
@@ -157,21 +159,27 @@ class DecisionLog:
     ----------
     url : SQLAlchemy URL (``INSERTREC_DB_URL``).
     synchronous : SQLite ``PRAGMA synchronous`` (``NORMAL`` or ``FULL``); see the module docstring.
-    busy_timeout_ms : how long a SQLite writer waits for another process's transaction.
+    deadline_ms : how long an operation on the request path may wait for the writer's turn,
+        a lock or a slow statement (SQLite's busy timeout; PostgreSQL's ``lock_timeout`` and
+        ``statement_timeout``) before it fails with LogUnavailable. Setting up the tables and
+        counters (`create`, `sync_inventory`) waits up to `SETUP_DEADLINE_S`.
     """
 
-    def __init__(self, url: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000):
+    def __init__(self, url: str, synchronous: str = "NORMAL", deadline_ms: int = 50):
         try:
-            # READ COMMITTED whatever the server's default: the commit's checks must see what the
-            # transaction they waited for (`_lock`) committed
-            options = {} if url.startswith("sqlite") else {"pool_pre_ping": True, "isolation_level": "READ COMMITTED"}
+            # PostgreSQL: READ COMMITTED whatever the server's default, as the commit's checks must see
+            # what the transaction they waited for (`_lock`) committed; and the deadline on the server
+            options = {} if url.startswith("sqlite") else {
+                "pool_pre_ping": True, "isolation_level": "READ COMMITTED",
+                "connect_args": {"options": f"-c lock_timeout={int(deadline_ms)} -c statement_timeout={int(deadline_ms)}"}}
             self.engine = sa.create_engine(url, **options)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
             raise LogUnavailable(f"INSERTREC_DB_URL: cannot use {redacted(url)} ({type(exc).__name__})") from None
         dialect = self.engine.dialect
         self.sqlite = dialect.name == "sqlite"
         if self.sqlite:
-            _sqlite_pragmas(self.engine, synchronous.upper(), busy_timeout_ms)
+            _sqlite_pragmas(self.engine, synchronous.upper(), deadline_ms)
+        self.deadline_ms = deadline_ms
         self._dbapi = dialect.loaded_dbapi
         self._errors = (SQLAlchemyError, self._dbapi.Error)
         self._sql = Statements(dialect)
@@ -179,7 +187,7 @@ class DecisionLog:
         self._read_cursor: Any = None
         self._writer: Any = None
         self._read_lock, self._write_lock = threading.RLock(), threading.RLock()
-        self._turn = WriterTurn(self.engine.url.database if self.sqlite else None)
+        self._turn = WriterTurn(self.engine.url.database if self.sqlite else None, deadline_ms / 1000)
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -391,12 +399,20 @@ class DecisionLog:
         together on a fresh database create the tables and insert the counters one after another
         instead of colliding on them, and a counter is reset at most once per catalog change."""
         with self.engine.connect() as conn:
-            if self.sqlite:
+            setup_ms = int(SETUP_DEADLINE_S * 1000)
+            if self.sqlite:  # on the driver's connection: through SQLAlchemy it would begin a transaction
+                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={setup_ms}")
                 conn.execution_options(insertrec_writer=True)
-            with conn.begin():
-                if self.engine.dialect.name == "postgresql":
-                    conn.execute(_SCHEMA_LOCK)
-                yield conn
+            try:
+                with conn.begin():
+                    if self.engine.dialect.name == "postgresql":
+                        for name in ("lock_timeout", "statement_timeout"):
+                            conn.exec_driver_sql(f"SET LOCAL {name} = {setup_ms}")
+                        conn.execute(_SCHEMA_LOCK)
+                    yield conn
+            finally:
+                if self.sqlite:
+                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={int(self.deadline_ms)}")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[_Run]:
@@ -406,13 +422,13 @@ class DecisionLog:
             if self._writer is None:
                 self._writer = self.engine.raw_connection()
             conn = self._writer
-            cursor = conn.cursor()
-
-            def run(statement: Prepared | Raw, /, **params: Any) -> Any:
-                cursor.execute(statement.sql, statement.args(params))
-                return cursor
-
             with self._turn:
+                cursor = conn.cursor()
+
+                def run(statement: Prepared | Raw, /, **params: Any) -> Any:
+                    cursor.execute(statement.sql, statement.args(params))
+                    return cursor
+
                 try:
                     if self.sqlite:
                         cursor.execute("BEGIN IMMEDIATE")
@@ -485,7 +501,7 @@ def _row(entry: Entry) -> dict[str, Any]:
             "body_sha256": entry.body_sha256}
 
 
-def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -> None:
+def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: float) -> None:
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # The driver must not open transactions by itself: the writer opens them

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import time
 from typing import TYPE_CHECKING
 
 from insertrec.errors import InsertrecError
@@ -26,14 +27,22 @@ if TYPE_CHECKING:
 
 __all__ = ["GroupCommit", "WriterTurn"]
 
+_RETRY_S = 0.0002   # between attempts at a busy writer's turn: a commit takes about a millisecond
+
 
 class WriterTurn:
     """Writers of one SQLite file, in any process, take turns: an exclusive ``flock`` held across
     the write transaction. Other databases queue writers themselves, and an in-memory SQLite has
-    one process: no turn (``database`` None)."""
+    one process: no turn (``database`` None).
 
-    def __init__(self, database: str | None):
+    With a ``deadline_s`` the turn is tried without blocking, again every `_RETRY_S`, and given up
+    with LogUnavailable at the deadline: a process that holds the lock (stopped, or someone's
+    script) costs a request its deadline, never the worker's event loop. Without, it waits.
+    """
+
+    def __init__(self, database: str | None, deadline_s: float | None = None):
         self.path = f"{database}.writer-lock" if database and database != ":memory:" else None
+        self.deadline_s = deadline_s
         self._fd: int | None = None
 
     def __enter__(self) -> None:
@@ -41,7 +50,19 @@ class WriterTurn:
             return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self.deadline_s is None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return
+        give_up = time.monotonic() + self.deadline_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    raise LogUnavailable(f"decision log: another process held the writer's turn past the "
+                                         f"deadline ({self.deadline_s * 1000:.0f} ms)") from None
+                time.sleep(_RETRY_S)
 
     def __exit__(self, *_: object) -> None:
         if self._fd is not None:
