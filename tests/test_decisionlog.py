@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import sqlite3
 import threading
 import time
@@ -296,3 +297,35 @@ def test_a_held_write_lock_costs_a_request_its_deadline_not_more(tmp_path, db_ur
         assert held.status_code == 503 and held.headers["Retry-After"] == "1"
         assert waited < 2.0, f"waited {waited:.2f} s for a lock with a 50 ms deadline"
         assert post(2).status_code == 200
+
+
+def test_a_postgresql_that_stops_answering_costs_a_request_its_deadline(tmp_path, db_url):
+    """The service's PostgreSQL sessions stopped (SIGSTOP, as a frozen server or a cut network looks
+    from the client): a decision is a 503 within its deadline and /healthz answers, where before
+    every request and /healthz hung as long as the server did; once it answers, so does the service."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("a SQLite file cannot stop answering; its waits are the lock deadlines above")
+    with TestClient(create_app(settings(tmp_path, db_url=db_url, db_deadline_ms=50))) as c:
+        post = lambda i: c.post("/v1/recommendations", json=order(i), headers=auth(DECIDE))
+        assert post(0).status_code == 200
+        sessions = [pid for pid, in query(db_url, "SELECT pid FROM pg_stat_activity "
+                                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+        resume = lambda: [os.kill(pid, signal.SIGCONT) for pid in sessions]
+        timer = threading.Timer(5, resume)   # never left stopped, whatever happens here
+        for pid in sessions:
+            os.kill(pid, signal.SIGSTOP)
+        timer.start()
+        try:
+            started = time.monotonic()
+            frozen = post(1)
+            waited = time.monotonic() - started
+            alive = c.get("/healthz").status_code
+        finally:
+            timer.cancel()
+            resume()
+        assert sessions and frozen.status_code == 503 and alive == 200
+        assert waited < 2.0, f"waited {waited:.2f} s on a stopped server with a 50 ms deadline"
+        deadline = time.monotonic() + 10
+        while post(2).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert post(3).status_code == 200

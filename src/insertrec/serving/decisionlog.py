@@ -36,10 +36,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -134,11 +136,15 @@ class Recorded:
     row_id: int | None
 
 
+COMMIT_DEADLINES = 4      # a commit (several statements and locks) may take this many deadlines
 SETUP_DEADLINE_S = 30.0   # tables and counters at startup: every worker waits its turn for them
 
 # The advisory lock key of the log's own setup (an arbitrary constant; a customer whose id hashes
 # to it would only wait for a worker's startup).
 _SCHEMA_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.literal_column("7367811519823411")))
+
+
+_T = TypeVar("_T")
 
 
 class _Run(Protocol):
@@ -161,8 +167,10 @@ class DecisionLog:
     synchronous : SQLite ``PRAGMA synchronous`` (``NORMAL`` or ``FULL``); see the module docstring.
     deadline_ms : how long an operation on the request path may wait for the writer's turn,
         a lock or a slow statement (SQLite's busy timeout; PostgreSQL's ``lock_timeout`` and
-        ``statement_timeout``) before it fails with LogUnavailable. Setting up the tables and
-        counters (`create`, `sync_inventory`) waits up to `SETUP_DEADLINE_S`.
+        ``statement_timeout``) before it fails with LogUnavailable; on a server, a read waits
+        for an answer at most that long and a commit `COMMIT_DEADLINES` times it (see
+        `_within_deadline`). Setting up the tables and counters (`create`, `sync_inventory`)
+        waits up to `SETUP_DEADLINE_S`.
     """
 
     def __init__(self, url: str, synchronous: str = "NORMAL", deadline_ms: int = 50):
@@ -188,6 +196,9 @@ class DecisionLog:
         self._writer: Any = None
         self._read_lock, self._write_lock = threading.RLock(), threading.RLock()
         self._turn = WriterTurn(self.engine.url.database if self.sqlite else None, deadline_ms / 1000)
+        # a database server can stop answering (stopped, cut off): its calls wait in a thread of their own
+        self._read_worker, self._write_worker = (None, None) if self.sqlite else (
+            ThreadPoolExecutor(1, thread_name_prefix="log-read"), ThreadPoolExecutor(1, thread_name_prefix="log-write"))
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -235,11 +246,18 @@ class DecisionLog:
         self._stop.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=5)
-        with self._read_lock, self._write_lock:
-            for conn in (self._reader, self._writer):
-                if conn is not None:
-                    conn.close()
-            self._reader = self._writer = None
+        for worker in (self._read_worker, self._write_worker):
+            if worker is not None:
+                worker.shutdown(wait=False, cancel_futures=True)
+        for lock, attr in ((self._read_lock, "_reader"), (self._write_lock, "_writer")):
+            if lock.acquire(timeout=1.0):  # else a call stuck on a server that stopped answering holds it
+                try:
+                    conn = getattr(self, attr)
+                    if conn is not None:
+                        conn.close()
+                    setattr(self, attr, None)
+                finally:
+                    lock.release()
         self._turn.close()
         self.engine.dispose()
 
@@ -262,6 +280,10 @@ class DecisionLog:
         return rows[0][0] if rows else None
 
     def record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock | OrderConflict]:
+        return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms,
+                                     lambda: self._record_many(entries))
+
+    def _record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock | OrderConflict]:
         """Commit decisions in one transaction; per entry, what became of it.
 
         An entry fails alone, leaving nothing written: CustomerMoved if the
@@ -323,11 +345,15 @@ class DecisionLog:
         if not rows:
             raise UnknownOrder(f"order_id {order_id!r}: no decision was logged for this order")
         (customer_id,), = rows
+        row = {"outcome_key": key, "order_id": order_id, "customer_id": customer_id, "type": type, "ts_ns": ts_ns,
+               "score": score, "value": value, "action_id": action_id, "logged_ns": time.time_ns()}
+        return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms,
+                                     lambda: self._insert_outcome(row))
+
+    def _insert_outcome(self, row: dict[str, Any]) -> bool:
         try:
             with self._transaction() as run:
-                run(self._sql.insert_outcome, outcome_key=key, order_id=order_id, customer_id=customer_id,
-                    type=type, ts_ns=ts_ns, score=score, value=value, action_id=action_id,
-                    logged_ns=time.time_ns())
+                run(self._sql.insert_outcome, **row)
             return True
         except self._dbapi.IntegrityError:
             return False
@@ -375,6 +401,9 @@ class DecisionLog:
         return int(rows[0][0]) if rows else 0
 
     def bump_generation(self) -> int:
+        return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms, self._bump_generation)
+
+    def _bump_generation(self) -> int:
         try:
             with self._transaction() as run:
                 row = run(self._sql.generation).fetchone()
@@ -441,7 +470,28 @@ class DecisionLog:
                 finally:
                     cursor.close()
 
+    def _within_deadline(self, worker: ThreadPoolExecutor | None, deadline_ms: float, call: Callable[[], _T]) -> _T:
+        """``call()``, given up with LogUnavailable after ``deadline_ms`` when the log is a server.
+
+        A server that stops answering (stopped, cut off by the network) is not
+        bounded by its own timeouts, and a blocked call would hold the worker's
+        event loop, /healthz included. The call goes on in its thread and ends
+        when the server answers or the connection breaks; calls queued behind
+        it time out too, and are dropped before they start.
+        """
+        if worker is None:
+            return call()
+        future = worker.submit(call)
+        try:
+            return future.result(timeout=deadline_ms / 1000)
+        except FutureTimeout:
+            future.cancel()
+            raise LogUnavailable(f"decision log: no answer within the deadline ({deadline_ms:.0f} ms)") from None
+
     def _fetch(self, statement: Prepared, params: dict[str, Any]) -> list[tuple]:
+        return self._within_deadline(self._read_worker, self.deadline_ms, lambda: self._fetch_now(statement, params))
+
+    def _fetch_now(self, statement: Prepared, params: dict[str, Any]) -> list[tuple]:
         with self._read_lock:
             try:
                 if self._reader is None:
