@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,7 +70,7 @@ def _orders_frame(d: pd.DataFrame, o: pd.DataFrame) -> pd.DataFrame:
     if raw.empty:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in ORDER_DTYPES.items()})
     returned = o[o["type"] == "returned"].groupby("order_id")["value"].last()
-    defaults = {"n_items": 1.0, "channel": "unknown", "categories": "", "is_gift": False,
+    defaults: dict[str, Any] = {"n_items": 1.0, "channel": "unknown", "categories": "", "is_gift": False,
                 "returned_value": 0.0, "region": "unknown"}
     for column, default in defaults.items():
         raw[column] = raw[column].fillna(default) if column in raw else default

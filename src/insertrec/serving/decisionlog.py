@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 import sqlalchemy as sa
@@ -197,8 +197,11 @@ class DecisionLog:
         self._read_lock, self._write_lock = threading.RLock(), threading.RLock()
         self._turn = WriterTurn(self.engine.url.database if self.sqlite else None, deadline_ms / 1000)
         # a database server can stop answering (stopped, cut off): its calls wait in a thread of their own
-        self._read_worker, self._write_worker = (None, None) if self.sqlite else (
-            ThreadPoolExecutor(1, thread_name_prefix="log-read"), ThreadPoolExecutor(1, thread_name_prefix="log-write"))
+        self._read_worker: ThreadPoolExecutor | None = None
+        self._write_worker: ThreadPoolExecutor | None = None
+        if not self.sqlite:
+            self._read_worker = ThreadPoolExecutor(1, thread_name_prefix="log-read")
+            self._write_worker = ThreadPoolExecutor(1, thread_name_prefix="log-write")
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -429,8 +432,8 @@ class DecisionLog:
         instead of colliding on them, and a counter is reset at most once per catalog change."""
         with self.engine.connect() as conn:
             setup_ms = int(SETUP_DEADLINE_S * 1000)
-            if self.sqlite:  # on the driver's connection: through SQLAlchemy it would begin a transaction
-                conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={setup_ms}")
+            if self.sqlite:
+                _busy_timeout(conn, setup_ms)
                 conn.execution_options(insertrec_writer=True)
             try:
                 with conn.begin():
@@ -441,7 +444,7 @@ class DecisionLog:
                     yield conn
             finally:
                 if self.sqlite:
-                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={int(self.deadline_ms)}")
+                    _busy_timeout(conn, self.deadline_ms)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[_Run]:
@@ -537,10 +540,17 @@ def _retried(entry: Entry, stored: tuple | None) -> Recorded | CustomerMoved | O
 
 def _event(row: EventRow) -> Event:
     if row.kind == 0:
-        box = orjson.loads(row.box_json)
-        return Event("order", row.row_id, row.ts_ns, order=orjson.loads(row.order_json),
+        box = orjson.loads(cast(str, row.box_json))
+        return Event("order", row.row_id, row.ts_ns, order=orjson.loads(cast(str, row.order_json)),
                      actions={slot: action_id for slot, (action_id, _) in box.items()})
-    return Event(row.outcome_type, row.row_id, row.ts_ns, order_id=row.order_id, value=row.value)
+    return Event(cast(str, row.outcome_type), row.row_id, row.ts_ns, order_id=row.order_id, value=row.value)
+
+
+def _busy_timeout(conn: sa.Connection, ms: float) -> None:
+    """SQLite's busy timeout, set on the driver's connection (through SQLAlchemy it would begin a transaction)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None  # an open connection
+    driver.execute(f"PRAGMA busy_timeout={int(ms)}")
 
 
 def _row(entry: Entry) -> dict[str, Any]:

@@ -8,9 +8,10 @@ and its parameter style) while the request path pays only the driver.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from insertrec.logschema import control, decisions, inventory, outcomes
 
@@ -23,7 +24,7 @@ class Prepared:
     """A Core statement compiled for one dialect, run on a raw DBAPI cursor."""
 
     def __init__(self, statement: sa.ClauseElement, dialect: sa.Dialect, column_keys: list[str] | None = None):
-        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=column_keys))
         self.sql = compiled.string
         self.defaults = dict(compiled.params)
         self.order = compiled.positiontup if compiled.positional else None
