@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from insertrec.training import TrainConfig, train
 
     if args.decisions:
-        from insertrec.serving.decisionlog import merge_logged
+        from insertrec.logged import merge_logged
 
         data = merge_logged(_load(args), args.decisions)
     else:

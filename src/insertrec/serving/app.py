@@ -9,7 +9,8 @@ sent as bytes, so a retry gets exactly the same answer.
 
 Errors: bad input is 422 ``{"error": {"field", "reason"}}``, a body over the
 limit 413, a missing or unknown key 401, a key without the role 403, an
-unknown order in an outcome 404, an unreachable decision log 503 (a decision
+unknown order in an outcome 404, an ``order_id`` decided before for another
+customer or body 409, an unreachable decision log 503 (a decision
 that cannot be made durable is not given). Anything else is a bug: 500 with
 a generic message, the details only in the server's log.
 """
@@ -38,7 +39,7 @@ from insertrec.errors import InsertrecError
 from insertrec.registry import AliasWatcher, resolve_model
 from insertrec.serving import payloads as p
 from insertrec.serving.auth import AuthError, KeyRing
-from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, UnknownOrder
+from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, OrderConflict, UnknownOrder
 from insertrec.serving.hotswap import ModelHolder
 from insertrec.serving.logs import uvicorn_log_config
 from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
@@ -85,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The service for one worker process (the decision log and the model load at startup)."""
     keys = KeyRing(settings.keys, insecure=settings.insecure_dev and not settings.keys)
     metrics = Metrics()
-    log = DecisionLog(settings.db_url, settings.db_synchronous)
+    log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
     holder = ModelHolder(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
     service = DecisionService(holder, log, metrics)
 
@@ -114,7 +115,9 @@ def create_app(settings: Settings) -> FastAPI:
                   description="Per-order decisions on packaging, insert and coupon.")
 
     @app.post("/v1/recommendations", openapi_extra=_body_doc("OrderIn"), tags=["decide"],
-              responses={200: {"model": p.DecisionOut, "description": "the box for this order"}, **_ERRORS})
+              responses={200: {"model": p.DecisionOut, "description": "the box for this order"}, **_ERRORS,
+                         409: {"model": p.ErrorOut, "description": "the order_id was decided before for "
+                                                                   "another customer or body"}})
     async def recommend(request: Request) -> Response:
         watch = Stopwatch(metrics)
         keys.check(request.headers.get("authorization"), "decide")
@@ -165,20 +168,25 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", response_model=p.ReadyOut, tags=["ops"],
              responses={503: {"model": p.ReadyOut, "description": "cannot make decisions durable"}})
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         """Degraded (answering from the rules, or from the previous model) is still ready: a
         warehouse is better served by the rules than by no answer. Not ready is a decision log
-        that cannot be reached, or a worker still starting."""
+        that cannot be reached, or a worker still starting. The reason names files and error
+        types only for an admin key: anyone can ask this route."""
+        admin = _is_admin(keys, request.headers.get("authorization"))
         loaded = holder.current
         try:
             log.ping()
         except LogUnavailable as exc:
-            out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version, reason=str(exc))
+            out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version,
+                             reason=str(exc) if admin else "the decision log cannot be reached")
             return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
         if loaded is None:
             out = p.ReadyOut(status="unavailable", model_version=None, reason="starting")
             return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
-        out = p.ReadyOut(status=loaded.status, model_version=loaded.version, reason=loaded.reason)
+        reason = loaded.reason if admin or loaded.reason is None else \
+            "the model could not be loaded; answering from the catalog's rules (the reason: with an admin key)"
+        out = p.ReadyOut(status=loaded.status, model_version=loaded.version, reason=reason)
         return Response(out.model_dump_json(), media_type=_JSON)
 
     @app.get("/metrics", tags=["ops"], response_class=Response,
@@ -226,10 +234,20 @@ async def _batch_item(service: DecisionService, metrics: Metrics, index: int, it
         status, detail = 422, p.first_error(err, prefix=("orders", index))
     except LogUnavailable as exc:
         status, detail = 503, p.ErrorDetail(field=None, reason=str(exc))
+    except OrderConflict as exc:
+        status, detail = 409, p.ErrorDetail(field="order_id", reason=str(exc))
     except InsertrecError as exc:
         status, detail = 422, p.ErrorDetail(field=None, reason=str(exc))
     out = p.BatchItemOut(index=index, order_id=order_id, status=status, error=detail)
     return out.model_dump_json().encode()
+
+
+def _is_admin(keys: KeyRing, authorization: str | None) -> bool:
+    try:
+        keys.check(authorization, "admin")
+        return True
+    except AuthError:
+        return False
 
 
 def _current(holder: ModelHolder) -> Any:
@@ -298,6 +316,10 @@ def _install_errors(app: FastAPI) -> None:
     async def unknown_order(_: Request, exc: UnknownOrder) -> JSONResponse:
         return error(404, str(exc), "order_id")
 
+    @app.exception_handler(OrderConflict)
+    async def conflict(_: Request, exc: OrderConflict) -> JSONResponse:
+        return error(409, str(exc), "order_id")
+
     @app.exception_handler(LogUnavailable)
     async def unavailable(_: Request, exc: LogUnavailable) -> JSONResponse:
         _log.error("decision log unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
@@ -365,12 +387,13 @@ def run(model: str | None = None, host: str | None = None, port: int | None = No
     if not settings.keys and not settings.insecure_dev:
         raise SettingsError("refusing to start without API keys: set INSERTREC_API_KEYS or "
                             "INSERTREC_API_KEYS_FILE (or pass --insecure-dev on a development machine)")
-    log = DecisionLog(settings.db_url, settings.db_synchronous)
-    try:
+    log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
+    try:  # fail here, with the reason, not in every worker; and set up the log before they start
         log.create()
+        ModelHolder(settings.model, settings.catalog,
+                    on_swap=lambda loaded: log.sync_inventory(loaded.fallback.catalog)).load()
     finally:
         log.close()
-    ModelHolder(settings.model, settings.catalog).load()  # fail here, with the reason, not in every worker
     os.environ.update(settings.to_environ())
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         directory = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="insertrec-metrics-"))
