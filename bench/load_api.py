@@ -324,6 +324,8 @@ def main() -> None:
     ap.add_argument("--open-duration", type=float, default=10.0)
     ap.add_argument("--fixed-decision", action="store_true",
                     help="also run the service with its model taken out (arm c): the ceiling for any model")
+    ap.add_argument("--baseline-src", help="also run the service from this source tree (its src/ on "
+                    "PYTHONPATH) as arm 'baseline': a change and its base side by side in one run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "load_api.json"))
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -337,7 +339,7 @@ def main() -> None:
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     model = f"model={args.model!r}, " if args.model else ""
     peer_catalog = str(Path(args.model) / "catalog.yaml") if args.model else args.catalog
-    ports = {name: free_port() for name in ("noop", "peer", "service", "fixed_decision")}
+    ports = {name: free_port() for name in ("noop", "peer", "service", "baseline", "fixed_decision")}
     bench_import = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import load_api; load_api."
     commands = {
         "noop": [sys.executable, "-c", "import uvicorn; from insertrec.serving.logs import uvicorn_log_config; "
@@ -347,14 +349,19 @@ def main() -> None:
         "peer": [sys.executable, "-c", bench_import + f"serve_peer({ports['peer']}, {args.workers})"],
         "service": [sys.executable, "-c", "from insertrec.serving.app import run; "
                     f"run({model}port={ports['service']}, workers={args.workers})"],
+        "baseline": [sys.executable, "-c", "from insertrec.serving.app import run; "
+                     f"run({model}port={ports['baseline']}, workers={args.workers})"],
         "fixed_decision": [sys.executable, "-c",
                            bench_import + f"serve_fixed_decision({ports['fixed_decision']}, {args.workers})"],
     }
     envs = {"noop": env, "service": env,
             "peer": {**env, "BENCH_PEER_CATALOG": peer_catalog, "BENCH_PEER_DB": str(tmp / "peer.db")},
+            "baseline": {**env, "INSERTREC_DB_URL": f"sqlite:///{tmp / 'baseline.db'}",
+                         "PYTHONPATH": str(Path(args.baseline_src or ".") / "src")},
             "fixed_decision": {**env, "INSERTREC_DB_URL": f"sqlite:///{tmp / 'fixed.db'}",
                                **({"INSERTREC_MODEL": args.model} if args.model else {})}}
-    names = ["noop", "peer", "service"] + (["fixed_decision"] if args.fixed_decision else [])
+    names = (["noop", "peer", "service"] + (["baseline"] if args.baseline_src else [])
+             + (["fixed_decision"] if args.fixed_decision else []))
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name in names:
