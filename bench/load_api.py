@@ -80,22 +80,21 @@ async def noop_ready() -> dict[str, str]:
 
 def fixed_decision_app() -> FastAPI:
     """Arm (c), each worker's factory: the service's own app, its model's decision replaced by
-    one decision made once by that model and reused."""
+    one decision made once by that model and reused (its order id changed)."""
     from dataclasses import replace
 
-    from insertrec.serving import service
+    from insertrec.decide import Decider
     from insertrec.serving.app import app_from_env
 
     made: dict[str, Any] = {}
-    model_score = service.DecisionService._score
+    model_decide = Decider.decide
 
-    def score(self, loaded, record, state, unavailable):
+    def decide(self, order, state=None, unavailable=frozenset()):
         if "decision" not in made:
-            made["decision"] = model_score(self, loaded, record, state, unavailable)[0]
-        decision = replace(made["decision"], order_id=record["order_id"])
-        return (decision, *service._body(decision))
+            made["decision"] = model_decide(self, order, state, unavailable)
+        return replace(made["decision"], order_id=order["order_id"])
 
-    service.DecisionService._score = score
+    Decider.decide = decide
     return app_from_env()
 
 
