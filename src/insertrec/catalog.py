@@ -47,14 +47,14 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _Map(dict):
+class _Map(dict[str, Any]):
     """A YAML mapping that remembers its own line and the line of each key."""
 
     line: int
     key_lines: dict[str, int]
 
 
-class _Seq(list):
+class _Seq(list[Any]):
     """A YAML list that remembers its own line and the line of each item."""
 
     line: int
@@ -68,7 +68,8 @@ class _LineLoader(yaml.SafeLoader):
     test Norway as ``False``; here only true/false are booleans.
     """
 
-    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+    # types-PyYAML declares this an instance attribute; PyYAML reads and copies it on the class, as here.
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {  # type: ignore[misc]
         first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
@@ -573,9 +574,10 @@ class Action:
         if self.default:
             return lambda row: True
         when = self.when.compile()
-        if self.cap is None:
+        cap, feature = self.cap, self.cap_feature
+        if cap is None or feature is None:   # feature is None exactly when cap is
             return when
-        feature, count = self.cap_feature, self.cap.count
+        count = cap.count
 
         def eligible(row: Mapping[str, Any]) -> bool:
             return not _number(row.get(feature)) >= count and when(row)  # NaN: never received

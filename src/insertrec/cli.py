@@ -14,13 +14,17 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from insertrec.errors import CatalogError, DataError, InsertrecError
+
+if TYPE_CHECKING:   # imported when a subcommand runs (see above)
+    from insertrec.data import Dataset
 
 __all__ = ["build_parser", "main"]
 
 
-def _print_json_or_table(metrics: dict, as_json: bool) -> None:
+def _print_json_or_table(metrics: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(metrics, indent=2, sort_keys=True, default=float))
         return
@@ -30,7 +34,7 @@ def _print_json_or_table(metrics: dict, as_json: bool) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Dataset:
     from insertrec.data import load_data, write_rejected
 
     data = load_data(args.data, skip_bad_rows=getattr(args, "skip_bad_rows", False))

@@ -59,7 +59,7 @@ class Dataset:
         for name in ("orders", "nps", "exposures", "incidents"):
             frame = getattr(self, name)
             h.update(name.encode())
-            h.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+            h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
         if self.catalog is not None:
             h.update(self.catalog.sha256.encode())
         return h.hexdigest()
@@ -495,7 +495,7 @@ def _check_order_refs(c: _Checker, known: pd.DataFrame) -> None:
     order_id = c.col("order_id")
     # Index.get_indexer rather than Series.isin: pandas 3.1's isin on str
     # columns walks the value set in Python, which takes seconds at 1M orders.
-    found = known.index.get_indexer(order_id) >= 0
+    found = known.index.get_indexer(pd.Index(order_id)) >= 0   # what get_indexer does to a Series itself
     c.flag((order_id != "").to_numpy() & ~found, "order_id", "order_id not found in orders")
 
 

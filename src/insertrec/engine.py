@@ -9,6 +9,7 @@ snapshot's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ class Engine:
     """One model version: policy + catalog + customer snapshot + segment names."""
 
     def __init__(self, policy: Policy, params: FeatureParams, snapshot: Snapshot | None = None,
-                 segments: dict[str, str] | None = None, manifest: dict | None = None):
+                 segments: dict[str, str] | None = None, manifest: dict[str, Any] | None = None):
         self.policy = policy
         self.params = params
         self.snapshot = snapshot
@@ -68,7 +69,7 @@ class Engine:
             return CustomerState.empty(self.params)
         return self.snapshot.state(customer_id)
 
-    def decide(self, order: dict, state: CustomerState | None = None,
+    def decide(self, order: dict[str, Any], state: CustomerState | None = None,
                unavailable: frozenset[str] = frozenset()) -> Decision:
         """One order (a dict with the orders columns) -> its box."""
         state = self.state(str(order["customer_id"])) if state is None else state

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["CatalogError", "DataError", "InsertrecError", "ModelError", "Problem"]
+
 
 class InsertrecError(Exception):
     """An error whose message is meant for the user, on one line."""

@@ -34,12 +34,14 @@ from insertrec import modeldir
 from insertrec.errors import InsertrecError, ModelError
 from insertrec.tracking import MODEL_DIR_ARTIFACT, client, load_mlflow, tracking_uri
 
+__all__ = ["CHAMPION", "AliasWatcher", "ModelRef", "PromotionResult", "decide_promotion", "promote", "resolve_model"]
+
 CHAMPION = "champion"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 _log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
+def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "insertrec" / "models"
 
 
@@ -332,7 +334,7 @@ def _registered(c: Any, ref: ModelRef) -> None:
 
 def _cache_path(name: str, version: str, cache_dir: str | Path | None) -> Path:
     store = sha256(tracking_uri().encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / store / name / version
+    return Path(cache_dir or _default_cache_dir()) / store / name / version
 
 
 def _fetch(name: str, version: str, cache_dir: str | Path | None) -> Path:

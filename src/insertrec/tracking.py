@@ -28,10 +28,22 @@ from insertrec.data import ORDER_DTYPES
 from insertrec.errors import InsertrecError, ModelError
 from insertrec.schema import TABLES
 
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_MODEL_NAME",
+    "MODEL_DIR_ARTIFACT",
+    "Progress",
+    "RunInfo",
+    "client",
+    "load_mlflow",
+    "log_training_run",
+    "tracking_uri",
+]
+
 DEFAULT_EXPERIMENT = "insertrec"
 DEFAULT_MODEL_NAME = "insertrec"
 MODEL_DIR_ARTIFACT = "model_dir"    # the model directory's key among the pyfunc's artifacts
-RUN_ARTIFACTS = ("manifest.json", "catalog.yaml", "segments.csv", "report.html", "ope.json")
+_RUN_ARTIFACTS = ("manifest.json", "catalog.yaml", "segments.csv", "report.html", "ope.json")
 _MLFLOW_TYPES = {"str": "string", "float64": "double", "bool": "boolean"}
 _NOT_AT_DECISION_TIME = ("returned_value",)  # known only weeks after the parcel left
 
@@ -140,7 +152,7 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
             finite = _finite(metrics)
             if finite:
                 mlflow.log_metrics(finite, model_id=logged.model_id if logged else None)
-            for name in RUN_ARTIFACTS:
+            for name in _RUN_ARTIFACTS:
                 if (root / name).is_file():
                     mlflow.log_artifact(str(root / name))
         version = _register(register_as, logged.model_uri, manifest, finite) \
@@ -150,7 +162,7 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
     return RunInfo(run.info.run_id, run.info.experiment_id, logged.model_uri if logged else None, version)
 
 
-def _log_pyfunc(mlflow: ModuleType, root: Path, manifest: dict, input_example: pd.DataFrame | None) -> Any:
+def _log_pyfunc(mlflow: ModuleType, root: Path, manifest: dict[str, Any], input_example: pd.DataFrame | None) -> Any:
     """The model directory as a pyfunc that decides, with its signature and an input example."""
     from insertrec.engine import Engine
 
@@ -183,10 +195,10 @@ def _warn_if_misplaced(experiment_id: str, wanted: str | None) -> None:
               file=sys.stderr)
 
 
-def _register(name: str, model_uri: str, manifest: dict, metrics: dict[str, float]) -> str:
+def _register(name: str, model_uri: str, manifest: dict[str, Any], metrics: dict[str, float]) -> str:
     """A new version of ``name`` carrying what promotion and audits look up without opening the run."""
     mlflow = load_mlflow()
-    tags = {key: str(manifest[key]) for key in ("catalog_sha256", "data_fingerprint", "cutoff")
+    tags: dict[str, str] = {key: str(manifest[key]) for key in ("catalog_sha256", "data_fingerprint", "cutoff")
             if key in manifest}
     tags |= {"insertrec_version": str(manifest.get("version", "")),
              **{f"metric.{key}": repr(value) for key, value in metrics.items()}}
@@ -214,7 +226,7 @@ def _signature(engine: Any) -> Any:
     return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs))
 
 
-def _example_orders(engine: Any, manifest: dict) -> pd.DataFrame:
+def _example_orders(engine: Any, manifest: dict[str, Any]) -> pd.DataFrame:
     """One plausible order, placed at the model's cutoff (the engine refuses orders before it)."""
     when = manifest.get("cutoff") or pd.Timestamp.now(tz="UTC").isoformat()
     return pd.DataFrame({"order_id": ["example-order"], "customer_id": ["example-customer"],
@@ -222,7 +234,7 @@ def _example_orders(engine: Any, manifest: dict) -> pd.DataFrame:
                          "n_items": [2.0], "channel": ["web"], "is_gift": [False]})
 
 
-def _requirements(manifest: dict) -> list[str]:
+def _requirements(manifest: dict[str, Any]) -> list[str]:
     """Pinned from the manifest, so MLflow does not spend seconds re-importing the model to guess."""
     libs = manifest.get("libraries", {})
     pinned = [f"{name}=={libs[name]}" for name in ("numpy", "pandas", "scikit-learn", "joblib")
