@@ -28,9 +28,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from insertrec.catalog import Catalog
-from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, parse_cells
+from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, find_tables, parse_cells
 from insertrec.errors import DataError, Problem
-from insertrec.schema import TABLES
 
 MAX_PROBLEMS = 200
 TIMESTAMPS = {"orders": ("order_ts",), "nps": ("response_ts",), "incidents": ("ts",), "exposures": ()}
@@ -76,6 +75,14 @@ def _locate(directory: Path, name: str) -> tuple[Path, str] | None:
         raise DataError([Problem(found[0][0].name, None, None,
                                  f"both {found[0][0].name} and {found[1][0].name} exist; keep only one")])
     return found[0] if found else None
+
+
+def _read_located(spark: SparkSession, directory: Path, name: str) -> tuple[DataFrame, str, list[str]] | None:
+    located = _locate(directory, name)
+    if located is None:
+        return None
+    frame = _read_text(spark, *located)
+    return frame, located[0].name, frame.columns
 
 
 def _read_text(spark: SparkSession, path: Path, fmt: str) -> DataFrame:
@@ -134,24 +141,8 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
         raise DataError([Problem(str(directory), None, None, "data directory not found")])
     catalog_path = directory / "catalog.yaml"
     catalog = Catalog.load(catalog_path) if catalog_path.is_file() else None
-    fatal: list[Problem] = []
-    text: dict[str, tuple[DataFrame, str]] = {}
-    for name in TABLES:
-        try:
-            located = _locate(directory, name)
-        except DataError as err:
-            fatal.extend(err.problems)
-            continue
-        if located is None:
-            if name == "orders":
-                fatal.append(Problem(str(directory), None, None,
-                                     "required table missing: expected orders.csv or orders.parquet"))
-            continue
-        frame = _read_text(spark, *located)
-        missing = [c for c in TABLES[name]["required"] if c not in frame.columns]
-        fatal.extend(Problem(located[0].name, None, c, "required column missing") for c in missing)
-        if not missing:
-            text[name] = (frame, located[0].name)
+    found, fatal = find_tables(directory, functools.partial(_read_located, spark))
+    text = {name: (frame, file) for name, (frame, file, _) in found.items()}
     if fatal:
         raise DataError(fatal)
 
