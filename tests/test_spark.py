@@ -16,6 +16,7 @@ import pytest
 
 from insertrec.data import load_data
 from insertrec.errors import DataError
+from insertrec.features import FeatureParams, order_features, order_rewards
 from insertrec.world import World
 
 _CI = os.environ.get("CI", "").lower() == "true"
@@ -93,3 +94,27 @@ def test_parquet_part_files_and_bad_cells(spark, shop, tmp_path) -> None:
     (good / "orders").mkdir(parents=True)
     local.orders.to_parquet(good / "orders" / "part-0.parquet", index=False, coerce_timestamps="us")
     assert read_tables(spark, good).orders.count() == len(local.orders)
+
+
+def test_spark_features_and_rewards_equal_the_local_ones(spark, shop, tmp_path) -> None:
+    from insertrec.spark.features import feature_params, features_and_rewards, to_pandas
+    from insertrec.spark.tables import read_tables
+
+    # half the orders without a logged reward: theirs is the revenue over the horizon, censored
+    # by the last order of the whole shop (not of a bucket)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shop, mixed)
+    exposures = pd.read_csv(mixed / "exposures.csv", dtype=str, keep_default_na=False)
+    exposures.loc[exposures["order_id"].str[-1].isin(list("02468")), "reward"] = ""
+    exposures.to_csv(mixed / "exposures.csv", index=False)
+    local = load_data(mixed)
+    tables = read_tables(spark, mixed)
+    params = feature_params(tables, nps_ttl_days=200)
+    assert params == FeatureParams.fit(local, nps_ttl_days=200)
+    costs = {a.id: a.cost for slot in local.catalog.slots.values() for a in slot.actions}
+    feats, rewards = to_pandas(features_and_rewards(tables, params, horizon_days=30, costs=costs,
+                                                    orders_per_bucket=150))
+    pd.testing.assert_frame_equal(feats, order_features(local, params), check_dtype=False)
+    expected = order_rewards(local, horizon_days=30, costs=costs)
+    assert 0 < expected["reward_complete"].mean() < 1
+    pd.testing.assert_frame_equal(rewards, expected, check_dtype=False)

@@ -198,7 +198,8 @@ def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_num
         frame = frames.get(name)
         if frame is None:
             frame = pd.DataFrame({c: pd.Series(dtype="int64" if c in TIMESTAMPS[name] else t)
-                                  for c, t in dtypes.items()})
+                                  for c, t in dtypes.items()}
+                                 | {c: pd.Series(dtype="str") for c in ctx_numeric if name == "orders"})
         out = pd.DataFrame({c: (pd.to_datetime(frame[c].to_numpy(dtype=np.int64), utc=True, unit="ns")
                                 if c in TIMESTAMPS[name] else frame[c]) for c in dtypes}).astype(dtypes)
         if name == "orders":
