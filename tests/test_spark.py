@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from insertrec.data import load_data
 from insertrec.errors import DataError
 from insertrec.features import FeatureParams, order_features, order_rewards
+from insertrec.valuemodel import ActionSpace, ValueModel
 from insertrec.world import World
 
 _CI = os.environ.get("CI", "").lower() == "true"
@@ -118,3 +120,25 @@ def test_spark_features_and_rewards_equal_the_local_ones(spark, shop, tmp_path) 
     expected = order_rewards(local, horizon_days=30, costs=costs)
     assert 0 < expected["reward_complete"].mean() < 1
     pd.testing.assert_frame_equal(rewards, expected, check_dtype=False)
+
+
+@pytest.mark.parametrize("make", [lambda: ValueModel(random_state=3),
+                                  lambda: ValueModel(boosted_baseline=False, max_weight=5.0)])
+def test_value_model_from_spark_statistics_equals_the_local_fit(spark, make) -> None:
+    from insertrec.spark.statistics import fit_value_model
+
+    rng = np.random.default_rng(7)
+    n, space = 2_000, ActionSpace((3, 2, 4), (0, 1, 0))
+    phi = np.column_stack([np.ones(n), rng.normal(size=(n, 4))])
+    actions = np.column_stack([rng.integers(0, s, n) for s in space.sizes])
+    rules = np.column_stack([rng.integers(0, s, n) for s in space.sizes])
+    rewards = phi @ rng.normal(size=5) + 2.0 * (actions[:, 0] == 1) * phi[:, 1] + rng.normal(size=n)
+    pscore = rng.uniform(0.05, 1.0, n)
+    local = make().fit(phi, actions, rewards, space, rules, pscore)
+    rows = spark.createDataFrame(pd.DataFrame({
+        "_row": np.arange(n), "phi": list(phi), "actions": list(actions), "rules": list(rules),
+        "reward": rewards, "pscore": pscore})).repartition(3)
+    distributed = fit_value_model(make(), rows, space)
+    assert distributed.alpha_ == local.alpha_
+    np.testing.assert_allclose(distributed.theta_, local.theta_, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(distributed.baseline(phi[:50]), local.baseline(phi[:50]), rtol=0, atol=1e-8)
