@@ -142,3 +142,34 @@ def test_value_model_from_spark_statistics_equals_the_local_fit(spark, make) -> 
     assert distributed.alpha_ == local.alpha_
     np.testing.assert_allclose(distributed.theta_, local.theta_, rtol=0, atol=1e-8)
     np.testing.assert_allclose(distributed.baseline(phi[:50]), local.baseline(phi[:50]), rtol=0, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def model(shop, tmp_path_factory):
+    from insertrec.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("model") / "model"
+    train(load_data(shop), out, TrainConfig(min_logged_orders=100))
+    return out
+
+
+def test_recommend_on_spark_equals_recommend_row_for_row(spark, shop, model, tmp_path) -> None:
+    from insertrec.cli import main
+
+    orders = pd.read_csv(shop / "orders.csv", dtype=str).tail(120)   # customers seen, some twice
+    orders["order_id"] = "new-" + orders["order_id"]
+    ts = pd.to_datetime(orders["order_ts"], utc=True)
+    orders["order_ts"] = (ts + (ts.max() - ts.min()) + pd.Timedelta(days=1)).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    orders.loc[orders.index[:5], "customer_id"] = "never-seen"
+    assert orders["customer_id"].duplicated().any()
+    orders.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["recommend", "--model", str(model), "--orders", str(tmp_path / "new.csv"),
+                 "--out", str(tmp_path / "local.csv")]) == 0
+    assert main(["recommend", "--model", str(model), "--orders", str(tmp_path / "new.csv"), "--out",
+                 str(tmp_path / "spark.parquet"), "--engine", "spark", "--spark-master", "local[2]",
+                 "--spark-conf", "spark.sql.shuffle.partitions=2"]) == 0
+    local = pd.read_csv(tmp_path / "local.csv", dtype={"order_id": str})
+    parts = sorted((tmp_path / "spark.parquet").glob("part-*.parquet"))
+    on_spark = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    assert len(local) == 120 * 3 and set(local["policy"]) >= {"model"}
+    pd.testing.assert_frame_equal(on_spark, local, check_dtype=False)

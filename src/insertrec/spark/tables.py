@@ -30,6 +30,7 @@ from pyspark.sql import types as T
 from insertrec.catalog import Catalog
 from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, find_tables, parse_cells
 from insertrec.errors import DataError, Problem
+from insertrec.schema import TABLES
 
 MAX_PROBLEMS = 200
 TIMESTAMPS = {"orders": ("order_ts",), "nps": ("response_ts",), "incidents": ("ts",), "exposures": ()}
@@ -146,6 +147,31 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
     if fatal:
         raise DataError(fatal)
 
+    good, ctx_numeric = _checked(text, catalog)
+    return SparkTables(good["orders"], good.get("nps"), good.get("exposures"), good.get("incidents"),
+                       catalog, str(directory), ctx_numeric)
+
+
+def read_orders(spark: SparkSession, path: str | Path) -> tuple[DataFrame, dict[str, bool]]:
+    """A file of new orders (CSV or Parquet, or a directory of part files) for batch decisions,
+    checked like `read_tables`' orders: the typed orders and `SparkTables.ctx_numeric`."""
+    file = Path(path)
+    located = _locate(file.parent, file.name) if file.exists() else None
+    if located is None or located[1] not in ("csv", "parquet"):
+        raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders, "
+                                                        "or a directory of such part files")])
+    frame = _read_text(spark, *located)
+    missing = [c for c in TABLES["orders"]["required"] if c not in frame.columns]
+    if missing:
+        raise DataError([Problem(file.name, None, c, "required column missing") for c in missing])
+    good, ctx_numeric = _checked({"orders": (frame, file.name)}, None)
+    return good["orders"], ctx_numeric
+
+
+def _checked(text: dict[str, tuple[DataFrame, str]], catalog: Catalog | None
+             ) -> tuple[dict[str, DataFrame], dict[str, bool]]:
+    """The tables' good rows typed by the local parsers, and whether each ``ctx_*`` column of
+    the orders is numeric; raises ``DataError`` with the problems found."""
     parsed: dict[str, DataFrame] = {}
     ctx = [c for c in text["orders"][0].columns if c.startswith("ctx_")]
     for name, (frame, _) in text.items():
@@ -162,8 +188,7 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
     orders = text["orders"][0]
     ctx_numeric = {c: orders.where((F.col(c) != "") & F.col(c).try_cast("double").isNull()).limit(1).count() == 0
                    for c in ctx}
-    return SparkTables(good["orders"], good.get("nps"), good.get("exposures"), good.get("incidents"),
-                       catalog, str(directory), ctx_numeric)
+    return good, ctx_numeric
 
 
 def _across_rows(text: dict[str, tuple[DataFrame, str]]) -> list[Problem]:
@@ -212,4 +237,4 @@ def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_num
     return Dataset(catalog=catalog, source=source, **tables)
 
 
-__all__ = ["MAX_PROBLEMS", "TIMESTAMPS", "SparkTables", "read_tables", "to_dataset"]
+__all__ = ["MAX_PROBLEMS", "TIMESTAMPS", "SparkTables", "read_orders", "read_tables", "to_dataset"]
