@@ -173,3 +173,36 @@ def test_recommend_on_spark_equals_recommend_row_for_row(spark, shop, model, tmp
     on_spark = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     assert len(local) == 120 * 3 and set(local["policy"]) >= {"model"}
     pd.testing.assert_frame_equal(on_spark, local, check_dtype=False)
+
+
+def test_spark_udf_of_the_registered_model_decides_like_the_engine(spark, shop, model, tmp_path, monkeypatch) -> None:
+    from insertrec.engine import Engine
+    from insertrec.tracking import load_mlflow, log_training_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)    # the default store: ./mlflow.db
+    version = log_training_run(model, {}, {}).version
+    mlflow = load_mlflow()
+    engine = Engine.load(model)
+    orders = pd.read_csv(shop / "orders.csv", dtype=str).drop_duplicates("customer_id").head(40)
+    columns = mlflow.models.get_model_info(f"models:/insertrec/{version}").signature.inputs.input_names()
+    orders = orders[columns]
+    orders["order_id"] = "new-" + orders["order_id"]
+    orders["order_ts"] = engine.manifest["cutoff"]
+    orders[["order_value", "n_items"]] = orders[["order_value", "n_items"]].astype(float)
+    orders["is_gift"] = orders["is_gift"].str.lower() == "true"
+    slots = list(engine.policy.slot_names)
+    result = ", ".join(["order_id string, policy string"]
+                       + [f"{s} string, {s}_propensity double" for s in slots])
+    udf = mlflow.pyfunc.spark_udf(spark, f"models:/insertrec/{version}", result_type=result,
+                                  env_manager="local", params={"layout": "per_order"})
+    frame = spark.createDataFrame(orders).repartition(2)
+    got = (frame.select(udf(*orders.columns).alias("d")).select("d.*").toPandas()
+           .set_index("order_id").sort_index())
+    expected = engine.decide_batch(orders).set_index(["order_id", "slot"])
+    for slot in slots:
+        pd.testing.assert_series_equal(got[slot], expected.xs(slot, level="slot")["action_id"].sort_index(),
+                                       check_names=False)
+        np.testing.assert_array_equal(got[f"{slot}_propensity"],
+                                      expected.xs(slot, level="slot")["propensity"].sort_index())
+    assert len(got) == len(orders)
