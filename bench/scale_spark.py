@@ -6,8 +6,8 @@ What is compared, each side in a fresh process so that its peak memory is its ow
   (as ``training.train`` calls them);
 - ``spark``: ``spark.tables.read_tables`` + ``spark.features.feature_params`` +
   ``features_and_rewards``, run to completion (Spark's ``noop`` sink), on ``--master``.
-  Peak memory: the driver's Python process, and the largest child (the JVM, which holds
-  Spark's executors in local mode, or a Python worker), from ``RUSAGE_CHILDREN``.
+  Peak memory: the driver's Python process, and each process below it (VmHWM): the JVM,
+  which holds the driver's and the executors' heaps in local mode, and the Python workers.
 
 The training steps after the features (value model statistics, nuisance models, OPE,
 segments) are not compared: ``train --engine spark`` does not exist yet. The history is the
@@ -103,11 +103,40 @@ def run_side(side: str, data: Path, master: str) -> dict:
         costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
         result = features_and_rewards(tables, params, horizon_days=config.horizon_days, costs=costs)
         result.write.format("noop").mode("overwrite").save()
+        steps["features"] = time.perf_counter() - start - sum(steps.values())
+        descendants = _descendants_peak_gib()
         spark.stop()
+        return {"orders": orders, "seconds": time.perf_counter() - start, "steps_seconds": steps,
+                "driver_python_peak_rss_gib": _rss_gib(resource.RUSAGE_SELF), "descendants_peak_rss_gib": descendants}
     steps["features"] = time.perf_counter() - start - sum(steps.values())
     return {"orders": orders, "seconds": time.perf_counter() - start, "steps_seconds": steps,
-            "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF),
-            "largest_child_peak_rss_gib": _rss_gib(resource.RUSAGE_CHILDREN)}
+            "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF)}
+
+
+def _descendants_peak_gib() -> dict[str, float]:
+    """Peak resident set (VmHWM) of each process below this one, by command: in local mode the
+    JVM holds the driver's and the executors' heaps, the Python workers run the pandas code."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    peaks: dict[str, float] = {}
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        key = f"{name}[{pid}]"
+        peaks[key] = hwm * 1024.0 / GIB
+    return peaks
 
 
 def measure(side: str, data: Path, master: str) -> dict:
