@@ -191,6 +191,19 @@ def test_logged_pyfunc_decides_like_the_engine(versions):
                                                                "propensity", "policy"]
 
 
+def test_logged_pyfunc_gives_one_row_per_order_when_asked(versions):
+    mlflow = load_mlflow()
+    model = mlflow.pyfunc.load_model(f"models:/insertrec/{versions['runs'][0].version}")
+    per_slot = model.predict(NEW_ORDERS).reset_index(drop=True)
+    per_order = model.predict(NEW_ORDERS, params={"layout": "per_order"})
+    assert list(per_order["order_id"]) == list(NEW_ORDERS["order_id"])
+    for slot, rows in per_slot.groupby("slot"):
+        assert list(per_order[slot]) == list(rows["action_id"])
+        assert list(per_order[f"{slot}_propensity"]) == list(rows["propensity"])
+    with pytest.raises(Exception, match="layout"):
+        model.predict(NEW_ORDERS, params={"layout": "sideways"})
+
+
 def test_promote_then_serve_by_alias_and_follow_its_moves(versions, store):
     v1, v2 = (r.version for r in versions["runs"])
     first = promote("insertrec", v1)

@@ -154,6 +154,13 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from insertrec.decide import Decider
     from insertrec.engine import Engine
 
+    if args.engine == "spark":   # the same decisions, computed on Spark: a directory of part files
+        from insertrec.spark.decisions import recommend
+        from insertrec.spark.session import parse_conf
+
+        rows, orders = recommend(args.model, args.orders, args.out, args.spark_master, parse_conf(args.spark_conf))
+        print(f"wrote {rows} decisions ({orders} orders) to {args.out}/ (part files)")
+        return
     decisions = Decider(Engine.load(args.model)).decide_batch(load_orders_file(args.orders))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="model directory")
     c.add_argument("--orders", required=True, help="orders .csv or .parquet, placed after the model's cutoff")
     c.add_argument("--out", required=True, help="decisions file to write (.csv, or .parquet)")
+    _engine_arguments(c)
     c.set_defaults(fn=cmd_recommend)
 
     c = command("serve", "the HTTP API")
@@ -305,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="move the alias whatever the comparison says")
     c.set_defaults(fn=cmd_promote)
     return p
+
+
+def _engine_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--engine", choices=("local", "spark"), default="local",
+                   help="where to compute: this process, or Apache Spark (pip install insertrec[spark])")
+    c.add_argument("--spark-master", default="local[*]", help="with --engine spark: the Spark master URL")
+    c.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --engine spark: a Spark setting (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,10 @@ import difflib
 import hashlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -65,6 +66,7 @@ class Dataset:
         return h.hexdigest()
 
 
+_T = TypeVar("_T")
 _DTYPES = {"orders": ORDER_DTYPES, "nps": NPS_DTYPES, "exposures": EXPOSURE_DTYPES,
            "incidents": INCIDENT_DTYPES}
 _EXTENSIONS = (".csv", ".parquet")
@@ -92,23 +94,8 @@ def load_data(path: str | os.PathLike[str], *, skip_bad_rows: bool = False) -> D
     catalog_path = directory / "catalog.yaml"
     catalog = Catalog.load(catalog_path) if catalog_path.is_file() else None
 
-    fatal: list[Problem] = []
-    tables: dict[str, _Table] = {}
-    for name in TABLES:
-        try:
-            table = _read_table(directory, name)
-        except DataError as err:
-            fatal.extend(err.problems)
-            continue
-        if table is None:
-            if name == "orders":
-                fatal.append(Problem(str(directory), None, None,
-                                     "required table missing: expected orders.csv or orders.parquet"))
-            continue
-        header = header_problems(name, table.cells.columns, table.file)
-        fatal.extend(header)
-        if not header:
-            tables[name] = table
+    found, fatal = find_tables(directory, _read_located)
+    tables = {name: table for name, (table, _, _) in found.items()}
 
     checks = {name: _Checker(table) for name, table in tables.items()}
     frames = {name: _PARSERS[name](check) for name, check in checks.items()}
@@ -171,6 +158,36 @@ def header_problems(name: str, columns: Iterable[str], file: str) -> list[Proble
     if name == "orders":
         problems += [Problem(file, None, c, reason) for c, reason in context_problems(columns)]
     return problems
+
+
+def find_tables(directory: Path, read: Callable[[Path, str], tuple[_T, str, Sequence[str]] | None]
+                ) -> tuple[dict[str, tuple[_T, str, Sequence[str]]], list[Problem]]:
+    """Every table of a data directory, located and read by ``read(directory, name)`` (the
+    table, its file name and its columns; None when absent), checked by `header_problems`.
+
+    One rule set for every reader (the local loader, Spark): which tables are required and
+    which columns each must have. Returns the tables that passed, and the problems of the
+    others (an absent orders table, a missing column, a file ``read`` refused with a
+    ``DataError``), so that a reader can report them with whatever else it finds.
+    """
+    fatal: list[Problem] = []
+    tables: dict[str, tuple[_T, str, Sequence[str]]] = {}
+    for name in TABLES:
+        try:
+            table = read(directory, name)
+        except DataError as err:
+            fatal.extend(err.problems)
+            continue
+        if table is None:
+            if name == "orders":
+                fatal.append(Problem(str(directory), None, None,
+                                     "required table missing: expected orders.csv or orders.parquet"))
+            continue
+        header = header_problems(name, table[2], table[1])
+        fatal.extend(header)
+        if not header:
+            tables[name] = table
+    return tables, fatal
 
 
 def parse_cells(name: str, cells: pd.DataFrame, file: str, lines: np.ndarray | None = None,
@@ -260,6 +277,11 @@ def _read_table(directory: Path, name: str) -> _Table | None:
         raise DataError([Problem(found[0].name, None, None,
                                  f"both {found[0].name} and {found[1].name} exist; keep only one")])
     return _read_file(found[0]) if found else None
+
+
+def _read_located(directory: Path, name: str) -> tuple[_Table, str, Sequence[str]] | None:
+    table = _read_table(directory, name)
+    return None if table is None else (table, table.file, list(table.cells.columns))
 
 
 def _read_file(file: Path) -> _Table:
@@ -514,6 +536,7 @@ __all__ = [
     "ORDER_DTYPES",
     "REJECTED_DTYPES",
     "Dataset",
+    "find_tables",
     "header_problems",
     "load_data",
     "load_orders_file",

@@ -213,7 +213,7 @@ def _signature(engine: Any) -> Any:
     """Orders in (the ``orders`` columns a decision can use; ``ctx_*`` as the shop sends them),
     decisions out. ``order_ts`` is ISO 8601 text: MLflow's datetime type drops time zones."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     orders = TABLES["orders"]
     columns: list[ColSpec | TensorSpec] = [ColSpec("string" if name == "order_ts" else _MLFLOW_TYPES[ORDER_DTYPES[name]], name,
@@ -223,7 +223,9 @@ def _signature(engine: Any) -> Any:
     outputs: list[ColSpec | TensorSpec] = [
         ColSpec("string", "order_id"), ColSpec("string", "slot"), ColSpec("string", "action_id"),
         ColSpec("double", "propensity"), ColSpec("string", "policy")]
-    return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs))
+    # ``layout``: "per_order" gives one row per input row (for ``mlflow.pyfunc.spark_udf``), see pyfunc.py
+    return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs),
+                          params=ParamSchema([ParamSpec("layout", "string", "per_slot")]))
 
 
 def _example_orders(engine: Any, manifest: dict[str, Any]) -> pd.DataFrame:
