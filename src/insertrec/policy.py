@@ -82,7 +82,7 @@ class BatchDecisions:
     uplift: np.ndarray | None = None
 
 
-_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
+_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots")
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
@@ -137,15 +137,19 @@ class Policy:
     epsilon : share of decisions, per slot, that explore among eligible actions.
     version : model version, part of the exploration hash.
     playbook_slots : slots where the model defers to the playbook, because
-        off-policy evaluation on the holdout showed it doing worse there
-        (training decides; see `evaluation.worse_slots`).
+        off-policy evaluation on the holdout estimated it doing worse there
+        (training decides; see `evaluation.slot_deciders`).
+    default_slots : slots where the slot default goes out, because the holdout
+        estimated both the model and the playbook doing worse there than
+        sending nothing: an action is not paid for without evidence it pays.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
                  value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
-                 playbook_slots: tuple[str, ...] = ()):
+                 playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = ()):
         self.catalog = catalog
         self.playbook_slots = playbook_slots
+        self.default_slots = default_slots
         self.encoder = encoder
         self.value_model = value_model
         self.epsilon = epsilon
@@ -172,7 +176,9 @@ class Policy:
         self._holding = np.array([np.resize(h, width) for h in holding])
         # per slot, row a: 0 for action a, -inf for the others (fixes the slot to a playbook choice)
         self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
-        self._playbook = [s for s, name in enumerate(self.slot_names) if name in playbook_slots]
+        # slots whose action is fixed: to the playbook's, or to the default (its own "playbook" there)
+        self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
+        self._silent = np.array([name in default_slots for name in self.slot_names])
         self._scorer = None if value_model is None else value_model.box_grid
 
     def __getstate__(self) -> dict[str, Any]:
@@ -180,8 +186,8 @@ class Policy:
         return {k: getattr(self, k) for k in _PARAMS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # also reads model directories pickled before the constants existed (their state is __dict__)
-        self.__init__(**{k: state[k] for k in _PARAMS})
+        # also reads model directories pickled before the constants (or a parameter) existed
+        self.__init__(**{k: state[k] for k in _PARAMS if k in state})
 
     def replace(self, **changes) -> Policy:
         """A copy with some constructor parameters changed (the fitted parts are shared)."""
@@ -238,7 +244,7 @@ class Policy:
             eligible = eligible & ~self._out_of(unavailable)
         rule_columns = rules + self._columns
         # the playbook's action, unless it ran out: then the slot default stands in
-        playbook = np.where(eligible[rows, rule_columns], rules, self._defaults)
+        playbook = np.where(eligible[rows, rule_columns] & ~self._silent, rules, self._defaults)
         if self._scorer is None:
             greedy, uplift, alt = playbook, None, None
             if alternatives:  # the playbook's pick first, then the other eligible actions
@@ -321,7 +327,9 @@ class Policy:
             ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
             reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] if explored[s] else []
-            if self.value_model is None or name in self.playbook_slots:
+            if name in self.default_slots:
+                reasons.append("slot default: on the holdout neither the model nor the playbook beat it")
+            elif self.value_model is None or name in self.playbook_slots:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
