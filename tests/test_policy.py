@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFr
 def variants(engine: Engine) -> dict[str, Policy]:
     """The policy as trained, the model deciding every slot, and the playbook alone."""
     policy = engine.policy
-    return {"as_trained": policy, "model": policy.replace(playbook_slots=()),
+    return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
@@ -174,7 +174,8 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
             assert choice.action_id in allowed
             assert choice.pick_note and choice.reasons
             explored = choice.reasons[0].startswith("exploring")
-            if not explored and policy.value_model is not None and name not in policy.playbook_slots:
+            fixed = (*policy.playbook_slots, *policy.default_slots)   # the gate's, not the model's, choice
+            if not explored and policy.value_model is not None and name not in fixed:
                 assert dict(choice.alternatives)[choice.action_id] == scores[0]   # the model's pick is the best box's
                 assert any(r.startswith("estimated value") for r in choice.reasons)
 
@@ -189,7 +190,7 @@ def test_reasons_name_the_features_that_moved_the_choice_most(trained: tuple[Eng
         phi = policy.encoder.transform_one(record)
         for s, (slot, choice) in enumerate(policy.decide_one(record).slots.items()):
             default = policy.catalog.slots[slot].actions[policy.space.defaults[s]].id
-            if choice.action_id == default or slot in policy.playbook_slots:
+            if choice.action_id == default or slot in (*policy.playbook_slots, *policy.default_slots):
                 continue
             a = policy.catalog.slots[slot].action_ids.index(choice.action_id)
             w = policy.value_model.W_[s]
@@ -206,7 +207,7 @@ def test_the_chosen_box_is_the_best_eligible_one_by_the_value_models_own_design(
         trained: tuple[Engine, pd.DataFrame]) -> None:
     """Checked through `ValueModel.predict` (the design matrix), not the grid the policy scores with."""
     engine, feats = trained
-    policy = engine.policy.replace(epsilon=0.0, playbook_slots=())
+    policy = engine.policy.replace(epsilon=0.0, playbook_slots=(), default_slots=())
     sample = feats.iloc[:40].reset_index(drop=True)
     batch = policy.decide_frame(sample)
     phi = policy.encoder.transform(sample)
