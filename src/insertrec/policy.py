@@ -5,9 +5,11 @@ a DataFrame (`decide_frame`, for `recommend`, `evaluate`, `simulate`) and one
 order as a dict (`decide_one`, for the HTTP service). They differ only in how
 features are encoded and eligibility evaluated, never in how boxes are scored.
 
-Exploration is epsilon-greedy per slot, decided by a hash of the order id and
-the model version, so a retried order gets the same answer and the logged
-propensities are exact: (1 - eps) * [a is the best] + eps / |eligible|.
+A share epsilon of each slot's decisions explores, decided by a hash of the
+order id and the model version, so a retried order gets the same answer and
+the logged propensities are exact: (1 - eps) * [a is the best] + eps * q(a),
+where q is the exploring draw of `exploration` (a softmax over the estimated
+gaps with a floor; uniform among the eligible actions for a rules-only policy).
 
 Speed: one order must be decided in tens of microseconds, so everything that
 depends only on the model (stacked action weights, the slot-pair table laid
@@ -29,6 +31,7 @@ import pandas as pd
 
 from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
+from insertrec.exploration import TEMPERATURE, draw, explore_probabilities
 from insertrec.valuemodel import ActionSpace, ValueModel
 
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
@@ -80,6 +83,8 @@ class BatchDecisions:
     # per slot (n, n_actions): each action's best box value; only for one order's explanation
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
+    # (n, n_actions) flat: the distribution an exploring slot draws from (None: uniform among eligible)
+    explore_probs: np.ndarray | None = field(repr=False, default=None)
 
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots")
@@ -167,7 +172,6 @@ class Policy:
         self._flat_ids = np.array([a for ids in self._ids for a in ids], dtype=object)
         self._default_combo = int(np.ravel_multi_index(self.space.defaults, self.space.sizes))
         self._slices = [slice(c, c + size) for c, size in zip(catalog.columns, self.space.sizes)]
-        self._lasts = self._columns + self._sizes - 1
         self._strides = np.array([int(np.prod(self.space.sizes[s + 1:])) for s in range(len(self._sizes))])
         # per action (flat), the boxes holding it; rows padded with their own first box (max is unchanged)
         holding = [np.flatnonzero(self.combos[:, s] == a) for s, size in enumerate(self.space.sizes)
@@ -180,6 +184,7 @@ class Policy:
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
         self._silent = np.array([name in default_slots for name in self.slot_names])
         self._scorer = None if value_model is None else value_model.box_grid
+        self._tau = 1.0 if value_model is None else TEMPERATURE * value_model.reward_scale_
 
     def __getstate__(self) -> dict[str, Any]:
         """Only the constructor's parameters: the derived constants are rebuilt on load."""
@@ -215,7 +220,8 @@ class Policy:
         out = []
         for s, elig in enumerate(decisions.eligible):
             k = elig.sum(axis=1, keepdims=True)
-            p = self.epsilon * elig / k
+            p = self.epsilon * (elig / k if decisions.explore_probs is None
+                                else decisions.explore_probs[:, self._slices[s]])
             p[np.arange(len(p)), decisions.greedy[:, s]] += 1.0 - self.epsilon
             out.append(p)
         return out
@@ -245,25 +251,29 @@ class Policy:
         rule_columns = rules + self._columns
         # the playbook's action, unless it ran out: then the slot default stands in
         playbook = np.where(eligible[rows, rule_columns] & ~self._silent, rules, self._defaults)
+        exploring = explore and self.epsilon > 0
         if self._scorer is None:
             greedy, uplift, alt = playbook, None, None
             if alternatives:  # the playbook's pick first, then the other eligible actions
                 alt = eligible.astype(float)
                 alt[rows, greedy + self._columns] += 1.0
         else:
+            scored = alternatives or exploring   # each action's best box: explanations and exploring draws
             step = max(1, _ROW_CHUNK // len(self.combos))
             parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
-                                playbook[lo:lo + step], alternatives) for lo in range(0, max(n, 1), step)]
+                                playbook[lo:lo + step], scored) for lo in range(0, max(n, 1), step)]
             greedy, alt, uplift = parts[0] if len(parts) == 1 else (
                 np.concatenate([part[0] for part in parts]),
-                np.concatenate([part[1] for part in parts]) if alternatives else None,
+                np.concatenate([part[1] for part in parts]) if scored else None,
                 np.concatenate([part[2] for part in parts]))
-        if explore and self.epsilon > 0:
-            actions, explored, props = self._explore(order_ids, eligible, greedy)
+        probs = None
+        if exploring:
+            estimates = None if self._scorer is None else alt   # a playbook's ranking is no estimate
+            actions, explored, props, probs = self._explore(order_ids, eligible, greedy, estimates)
         else:
             actions, explored, props = greedy, np.zeros(greedy.shape, dtype=bool), np.ones(greedy.shape)
         return BatchDecisions(order_ids, actions, props, explored, greedy, self._by_slot(eligible),
-                              self._by_slot(alt) if alternatives else [], uplift)
+                              self._by_slot(alt) if alternatives else [], uplift, probs)
 
     def _by_slot(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[:, sl] for sl in self._slices]
@@ -292,23 +302,19 @@ class Policy:
         uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
         return self.combos[best], alt, uplift
 
-    def _explore(self, order_ids: np.ndarray, eligible: np.ndarray,
-                 greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Epsilon-greedy per slot among the eligible actions: the actions, which slots explored,
-        and each chosen action's exact propensity."""
+    def _explore(self, order_ids: np.ndarray, eligible: np.ndarray, greedy: np.ndarray,
+                 scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A share epsilon of each slot explores, drawing from `exploration.explore_probabilities`
+        (``scores``: each action's best box value; None, uniform): the actions, which slots explored,
+        each chosen action's exact propensity, and the exploring distribution (flat)."""
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
-        actions = greedy
-        if explored.any():
-            # the j-th eligible action of the slot, j drawn uniformly: the number of the slot's
-            # columns whose running count of eligible actions is still below (earlier slots') + j + 1
-            cum = np.cumsum(eligible, axis=1)
-            j = np.minimum((u[:, :, 1] * k).astype(np.intp), k - 1)
-            below = cum < np.repeat(cum[:, self._lasts] - k + j + 1, self._sizes, axis=1)
-            actions = np.where(explored, np.add.reduceat(below, self._columns, axis=1, dtype=np.intp), greedy)
-        props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon / k
-        return actions, explored, np.where(k > 1, props, 1.0)
+        probs = explore_probabilities(scores, eligible, self._slices, self._tau)
+        actions = np.where(explored, draw(probs, u[:, :, 1], self._slices), greedy)
+        drawn = probs[np.arange(len(actions))[:, None], actions + self._columns]
+        props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon * drawn
+        return actions, explored, np.where(k > 1, props, 1.0), probs
 
     # -- reasons --------------------------------------------------------------
     def explain(self, batch: BatchDecisions, i: int, record: dict, phi: np.ndarray | None,
