@@ -8,8 +8,11 @@ whole list, not one error per run.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pyarrow.parquet as pq
 
 from insertrec.catalog import Catalog
 from insertrec.errors import DataError, Problem
-from insertrec.schema import SLOTS, TABLES
+from insertrec.schema import SLOTS, TABLES, context_problems
 
 
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
@@ -102,9 +105,9 @@ def load_data(path: str | os.PathLike[str], *, skip_bad_rows: bool = False) -> D
                 fatal.append(Problem(str(directory), None, None,
                                      "required table missing: expected orders.csv or orders.parquet"))
             continue
-        missing = [c for c in TABLES[name]["required"] if c not in table.cells.columns]
-        fatal.extend(Problem(table.file, None, c, "required column missing") for c in missing)
-        if not missing:
+        header = header_problems(name, table.cells.columns, table.file)
+        fatal.extend(header)
+        if not header:
             tables[name] = table
 
     checks = {name: _Checker(table) for name, table in tables.items()}
@@ -150,14 +153,24 @@ def load_orders_file(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not file.is_file() or file.suffix not in _EXTENSIONS:
         raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders")])
     table = _read_file(file)
-    missing = [c for c in TABLES["orders"]["required"] if c not in table.cells.columns]
-    if missing:
-        raise DataError([Problem(table.file, None, c, "required column missing") for c in missing])
+    header = header_problems("orders", table.cells.columns, file.name)
+    if header:
+        raise DataError(header)
     check = _Checker(table)
     orders = _parse_orders(check)
     if check.bad.any():
         raise DataError(check.problems())
     return orders.sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
+
+
+def header_problems(name: str, columns: Iterable[str], file: str) -> list[Problem]:
+    """What is wrong with table ``name``'s columns as a whole: a required one missing, or
+    (orders) ``ctx_*`` names that are malformed or too many. Never skippable: no row is to blame."""
+    columns = [str(c) for c in columns]
+    problems = _missing_columns(file, columns, name)
+    if name == "orders":
+        problems += [Problem(file, None, c, reason) for c, reason in context_problems(columns)]
+    return problems
 
 
 def parse_cells(name: str, cells: pd.DataFrame, file: str, lines: np.ndarray | None = None,
@@ -207,6 +220,38 @@ class _Table:
     file: str
     cells: pd.DataFrame
     lines: np.ndarray  # what a user calls each row: CSV line number, or 1-based Parquet row
+
+
+_SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def _missing_columns(file: str, header: list[str], name: str) -> list[Problem]:
+    """The required columns of table ``name`` that ``file`` (its ``header``) lacks, each with a
+    hint when the cause can be guessed: a file written with another separator (its header reads
+    as one column), or a near-miss name (``Order_ID``, ``orderid``, ``customer``)."""
+    columns = [str(c) for c in header]
+    missing = [c for c in TABLES[name]["required"] if c not in columns]
+    if not missing:
+        return []
+    if len(columns) == 1:
+        found = [word for sep, word in _SEPARATORS.items() if sep in columns[0]]
+        if found:
+            return [Problem(file, None, None, f"the file looks {found[0]}-separated (its header reads as "
+                            f"the one column {columns[0]!r}); save it comma-separated")]
+    known = {*TABLES[name]["required"], *TABLES[name]["optional"]}
+    spare = [c for c in columns if c not in known and not c.startswith("ctx_")]
+    return [Problem(file, None, c, "required column missing" + _did_you_mean(c, spare)) for c in missing]
+
+
+def _did_you_mean(column: str, candidates: list[str]) -> str:
+    """``"; the file has 'Order_ID': did you mean order_id?"`` for the closest candidate, if any."""
+    def squeeze(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    same = [c for c in candidates if squeeze(c) == squeeze(column)]
+    close = same or [c for c in candidates
+                     if difflib.get_close_matches(squeeze(column), [squeeze(c)], n=1, cutoff=0.75)]
+    return f"; the file has {close[0]!r}: did you mean {column}?" if close else ""
 
 
 def _read_table(directory: Path, name: str) -> _Table | None:
@@ -469,6 +514,7 @@ __all__ = [
     "ORDER_DTYPES",
     "REJECTED_DTYPES",
     "Dataset",
+    "header_problems",
     "load_data",
     "load_orders_file",
     "parse_cells",

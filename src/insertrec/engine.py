@@ -15,8 +15,11 @@ import pandas as pd
 
 from insertrec import modeldir
 from insertrec.catalog import Catalog
+from insertrec.errors import ModelError
 from insertrec.features import CustomerState, FeatureParams, Snapshot, features_for_orders
 from insertrec.policy import Decision, Policy
+
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -40,9 +43,14 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path) -> Engine:
-        """Load a verified model directory (raises ModelError if missing or altered)."""
+        """Load a verified model directory (raises ModelError if missing or altered, or if it
+        was trained without a catalog and so has nothing to decide with)."""
         manifest = modeldir.verify(path)
-        parts = modeldir.load(path, "engine")
+        if not modeldir.has_policy(manifest):
+            raise ModelError(f"{path}: trained without catalog.yaml, so it has segments and repurchase "
+                             "propensity but no policy to decide with; add a catalog (insertrec init-catalog "
+                             "--out DATA/catalog.yaml) and train again")
+        parts = modeldir.load(path, "engine", manifest)
         return cls(parts["policy"], parts["params"], parts["snapshot"], parts["segments"], manifest)
 
     @classmethod
@@ -64,8 +72,8 @@ class Engine:
                unavailable: frozenset[str] = frozenset()) -> Decision:
         """One order (a dict with the orders columns) -> its box."""
         state = self.state(str(order["customer_id"])) if state is None else state
-        record = state.features(order)
-        return self.policy.decide_one(record, unavailable, self.segments.get(str(order["customer_id"])))
+        return self.policy.decide_one(state.features(order), unavailable,
+                                      self.segments.get(str(order["customer_id"])))
 
     def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:
         """Many orders -> one row per order and slot: order_id, slot, action_id, propensity, policy."""

@@ -17,20 +17,23 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
+from insertrec.decide import Decider
 from insertrec.engine import Engine
 from insertrec.tracking import MODEL_DIR_ARTIFACT
 
+__all__ = ["InsertrecModel"]
+
 
 class InsertrecModel(PythonModel):
-    """One order per input row; one decision per order and slot out (see ``Engine.decide_batch``)."""
+    """One order per input row; one decision per order and slot out (see ``Decider.decide_batch``)."""
 
     def load_context(self, context: Any) -> None:
-        self.engine = Engine.load(context.artifacts[MODEL_DIR_ARTIFACT])
+        self.decider = Decider(Engine.load(context.artifacts[MODEL_DIR_ARTIFACT]))
 
     # A DataFrame hint tells MLflow there is no schema to infer from it: the logged signature rules.
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.engine.decide_batch(pd.DataFrame(model_input))
+        return self.decider.decide_batch(pd.DataFrame(model_input))
 
 
 set_model(InsertrecModel())

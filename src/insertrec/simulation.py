@@ -11,6 +11,7 @@ policy's, random's and the all-default control's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,15 @@ class FreshOrders:
 
 
 def fresh_orders(engine: Engine, world: World, orders: int = 5000, seed: int = 1,
-                 evaluation: EvaluationSet | None = None) -> FreshOrders:
-    """``orders`` fresh orders of ``world`` (or the given evaluation set) seen through ``engine``."""
+                 evaluation: EvaluationSet | None = None,
+                 progress: Callable[[str], None] = lambda step: None) -> FreshOrders:
+    """``orders`` fresh orders of ``world`` (or the given evaluation set) seen through ``engine``;
+    ``progress`` is told as each stage starts."""
     policy = engine.policy
-    evaluation = world.evaluation_set(orders, seed) if evaluation is None else evaluation
+    if evaluation is None:
+        progress(f"simulating {orders} fresh orders and their customers' histories")
+        evaluation = world.evaluation_set(orders, seed)
+    progress("features")
     feats = order_features(evaluation.data, engine.params)
     feats = feats.set_index(feats["order_id"].astype(str)).loc[list(map(str, evaluation.order_ids))]
     feats = feats.reset_index(drop=True)
@@ -54,6 +60,7 @@ def fresh_orders(engine: Engine, world: World, orders: int = 5000, seed: int = 1
     ok = np.ones((len(feats), len(combos)), dtype=bool)
     for s, sl in enumerate(policy.catalog.columns):
         ok &= eligible[:, sl + combos[:, s]]
+    progress("every box's true value")
     return FreshOrders(evaluation, feats, world.expected_reward(evaluation.hidden, combos), ok)
 
 
@@ -86,6 +93,10 @@ def summary(values: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def simulate(engine: Engine, world: World, orders: int = 5000, seed: int = 1) -> dict[str, float]:
-    """True per-order value of each policy on ``orders`` fresh orders (SPEC's `simulate` keys)."""
-    return summary(policy_values(engine.policy, fresh_orders(engine, world, orders, seed)))
+def simulate(engine: Engine, world: World, orders: int = 5000, seed: int = 1,
+             progress: Callable[[str], None] = lambda step: None) -> dict[str, float]:
+    """True per-order value of each policy on ``orders`` fresh orders (SPEC's `simulate` keys).
+
+    ``progress`` is told as each stage starts (the CLI prints it: a run on many
+    orders takes minutes, most of it simulating the customers' histories)."""
+    return summary(policy_values(engine.policy, fresh_orders(engine, world, orders, seed, progress=progress)))

@@ -70,7 +70,7 @@ class ActionSpace:
         return [(s, t) for s in range(k) for t in range(s + 1, k)]
 
 
-class _Layout:
+class _ThetaLayout:
     """Where each parameter sits in theta, i.e. which column of the design holds which term.
 
     theta is [w0 (d) | slot 0's W block | slot 1's ... | beta (one per slot) | P of each slot
@@ -119,7 +119,7 @@ def box_statistics(phi: np.ndarray, actions: np.ndarray, rules: np.ndarray, rewa
     ~(p / (d + k + 1))^2 (about 200 here) fewer operations.
     """
     n, d = phi.shape
-    layout = _Layout(space, d)
+    layout = _ThetaLayout(space, d)
     combos = space.combos
     key = groups * len(combos) + np.ravel_multi_index(tuple(actions.T), space.sizes)
     order = np.argsort(key, kind="stable")
@@ -249,7 +249,7 @@ class ValueModel:
 
     # -- parameters -----------------------------------------------------------
     def _unpack(self, theta: np.ndarray) -> None:
-        layout = _Layout(self.space_, self.n_features_)
+        layout = _ThetaLayout(self.space_, self.n_features_)
         d, sizes = self.n_features_, self.space_.sizes
         self.w0_ = theta[:d]
         self.W_ = []
@@ -288,7 +288,7 @@ class ValueModel:
             w = 1.0 / np.asarray(pscore, dtype=float)
             w = np.minimum(w / w.mean(), self.max_weight)
         self.reward_scale_ = float(rewards.std()) or 1.0
-        layout = _Layout(space, phi.shape[1])
+        layout = _ThetaLayout(space, phi.shape[1])
         prior = np.zeros(layout.size)
         prior[layout.beta:layout.beta + len(space.sizes)] = self.rule_prior * self.reward_scale_
         # Per-fold sufficient statistics: the cross-validated error of any theta follows from them alone.

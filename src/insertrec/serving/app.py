@@ -39,12 +39,14 @@ from insertrec.registry import AliasWatcher, resolve_model
 from insertrec.serving import payloads as p
 from insertrec.serving.auth import AuthError, KeyRing
 from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, UnknownOrder
-from insertrec.serving.hotswap import EngineSlot
+from insertrec.serving.hotswap import ModelHolder
 from insertrec.serving.logs import uvicorn_log_config
 from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
 from insertrec.serving.middleware import BodyLimit, RequestMetrics
 from insertrec.serving.service import DecisionService
 from insertrec.serving.settings import Settings, SettingsError
+
+__all__ = ["BadInput", "app_from_env", "create_app", "run"]
 
 _log = logging.getLogger("insertrec.serving")
 _JSON = "application/json"
@@ -84,19 +86,19 @@ def create_app(settings: Settings) -> FastAPI:
     keys = KeyRing(settings.keys, insecure=settings.insecure_dev and not settings.keys)
     metrics = Metrics()
     log = DecisionLog(settings.db_url, settings.db_synchronous)
-    slot = EngineSlot(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
-    service = DecisionService(slot, log, metrics)
+    holder = ModelHolder(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
+    service = DecisionService(holder, log, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         log.create()
         log.start_checkpoints()
-        slot.load(log.generation())
+        holder.load(log.generation())
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, slot))
-        follower = asyncio.create_task(_follow_reloads(log, slot, settings.reload_poll_seconds))
-        watcher = _watch_alias(settings, slot)
+            loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, holder))
+        follower = asyncio.create_task(_follow_reloads(log, holder, settings.reload_poll_seconds))
+        watcher = _watch_alias(settings, holder)
         try:
             yield
         finally:
@@ -146,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
              responses={401: _ERRORS[401], 403: _ERRORS[403]}, openapi_extra={"security": [{"bearer": []}]})
     async def segments(request: Request) -> p.SegmentsOut:
         keys.check(request.headers.get("authorization"), "decide")
-        loaded = _current(slot)
+        loaded = _current(holder)
         return p.SegmentsOut(model_version=loaded.version, segments=[
             p.SegmentOut(segment=name, customers=n) for name, n in sorted(loaded.segment_sizes.items())])
 
@@ -155,7 +157,7 @@ def create_app(settings: Settings) -> FastAPI:
               openapi_extra={"security": [{"bearer": []}]})
     async def reload(request: Request) -> p.ReloadOut:
         keys.check(request.headers.get("authorization"), "admin")
-        return p.ReloadOut(status="reloading", generation=_request_reload(log, slot))
+        return p.ReloadOut(status="reloading", generation=_request_reload(log, holder))
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -167,7 +169,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Degraded (answering from the rules, or from the previous model) is still ready: a
         warehouse is better served by the rules than by no answer. Not ready is a decision log
         that cannot be reached, or a worker still starting."""
-        loaded = slot.current
+        loaded = holder.current
         try:
             log.ping()
         except LogUnavailable as exc:
@@ -230,10 +232,10 @@ async def _batch_item(service: DecisionService, metrics: Metrics, index: int, it
     return out.model_dump_json().encode()
 
 
-def _current(slot: EngineSlot) -> Any:
-    if slot.current is None:
+def _current(holder: ModelHolder) -> Any:
+    if holder.current is None:
         raise LogUnavailable("the service is still starting")
-    return slot.current
+    return holder.current
 
 
 def _on_swap(log: DecisionLog, metrics: Metrics, loaded: Any) -> None:
@@ -242,7 +244,7 @@ def _on_swap(log: DecisionLog, metrics: Metrics, loaded: Any) -> None:
     metrics.degraded.set(1 if loaded.reason else 0)
 
 
-def _watch_alias(settings: Settings, slot: EngineSlot) -> AliasWatcher | None:
+def _watch_alias(settings: Settings, holder: ModelHolder) -> AliasWatcher | None:
     """For ``models:/NAME@ALIAS``: each worker polls the alias and reloads itself when it moves.
 
     MLflow is only touched in the watcher's thread; a reload resolves the
@@ -250,21 +252,21 @@ def _watch_alias(settings: Settings, slot: EngineSlot) -> AliasWatcher | None:
     """
     if settings.model is None or not settings.model.startswith("models:/") or "@" not in settings.model:
         return None
-    current = slot.current
+    current = holder.current
     return AliasWatcher(settings.model, settings.alias_poll_seconds,
-                        lambda _: slot.reload_in_background(current.generation if current else 0),
+                        lambda _: holder.reload_in_background(current.generation if current else 0),
                         current=resolve_model(settings.model)).start()
 
 
-def _request_reload(log: DecisionLog, slot: EngineSlot) -> int:
+def _request_reload(log: DecisionLog, holder: ModelHolder) -> int:
     """Ask every worker (through the log) to reload; this one starts now."""
     generation = log.bump_generation()
-    slot.reload_in_background(generation)
+    holder.reload_in_background(generation)
     _log.info("reload requested", extra={"event": "reload_requested", "generation": generation})
     return generation
 
 
-async def _follow_reloads(log: DecisionLog, slot: EngineSlot, every: float) -> None:
+async def _follow_reloads(log: DecisionLog, holder: ModelHolder, every: float) -> None:
     """Reload when another worker was asked to: the log holds the generation all should serve."""
     while True:
         await asyncio.sleep(every)
@@ -272,9 +274,9 @@ async def _follow_reloads(log: DecisionLog, slot: EngineSlot, every: float) -> N
             generation = log.generation()
         except LogUnavailable:
             continue
-        current = slot.current
+        current = holder.current
         if current is not None and generation > current.generation:
-            thread = slot.reload_in_background(generation)
+            thread = holder.reload_in_background(generation)
             await asyncio.to_thread(thread.join)
 
 
@@ -368,7 +370,7 @@ def run(model: str | None = None, host: str | None = None, port: int | None = No
         log.create()
     finally:
         log.close()
-    EngineSlot(settings.model, settings.catalog).load()  # fail here, with the reason, not in every worker
+    ModelHolder(settings.model, settings.catalog).load()  # fail here, with the reason, not in every worker
     os.environ.update(settings.to_environ())
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         directory = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="insertrec-metrics-"))

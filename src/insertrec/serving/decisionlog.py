@@ -52,7 +52,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from insertrec.catalog import Action, Catalog
 from insertrec.data import EXPOSURE_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset
-from insertrec.errors import InsertrecError
+from insertrec.errors import DataError, InsertrecError, Problem
+from insertrec.schema import MAX_CTX_FIELDS, context_problems
 
 _md = sa.MetaData()
 decisions = sa.Table(
@@ -295,6 +296,7 @@ class DecisionLog:
                                       .values(value=_P("value"))),
             "first_generation": prepare(control.insert(), ["key", "value"]),
             "ping": prepare(sa.select(sa.literal(1))),
+            "probe": prepare(control.update().where(control.c.key == "write_probe").values(value=_P("value"))),
             "savepoint": _Raw("SAVEPOINT decision"), "release": _Raw("RELEASE SAVEPOINT decision"),
             "undo": _Raw("ROLLBACK TO SAVEPOINT decision"),
             "counters": prepare(sa.select(inventory.c.action_id, inventory.c.stock, inventory.c.used,
@@ -307,6 +309,7 @@ class DecisionLog:
         self._turn = _WriterTurn(self.engine.url.database if self.sqlite else None)
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._write_failed = False   # since the last write failed, until one succeeds (see ping)
 
     # -- lifecycle ----------------------------------------------------------------
     def create(self) -> None:
@@ -499,8 +502,23 @@ class DecisionLog:
             raise self._failed("write", exc) from None
 
     def ping(self) -> None:
-        """Raise LogUnavailable if the log cannot be read."""
+        """Raise LogUnavailable if the log cannot be read, or cannot be written since a write failed.
+
+        A full disk or a read-only file fails every write while reads still
+        work, so a read alone would call the log ready. After a failed write
+        the log counts as down until a write succeeds; this retries one (a
+        one-row update) so that readiness comes back without waiting for a
+        decision, which would not come while the service is not ready.
+        """
         self._fetch("ping", {})
+        if not self._write_failed:
+            return
+        try:
+            with self._transaction() as run:
+                if run("probe", {"value": int(time.time())}).rowcount == 0:
+                    run("first_generation", {"key": "write_probe", "value": int(time.time())})
+        except self._errors as exc:
+            raise self._failed("write", exc) from None
 
     # -- plumbing ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -524,6 +542,7 @@ class DecisionLog:
                         cursor.execute("BEGIN IMMEDIATE")
                     yield run
                     conn.commit()
+                    self._write_failed = False
                 except BaseException:
                     with contextlib.suppress(*self._errors):
                         conn.rollback()
@@ -548,6 +567,7 @@ class DecisionLog:
     def _failed(self, what: str, exc: BaseException) -> LogUnavailable:
         """Drop the connection that failed (the next call reconnects) and say why, without internals."""
         attr = "_reader" if what == "read" else "_writer"
+        self._write_failed = self._write_failed or what == "write"
         with self._read_lock if what == "read" else self._write_lock:
             conn = getattr(self, attr)
             if conn is not None:
@@ -630,7 +650,7 @@ def read_logged(url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         raise LogUnavailable(f"decision log {redacted(url)}: cannot read ({type(exc).__name__})") from None
     finally:
         log.close()
-    return _orders_frame(d, o), _exposures_frame(d), _nps_frame(o)
+    return _orders_frame(d, o, f"decision log {redacted(url)}"), _exposures_frame(d), _nps_frame(o)
 
 
 def merge_logged(data: Dataset, url: str) -> Dataset:
@@ -640,6 +660,7 @@ def merge_logged(data: Dataset, url: str) -> Dataset:
     new_orders = orders[~orders["order_id"].isin(data.orders["order_id"])]
     merged_orders = (pd.concat([data.orders, new_orders], ignore_index=True)
                      .sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True))
+    _refuse_bad_context(merged_orders.columns, f"{data.source or 'the data'} with decision log {redacted(url)}")
     kept = data.exposures[~data.exposures["order_id"].isin(exposures["order_id"])]
     merged_nps = pd.concat([data.nps, nps], ignore_index=True).drop_duplicates(ignore_index=True)
     return replace(data, orders=merged_orders,
@@ -647,8 +668,22 @@ def merge_logged(data: Dataset, url: str) -> Dataset:
                    nps=merged_nps.astype(NPS_DTYPES))
 
 
-def _orders_frame(d: pd.DataFrame, o: pd.DataFrame) -> pd.DataFrame:
-    raw = pd.DataFrame([json.loads(s) for s in d["order_json"]], columns=None)
+def _refuse_bad_context(columns: Iterable[str], source: str) -> None:
+    """Logged ctx_* fields obey the orders file's bounds, or training is refused (none is dropped)."""
+    problems = context_problems(columns)
+    if problems:
+        raise DataError([Problem(source, None, name, reason) for name, reason in problems])
+
+
+def _orders_frame(d: pd.DataFrame, o: pd.DataFrame, source: str) -> pd.DataFrame:
+    records = [json.loads(s) for s in d["order_json"]]
+    ctx_names: set[str] = set()
+    for record in records:   # checked before a frame is built: its columns are the union of all names
+        ctx_names.update(k for k in record if k.startswith("ctx_"))
+        if len(ctx_names) > MAX_CTX_FIELDS:
+            break
+    _refuse_bad_context(sorted(ctx_names), source)
+    raw = pd.DataFrame(records, columns=None)
     if raw.empty:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in ORDER_DTYPES.items()})
     returned = o[o["type"] == "returned"].groupby("order_id")["value"].last()

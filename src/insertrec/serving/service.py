@@ -22,12 +22,11 @@ import contextlib
 import copy
 import hashlib
 import logging
-import math
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -35,9 +34,11 @@ import orjson
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
 from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock, Recorded
-from insertrec.serving.hotswap import EngineSlot, Loaded
+from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
+
+__all__ = ["DecisionService", "GroupCommit"]
 
 _log = logging.getLogger("insertrec.serving")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -60,7 +61,7 @@ class DecisionService:
 
     Parameters
     ----------
-    slot : the worker's engines (hot-swappable).
+    holder : the worker's model (hot-swappable).
     log : the decision log.
     metrics : where stage timings, decisions and fallbacks are counted.
     cache_size : customers whose folded state is kept between requests; the
@@ -68,8 +69,8 @@ class DecisionService:
         saves work, never correctness.
     """
 
-    def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
-        self.slot, self.log, self.metrics = slot, log, metrics
+    def __init__(self, holder: ModelHolder, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
+        self.holder, self.log, self.metrics = holder, log, metrics
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -79,7 +80,7 @@ class DecisionService:
 
     async def decide(self, order: OrderIn, watch: Stopwatch) -> tuple[str, bool]:
         """The response JSON for ``order`` and whether it is a stored one (a retry)."""
-        loaded = self.slot.current
+        loaded = self.holder.current
         if loaded is None:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
@@ -90,14 +91,16 @@ class DecisionService:
 
     async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
                       watch: Stopwatch) -> tuple[str, bool]:
+        """State -> decide -> commit, redone with the news when the commit finds an action used up
+        (it becomes unavailable) or the customer moved on (their newer order is folded in)."""
         for _ in range(_MAX_ATTEMPTS):
             known = self._state(loaded, order.customer_id)
-            state = known.state
-            if order.nps_score is not None:  # the caller's fresher answer, known just before this order
-                state = copy.copy(state)
-                state.add_nps(order.nps_score, datetime.fromisoformat(record["order_ts"]) - timedelta(microseconds=1))
+            state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
-            decision, decision_id, text = self._score(loaded, record, state, frozenset(unavailable))
+            decision = loaded.decider.decide(record, state, frozenset(unavailable))
+            if decision.policy == "fallback":
+                self.metrics.fallbacks.inc()
+            decision_id, text = _body(decision)
             watch.lap("scoring")
             actions = {slot: c.action_id for slot, c in decision.slots.items()}
             entry = Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
@@ -179,22 +182,6 @@ class DecisionService:
             self._known.popitem(last=False)
         return known
 
-    def _score(self, loaded: Loaded, record: dict, state: CustomerState,
-               unavailable: frozenset[str]) -> tuple[Decision, str, str]:
-        """Decide with the model; on any failure of it, with the catalog's rules, labelled fallback.
-        Returns the decision, its id and its response JSON."""
-        if loaded.engine is not None:
-            try:
-                decision = loaded.engine.decide(record, state, unavailable)
-                return (decision, *_body(decision))
-            except Exception as exc:
-                _log.error("model failed; answering from the rules", extra={
-                    "event": "model_failed", "order_id": record["order_id"], "error_type": type(exc).__name__,
-                    "model_version": loaded.version})
-        self.metrics.fallbacks.inc()
-        decision = replace(loaded.fallback.decide(record, state, unavailable), policy="fallback")
-        return (decision, *_body(decision))
-
     def _exhausted_now(self) -> set[str]:
         now = time.monotonic()
         if now - self._exhausted_at > _EXHAUSTED_TTL_S:
@@ -241,12 +228,18 @@ class GroupCommit:
                 future.set_result(result)
 
 
+def _with_fresher_nps(state: CustomerState, order: OrderIn, record: dict) -> CustomerState:
+    """The caller's NPS answer sent with the order, known just before it (a copy: the cached
+    state only takes what the log holds)."""
+    if order.nps_score is None:
+        return state
+    state = copy.copy(state)
+    state.add_nps(order.nps_score, datetime.fromisoformat(record["order_ts"]) - timedelta(microseconds=1))
+    return state
+
+
 def _body(decision: Decision) -> tuple[str, str]:
-    """A new decision id and the response JSON. Raises ValueError on a score that is not a
-    finite number: a model producing NaN or infinity has failed."""
-    scores = [score for choice in decision.slots.values() for _, score in choice.alternatives]
-    if not math.isfinite(sum(scores, decision.expected_uplift or 0.0)):
-        raise ValueError("the model produced a score that is not a finite number")
+    """A new decision id and the response JSON."""
     decision_id = str(uuid.uuid4())
     out = {"decision_id": decision_id}
     out.update(decision.as_dict())

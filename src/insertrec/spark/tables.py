@@ -28,7 +28,15 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from insertrec.catalog import Catalog
-from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, parse_cells
+from insertrec.data import (
+    EXPOSURE_DTYPES,
+    INCIDENT_DTYPES,
+    NPS_DTYPES,
+    ORDER_DTYPES,
+    Dataset,
+    header_problems,
+    parse_cells,
+)
 from insertrec.errors import DataError, Problem
 from insertrec.schema import TABLES
 
@@ -148,9 +156,9 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
                                      "required table missing: expected orders.csv or orders.parquet"))
             continue
         frame = _read_text(spark, *located)
-        missing = [c for c in TABLES[name]["required"] if c not in frame.columns]
-        fatal.extend(Problem(located[0].name, None, c, "required column missing") for c in missing)
-        if not missing:
+        header = header_problems(name, frame.columns, located[0].name)
+        fatal.extend(header)
+        if not header:
             text[name] = (frame, located[0].name)
     if fatal:
         raise DataError(fatal)
