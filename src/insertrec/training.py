@@ -222,11 +222,11 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         deciders, ope_metrics, ope_report = _judged_on_holdout(candidate, feats, holdout, encoder, config.seed,
                                                                playbook)
         if deciders.playbook_slots:
-            notes.append(f"on the holdout the model was not estimated better than the playbook in "
+            notes.append(f"on the holdout the model did worse than the playbook in "
                          f"{', '.join(deciders.playbook_slots)}; the playbook decides there")
         if deciders.default_slots:
-            notes.append(f"on the holdout neither the model nor the playbook was estimated to beat the slot "
-                         f"default in {', '.join(deciders.default_slots)}; the default goes out there")
+            notes.append(f"the playbook was not estimated to beat the slot default, and on the holdout the model "
+                         f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = fit_policy(feats, logged, encoder, policy, config.seed, deciders)
