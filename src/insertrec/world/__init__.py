@@ -73,8 +73,9 @@ it writes, and :mod:`~insertrec.world.model` the :class:`World` that ties them.
 """
 
 from insertrec.world.model import World
-from insertrec.world.simulation import EvaluationSet, WorldData
+from insertrec.world.simulation import EvaluationSet, Month, ShopRun, WorldData
 from insertrec.world.spec import WorldError
 from insertrec.world.truth import EFFECT_KINDS, TIERS, TRAITS
 
-__all__ = ["EFFECT_KINDS", "TIERS", "TRAITS", "EvaluationSet", "World", "WorldData", "WorldError"]
+__all__ = ["EFFECT_KINDS", "TIERS", "TRAITS", "EvaluationSet", "Month", "ShopRun", "World", "WorldData",
+           "WorldError"]
