@@ -43,7 +43,7 @@ def test_rounds_that_leave_no_history_before_the_loop_are_refused():
 
 @pytest.mark.slow
 def test_the_retrained_policy_is_judged_each_round_and_is_no_worse_than_the_shops_logging_policy():
-    rows = closed_loop(World.default(), 3, retrained(TrainConfig()), customers=4000, seed=2)
+    rows = closed_loop(World.default(), 3, retrained(TrainConfig()), customers=2500, seed=2)
 
     assert [r["round"] for r in rows] == [1.0, 2.0, 3.0]
     for r in rows:
