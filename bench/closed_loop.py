@@ -136,8 +136,8 @@ def main() -> None:
     key = f"{args.world}/{args.customers}/{args.seed}"
     entry: dict = {"world": args.world, "customers": args.customers, "seed": args.seed, "rounds": args.rounds,
                    "vw_options": f"--cb_explore_adf -q sa {args.vw}", "insertrec": [], "vowpalwabbit": []}
-    for name, learner in (("insertrec", lambda: retrained(TrainConfig())),
-                          ("vowpalwabbit", lambda: VWLoop(world, args.vw).learn)):
+    for name, learner in (("vowpalwabbit", lambda: VWLoop(world, args.vw).learn),
+                          ("insertrec", lambda: retrained(TrainConfig()))):
         t0 = time.perf_counter()
 
         def note(row: dict, name: str = name, t0: float = t0) -> None:

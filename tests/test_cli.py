@@ -65,6 +65,19 @@ def test_simulate_and_evaluate_report_spec_metric_names(shop, capsys):
     assert set(json.loads(capsys.readouterr().out)) >= SPEC_EVALUATE_KEYS
 
 
+@pytest.mark.slow
+def test_simulate_rounds_reports_each_months_true_value_and_refuses_no_rounds(shop, capsys):
+    _, data, model = shop
+    args = ["simulate", "--model", str(model), "--world", str(data / "world.json"), "--customers", "1500"]
+    assert main([*args, "--rounds", "1", "--json"]) == 0
+    rounds = json.loads(capsys.readouterr().out)["rounds"]
+    assert len(rounds) == 1
+    assert rounds[0]["value_oracle"] >= rounds[0]["value_deployed"] and rounds[0]["cumulative_regret"] >= 0
+    assert main([*args, "--rounds", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("insertrec: --rounds") and "\n" not in err
+
+
 def test_recommend_gives_one_row_per_order_and_slot(shop):
     root, data, model = shop
     orders = pd.read_csv(data / "orders.csv").tail(200)     # the same customers, ordering again later
