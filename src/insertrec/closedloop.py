@@ -6,8 +6,9 @@ so exploration pays (or not) in what is learned later. This plays that out:
 
 * the shop starts as it does in ``demo-data``: the world's logging policy
   (the playbook with the world's exploration) decides every order before the
-  loop, on a fresh history of ``customers`` customers (the same history as
-  ``World.generate`` would start with for the seed, continued month by month);
+  loop, on a fresh history of ``customers`` customers (the customers
+  ``World.generate`` draws for the seed; not MODEL's own history, which the
+  loop could not continue: MODEL gives the learner's settings);
 * the last ``rounds`` months of the world's ``days`` are the loop: before each
   month the learner is given the log as the shop knows it then (rewards only
   once their horizon has passed) and returns the policy deployed for the month;
@@ -24,8 +25,11 @@ The learner of `insertrec` is :func:`retrained`: ``insertrec train`` itself
 logs so far, with the settings of the model given to the CLI. The learner
 never sees the world: only the logged tables, as ``train`` would read them.
 The policy decides from the shop's features as the world's systems compute
-them (``insertrec.features`` with the world's windows), which is what the
-engine computes from the tables when the model's windows are the world's.
+them (``insertrec.features`` with the world's ``observed`` windows), which is
+what the engine computes from the tables when the model's windows are the
+world's (as with the default settings on the default world). The world draws
+the box from the policy's probabilities rather than hashing the order id: the
+same distribution, and the propensities logged are exact.
 """
 
 from __future__ import annotations
