@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--vw", default="--epsilon 0.1", help="Vowpal Wabbit's exploration and learning options")
     args = ap.parse_args()
     world = World.default() if args.world == "default" else World.default().perturbed(args.perturb_seed)
-    key = f"{args.world}/{args.customers}/{args.seed}"
+    key = f"{args.world}/{args.customers} customers/{args.rounds} rounds/seed {args.seed}"
     entry: dict = {"world": args.world, "customers": args.customers, "seed": args.seed, "rounds": args.rounds,
                    "vw_options": f"--cb_explore_adf -q sa {args.vw}", "insertrec": [], "vowpalwabbit": []}
     for name, learner in (("vowpalwabbit", lambda: VWLoop(world, args.vw).learn),
