@@ -88,9 +88,10 @@ class _Run:
     The shop's features of an order are ``insertrec.features``' own
     (:func:`~insertrec.features.history.history_features`) on the history
     simulated so far, so the logged propensities are exactly what the engine
-    computes from the written tables. A customer in round k was in every round
-    before (each round's customers are sorted), so their prior orders are one
-    row found by binary search in each earlier round.
+    computes from the written tables. Each round's customers are sorted, so a
+    customer's prior orders are found by binary search in each earlier round
+    (in one full run a customer in round k was in every round before; a run
+    advanced stretch by stretch, :meth:`advance`, lets customers skip rounds).
     """
 
     def __init__(self, world: World, customers: int, seed: int, *, keep_features: bool, keep_probs: bool = False):
