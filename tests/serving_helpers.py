@@ -75,13 +75,14 @@ class Server:
     """``insertrec.serving.app.run`` in its own process group on 127.0.0.1 (stopped by its pgid)."""
 
     def __init__(self, tmp_path: Path, catalog: Path, workers: int = 2, db: Path | None = None,
-                 db_url: str | None = None):
+                 db_url: str | None = None, **settings: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "INSERTREC_API_KEYS": KEYS, "INSERTREC_CATALOG": str(catalog),
                     "INSERTREC_DB_URL": db_url or f"sqlite:///{db or tmp_path / 'log.db'}",
                     "INSERTREC_LOG_LEVEL": "WARNING",
-                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{self.port}")}
+                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{self.port}"),
+                    **{f"INSERTREC_{name.upper()}": value for name, value in settings.items()}}
         Path(self.env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
         self.workers = workers
         self.proc: subprocess.Popen | None = None

@@ -260,6 +260,76 @@ def test_refusal_names_line_and_field(card: str, tail: str, field: str | None, l
     assert message.startswith(f"shop/catalog.yaml line {line}") and "\n" not in message
 
 
+def test_every_problem_of_a_catalog_is_listed_at_once() -> None:
+    """A marketer fixing typos wants them all in one run, each with its line and field."""
+    text = """slots:
+  insert:
+    actions:
+      - {id: none, name: None, cost: 0, default: true}
+      - id: card
+        name: Card
+        cots: 0.3
+      - id: flyer
+        name: Flyer
+        cost: -1
+        when: {nps_teir: [promoter], channel: {mn: 3}}
+  coupon:
+    actions:
+      - {id: c10, name: Ten off, cost: 0.5}
+  packaging:
+    actions:
+      - {id: box, name: Box, cost: 0.4, default: true}
+rules:
+  - when: {journey_stage: [lost]}
+    choose: {insert: ghost, coupon: c10, packaging: box}
+"""
+    with pytest.raises(CatalogError) as err:
+        Catalog.from_yaml(text, file="shop/catalog.yaml")
+    found = [(p.field, p.line) for p in err.value.problems]
+    assert found == [
+        ("slots.insert.actions[1].cots", 7), ("slots.insert.actions[1].cost", 5),  # the action's line
+        ("slots.insert.actions[2].when.nps_teir", 11), ("slots.insert.actions[2].when.channel.mn", 11),
+        ("slots.insert.actions[2].cost", 10), ("slots.coupon.actions", 13),
+        ("rules[0].when.journey_stage[0]", 19), ("rules[0].choose.insert", 20)], err.value.details()
+    message = str(err.value)
+    assert message.startswith("shop/catalog.yaml line 7 field 'slots.insert.actions[1].cots'")
+    assert "(and 7 more problems; see the full list)" in message and "\n" not in message
+    details = err.value.details().splitlines()
+    assert len(details) == 8 and "did you mean 'nps_tier'" in details[2] and "'default: true'" in details[5]
+
+
+def test_slot_defaults_are_checked_even_when_an_action_is_refused() -> None:
+    text = """slots:
+  insert:
+    actions:
+      - {name: A, cost: 0, default: true}
+      - {id: b, name: B, cost: 0, default: true}
+  coupon:
+    actions:
+      - {id: c, name: C, cost: -1}
+"""
+    with pytest.raises(CatalogError) as err:
+        Catalog.from_yaml(text)
+    assert [(p.field, p.reason.split(";")[0]) for p in err.value.problems] == [
+        ("slots.insert.actions[0].id", "missing 'id'"),
+        ("slots.insert.actions[1].default", "a second default"),
+        ("slots.coupon.actions[0].cost", "must be zero or more, got -1"),
+        ("slots.coupon.actions", "no action has 'default: true'")]
+    assert "actions[0] is already this slot's default" in err.value.problems[1].reason
+
+
+def test_the_cli_prints_every_catalog_problem(tmp_path, capsys) -> None:
+    from insertrec.cli import main
+
+    (tmp_path / "orders.csv").write_text("order_id,customer_id,order_ts,order_value\no1,c1,2024-01-01,10\n")
+    (tmp_path / "catalog.yaml").write_text(catalog_text("cots: 0.3\nwhen: {nps_teir: [promoter]}"))
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--no-mlflow"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("insertrec: ") and "more problems" in lines[0]
+    assert any("'cots'" in line for line in lines[1:]) and any("nps_teir" in line for line in lines[1:])
+    assert any("missing 'cost'" in line for line in lines[1:])
+
+
 def test_the_template_itself_is_valid() -> None:
     """Guards the refusal table: each refusal comes from its one change."""
     catalog = Catalog.from_yaml(catalog_text())

@@ -228,6 +228,29 @@ def test_every_problem_of_every_file_comes_at_once(tmp_path):
         ("exposures.csv", 2, "propensity"), ("incidents.csv", 2, "type")]
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_file_with_another_separator_says_so(tmp_path, separator):
+    header = separator.join(["order_id", "customer_id", "order_ts", "order_value"])
+    d = write(tmp_path / "d", orders_csv=f"{header}\no1{separator}c1{separator}2024-01-01{separator}12.5\n")
+    word = {";": "semicolon", "\t": "tab"}[separator]
+    [problem] = problems(d)
+    assert problem.column is None and f"the file looks {word}-separated" in problem.reason
+    assert "save it comma-separated" in problem.reason
+
+
+def test_a_near_miss_column_name_gets_a_hint(tmp_path):
+    d = write(tmp_path / "d", orders_csv="orderid,customer,Order_TS,order_value,channel\no1,c1,2024-01-01,12.5,web\n")
+    found = problems(d)
+    assert_problem(found, "orders.csv", None, "order_id", "the file has 'orderid': did you mean order_id?")
+    assert_problem(found, "orders.csv", None, "customer_id", "the file has 'customer': did you mean customer_id?")
+    assert_problem(found, "orders.csv", None, "order_ts", "the file has 'Order_TS': did you mean order_ts?")
+    assert len(found) == 3
+    orders_file = tmp_path / "new.csv"
+    orders_file.write_text("Order_ID,customer_id,order_ts,order_value\no1,c1,2024-01-01,12.5\n")
+    with pytest.raises(DataError, match="did you mean order_id"):
+        load_orders_file(orders_file)
+
+
 def test_missing_required_column_is_reported_and_never_skipped(tmp_path):
     d = write(tmp_path / "d", orders_csv="order_id,customer_id,order_ts\no1,c1,2024-01-01\n",
               nps_csv="customer_id,score\nc1,5\n")

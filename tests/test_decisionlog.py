@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import re
+import signal
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
-from serving_helpers import DECIDE, SCARCE_CATALOG, auth, order, query, settings
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from serving_helpers import DECIDE, KEYS, SCARCE_CATALOG, auth, order, query, settings
 
 from insertrec.catalog import Catalog
+from insertrec.cli import main
 from insertrec.serving.app import create_app
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OutOfStock, Recorded
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OrderConflict, OutOfStock, Recorded
+from insertrec.serving.settings import Settings
 
 
 def entry(order_id: str, customer: str, last_id: int = 0, limited: tuple[str, ...] = ()) -> Entry:
@@ -37,17 +49,20 @@ def test_each_decision_of_a_group_fails_alone(tmp_path, db_url):
         results = log.record_many([
             entry("o-1", "c-1", limited=("sample",)),   # takes the last sample
             entry("o-2", "c-2", limited=("sample",)),   # none left
-            entry("o-1", "c-9"),                        # o-1 again: its stored answer, nothing used
+            entry("o-1", "c-9"),                        # o-1 again, for another customer: refused, nothing used
             entry("o-3", "c-1"),                        # decided without knowing o-1 of the same customer
             entry("o-4", "c-4"),
         ])
         assert isinstance(results[0], Recorded) and results[0].row_id is not None
         assert isinstance(results[1], OutOfStock) and results[1].action_id == "sample"
-        assert results[2] == Recorded('{"answer":"o-1"}', None)
+        assert isinstance(results[2], OrderConflict) and results[2].what == "customer_id"
         assert isinstance(results[3], CustomerMoved)
         assert isinstance(results[4], Recorded) and results[4].row_id is not None
         # knowing o-1, the customer's next order goes through
-        assert isinstance(log.record_many([entry("o-3", "c-1", last_id=results[0].row_id)])[0], Recorded)
+        o3, = log.record_many([entry("o-3", "c-1", last_id=results[0].row_id)])
+        assert isinstance(o3, Recorded) and o3.row_id is not None
+        # o-1 again, as it was: its stored answer, nothing used
+        assert log.record_many([entry("o-1", "c-1", last_id=o3.row_id)]) == [Recorded('{"answer":"o-1"}', None)]
         assert log.counters()["sample"]["used"] == 1
     finally:
         log.close()
@@ -131,3 +146,186 @@ def test_one_log_shared_by_threads_neither_crashes_nor_loses_a_decision(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     recorded, used = map(int, done.stdout.split())
     assert (recorded, used) == (4 * 300 - (4 * 60 - 50), 50)   # 240 ask for the sample; 50 in stock
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A model trained on a small simulated shop: its customer snapshot ends on 2024-12-30."""
+    root = tmp_path_factory.mktemp("shop")
+    assert main(["demo-data", "--out", str(root / "data"), "--customers", "300", "--seed", "5"]) == 0
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "model"), "--no-mlflow"]) == 0
+    return root / "model"
+
+
+BACK_DATED = "2024-06-01T00:00:00Z"   # before the snapshot's end
+LATE_2025, EARLY_2025 = "2025-03-01T00:00:00Z", "2025-02-01T00:00:00Z"
+
+
+def test_a_back_dated_order_is_decided_and_never_blocks_the_customer(tmp_path, db_url, small_model):
+    """A late import or a time-zone slip puts an order before the model's snapshot end, or before the
+    customer's latest order: it is decided from what is known, and the customer's later orders
+    (single or in a batch) are decided too. Before, every later order of the customer got 503."""
+    s = Settings.load(environ={}, model=str(small_model), db_url=db_url, api_keys=KEYS)
+    with TestClient(create_app(s)) as c:
+        post = lambda body: c.post("/v1/recommendations", json=body, headers=auth(DECIDE))
+        statuses = [post(order(i, customer="c000001", order_ts=ts)).status_code
+                    for i, ts in enumerate([BACK_DATED, None, LATE_2025, EARLY_2025, None])]
+        batch = c.post("/v1/recommendations:batch", headers=auth(DECIDE), json={"orders": [
+            order(f"b{i}", customer="c000002", order_ts=ts) for i, ts in enumerate([None, BACK_DATED, None])]})
+        again = post(order("after-batch", customer="c000002"))
+    assert statuses == [200] * 5
+    assert [r["status"] for r in batch.json()["results"]] == [200] * 3
+    assert again.status_code == 200
+    assert query(db_url, "SELECT count(*) FROM decisions") == [(9,)]
+
+
+def test_workers_starting_together_on_a_fresh_database_all_start(tmp_path, db_url):
+    """Every worker creates the tables and the stock counters at startup. On a fresh PostgreSQL
+    database two of them inserted the same counter row and one failed on the primary key, which
+    stopped the whole server (1 start in 13); here eight start at once, each with its own log."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(SCARCE_CATALOG)
+    barrier, failures = threading.Barrier(8), []
+
+    def start() -> None:
+        log = DecisionLog(db_url)
+        try:
+            barrier.wait(timeout=30)
+            log.create()
+            log.sync_inventory(Catalog.load(catalog))
+        except Exception as exc:  # any failure fails the test
+            failures.append(repr(exc))
+        finally:
+            log.close()
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    assert sorted(query(db_url, "SELECT action_id, used FROM inventory")) == [("sample", 0), ("ten_off", 0)]
+
+
+def test_a_reused_order_id_with_another_customer_or_body_is_a_conflict(tmp_path, db_url):
+    """A retry (the same body) gets the stored decision; the same order_id with another customer or
+    body is 409 naming the conflict, single or in a batch. Before, it got the other order's decision."""
+    with TestClient(create_app(settings(tmp_path, db_url=db_url))) as c:
+        post = lambda body: c.post("/v1/recommendations", json=body, headers=auth(DECIDE))
+        first = post(order(1))
+        assert post(order(1)).text == first.text
+        other_customer, other_body = post(order(1, customer="someone-else")), post(order(1, order_value=999.0))
+        batch = c.post("/v1/recommendations:batch", headers=auth(DECIDE),
+                       json={"orders": [order(1), order(1, order_value=7.0), order(2)]}).json()["results"]
+    for r, what in ((other_customer, "customer_id"), (other_body, "body")):
+        assert r.status_code == 409 and r.json()["error"]["field"] == "order_id"
+        assert f"different {what}" in r.json()["error"]["reason"]
+    assert [r["status"] for r in batch] == [200, 409, 200]
+    assert batch[0]["decision"] == first.json() and "different body" in batch[1]["error"]["reason"]
+    assert query(db_url, "SELECT count(*) FROM decisions") == [(2,)]
+
+
+def test_a_batch_entry_that_is_not_an_object_fails_alone(tmp_path, db_url):
+    with TestClient(create_app(settings(tmp_path, db_url=db_url))) as c:
+        r = c.post("/v1/recommendations:batch", headers=auth(DECIDE),
+                   json={"orders": [order(1), "not an order", None, 7, order(2)]})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 422, 422, 422, 200]
+    assert [x["error"]["field"] for x in results[1:4]] == ["orders.1", "orders.2", "orders.3"]
+    assert all(x["error"]["reason"] for x in results[1:4])
+
+
+def test_a_log_from_before_body_fingerprints_gains_the_column(tmp_path, db_url):
+    log = log_with_stock(tmp_path, stock=1, db_url=db_url)
+    try:
+        first, = log.record_many([entry("o-old", "c-1")])
+        with sa.create_engine(db_url).begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE decisions DROP COLUMN body_sha256")
+        log.close()
+        log = DecisionLog(db_url)
+        log.create()
+        stored, new = log.record_many([replace(entry("o-old", "c-1", first.row_id), body_sha256="b" * 64),
+                                       replace(entry("o-new", "c-2"), body_sha256="a" * 64)])
+        assert stored == Recorded('{"answer":"o-old"}', None)   # logged without a fingerprint: a retry
+        assert isinstance(new, Recorded) and new.row_id is not None
+    finally:
+        log.close()
+    assert query(db_url, "SELECT order_id, body_sha256 FROM decisions ORDER BY id") == [("o-old", None),
+                                                                                       ("o-new", "a" * 64)]
+
+
+@contextlib.contextmanager
+def writer_held(db_url: str, tmp_path: Path, how: str) -> Iterator[None]:
+    """Another process's hold on the log's writing: SQLite's writer-lock file or its own write lock,
+    a PostgreSQL session's exclusive lock on the decisions table. Released after 5 s at the latest,
+    so that a service without deadlines makes this test fail rather than hang."""
+    if how == "writer-lock":
+        fd = os.open(f"{tmp_path / 'log.db'}.writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        timer = threading.Timer(5, fcntl.flock, (fd, fcntl.LOCK_UN))
+        release = lambda: (timer.cancel(), fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))
+    else:
+        conn = sa.create_engine(db_url).connect()
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if db_url.startswith("sqlite") else
+                             "BEGIN; LOCK TABLE decisions IN EXCLUSIVE MODE")
+        timer = threading.Timer(5, conn.rollback)
+        release = lambda: (timer.cancel(), conn.rollback(), conn.close())
+    timer.start()
+    try:
+        yield
+    finally:
+        release()
+
+
+@pytest.mark.parametrize("how", ["writer-lock", "database lock"])
+def test_a_held_write_lock_costs_a_request_its_deadline_not_more(tmp_path, db_url, how):
+    """A writer that does not let go (a stopped process, an operator's script, a long transaction)
+    makes a decision a 503 after ``db_deadline_ms``; the worker answers other requests meanwhile and
+    decides again once the lock is free. Before, the request and the worker waited as long as the
+    lock was held (the writer-lock without end, SQLite's own lock 5 s)."""
+    if how == "writer-lock" and not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL queues writers itself: no writer-lock file")
+    with TestClient(create_app(settings(tmp_path, db_url=db_url, db_deadline_ms=50))) as c:
+        post = lambda i: c.post("/v1/recommendations", json=order(i), headers=auth(DECIDE))
+        assert post(0).status_code == 200   # tables created, connections open
+        with writer_held(db_url, tmp_path, how):
+            started = time.monotonic()
+            held = post(1)
+            waited = time.monotonic() - started
+            assert c.get("/healthz").status_code == 200
+        assert held.status_code == 503 and held.headers["Retry-After"] == "1"
+        assert waited < 2.0, f"waited {waited:.2f} s for a lock with a 50 ms deadline"
+        assert post(2).status_code == 200
+
+
+def test_a_postgresql_that_stops_answering_costs_a_request_its_deadline(tmp_path, db_url):
+    """The service's PostgreSQL sessions stopped (SIGSTOP, as a frozen server or a cut network looks
+    from the client): a decision is a 503 within its deadline and /healthz answers, where before
+    every request and /healthz hung as long as the server did; once it answers, so does the service."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("a SQLite file cannot stop answering; its waits are the lock deadlines above")
+    with TestClient(create_app(settings(tmp_path, db_url=db_url, db_deadline_ms=50))) as c:
+        post = lambda i: c.post("/v1/recommendations", json=order(i), headers=auth(DECIDE))
+        assert post(0).status_code == 200
+        sessions = [pid for pid, in query(db_url, "SELECT pid FROM pg_stat_activity "
+                                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+        resume = lambda: [os.kill(pid, signal.SIGCONT) for pid in sessions]
+        timer = threading.Timer(5, resume)   # never left stopped, whatever happens here
+        for pid in sessions:
+            os.kill(pid, signal.SIGSTOP)
+        timer.start()
+        try:
+            started = time.monotonic()
+            frozen = post(1)
+            waited = time.monotonic() - started
+            alive = c.get("/healthz").status_code
+        finally:
+            timer.cancel()
+            resume()
+        assert sessions and frozen.status_code == 503 and alive == 200
+        assert waited < 2.0, f"waited {waited:.2f} s on a stopped server with a 50 ms deadline"
+        deadline = time.monotonic() + 10
+        while post(2).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert post(3).status_code == 200

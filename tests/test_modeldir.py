@@ -117,9 +117,9 @@ def test_the_server_refuses_a_tampered_model_on_reload_and_keeps_answering(tmp_p
         plant(model, marker)
         assert c.post("/v1/admin/reload", headers=auth(ADMIN)).status_code == 202
         deadline = time.monotonic() + 30
-        while c.app.state.service.slot.current.generation != 1 and time.monotonic() < deadline:
+        while c.app.state.service.holder.current.generation != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        ready = c.get("/readyz").json()
+        ready = c.get("/readyz", headers=auth(ADMIN)).json()   # an admin sees the reason
         assert ready["status"] == "degraded" and "signature does not match" in ready["reason"]
         assert ready["model_version"] == "signed-v1"             # still the model it had
         r = c.post("/v1/recommendations", json=order(1), headers=auth(DECIDE))
@@ -131,7 +131,7 @@ def test_the_server_starts_on_the_rules_when_its_model_is_tampered(tmp_path):
     model, marker = write_model(tmp_path / "m"), tmp_path / "pwned"
     plant(model, marker)
     with TestClient(create_app(_settings(tmp_path, model))) as c:
-        ready = c.get("/readyz").json()
+        ready = c.get("/readyz", headers=auth(ADMIN)).json()
         assert ready["status"] == "degraded" and "manifest.sig" in ready["reason"]
         r = c.post("/v1/recommendations", json=order(1), headers=auth(DECIDE))
         assert r.status_code == 200 and r.json()["policy"] == "fallback"

@@ -1,4 +1,7 @@
-"""The README's HTTP service example, run as a reader would: its serve line, then its curl lines."""
+"""The README's examples, run as a reader would, taken from README.md itself so that a line
+changed there is a line tested here: the HTTP service block (its serve line, then its curl lines)
+and the data scientist's block (in a fresh directory holding a small simulated shop as `shop/`
+and `recent/`, with MLflow's default store in that directory)."""
 
 from __future__ import annotations
 
@@ -90,3 +93,55 @@ def test_the_readme_serve_and_curl_lines_work_as_written(tmp_path):
     assert decision["policy"] in ("model", "explore", "rules")
     assert all(slot["action_id"] and 0 < slot["propensity"] <= 1 for slot in decision["slots"].values())
     assert outcome == {"outcome_id": outcome["outcome_id"], "order_id": "A-1001", "type": "nps", "recorded": True}
+
+
+SKIPPED = ("mlflow ui", "insertrec serve")   # long-running servers; the service has its own tests
+
+
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first ```bash block under ``heading``, comments stripped."""
+    text = README.read_text()
+    section = text[text.index(heading):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, f"no bash block under {heading!r}"
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.group(1).splitlines()]
+    return [line for line in lines if line]
+
+
+@pytest.mark.slow
+def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
+    commands = readme_block("## For data scientists")
+    assert any(c.startswith("mlflow run training") for c in commands)
+    assert sum(c.startswith("insertrec promote") for c in commands) == 2
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}   # MLflow's defaults
+    subprocess.run([sys.executable, "-m", "insertrec.cli", "demo-data", "--out", "shop", "--customers", "400",
+                    "--seed", "2"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    shutil.copytree(tmp_path / "shop", tmp_path / "recent")
+    (tmp_path / "training").symlink_to(README.parent / "training")
+    outputs = []
+    for command in commands:
+        if command.startswith(SKIPPED):
+            continue
+        began = time.perf_counter()
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        print(f"{time.perf_counter() - began:6.1f}s  {command}")
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-3000:]}"
+        outputs.append(done)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from insertrec.tracking import client
+
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name("insertrec").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    default = c.get_experiment_by_name("Default")
+    assert default is None or not c.search_runs([default.experiment_id])
+    assert {str(v.version) for v in c.search_model_versions("name='insertrec'")} == {"1", "2"}
+    assert str(c.get_model_version_by_alias("insertrec", "champion").version) in {"1", "2"}
+    first, second = outputs[-2].stdout, outputs[-1].stdout
+    assert "version 1: now champion (no champion yet)" in first
+    assert "judged_from: 2024-06-01T00:00:00+00:00" in second and "orders_left_out_inside_training" in second
+    assert "at or after 2024-06-01T00:00:00+00:00, the later of the two training cutoffs; warning:" in second

@@ -12,8 +12,8 @@ from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth,
 
 from insertrec import modeldir
 from insertrec.engine import Engine
+from insertrec.logged import read_logged
 from insertrec.serving.app import create_app, run
-from insertrec.serving.decisionlog import read_logged
 from insertrec.serving.hotswap import Loaded
 from insertrec.serving.settings import Settings, SettingsError
 
@@ -48,7 +48,7 @@ def test_a_retried_order_gets_the_stored_decision_and_uses_no_stock(tmp_path):
     catalog.write_text(SCARCE_CATALOG)
     with TestClient(create_app(settings(tmp_path, catalog))) as c:
         first = decide(c, order(1))
-        again = decide(c, order(1, order_value=999.0))  # the same order_id wins over a changed body
+        again = decide(c, dict(reversed(order(1).items())))  # the same order, its keys in another order
         assert again.status_code == 200 and again.text == first.text
         assert again.headers["Idempotent-Replayed"] == "true"
         used = c.app.state.service.log.counters()["sample"]["used"]
@@ -186,8 +186,10 @@ def test_a_corrupt_model_directory_serves_fallback_and_reports_degraded(tmp_path
     modeldir.sign(model)    # signed by the key holder, yet corrupt
     s = Settings.load(environ={}, model=str(model), db_url=f"sqlite:///{tmp_path / 'log.db'}", api_keys=KEYS)
     with TestClient(create_app(s)) as c:
-        ready = c.get("/readyz").json()
+        ready = c.get("/readyz", headers=auth(ADMIN)).json()
         assert ready["status"] == "degraded" and "engine.joblib" in ready["reason"]
+        anyone = c.get("/readyz").json()   # no file names or error types without an admin key
+        assert anyone["status"] == "degraded" and "joblib" not in anyone["reason"] and str(model) not in anyone["reason"]
         r = decide(c, order(1))
         assert r.status_code == 200 and r.json()["policy"] == "fallback"
 
@@ -220,7 +222,9 @@ def test_errors_do_not_leak_internals(client, tmp_path):
     r = decide(client, order(1))
     assert r.status_code == 503 and r.json() == {"error": {"field": None, "reason":
                                                            "decisions cannot be recorded right now; retry shortly"}}
-    assert client.get("/readyz").status_code == 503
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["reason"] == "the decision log cannot be reached"
+    assert "Error" in client.get("/readyz", headers=auth(ADMIN)).json()["reason"]  # the type, for an admin
 
 
 def test_settings_come_from_file_then_env_then_flags(tmp_path):
@@ -249,7 +253,7 @@ def test_the_server_refuses_to_start_without_keys(tmp_path, monkeypatch):
 
 def test_merge_logged_feeds_training_with_logged_propensities(client, tmp_path):
     from insertrec.data import Dataset
-    from insertrec.serving.decisionlog import merge_logged
+    from insertrec.logged import merge_logged
 
     decide(client, order(1, categories=["apparel", "shoes"], ctx_age=31))
     orders, exposures, _ = read_logged(f"sqlite:///{tmp_path / 'log.db'}")
@@ -284,7 +288,7 @@ def test_training_refuses_a_log_whose_ctx_names_are_unbounded(client, tmp_path):
 
     from insertrec.data import Dataset
     from insertrec.errors import DataError
-    from insertrec.serving.decisionlog import merge_logged
+    from insertrec.logged import merge_logged
 
     url = f"sqlite:///{tmp_path / 'log.db'}"
     for i in range(40):
@@ -323,7 +327,7 @@ def test_readyz_is_not_ready_while_the_sqlite_log_cannot_write(tmp_path):
         try:
             for i in range(1, 3000):
                 decide(c, order(i))
-                ready = c.get("/readyz")
+                ready = c.get("/readyz", headers=auth(ADMIN))   # an admin sees the reason
                 if ready.json()["status"] != "ready":
                     break
         finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from typing import Any
 
 import pandas as pd
 
@@ -52,7 +53,7 @@ class Decider:
             raise ValueError("a Decider needs a model, rules, or both")
         self.model, self.rules = model, rules
 
-    def decide(self, order: dict, state: CustomerState | None = None,
+    def decide(self, order: dict[str, Any], state: CustomerState | None = None,
                unavailable: frozenset[str] = frozenset()) -> Decision:
         """One order (a dict with the orders columns) -> its box; ``state`` defaults to the customer
         as of the model's snapshot."""

@@ -144,7 +144,7 @@ def library_versions() -> dict[str, str]:
 
 
 def save(path: str | Path, objects: dict[str, Any], files: dict[str, str | bytes],
-         info: dict[str, Any]) -> dict:
+         info: dict[str, Any]) -> dict[str, Any]:
     """Write ``objects`` (joblib), ``files`` (text/bytes), the manifest and its signature; returns the manifest."""
     key = model_key(create=True)    # before writing anything: no key, no model
     out = Path(path)
@@ -171,7 +171,7 @@ def sign(path: str | Path, key: ModelKey | None = None) -> None:
     (root / SIGNATURE).write_text(json.dumps(signature, indent=2) + "\n")
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a model directory, validated for shape (not its signature; nothing unpickled)."""
     root = Path(path)
     return _parse(root, _manifest_bytes(root))
@@ -186,7 +186,7 @@ def _manifest_bytes(root: Path) -> bytes:
         raise ModelError(f"{root}: no {MANIFEST}; not an insertrec model directory") from None
 
 
-def _parse(root: Path, raw: bytes) -> dict:
+def _parse(root: Path, raw: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -216,7 +216,7 @@ def _check_signature(root: Path, raw: bytes, key: ModelKey) -> None:
         raise ModelError(f"{file}: signature does not match {MANIFEST} ({why}); refusing to load the model")
 
 
-def verify(path: str | Path, key: ModelKey | None = None) -> dict:
+def verify(path: str | Path, key: ModelKey | None = None) -> dict[str, Any]:
     """Check the manifest's signature, then every artifact's SHA-256; returns the manifest.
 
     ``key`` defaults to the configured model key (see `model_key`).
@@ -240,7 +240,12 @@ def verify(path: str | Path, key: ModelKey | None = None) -> dict:
     return manifest
 
 
-def load(path: str | Path, name: str, manifest: dict) -> Any:
+def has_policy(manifest: dict[str, Any]) -> bool:
+    """Whether the directory holds a decision engine; one trained on orders alone does not."""
+    return "engine.joblib" in manifest["artifacts"]
+
+
+def load(path: str | Path, name: str, manifest: dict[str, Any]) -> Any:
     """Unpickle one artifact of a verified ``manifest`` (what `verify` returned).
 
     The file is read once and its bytes are checked against the manifest

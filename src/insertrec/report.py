@@ -80,7 +80,7 @@ def _feature_words(name: str, action_names: dict[str, str]) -> str:
 
 
 def _drivers(policy: Policy, grid: BoxGrid, names: list[str], phi: np.ndarray, rules: np.ndarray, slot: int,
-             action: int, top: int = 3) -> list[dict]:
+             action: int, top: int = 3) -> list[dict[str, Any]]:
     """What moves ``action``'s value over the slot default the most for this segment, largest first.
 
     The value model is linear in the features per action, so the segment's
@@ -102,7 +102,7 @@ def _drivers(policy: Policy, grid: BoxGrid, names: list[str], phi: np.ndarray, r
 
 
 def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
-                     expected_orders: pd.Series) -> dict[int, dict]:
+                     expected_orders: pd.Series) -> dict[int, dict[str, Any]]:
     """Per segment id: the engine's box on each customer's latest order, why, and what it is worth.
 
     ``segment_of`` and ``expected_orders`` are indexed by customer id (str).
@@ -133,7 +133,7 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
         vs_rules = v_chosen - grid.value(phi, rule_columns, playbook)
         vs_default = v_chosen - grid.value(phi, rule_columns, np.broadcast_to(defaults, chosen.shape))
     horizon_orders = expected_orders.reindex(ids).fillna(0.0).to_numpy(dtype=float)
-    out: dict[int, dict] = {}
+    out: dict[int, dict[str, Any]] = {}
     for sid in np.unique(seg):
         m = seg == sid
         n_expected = float(horizon_orders[m].sum())
@@ -141,7 +141,7 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
         for s, (slot_name, slot) in enumerate(catalog.slots.items()):
             counts = np.bincount(chosen[m, s], minlength=len(slot.actions)) / m.sum()
             top = int(np.argmax(counts))
-            why: list[dict] = []
+            why: list[dict[str, Any]] = []
             if model is None:
                 note = "the marketer's playbook (no learnt engine yet)"
             elif slot_name in policy.playbook_slots:
@@ -172,7 +172,7 @@ def segment_outcomes(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
     return out
 
 
-def evidence_warnings(metrics: dict[str, float], ope: dict | None, policy: str | None) -> list[str]:
+def evidence_warnings(metrics: dict[str, float], ope: dict[str, Any] | None, policy: str | None) -> list[str]:
     """Plain-words warnings where the evidence behind the report's figures is weak or bad news."""
     out = []
     auc = metrics.get("repeat_auc", float("nan"))
@@ -207,7 +207,7 @@ def evidence_warnings(metrics: dict[str, float], ope: dict | None, policy: str |
     return out
 
 
-def recommendation(facts: dict, engine_lost: bool) -> str:
+def recommendation(facts: dict[str, Any], engine_lost: bool) -> str:
     """A short next step for one segment, from its uplift over the playbook and the holdout verdict."""
     if "vs_rules" not in facts:
         return ("Serve the playbook, and log what each parcel held (with its probability) so that the "
@@ -241,9 +241,9 @@ def _customer_figures(customers: pd.DataFrame) -> dict[str, Any]:
 
 
 def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, period: dict[str, Any],
-                 metrics: dict[str, float] | None = None, ope: dict | None = None,
+                 metrics: dict[str, float] | None = None, ope: dict[str, Any] | None = None,
                  policy: Policy | None = None, feats: pd.DataFrame | None = None,
-                 version: str = "", currency: str | None = None) -> dict:
+                 version: str = "", currency: str | None = None) -> dict[str, Any]:
     """Everything the page shows, as JSON-able facts.
 
     ``profiles`` is ``SegmentModel.profiles()``; ``customers`` the scored
@@ -254,7 +254,7 @@ def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, 
     """
     metrics = metrics or {}
     kind = None if policy is None else policy.name
-    outcomes: dict[int, dict] = {}
+    outcomes: dict[int, dict[str, Any]] = {}
     if policy is not None and feats is not None and len(feats):
         by_id = customers.set_index(customers["customer_id"].astype(str))
         outcomes = segment_outcomes(policy, feats, by_id["segment_id"], by_id["expected_orders"])
@@ -376,7 +376,7 @@ def _card(title: str, chart: str, note: str = "") -> str:
     return f'<div class="card"><h3>{escape(title)}</h3>{chart}{note_html}</div>'
 
 
-def _charts(report: dict, money: str) -> str:
+def _charts(report: dict[str, Any], money: str) -> str:
     segs = report["segments"]
     names = [str(s["segment_name"]) for s in segs]
     col = lambda c: np.array([np.nan if s.get(c) is None else s[c] for s in segs], dtype=float)
@@ -401,14 +401,14 @@ def _charts(report: dict, money: str) -> str:
     return f'<div class="grid">{"".join(cards)}</div>'
 
 
-def _interval(est: dict | None, signed: bool = True) -> str:
+def _interval(est: dict[str, Any] | None, signed: bool = True) -> str:
     if not est:
         return "n/a"
     return (f"<b>{_money(est['value'], signed)}</b> "
             f"<span class=\"note\">(90% interval {_money(est['low'], signed)} to {_money(est['high'], signed)})</span>")
 
 
-def _box(engine: dict) -> str:
+def _box(engine: dict[str, Any]) -> str:
     items = []
     for b in engine["box"]:
         picks = ", ".join(f"{escape(p['action_name'])} ({p['share']:.0%})" for p in b["picks"][:3])
@@ -419,7 +419,7 @@ def _box(engine: dict) -> str:
     return f"<ul>{''.join(items)}</ul>"
 
 
-def _use(engine: dict, money: str, horizon: int) -> str:
+def _use(engine: dict[str, Any], money: str, horizon: int) -> str:
     lines = [f"<li>Cost per order: <b>{_money(engine['cost_per_order'])}</b></li>",
              f"<li>Over the next {horizon} days (~{_count(engine['expected_orders'])} orders expected): "
              f"<b>{_money(engine['horizon_cost'])}</b> {escape(money)}</li>"]
@@ -435,7 +435,7 @@ def _use(engine: dict, money: str, horizon: int) -> str:
     return f"<ul>{''.join(lines)}</ul>"
 
 
-def _segment(seg: dict, report: dict, money: str) -> str:
+def _segment(seg: dict[str, Any], report: dict[str, Any], money: str) -> str:
     sid = int(seg["segment_id"])
     who = (f"{_count(seg['customers'])} customers ({_pct(seg['share'])}). {escape(str(seg.get('description', '')))}")
     head = (f'<section class="segment" id="segment-{sid}"><h3>{escape(str(seg["segment_name"]))}</h3>'
@@ -457,7 +457,7 @@ def _segment(seg: dict, report: dict, money: str) -> str:
             "</div></div></section>")
 
 
-def _table(report: dict, money: str) -> str:
+def _table(report: dict[str, Any], money: str) -> str:
     cols = [("Customers", lambda s: _count(s["customers"])), ("Share", lambda s: _pct(s["share"])),
             (f"Avg spend ({money})", lambda s: _money(s["mean_value"])),
             (f"Avg order ({money})", lambda s: _money(s["mean_order_value"])),
@@ -474,7 +474,7 @@ def _table(report: dict, money: str) -> str:
     return f'<table class="responsive"><thead>{head}</thead><tbody>{rows}</tbody></table>'
 
 
-def _summary(report: dict) -> str:
+def _summary(report: dict[str, Any]) -> str:
     segs = report["segments"]
     biggest = max(segs, key=lambda s: s["customers"])
     best = max(segs, key=lambda s: -1.0 if s["p_repeat"] is None else s["p_repeat"])
@@ -496,7 +496,7 @@ def _summary(report: dict) -> str:
     return f'<p class="summary">{text}</p><div class="kpis">{boxes}</div>'
 
 
-def _definitions(report: dict, money: str) -> str:
+def _definitions(report: dict[str, Any], money: str) -> str:
     h = report["horizon_days"]
     items = [
         ("Journey stage", "The stage of each customer's latest order: new = one order so far, developing = "
@@ -524,7 +524,7 @@ def _definitions(report: dict, money: str) -> str:
     return f"<h2>How to read this report</h2><dl>{body}</dl>"
 
 
-def render_report(report: dict, *, currency: str | None = None) -> str:
+def render_report(report: dict[str, Any], *, currency: str | None = None) -> str:
     """The whole page as one HTML string, from :func:`build_report`'s facts.
 
     ``currency`` names the amounts (default: the one the facts carry, else

@@ -76,7 +76,7 @@ def _strings(frame: pd.DataFrame, name: str, default: str) -> pa.Array:
     return pc.fill_null(_arrow(frame[name]), default)
 
 
-def _lookup(values: pa.Array, vocabulary: pa.Array | tuple | np.ndarray) -> np.ndarray:
+def _lookup(values: pa.Array, vocabulary: pa.Array | tuple[str, ...] | np.ndarray) -> np.ndarray:
     """Position of each value in ``vocabulary`` (unique), -1 when absent."""
     vocab = _arrow(pa.array(list(vocabulary), type=pa.large_string())
                    if not isinstance(vocabulary, pa.Array) else vocabulary)

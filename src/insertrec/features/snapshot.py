@@ -148,9 +148,15 @@ def features_for_orders(snapshot: Snapshot, orders: pd.DataFrame) -> pd.DataFram
     new = _Orders.of(orders, layout, None)
     early = np.flatnonzero(new.ts < snapshot.as_of_ns)
     if len(early):
-        raise DataError([Problem("orders", int(i) + 2, "order_ts",
-                                 f"before the snapshot's end {snapshot.as_of}: its features would see "
-                                 f"later history", new.order_id[int(i)].as_py()) for i in early[:20]])
+        shown = orders["order_ts"].iloc[early[:20]].astype(str).to_numpy()
+        listed = [Problem("orders", int(i) + 2, "order_ts",
+                          f"order {new.order_id[int(i)].as_py()!r} is before the snapshot's end "
+                          f"{snapshot.as_of}: its features would see later history", value)
+                  for i, value in zip(early[:20], shown)]
+        if len(early) > len(listed):
+            listed.append(Problem("orders", None, "order_ts", f"{len(early) - len(listed)} more orders are "
+                                  "before the snapshot's end (not listed)"))
+        raise DataError(listed)
     g = _lookup(new.customer_id, pa.array(snapshot.customer_ids, type=pa.large_string()))
     unseen = g < 0
     if unseen.any():

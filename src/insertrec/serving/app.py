@@ -9,7 +9,8 @@ sent as bytes, so a retry gets exactly the same answer.
 
 Errors: bad input is 422 ``{"error": {"field", "reason"}}``, a body over the
 limit 413, a missing or unknown key 401, a key without the role 403, an
-unknown order in an outcome 404, an unreachable decision log 503 (a decision
+unknown order in an outcome 404, an ``order_id`` decided before for another
+customer or body 409, an unreachable decision log 503 (a decision
 that cannot be made durable is not given). Anything else is a bug: 500 with
 a generic message, the details only in the server's log.
 """
@@ -27,10 +28,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,7 +40,7 @@ from insertrec.errors import InsertrecError
 from insertrec.registry import AliasWatcher, resolve_model
 from insertrec.serving import payloads as p
 from insertrec.serving.auth import AuthError, KeyRing
-from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, UnknownOrder
+from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, OrderConflict, UnknownOrder
 from insertrec.serving.hotswap import ModelHolder
 from insertrec.serving.logs import uvicorn_log_config
 from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
@@ -74,6 +76,16 @@ def _parse(model: type[BaseModel] | TypeAdapter, body: bytes, tagged: bool = Fal
         raise BadInput(p.first_error(err, tagged=tagged)) from None
 
 
+class _Direct(APIRoute):
+    """A route whose endpoint takes the Request and returns the Response itself: called directly,
+    without FastAPI's per-request dependency solving and response handling, which cost a
+    noticeable share of a decision's CPU. Its OpenAPI entry, exception handlers and middleware
+    are those of any route."""
+
+    def get_route_handler(self) -> Any:
+        return self.endpoint
+
+
 def _body_doc(schema_name: str) -> dict[str, Any]:
     """OpenAPI request body for a route that parses its bytes itself."""
     return {"requestBody": {"required": True, "content": {_JSON: {
@@ -85,7 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The service for one worker process (the decision log and the model load at startup)."""
     keys = KeyRing(settings.keys, insecure=settings.insecure_dev and not settings.keys)
     metrics = Metrics()
-    log = DecisionLog(settings.db_url, settings.db_synchronous)
+    log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
     holder = ModelHolder(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
     service = DecisionService(holder, log, metrics)
 
@@ -113,8 +125,12 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="insertrec", version="1", lifespan=lifespan,
                   description="Per-order decisions on packaging, insert and coupon.")
 
-    @app.post("/v1/recommendations", openapi_extra=_body_doc("OrderIn"), tags=["decide"],
-              responses={200: {"model": p.DecisionOut, "description": "the box for this order"}, **_ERRORS})
+    direct = APIRouter(route_class=_Direct)
+
+    @direct.post("/v1/recommendations", openapi_extra=_body_doc("OrderIn"), tags=["decide"],
+                 responses={200: {"model": p.DecisionOut, "description": "the box for this order"}, **_ERRORS,
+                            409: {"model": p.ErrorOut, "description": "the order_id was decided before for "
+                                                                      "another customer or body"}})
     async def recommend(request: Request) -> Response:
         watch = Stopwatch(metrics)
         keys.check(request.headers.get("authorization"), "decide")
@@ -123,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
         text, replayed = await service.decide(order, watch)
         return Response(text, media_type=_JSON, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
-    @app.post("/v1/recommendations:batch", openapi_extra=_body_doc("BatchIn"), tags=["decide"],
+    @direct.post("/v1/recommendations:batch", openapi_extra=_body_doc("BatchIn"), tags=["decide"],
               responses={200: {"model": p.BatchOut, "description": "one result per order, in order"},
                          **_ERRORS})
     async def recommend_batch(request: Request) -> Response:
@@ -135,7 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
         parts = await _decide_batch(service, metrics, items)
         return Response(b'{"results":[' + b",".join(parts) + b"]}", media_type=_JSON)
 
-    @app.post("/v1/outcomes", openapi_extra=_body_doc("OutcomeIn"), tags=["feedback"],
+    @direct.post("/v1/outcomes", openapi_extra=_body_doc("OutcomeIn"), tags=["feedback"],
               responses={200: {"model": p.OutcomeOut}, 404: {"model": p.ErrorOut,
                                                              "description": "no decision for this order"},
                          **_ERRORS})
@@ -143,6 +159,8 @@ def create_app(settings: Settings) -> FastAPI:
         keys.check(request.headers.get("authorization"), "feedback")
         outcome = _parse(p.OUTCOME, await request.body(), tagged=True)
         return Response(service.record_outcome(outcome).model_dump_json(), media_type=_JSON)
+
+    app.include_router(direct)
 
     @app.get("/v1/segments", response_model=p.SegmentsOut, tags=["decide"],
              responses={401: _ERRORS[401], 403: _ERRORS[403]}, openapi_extra={"security": [{"bearer": []}]})
@@ -165,20 +183,25 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", response_model=p.ReadyOut, tags=["ops"],
              responses={503: {"model": p.ReadyOut, "description": "cannot make decisions durable"}})
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         """Degraded (answering from the rules, or from the previous model) is still ready: a
         warehouse is better served by the rules than by no answer. Not ready is a decision log
-        that cannot be reached, or a worker still starting."""
+        that cannot be reached, or a worker still starting. The reason names files and error
+        types only for an admin key: anyone can ask this route."""
+        admin = _is_admin(keys, request.headers.get("authorization"))
         loaded = holder.current
         try:
             log.ping()
         except LogUnavailable as exc:
-            out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version, reason=str(exc))
+            out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version,
+                             reason=str(exc) if admin else "the decision log cannot be reached")
             return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
         if loaded is None:
             out = p.ReadyOut(status="unavailable", model_version=None, reason="starting")
             return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
-        out = p.ReadyOut(status=loaded.status, model_version=loaded.version, reason=loaded.reason)
+        reason = loaded.reason if admin or loaded.reason is None else \
+            "the model could not be loaded; answering from the catalog's rules (the reason: with an admin key)"
+        out = p.ReadyOut(status=loaded.status, model_version=loaded.version, reason=reason)
         return Response(out.model_dump_json(), media_type=_JSON)
 
     @app.get("/metrics", tags=["ops"], response_class=Response,
@@ -226,10 +249,20 @@ async def _batch_item(service: DecisionService, metrics: Metrics, index: int, it
         status, detail = 422, p.first_error(err, prefix=("orders", index))
     except LogUnavailable as exc:
         status, detail = 503, p.ErrorDetail(field=None, reason=str(exc))
+    except OrderConflict as exc:
+        status, detail = 409, p.ErrorDetail(field="order_id", reason=str(exc))
     except InsertrecError as exc:
         status, detail = 422, p.ErrorDetail(field=None, reason=str(exc))
     out = p.BatchItemOut(index=index, order_id=order_id, status=status, error=detail)
     return out.model_dump_json().encode()
+
+
+def _is_admin(keys: KeyRing, authorization: str | None) -> bool:
+    try:
+        keys.check(authorization, "admin")
+        return True
+    except AuthError:
+        return False
 
 
 def _current(holder: ModelHolder) -> Any:
@@ -298,6 +331,10 @@ def _install_errors(app: FastAPI) -> None:
     async def unknown_order(_: Request, exc: UnknownOrder) -> JSONResponse:
         return error(404, str(exc), "order_id")
 
+    @app.exception_handler(OrderConflict)
+    async def conflict(_: Request, exc: OrderConflict) -> JSONResponse:
+        return error(409, str(exc), "order_id")
+
     @app.exception_handler(LogUnavailable)
     async def unavailable(_: Request, exc: LogUnavailable) -> JSONResponse:
         _log.error("decision log unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
@@ -365,12 +402,13 @@ def run(model: str | None = None, host: str | None = None, port: int | None = No
     if not settings.keys and not settings.insecure_dev:
         raise SettingsError("refusing to start without API keys: set INSERTREC_API_KEYS or "
                             "INSERTREC_API_KEYS_FILE (or pass --insecure-dev on a development machine)")
-    log = DecisionLog(settings.db_url, settings.db_synchronous)
-    try:
+    log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
+    try:  # fail here, with the reason, not in every worker; and set up the log before they start
         log.create()
+        ModelHolder(settings.model, settings.catalog,
+                    on_swap=lambda loaded: log.sync_inventory(loaded.fallback.catalog)).load()
     finally:
         log.close()
-    ModelHolder(settings.model, settings.catalog).load()  # fail here, with the reason, not in every worker
     os.environ.update(settings.to_environ())
     if settings.workers > 1 and not os.environ.get(MULTIPROC_ENV):
         directory = Path(settings.metrics_dir or tempfile.mkdtemp(prefix="insertrec-metrics-"))

@@ -16,119 +16,45 @@ model's training data. Three guarantees rest on it:
   ``UPDATE ... WHERE used < stock`` in the decision's transaction; contact caps
   rest on the customer's history, checked unchanged inside the same
   transaction. SQLite transactions start with ``BEGIN IMMEDIATE`` (one writer
-  at a time across processes), so both checks are exact; on other databases
-  the counters stay exact (the conditional update is atomic) and the cap
-  check is as strong as the isolation level.
+  at a time across processes); on PostgreSQL a transaction first locks the
+  customers and counters it will touch (`DecisionLog._lock`), so both checks
+  are exact on both. On other databases the counters stay exact (the
+  conditional update is atomic) and the cap check is as strong as the
+  isolation level.
 
 Decisions are committed in groups (`DecisionLog.record_many`): one
 transaction, each decision inside its own savepoint, so one decision's
 conflict (stock ran out, the customer moved, the order was decided before)
-undoes only that decision. A commit costs far more than the statements in
-it, so a group of decisions costs little more than one. Writers of one
-SQLite file take turns through an OS file lock (``<file>.writer-lock``)
-before ``BEGIN IMMEDIATE``: the kernel wakes the next writer the moment the
-lock is free, where SQLite's own busy handler would sleep (1, 2, 5... ms)
-and retry, which under load stalls a worker's whole event loop.
+undoes only that decision. Writers of one SQLite file take turns
+(`insertrec.serving.writers`); the tables are `insertrec.logschema`'s, the
+statements `insertrec.serving.statements`', and training reads the log back
+through `insertrec.logged`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
-import numpy as np
 import orjson
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from insertrec.catalog import Action, Catalog
-from insertrec.data import EXPOSURE_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset
-from insertrec.errors import DataError, InsertrecError, Problem
-from insertrec.schema import MAX_CTX_FIELDS, context_problems
+from insertrec.errors import InsertrecError
+from insertrec.logschema import LogUnavailable, decisions, inventory, metadata, redacted, tables_exist
+from insertrec.serving.statements import CounterRow, EventRow, Prepared, Raw, Statements, StoredRow
+from insertrec.serving.writers import WriterTurn
 
-_md = sa.MetaData()
-decisions = sa.Table(
-    "decisions", _md,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("decision_id", sa.String(36), nullable=False, unique=True),
-    sa.Column("order_id", sa.String(128), nullable=False, unique=True),
-    sa.Column("customer_id", sa.String(128), nullable=False),
-    sa.Column("order_ts_ns", sa.BigInteger, nullable=False),
-    sa.Column("logged_ns", sa.BigInteger, nullable=False),
-    sa.Column("model_version", sa.String(128), nullable=False),
-    sa.Column("policy", sa.String(16), nullable=False),
-    sa.Column("order_json", sa.Text, nullable=False),     # the order as decided on (for state and training)
-    sa.Column("box_json", sa.Text, nullable=False),       # {slot: [action_id, propensity]}
-    sa.Column("response_json", sa.Text, nullable=False),  # the answer, replayed verbatim on retries
-    sa.Index("ix_decisions_customer", "customer_id", "id"),
-)
-outcomes = sa.Table(
-    "outcomes", _md,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("outcome_key", sa.String(64), nullable=False, unique=True),
-    sa.Column("order_id", sa.String(128), nullable=False, index=True),
-    sa.Column("customer_id", sa.String(128), nullable=False),
-    sa.Column("type", sa.String(16), nullable=False),
-    sa.Column("ts_ns", sa.BigInteger, nullable=False),
-    sa.Column("score", sa.Integer),            # nps
-    sa.Column("value", sa.Float),              # returned: the order's returned value so far
-    sa.Column("action_id", sa.String(128)),    # redeemed: which coupon
-    sa.Column("logged_ns", sa.BigInteger, nullable=False),
-    sa.Index("ix_outcomes_customer", "customer_id", "id"),
-)
-inventory = sa.Table(
-    "inventory", _md,
-    sa.Column("action_id", sa.String(128), primary_key=True),
-    sa.Column("stock", sa.Integer),     # units at the last catalog change (None: unlimited)
-    sa.Column("budget", sa.Float),      # money at the last catalog change (None: unlimited)
-    sa.Column("cost", sa.Float, nullable=False),
-    sa.Column("used", sa.Integer, nullable=False),
-    sa.Column("spent", sa.Float, nullable=False),
-)
-control = sa.Table(
-    "control", _md,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Integer, nullable=False),
-)
-
-_P = sa.bindparam
-_MAX_ID = sa.select(sa.func.max(decisions.c.id)).where(decisions.c.customer_id == _P("cid"),
-                                                       decisions.c.order_ts_ns >= _P("since"))
-_TAKE = (inventory.update()
-         .where(inventory.c.action_id == _P("aid"),
-                sa.or_(inventory.c.stock.is_(None), inventory.c.used < inventory.c.stock),
-                sa.or_(inventory.c.budget.is_(None),
-                       inventory.c.spent + inventory.c.cost <= inventory.c.budget + 1e-9))
-         .values(used=inventory.c.used + 1, spent=inventory.c.spent + inventory.c.cost))
-_EXHAUSTED = sa.select(inventory.c.action_id).where(sa.or_(
-    sa.and_(inventory.c.stock.is_not(None), inventory.c.used >= inventory.c.stock),
-    sa.and_(inventory.c.budget.is_not(None),
-            inventory.c.spent + inventory.c.cost > inventory.c.budget + 1e-9)))
-_REPLAY = sa.select(decisions.c.response_json).where(decisions.c.order_id == _P("oid"))
-_EVENTS = sa.union_all(
-    sa.select(sa.literal(0).label("kind"), decisions.c.id, decisions.c.order_ts_ns.label("ts"),
-              decisions.c.order_json.label("a"), decisions.c.box_json.label("b"),
-              sa.cast(sa.null(), sa.Float).label("x"))
-    .where(decisions.c.customer_id == _P("cid"), decisions.c.id > _P("after_d"),
-           decisions.c.order_ts_ns >= _P("since")),
-    sa.select(sa.literal(1).label("kind"), outcomes.c.id, outcomes.c.ts_ns, outcomes.c.type,
-              outcomes.c.order_id, sa.func.coalesce(outcomes.c.value, outcomes.c.score))
-    .where(outcomes.c.customer_id == _P("cid"), outcomes.c.id > _P("after_o"),
-           outcomes.c.ts_ns >= _P("since"), sa.or_(outcomes.c.type == "nps", outcomes.c.type == "returned")),
-)
-
-
-class LogUnavailable(InsertrecError):
-    """The decision log cannot be read or written: no decision can be made durable, so none is given."""
+__all__ = ["CustomerMoved", "DecisionLog", "Entry", "Event", "LogUnavailable", "OrderConflict", "OutOfStock", "Recorded",
+           "UnknownOrder", "limited_actions"]
 
 
 class UnknownOrder(InsertrecError):
@@ -141,6 +67,16 @@ class OutOfStock(Exception):
     def __init__(self, action_id: str):
         self.action_id = action_id
         super().__init__(action_id)
+
+
+class OrderConflict(InsertrecError):
+    """An ``order_id`` decided before for another customer or with another body: a new order
+    needs a new id, and a retry must repeat the request as it was."""
+
+    def __init__(self, order_id: str, what: str):
+        self.order_id, self.what = order_id, what
+        super().__init__(f"order_id {order_id!r} was decided before with a different {what}; "
+                         "a retry must send the same order, a new order needs a new order_id")
 
 
 class CustomerMoved(Exception):
@@ -181,6 +117,14 @@ class Entry:
     customer_last_id: int = 0
     since_ns: int = -(2**63)
     limited: tuple[str, ...] = ()
+    body_sha256: str | None = None
+
+    @property
+    def in_history(self) -> bool:
+        """Whether the log counts this order in the customer's history (`DecisionLog.events` and the
+        commit's check): orders from the snapshot's end on. An order dated before it (a late import,
+        a time-zone slip) is logged and answered, but the snapshot, not the log, speaks for that time."""
+        return self.order_ts_ns >= self.since_ns
 
 
 @dataclass(frozen=True)
@@ -192,68 +136,21 @@ class Recorded:
     row_id: int | None
 
 
-class _Prepared:
-    """A Core statement compiled once for the log's dialect and run on a raw DBAPI cursor.
+COMMIT_DEADLINES = 4      # a commit (several statements and locks) may take this many deadlines
+SETUP_DEADLINE_S = 30.0   # tables and counters at startup: every worker waits its turn for them
 
-    SQLAlchemy's per-execution machinery costs tens of microseconds per
-    statement, several times the statement itself on SQLite, and a decision
-    runs four or five. Compiling once keeps the SQL portable (the dialect
-    renders it and its parameter style) while the request path pays only the
-    driver.
-    """
-
-    def __init__(self, statement: sa.ClauseElement, dialect: sa.Dialect, column_keys: list[str] | None = None):
-        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
-        self.sql = compiled.string
-        self.defaults = dict(compiled.params)
-        self.order = compiled.positiontup if compiled.positional else None
-
-    def args(self, values: dict[str, Any]) -> tuple | dict[str, Any]:
-        merged = {**self.defaults, **values}
-        return tuple(merged[n] for n in self.order) if self.order is not None else merged
+# The advisory lock key of the log's own setup (an arbitrary constant; a customer whose id hashes
+# to it would only wait for a worker's startup).
+_SCHEMA_LOCK = sa.select(sa.func.pg_advisory_xact_lock(sa.literal_column("7367811519823411")))
 
 
-class _Raw:
-    """A statement the same in every dialect (savepoints)."""
-
-    def __init__(self, sql: str):
-        self.sql = sql
-
-    def args(self, _: dict[str, Any]) -> tuple:
-        return ()
+_T = TypeVar("_T")
 
 
-class _WriterTurn:
-    """Writers of one SQLite file, in any process, take turns: an exclusive ``flock`` held across
-    the write transaction. Other databases queue writers themselves, and an in-memory SQLite has
-    one process: no turn (``database`` None)."""
+class _Run(Protocol):
+    """Runs a statement inside `DecisionLog._transaction` and returns the cursor."""
 
-    def __init__(self, database: str | None):
-        self.path = f"{database}.writer-lock" if database and database != ":memory:" else None
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        if self.path is None:
-            return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *_: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-_INSERT_KEYS = ["decision_id", "order_id", "customer_id", "order_ts_ns", "logged_ns", "model_version", "policy",
-                "order_json", "box_json", "response_json"]
-_OUTCOME_KEYS = ["outcome_key", "order_id", "customer_id", "type", "ts_ns", "score", "value", "action_id",
-                 "logged_ns"]
-_GENERATION = sa.select(control.c.value).where(control.c.key == "model_generation")
+    def __call__(self, statement: Prepared | Raw, /, **params: Any) -> Any: ...
 
 
 class DecisionLog:
@@ -268,45 +165,43 @@ class DecisionLog:
     ----------
     url : SQLAlchemy URL (``INSERTREC_DB_URL``).
     synchronous : SQLite ``PRAGMA synchronous`` (``NORMAL`` or ``FULL``); see the module docstring.
-    busy_timeout_ms : how long a SQLite writer waits for another process's transaction.
+    deadline_ms : how long an operation on the request path may wait for the writer's turn,
+        a lock or a slow statement (SQLite's busy timeout; PostgreSQL's ``lock_timeout`` and
+        ``statement_timeout``) before it fails with LogUnavailable; on a server, a read waits
+        for an answer at most that long and a commit `COMMIT_DEADLINES` times it (see
+        `_within_deadline`). Setting up the tables and counters (`create`, `sync_inventory`)
+        waits up to `SETUP_DEADLINE_S`.
     """
 
-    def __init__(self, url: str, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000):
+    def __init__(self, url: str, synchronous: str = "NORMAL", deadline_ms: int = 50):
         try:
-            self.engine = sa.create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            # PostgreSQL: READ COMMITTED whatever the server's default, as the commit's checks must see
+            # what the transaction they waited for (`_lock`) committed; and the deadline on the server
+            options = {} if url.startswith("sqlite") else {
+                "pool_pre_ping": True, "isolation_level": "READ COMMITTED",
+                "connect_args": {"options": f"-c lock_timeout={int(deadline_ms)} -c statement_timeout={int(deadline_ms)}"}}
+            self.engine = sa.create_engine(url, **options)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
             raise LogUnavailable(f"INSERTREC_DB_URL: cannot use {redacted(url)} ({type(exc).__name__})") from None
         dialect = self.engine.dialect
         self.sqlite = dialect.name == "sqlite"
         if self.sqlite:
-            _sqlite_pragmas(self.engine, synchronous.upper(), busy_timeout_ms)
+            _sqlite_pragmas(self.engine, synchronous.upper(), deadline_ms)
+        self.deadline_ms = deadline_ms
         self._dbapi = dialect.loaded_dbapi
         self._errors = (SQLAlchemyError, self._dbapi.Error)
-        insert = decisions.insert()
-        self._returning = bool(dialect.insert_returning)
-        prepare = lambda st, keys=None: _Prepared(st, dialect, keys)
-        self._q = {
-            "events": prepare(_EVENTS), "max_id": prepare(_MAX_ID), "take": prepare(_TAKE),
-            "exhausted": prepare(_EXHAUSTED), "replay": prepare(_REPLAY),
-            "insert": prepare(insert.returning(decisions.c.id) if self._returning else insert, _INSERT_KEYS),
-            "customer": prepare(sa.select(decisions.c.customer_id).where(decisions.c.order_id == _P("oid"))),
-            "outcome": prepare(outcomes.insert(), _OUTCOME_KEYS),
-            "generation": prepare(_GENERATION),
-            "set_generation": prepare(control.update().where(control.c.key == "model_generation")
-                                      .values(value=_P("value"))),
-            "first_generation": prepare(control.insert(), ["key", "value"]),
-            "ping": prepare(sa.select(sa.literal(1))),
-            "probe": prepare(control.update().where(control.c.key == "write_probe").values(value=_P("value"))),
-            "savepoint": _Raw("SAVEPOINT decision"), "release": _Raw("RELEASE SAVEPOINT decision"),
-            "undo": _Raw("ROLLBACK TO SAVEPOINT decision"),
-            "counters": prepare(sa.select(inventory.c.action_id, inventory.c.stock, inventory.c.used,
-                                          inventory.c.budget, inventory.c.spent)),
-        }
+        self._sql = Statements(dialect)
         self._reader: Any = None
         self._read_cursor: Any = None
         self._writer: Any = None
         self._read_lock, self._write_lock = threading.RLock(), threading.RLock()
-        self._turn = _WriterTurn(self.engine.url.database if self.sqlite else None)
+        self._turn = WriterTurn(self.engine.url.database if self.sqlite else None, deadline_ms / 1000)
+        # a database server can stop answering (stopped, cut off): its calls wait in a thread of their own
+        self._read_worker: ThreadPoolExecutor | None = None
+        self._write_worker: ThreadPoolExecutor | None = None
+        if not self.sqlite:
+            self._read_worker = ThreadPoolExecutor(1, thread_name_prefix="log-read")
+            self._write_worker = ThreadPoolExecutor(1, thread_name_prefix="log-write")
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._write_failed = False   # since the last write failed, until one succeeds (see ping)
@@ -315,9 +210,11 @@ class DecisionLog:
     def create(self) -> None:
         """Create missing tables (safe to run from every worker at once)."""
         try:
-            _md.create_all(self.engine, checkfirst=True)
+            with self._alone() as conn:
+                metadata.create_all(conn, checkfirst=True)
+                _add_missing_columns(conn)
         except SQLAlchemyError as exc:
-            if not _exists(self.engine):  # another worker creating them at the same time is fine
+            if not tables_exist(self.engine):  # another worker creating them at the same time is fine
                 raise LogUnavailable(f"decision log: cannot create tables ({type(exc).__name__})") from None
 
     def start_checkpoints(self, every_seconds: float = 1.0, wal_limit_bytes: int = 64 << 20) -> None:
@@ -332,7 +229,7 @@ class DecisionLog:
         if not self.sqlite or self._checkpointer is not None or self._turn.path is None:
             return
         wal = Path(f"{self.engine.url.database}-wal")
-        turn = _WriterTurn(self.engine.url.database)   # its own descriptor: flock excludes per descriptor
+        turn = WriterTurn(self.engine.url.database)   # its own descriptor: flock excludes per descriptor
 
         def loop() -> None:
             while not self._stop.wait(every_seconds):
@@ -353,11 +250,18 @@ class DecisionLog:
         self._stop.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=5)
-        with self._read_lock, self._write_lock:
-            for conn in (self._reader, self._writer):
-                if conn is not None:
-                    conn.close()
-            self._reader = self._writer = None
+        for worker in (self._read_worker, self._write_worker):
+            if worker is not None:
+                worker.shutdown(wait=False, cancel_futures=True)
+        for lock, attr in ((self._read_lock, "_reader"), (self._write_lock, "_writer")):
+            if lock.acquire(timeout=1.0):  # else a call stuck on a server that stopped answering holds it
+                try:
+                    conn = getattr(self, attr)
+                    if conn is not None:
+                        conn.close()
+                    setattr(self, attr, None)
+                finally:
+                    lock.release()
         self._turn.close()
         self.engine.dispose()
 
@@ -366,64 +270,73 @@ class DecisionLog:
                after_outcome: int = 0) -> list[Event]:
         """The customer's logged orders, NPS answers and returns at or after ``since_ns``,
         newer than the given row ids, in row order: what a snapshot has not seen."""
-        rows = self._fetch("events", {"cid": customer_id, "since": since_ns, "after_d": after_decision,
-                                      "after_o": after_outcome})
-        out = []
-        for kind, row_id, ts, a, b, x in sorted(rows, key=lambda r: (r[0], r[1])):
-            if kind == 0:
-                box = orjson.loads(b)
-                out.append(Event("order", row_id, ts, order=orjson.loads(a),
-                                 actions={s: v[0] for s, v in box.items()}))
-            else:
-                out.append(Event(a, row_id, ts, order_id=b, value=x))
-        return out
+        rows = self._fetch(self._sql.events, {"cid": customer_id, "since": since_ns, "after_d": after_decision,
+                                              "after_o": after_outcome})
+        return [_event(row) for row in sorted(map(EventRow._make, rows), key=lambda r: (r.kind, r.row_id))]
 
     def exhausted(self) -> set[str]:
         """Actions whose stock or budget is used up."""
-        return {r[0] for r in self._fetch("exhausted", {})}
+        return {action_id for action_id, in self._fetch(self._sql.exhausted, {})}
 
     def replay(self, order_id: str) -> str | None:
         """The stored response for an order already decided."""
-        rows = self._fetch("replay", {"oid": order_id})
+        rows = self._fetch(self._sql.replay, {"oid": order_id})
         return rows[0][0] if rows else None
 
-    def record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock]:
+    def record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock | OrderConflict]:
+        return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms,
+                                     lambda: self._record_many(entries))
+
+    def _record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock | OrderConflict]:
         """Commit decisions in one transaction; per entry, what became of it.
 
         An entry fails alone, leaving nothing written: CustomerMoved if the
         customer has a decision newer than ``customer_last_id`` (an earlier
         entry of the same group counts), OutOfStock if one of its ``limited``
         actions ran out. An order decided before gives its stored response
-        (``row_id`` None). Raises LogUnavailable, for all, if the log fails.
+        (``row_id`` None), or OrderConflict if the customer or the body differs.
+        Raises LogUnavailable, for all, if the log fails.
         """
-        out: list[Recorded | CustomerMoved | OutOfStock] = []
+        out: list[Recorded | CustomerMoved | OutOfStock | OrderConflict] = []
         try:
             with self._transaction() as run:
+                self._lock(run, entries)
                 for entry in entries:
-                    run("savepoint", {})
+                    run(self._sql.savepoint)
                     try:
                         out.append(self._record(run, entry))
-                        run("release", {})
+                        run(self._sql.release)
                     except (CustomerMoved, OutOfStock) as failed:
-                        run("undo", {})
+                        run(self._sql.undo)
                         out.append(failed)
                     except self._dbapi.IntegrityError:
-                        run("undo", {})
-                        stored = run("replay", {"oid": entry.order_id}).fetchone()
-                        # no stored order: a decision_id (uuid4) collision; deciding again draws a new one
-                        out.append(Recorded(stored[0], None) if stored else CustomerMoved())
+                        run(self._sql.undo)
+                        out.append(_retried(entry, run(self._sql.stored, oid=entry.order_id).fetchone()))
             return out
         except self._errors as exc:
             raise self._failed("write", exc) from None
 
-    def _record(self, run: Callable[[str, dict[str, Any]], Any], entry: Entry) -> Recorded:
-        last = run("max_id", {"cid": entry.customer_id, "since": entry.since_ns}).fetchone()[0] or 0
+    def _lock(self, run: _Run, entries: Sequence[Entry]) -> None:
+        """Lock what the group will check and move, in one order every worker follows (customers,
+        then counters, each sorted): concurrent groups then wait for each other instead of
+        deadlocking, and no other transaction extends a customer's history between the check
+        and the commit. Under READ COMMITTED each later statement sees what the waited-for
+        transaction committed. SQLite's BEGIN IMMEDIATE already holds the whole database."""
+        if self._sql.lock_customer is not None:
+            for customer_id in sorted({entry.customer_id for entry in entries}):
+                run(self._sql.lock_customer, cid=customer_id)
+        if self._sql.lock_counter is not None:
+            for action_id in sorted({action_id for entry in entries for action_id in entry.limited}):
+                run(self._sql.lock_counter, aid=action_id)
+
+    def _record(self, run: _Run, entry: Entry) -> Recorded:
+        last = run(self._sql.last_decision, cid=entry.customer_id, since=entry.since_ns).fetchone()[0] or 0
         if last != entry.customer_last_id:
             raise CustomerMoved()
-        cursor = run("insert", _row(entry))
-        row_id = cursor.fetchone()[0] if self._returning else cursor.lastrowid
+        cursor = run(self._sql.insert_decision, **_row(entry))
+        row_id = cursor.fetchone()[0] if self._sql.returning else cursor.lastrowid
         for action_id in entry.limited:
-            if run("take", {"aid": action_id}).rowcount != 1:
+            if run(self._sql.take, aid=action_id).rowcount != 1:
                 raise OutOfStock(action_id)
         return Recorded(entry.response_json, int(row_id))
 
@@ -432,14 +345,19 @@ class DecisionLog:
                        score: int | None = None, value: float | None = None,
                        action_id: str | None = None) -> bool:
         """Store an outcome of a decided order; False if the same outcome was stored before."""
-        rows = self._fetch("customer", {"oid": order_id})
+        rows = self._fetch(self._sql.customer_of, {"oid": order_id})
         if not rows:
             raise UnknownOrder(f"order_id {order_id!r}: no decision was logged for this order")
+        (customer_id,), = rows
+        row = {"outcome_key": key, "order_id": order_id, "customer_id": customer_id, "type": type, "ts_ns": ts_ns,
+               "score": score, "value": value, "action_id": action_id, "logged_ns": time.time_ns()}
+        return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms,
+                                     lambda: self._insert_outcome(row))
+
+    def _insert_outcome(self, row: dict[str, Any]) -> bool:
         try:
             with self._transaction() as run:
-                run("outcome", {"outcome_key": key, "order_id": order_id, "customer_id": rows[0][0],
-                                "type": type, "ts_ns": ts_ns, "score": score, "value": value,
-                                "action_id": action_id, "logged_ns": time.time_ns()})
+                run(self._sql.insert_outcome, **row)
             return True
         except self._dbapi.IntegrityError:
             return False
@@ -457,11 +375,8 @@ class DecisionLog:
         """
         wanted = limited_actions(catalog)
         try:  # rare, and in the model-loading thread: its own connection, through SQLAlchemy
-            with self.engine.connect() as conn:
-                if self.sqlite:
-                    conn.execution_options(insertrec_writer=True)
-                with conn.begin():
-                    self._sync(conn, wanted)
+            with self._alone() as conn:
+                self._sync(conn, wanted)
         except SQLAlchemyError as exc:
             raise LogUnavailable(f"decision log: cannot update stock counters ({type(exc).__name__})") from None
 
@@ -481,23 +396,27 @@ class DecisionLog:
 
     def counters(self) -> dict[str, dict[str, Any]]:
         """Stock and budget use per limited action (for operators and tests)."""
-        return {a: {"stock": stock, "used": used, "budget": budget, "spent": spent}
-                for a, stock, used, budget, spent in self._fetch("counters", {})}
+        rows = map(CounterRow._make, self._fetch(self._sql.counters, {}))
+        return {r.action_id: {"stock": r.stock, "used": r.used, "budget": r.budget, "spent": r.spent} for r in rows}
 
     def generation(self) -> int:
         """The model generation every worker should serve (bumped by a reload request)."""
-        rows = self._fetch("generation", {})
+        rows = self._fetch(self._sql.generation, {})
         return int(rows[0][0]) if rows else 0
 
     def bump_generation(self) -> int:
+        return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms, self._bump_generation)
+
+    def _bump_generation(self) -> int:
         try:
             with self._transaction() as run:
-                row = run("generation", {}).fetchone()
+                row = run(self._sql.generation).fetchone()
                 if row is None:
-                    run("first_generation", {"key": "model_generation", "value": 1})
+                    run(self._sql.first_generation)
                     return 1
-                run("set_generation", {"value": int(row[0]) + 1})
-                return int(row[0]) + 1
+                generation = int(row[0]) + 1
+                run(self._sql.set_generation, value=generation)
+                return generation
         except self._errors as exc:
             raise self._failed("write", exc) from None
 
@@ -510,33 +429,56 @@ class DecisionLog:
         one-row update) so that readiness comes back without waiting for a
         decision, which would not come while the service is not ready.
         """
-        self._fetch("ping", {})
-        if not self._write_failed:
-            return
+        self._fetch(self._sql.ping, {})
+        if self._write_failed:
+            self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms, self._probe_write)
+
+    def _probe_write(self) -> None:
         try:
             with self._transaction() as run:
-                if run("probe", {"value": int(time.time())}).rowcount == 0:
-                    run("first_generation", {"key": "write_probe", "value": int(time.time())})
+                if run(self._sql.probe_write, value=int(time.time())).rowcount == 0:
+                    run(self._sql.first_probe_write, value=int(time.time()))
         except self._errors as exc:
             raise self._failed("write", exc) from None
 
     # -- plumbing ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Callable[[str, dict[str, Any]], Any]]:
-        """One write transaction on the writer: ``run(name, params)`` executes a prepared statement.
+    def _alone(self) -> Iterator[sa.Connection]:
+        """A rare write through SQLAlchemy (tables, counters) that no other worker's runs beside:
+        SQLite's BEGIN IMMEDIATE, PostgreSQL's transaction-scoped advisory lock. Workers starting
+        together on a fresh database create the tables and insert the counters one after another
+        instead of colliding on them, and a counter is reset at most once per catalog change."""
+        with self.engine.connect() as conn:
+            setup_ms = int(SETUP_DEADLINE_S * 1000)
+            if self.sqlite:
+                _busy_timeout(conn, setup_ms)
+                conn.execution_options(insertrec_writer=True)
+            try:
+                with conn.begin():
+                    if self.engine.dialect.name == "postgresql":
+                        for name in ("lock_timeout", "statement_timeout"):
+                            conn.exec_driver_sql(f"SET LOCAL {name} = {setup_ms}")
+                        conn.execute(_SCHEMA_LOCK)
+                    yield conn
+            finally:
+                if self.sqlite:
+                    _busy_timeout(conn, self.deadline_ms)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[_Run]:
+        """One write transaction on the writer: ``run(statement, **params)`` executes a prepared statement.
         SQLite's starts with BEGIN IMMEDIATE: the write lock first, so what is read inside holds."""
         with self._write_lock:
             if self._writer is None:
                 self._writer = self.engine.raw_connection()
             conn = self._writer
-            cursor = conn.cursor()
-
-            def run(name: str, params: dict[str, Any]) -> Any:
-                q = self._q[name]
-                cursor.execute(q.sql, q.args(params))
-                return cursor
-
             with self._turn:
+                cursor = conn.cursor()
+
+                def run(statement: Prepared | Raw, /, **params: Any) -> Any:
+                    cursor.execute(statement.sql, statement.args(params))
+                    return cursor
+
                 try:
                     if self.sqlite:
                         cursor.execute("BEGIN IMMEDIATE")
@@ -550,14 +492,34 @@ class DecisionLog:
                 finally:
                     cursor.close()
 
-    def _fetch(self, name: str, params: dict[str, Any]) -> list[tuple]:
+    def _within_deadline(self, worker: ThreadPoolExecutor | None, deadline_ms: float, call: Callable[[], _T]) -> _T:
+        """``call()``, given up with LogUnavailable after ``deadline_ms`` when the log is a server.
+
+        A server that stops answering (stopped, cut off by the network) is not
+        bounded by its own timeouts, and a blocked call would hold the worker's
+        event loop, /healthz included. The call goes on in its thread and ends
+        when the server answers or the connection breaks; calls queued behind
+        it time out too, and are dropped before they start.
+        """
+        if worker is None:
+            return call()
+        future = worker.submit(call)
+        try:
+            return future.result(timeout=deadline_ms / 1000)
+        except FutureTimeout:
+            future.cancel()
+            raise LogUnavailable(f"decision log: no answer within the deadline ({deadline_ms:.0f} ms)") from None
+
+    def _fetch(self, statement: Prepared, params: dict[str, Any]) -> list[tuple]:
+        return self._within_deadline(self._read_worker, self.deadline_ms, lambda: self._fetch_now(statement, params))
+
+    def _fetch_now(self, statement: Prepared, params: dict[str, Any]) -> list[tuple]:
         with self._read_lock:
             try:
                 if self._reader is None:
                     self._reader = self.engine.raw_connection()
                     self._read_cursor = self._reader.driver_connection.cursor()  # one cursor, reused: reads are hot
-                q = self._q[name]
-                self._read_cursor.execute(q.sql, q.args(params))
+                self._read_cursor.execute(statement.sql, statement.args(params))
                 rows = self._read_cursor.fetchall()
                 self._reader.driver_connection.rollback()  # end the read snapshot: see other workers' commits
                 return rows
@@ -584,22 +546,42 @@ def limited_actions(catalog: Catalog) -> dict[str, Action]:
             if not a.default and (a.stock is not None or a.budget is not None)}
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        return repr(sa.engine.make_url(url).render_as_string(hide_password=True))
-    except (sa.exc.ArgumentError, ValueError):
-        return "(an unparseable URL)"
+def _retried(entry: Entry, stored: tuple | None) -> Recorded | CustomerMoved | OrderConflict:
+    """What a second decision of an order gets: the stored answer if it is the same request."""
+    if stored is None:  # not a stored order: a decision_id (uuid4) collision; deciding again draws a new one
+        return CustomerMoved()
+    row = StoredRow._make(stored)
+    if row.customer_id != entry.customer_id:
+        return OrderConflict(entry.order_id, "customer_id")
+    if None not in (row.body_sha256, entry.body_sha256) and row.body_sha256 != entry.body_sha256:
+        return OrderConflict(entry.order_id, "body")
+    return Recorded(row.response_json, None)
+
+
+def _event(row: EventRow) -> Event:
+    if row.kind == 0:
+        box = orjson.loads(cast(str, row.box_json))
+        return Event("order", row.row_id, row.ts_ns, order=orjson.loads(cast(str, row.order_json)),
+                     actions={slot: action_id for slot, (action_id, _) in box.items()})
+    return Event(cast(str, row.outcome_type), row.row_id, row.ts_ns, order_id=row.order_id, value=row.value)
+
+
+def _busy_timeout(conn: sa.Connection, ms: float) -> None:
+    """SQLite's busy timeout, set on the driver's connection (through SQLAlchemy it would begin a transaction)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None  # an open connection
+    driver.execute(f"PRAGMA busy_timeout={int(ms)}")
 
 
 def _row(entry: Entry) -> dict[str, Any]:
     return {"decision_id": entry.decision_id, "order_id": entry.order_id, "customer_id": entry.customer_id,
             "order_ts_ns": entry.order_ts_ns, "logged_ns": time.time_ns(),
             "model_version": entry.model_version, "policy": entry.policy, "order_json": entry.order_json,
-            "box_json": orjson.dumps(entry.box).decode(), "response_json": entry.response_json}
+            "box_json": orjson.dumps(entry.box).decode(), "response_json": entry.response_json,
+            "body_sha256": entry.body_sha256}
 
 
-def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -> None:
+def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: float) -> None:
     @sa.event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         # The driver must not open transactions by itself: the writer opens them
@@ -618,98 +600,10 @@ def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _exists(engine: sa.Engine) -> bool:
-    try:
-        return set(_md.tables) <= set(sa.inspect(engine).get_table_names())
-    except SQLAlchemyError:
-        return False
-
-
-# -- reading the log back for training ------------------------------------------------
-
-def read_logged(url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The log as input tables: (orders, exposures, nps), with the dtypes of `insertrec.data`.
-
-    ``orders`` are the decided orders with the returned value last reported
-    for each; ``exposures`` one row per order and slot with the propensity the
-    serving policy logged (``reward`` NaN: derived by training); ``nps`` the
-    answers posted as outcomes.
-    """
-    log = DecisionLog(url)
-    try:
-        with log.engine.connect() as conn:
-            if not _exists(log.engine):
-                raise LogUnavailable(f"{redacted(url)}: not an insertrec decision log")
-            d = pd.read_sql(sa.select(decisions.c.order_id, decisions.c.order_json, decisions.c.box_json)
-                            .order_by(decisions.c.id), conn)
-            o = pd.read_sql(sa.select(outcomes.c.order_id, outcomes.c.customer_id, outcomes.c.type,
-                                      outcomes.c.ts_ns, outcomes.c.score, outcomes.c.value)
-                            .where(outcomes.c.type.in_(("nps", "returned")))
-                            .order_by(outcomes.c.ts_ns, outcomes.c.id), conn)
-    except SQLAlchemyError as exc:
-        raise LogUnavailable(f"decision log {redacted(url)}: cannot read ({type(exc).__name__})") from None
-    finally:
-        log.close()
-    return _orders_frame(d, o, f"decision log {redacted(url)}"), _exposures_frame(d), _nps_frame(o)
-
-
-def merge_logged(data: Dataset, url: str) -> Dataset:
-    """``data`` plus what the service decided: logged orders the shop's export lacks, and the
-    logged exposures (with their propensities) in place of the export's for the same orders."""
-    orders, exposures, nps = read_logged(url)
-    new_orders = orders[~orders["order_id"].isin(data.orders["order_id"])]
-    merged_orders = (pd.concat([data.orders, new_orders], ignore_index=True)
-                     .sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True))
-    _refuse_bad_context(merged_orders.columns, f"{data.source or 'the data'} with decision log {redacted(url)}")
-    kept = data.exposures[~data.exposures["order_id"].isin(exposures["order_id"])]
-    merged_nps = pd.concat([data.nps, nps], ignore_index=True).drop_duplicates(ignore_index=True)
-    return replace(data, orders=merged_orders,
-                   exposures=pd.concat([kept, exposures], ignore_index=True).astype(EXPOSURE_DTYPES),
-                   nps=merged_nps.astype(NPS_DTYPES))
-
-
-def _refuse_bad_context(columns: Iterable[str], source: str) -> None:
-    """Logged ctx_* fields obey the orders file's bounds, or training is refused (none is dropped)."""
-    problems = context_problems(columns)
-    if problems:
-        raise DataError([Problem(source, None, name, reason) for name, reason in problems])
-
-
-def _orders_frame(d: pd.DataFrame, o: pd.DataFrame, source: str) -> pd.DataFrame:
-    records = [json.loads(s) for s in d["order_json"]]
-    ctx_names: set[str] = set()
-    for record in records:   # checked before a frame is built: its columns are the union of all names
-        ctx_names.update(k for k in record if k.startswith("ctx_"))
-        if len(ctx_names) > MAX_CTX_FIELDS:
-            break
-    _refuse_bad_context(sorted(ctx_names), source)
-    raw = pd.DataFrame(records, columns=None)
-    if raw.empty:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in ORDER_DTYPES.items()})
-    returned = o[o["type"] == "returned"].groupby("order_id")["value"].last()
-    defaults = {"n_items": 1.0, "channel": "unknown", "categories": "", "is_gift": False,
-                "returned_value": 0.0, "region": "unknown"}
-    for column, default in defaults.items():
-        raw[column] = raw[column].fillna(default) if column in raw else default
-    raw["returned_value"] = raw["order_id"].map(returned).fillna(raw["returned_value"]).astype(float)
-    raw["order_ts"] = pd.to_datetime(raw["order_ts"], utc=True, format="ISO8601")
-    ctx = sorted(c for c in raw.columns if c.startswith("ctx_"))
-    out = raw[list(ORDER_DTYPES) + ctx].astype(ORDER_DTYPES)
-    return out.sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
-
-
-def _exposures_frame(d: pd.DataFrame) -> pd.DataFrame:
-    rows: Iterable[tuple[str, str, str, float]] = (
-        (order_id, slot, action_id, propensity)
-        for order_id, box in zip(d["order_id"], d["box_json"])
-        for slot, (action_id, propensity) in json.loads(box).items())
-    out = pd.DataFrame(list(rows), columns=["order_id", "slot", "action_id", "propensity"])
-    out["reward"] = np.nan
-    return out.astype(EXPOSURE_DTYPES)
-
-
-def _nps_frame(o: pd.DataFrame) -> pd.DataFrame:
-    nps = o[o["type"] == "nps"]
-    return pd.DataFrame({"customer_id": nps["customer_id"].astype(str),
-                         "response_ts": pd.to_datetime(nps["ts_ns"].astype("int64"), unit="ns", utc=True),
-                         "score": nps["score"].astype("int64")}).reset_index(drop=True).astype(NPS_DTYPES)
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Columns added to the log after it was first created (nullable, so old rows stay valid)."""
+    have = {column["name"] for column in sa.inspect(conn).get_columns(decisions.name)}
+    for column in decisions.columns:
+        if column.name not in have:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {decisions.name} ADD COLUMN {column.name} {kind}")

@@ -9,9 +9,11 @@ surface as a 500 further in.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -111,6 +113,11 @@ class OrderIn(BaseModel):
             raise PydanticCustomError("context_field", "{reason}", {"field": name, "reason": reason})
         return self
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the order as validated, keys sorted: the same for a retry of the request
+        (whatever its key order or spacing), different for another order under the same id."""
+        return hashlib.sha256(orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
     def record(self, now: datetime) -> dict[str, Any]:
         """The order as the engine and the decision log take it: `orders` columns, ctx_* included."""
         out: dict[str, Any] = {"order_id": self.order_id, "customer_id": self.customer_id,
@@ -134,7 +141,7 @@ class BatchIn(BaseModel):
 
 
 class _BatchEnvelope(BaseModel):
-    orders: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
+    orders: Annotated[list[Any], Field(min_length=1, max_length=MAX_BATCH)]
 
 
 class Alternative(BaseModel):
@@ -264,9 +271,9 @@ def first_error(err: ValidationError, prefix: tuple[str | int, ...] = (), tagged
     return ErrorDetail(field=".".join(str(p) for p in prefix + tuple(loc)) or None, reason=reason)
 
 
-def parse_batch(body: bytes) -> list[dict[str, Any]]:
-    """The batch's order objects, unvalidated: each is validated alone so one bad order
-    does not refuse the other 999."""
+def parse_batch(body: bytes) -> list[Any]:
+    """The batch's orders, unvalidated: each is validated alone so one bad order (even one
+    that is not an object) does not refuse the other 999."""
     return _BatchEnvelope.model_validate_json(body).orders
 
 

@@ -33,16 +33,18 @@ import orjson
 
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock, Recorded
+from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock
 from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
+from insertrec.serving.writers import GroupCommit
 
-__all__ = ["DecisionService", "GroupCommit"]
+__all__ = ["DecisionService"]
 
 _log = logging.getLogger("insertrec.serving")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_ATTEMPTS = 8          # each retry learns one more exhausted action or one newer order
+_MAX_ATTEMPTS = 24  # each retry learns one more exhausted action or one newer order; two workers deciding
+#                    one customer's orders at once each lose a round with odds 1/2, so 8 rounds starved 3 in 800
 _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may be (commits re-check)
 
 
@@ -107,7 +109,7 @@ class DecisionService:
                           decision.policy, orjson.dumps(record).decode(),
                           {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
                           known.last_decision, loaded.as_of_ns,
-                          tuple(a for a in actions.values() if a in loaded.limited))
+                          tuple(a for a in actions.values() if a in loaded.limited), order.fingerprint())
             outcome = await self.commits.submit(entry)
             if isinstance(outcome, OutOfStock):
                 unavailable.add(outcome.action_id)
@@ -120,8 +122,9 @@ class DecisionService:
             watch.lap("logging")
             if outcome.row_id is None:
                 return outcome.response_json, True
-            known.state.add_order(record, actions)
-            known.last_decision = outcome.row_id
+            if entry.in_history:  # as another worker would read it back from the log
+                known.state.add_order(record, actions)
+                known.last_decision = outcome.row_id
             self.metrics.decisions.labels(decision.policy).inc()
             _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
                                           "order_id": order.order_id, "customer_id": order.customer_id,
@@ -188,44 +191,6 @@ class DecisionService:
             self._exhausted = self.log.exhausted()
             self._exhausted_at = now
         return set(self._exhausted)
-
-
-class GroupCommit:
-    """Commits the decisions submitted in one turn of the event loop together.
-
-    The first submission schedules the commit with ``call_soon``: it runs
-    once every request that was ready in this turn has chosen its box and
-    submitted too. Each waits for its own result; nothing is answered
-    before its commit. A request whose client went away is still committed
-    (a retry gets the stored answer).
-    """
-
-    def __init__(self, log: DecisionLog, metrics: Metrics):
-        self.log, self.metrics = log, metrics
-        self._pending: list[tuple[Entry, asyncio.Future]] = []
-
-    async def submit(self, entry: Entry) -> Recorded | CustomerMoved | OutOfStock:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._commit)
-        self._pending.append((entry, future))
-        return await future
-
-    def _commit(self) -> None:
-        group, self._pending = self._pending, []
-        self.metrics.commit_group.observe(len(group))
-        try:
-            results: list = self.log.record_many([entry for entry, _ in group])
-        except LogUnavailable as exc:
-            results = [exc] * len(group)
-        for (_, future), result in zip(group, results):
-            if future.done():  # cancelled: the client went away
-                continue
-            if isinstance(result, LogUnavailable):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
 
 
 def _with_fresher_nps(state: CustomerState, order: OrderIn, record: dict) -> CustomerState:

@@ -36,12 +36,17 @@ class Settings:
     SIGKILL of the server; only a power loss or kernel crash can lose the last
     transactions. ``FULL`` survives those too, at the price of an fsync per
     decision.
+
+    ``db_deadline_ms`` bounds every wait of a request on the decision log: the
+    writer's turn, a lock, a slow statement. Past it the request is a 503 (retry)
+    instead of a worker that hangs with the database.
     """
 
     model: str | None = None
     catalog: str | None = None            # the rules to fall back on when the model cannot load
     db_url: str = "sqlite:///insertrec-decisions.db"
     db_synchronous: str = "NORMAL"
+    db_deadline_ms: int = 50              # longest wait of a database operation on the request path
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1

@@ -36,7 +36,7 @@ class _Node:
     def _child(self, key: str | int) -> str:
         return f"{self.path}[{key}]" if isinstance(key, int) else (f"{self.path}.{key}" if self.path else key)
 
-    def _mapping(self) -> dict:
+    def _mapping(self) -> dict[str, Any]:
         if not isinstance(self.value, dict):
             self.fail("expected a mapping")
         return self.value
