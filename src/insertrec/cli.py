@@ -20,6 +20,8 @@ from insertrec.errors import CatalogError, DataError, InsertrecError
 
 if TYPE_CHECKING:   # imported when a subcommand runs (see above)
     from insertrec.data import Dataset
+    from insertrec.engine import Engine
+    from insertrec.world import World
 
 __all__ = ["build_parser", "main"]
 
@@ -134,7 +136,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     _print_json_or_table(metrics, args.json)
 
 
-def _closed_loop(engine, world, args: argparse.Namespace) -> None:
+def _closed_loop(engine: Engine, world: World, args: argparse.Namespace) -> None:
     """`simulate --rounds K`: retrained as MODEL was (its settings), on a fresh history of the world."""
     from dataclasses import fields
 
@@ -146,7 +148,7 @@ def _closed_loop(engine, world, args: argparse.Namespace) -> None:
     columns = ("round", "orders", "value_deployed", "value_oracle", "value_control", "uplift_capture",
                "regret", "cumulative_regret")
 
-    def show(row: dict) -> None:
+    def show(row: dict[str, float]) -> None:
         if not args.json:
             print("  ".join(f"{row[c]:>{len(c)}.0f}" if c in ("round", "orders") else f"{row[c]:>{len(c)}.3f}"
                             for c in columns), flush=True)
