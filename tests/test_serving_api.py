@@ -214,15 +214,29 @@ def test_metrics_break_requests_down_by_stage(client):
 
 
 def test_errors_do_not_leak_internals(client, tmp_path):
+    """A log that cannot be written (as a full disk) is answered from the rules and spooled, and
+    /readyz says degraded, still 200; a worker that cannot spool either is 503, and neither
+    names files or error types without an admin key."""
     client.app.state.service.log.close()
     (tmp_path / "log.db").unlink()
     (tmp_path / "log.db").mkdir()  # the log's file is now a directory: every write fails
     r = decide(client, order(1))
+    assert r.status_code == 200 and r.json()["policy"] == "fallback"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    assert ready.json()["reason"].startswith("the decision log cannot be reached; answering from the catalog's rules")
+    assert "1 spooled decisions" in ready.json()["reason"] and "Error" not in ready.json()["reason"]
+    assert "Error" in client.get("/readyz", headers=auth(ADMIN)).json()["reason"]  # the type, for an admin
+    spool = client.app.state.service.spool
+    spool.close()
+    spool.directory = tmp_path / "not-a-directory"
+    spool.directory.write_text("")   # the spool cannot be written either
+    r = decide(client, order(2))
     assert r.status_code == 503 and r.json() == {"error": {"field": None, "reason":
                                                            "decisions cannot be recorded right now; retry shortly"}}
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.json()["reason"] == "the decision log cannot be reached"
-    assert "Error" in client.get("/readyz", headers=auth(ADMIN)).json()["reason"]  # the type, for an admin
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+    assert ready.json()["reason"] == "neither the decision log nor the spool can be written"
 
 
 def test_settings_come_from_file_then_env_then_flags(tmp_path):

@@ -55,6 +55,13 @@ class Loaded:
         return frozenset(limited_actions(self.fallback.catalog))
 
     @cached_property
+    def counted(self) -> frozenset[str]:
+        """Actions a counter or the customer's history limits (stock, budget, contact cap), never a
+        slot's default: what a decision made without the log (spooled) may not give."""
+        return self.limited | {a.id for slot in self.fallback.catalog.slots.values() for a in slot.actions
+                               if a.cap is not None and not a.default}
+
+    @cached_property
     def segment_sizes(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for name in (self.engine.segments if self.engine is not None else {}).values():

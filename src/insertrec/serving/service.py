@@ -8,6 +8,15 @@ budget) and commits. If something changed, the decision is redone with the
 news (an exhausted action made unavailable, the customer's new order folded
 in); nothing is ever half-written.
 
+When the log cannot be reached or misses its deadline, the order is answered
+anyway, from the catalog's rules with only the actions nothing counts (no
+stock, budget or contact cap: those counters cannot be checked), labelled
+``fallback``, and the decision is written to the worker's spool (fsynced)
+before the answer leaves. Until the spool is replayed into the log
+(`DecisionService.replay_spool`) the worker does not ask the log again, so
+the outage costs each order no deadline and no spooled decision is overtaken
+by a logged one of the same order.
+
 Decisions are committed in groups (`GroupCommit`): a request, its box
 chosen, waits for the commit of every decision made in the same turn of the
 event loop, and is answered after it. Under load a worker's requests share
@@ -34,10 +43,21 @@ import orjson
 
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock
+from insertrec.serving.decisionlog import (
+    CustomerMoved,
+    DecisionLog,
+    Entry,
+    LogUnavailable,
+    OrderConflict,
+    OutOfStock,
+    Recorded,
+    retried,
+)
 from insertrec.serving.hotswap import EngineSlot, Loaded
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
+from insertrec.serving.spool import Spool
+from insertrec.serving.statements import StoredRow
 from insertrec.serving.writers import GroupCommit
 
 __all__ = ["DecisionService"]
@@ -47,6 +67,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_ATTEMPTS = 24  # each retry learns one more exhausted action or one newer order; two workers deciding
 #                    one customer's orders at once each lose a round with odds 1/2, so 8 rounds starved 3 in 800
 _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may be (commits re-check)
+_REPLAY_BATCH = 256        # spooled decisions per replay transaction
 
 
 @dataclass
@@ -67,13 +88,16 @@ class DecisionService:
     slot : the worker's engines (hot-swappable).
     log : the decision log.
     metrics : where stage timings, decisions and fallbacks are counted.
+    spool : where decisions go while the log is unavailable.
     cache_size : customers whose folded state is kept between requests; the
         log is still asked for anything newer on every request, so the cache
         saves work, never correctness.
     """
 
-    def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
-        self.slot, self.log, self.metrics = slot, log, metrics
+    def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, spool: Spool,
+                 cache_size: int = 4096):
+        self.slot, self.log, self.metrics, self.spool = slot, log, metrics, spool
+        self.log_down: str | None = None   # why the log failed; set until the spool is replayed
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -88,18 +112,25 @@ class DecisionService:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
-        unavailable = self._exhausted_now() & loaded.limited
         async with self._one_at_a_time(order.customer_id):
-            return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+            spooled = self.spool.get(order.order_id)
+            if spooled is not None:
+                return _repeated(spooled, order)
+            if self.log_down is None:
+                try:
+                    unavailable = self._exhausted_now() & loaded.limited
+                    return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+                except LogUnavailable as exc:
+                    self.log_down = str(exc)
+                    _log.error("decision log unavailable; spooling decisions", extra={
+                        "event": "log_unavailable", "reason": str(exc)})
+            return self._spool(loaded, order, record, ts_ns, watch)
 
     async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
                       watch: Stopwatch) -> tuple[str, bool]:
         for _ in range(_MAX_ATTEMPTS):
             known = self._state(loaded, order.customer_id)
-            state = known.state
-            if order.nps_score is not None:  # the caller's fresher answer, known just before this order
-                state = copy.copy(state)
-                state.add_nps(order.nps_score, datetime.fromisoformat(record["order_ts"]) - timedelta(microseconds=1))
+            state = _with_nps(known.state, order, record)
             watch.lap("features")
             decision, decision_id, text = self._score(loaded, record, state, frozenset(unavailable))
             watch.lap("scoring")
@@ -130,6 +161,57 @@ class DecisionService:
                                           "policy": decision.policy, "model_version": decision.model_version})
             return outcome.response_json, False
         raise LogUnavailable(f"order_id {order.order_id!r}: too many concurrent changes to commit; retry")
+
+    def _spool(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, watch: Stopwatch) -> tuple[str, bool]:
+        """Decide without the log: the rules, on what this worker knows of the customer (its cache, else
+        the snapshot), with no counted action; spooled durably before it is answered."""
+        known = self._known.get(order.customer_id)
+        state = known.state if known is not None and known.loaded is loaded else \
+            (loaded.engine or loaded.fallback).state(order.customer_id)
+        state = _with_nps(state, order, record)
+        watch.lap("features")
+        decision, decision_id, text = self._rules(loaded, record, state, loaded.counted)
+        watch.lap("scoring")
+        self.spool.append(Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
+                                decision.policy, orjson.dumps(record).decode(),
+                                {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
+                                None, loaded.as_of_ns, (), order.fingerprint()))
+        watch.lap("logging")
+        self.metrics.spooled.inc()
+        self.metrics.spool_depth.set(len(self.spool))
+        self.metrics.decisions.labels(decision.policy).inc()
+        return text, False
+
+    async def replay_spool(self) -> int:
+        """Move spooled decisions (this worker's, and those of workers that died) into the log, in
+        the order they were made, and return how many were stored. Idempotent: an order already in
+        the log stores nothing. The log is used again for new decisions once everything is in and
+        it answers; until then, on LogUnavailable, the rest stays spooled for the next round."""
+        stored = 0
+        try:
+            for segment in self.spool.to_replay():
+                while segment.replayed < len(segment.entries):
+                    batch = segment.entries[segment.replayed:segment.replayed + _REPLAY_BATCH]
+                    for entry, result in zip(batch, self.log.record_many(batch)):
+                        if isinstance(result, Recorded) and result.row_id is not None:
+                            stored += 1
+                        elif isinstance(result, OrderConflict):
+                            _log.warning("a spooled decision's order_id was decided before for another "
+                                         "order; the log keeps that one", extra={
+                                             "event": "spool_conflict", "order_id": entry.order_id})
+                    segment.replayed += len(batch)
+                    self.metrics.spool_replayed.inc(len(batch))
+                    await asyncio.sleep(0)   # let requests in between batches
+                self.spool.replayed(segment)
+            if self.log_down is not None and not len(self.spool):
+                self.log.ping()
+                self.log_down = None
+                _log.warning("decision log back; spool replayed", extra={"event": "log_back"})
+        except LogUnavailable as exc:
+            self.log_down = self.log_down or str(exc)
+        finally:
+            self.metrics.spool_depth.set(len(self.spool))
+        return stored
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, customer_id: str) -> AsyncIterator[None]:
@@ -196,6 +278,10 @@ class DecisionService:
                 _log.error("model failed; answering from the rules", extra={
                     "event": "model_failed", "order_id": record["order_id"], "error_type": type(exc).__name__,
                     "model_version": loaded.version})
+        return self._rules(loaded, record, state, unavailable)
+
+    def _rules(self, loaded: Loaded, record: dict, state: CustomerState,
+               unavailable: frozenset[str]) -> tuple[Decision, str, str]:
         self.metrics.fallbacks.inc()
         decision = replace(loaded.fallback.decide(record, state, unavailable), policy="fallback")
         return (decision, *_body(decision))
@@ -206,6 +292,24 @@ class DecisionService:
             self._exhausted = self.log.exhausted()
             self._exhausted_at = now
         return set(self._exhausted)
+
+
+def _with_nps(state: CustomerState, order: OrderIn, record: dict) -> CustomerState:
+    """The state with the caller's fresher NPS answer, known just before this order (a copy)."""
+    if order.nps_score is None:
+        return state
+    state = copy.copy(state)
+    state.add_nps(order.nps_score, datetime.fromisoformat(record["order_ts"]) - timedelta(microseconds=1))
+    return state
+
+
+def _repeated(spooled: Entry, order: OrderIn) -> tuple[str, bool]:
+    """An order asked again while its decision is in the spool: that answer, if it is the same order."""
+    entry = replace(spooled, customer_id=order.customer_id, body_sha256=order.fingerprint())
+    result = retried(entry, StoredRow(spooled.response_json, spooled.customer_id, spooled.body_sha256))
+    if isinstance(result, OrderConflict):
+        raise result
+    return spooled.response_json, True
 
 
 def _body(decision: Decision) -> tuple[str, str]:
