@@ -195,6 +195,10 @@ class DecisionService:
                     for entry, result in zip(batch, self.log.record_many(batch)):
                         if isinstance(result, Recorded) and result.row_id is not None:
                             stored += 1
+                        elif isinstance(result, Recorded) and result.response_json != entry.response_json:
+                            # a commit given up at its deadline that the server completed after all
+                            _log.warning("the log holds another decision of a spooled order; it keeps that one",
+                                         extra={"event": "spool_superseded", "order_id": entry.order_id})
                         elif isinstance(result, OrderConflict):
                             _log.warning("a spooled decision's order_id was decided before for another "
                                          "order; the log keeps that one", extra={
