@@ -310,6 +310,8 @@ def test_a_held_write_lock_costs_a_request_its_deadline_and_the_answer_is_spoole
             again = post(3)
             assert c.get("/healthz").status_code == 200
             ready = c.get("/readyz")
+            time.sleep(1.2)   # replay rounds that find the log still held start no new spool file
+            assert len(list((tmp_path / "spool").glob("*.spool"))) == 1
         assert [r.status_code for r in held] == [200] * 10
         assert {r.json()["policy"] for r in held} == {"fallback"}
         assert {r.json()["slots"]["insert"]["action_id"] for r in held} == {"none"}        # stock: not checked

@@ -24,6 +24,7 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_nothing_acknowledged_is_
     spool.close()                          # the worker is gone: its lock with it
     with caplog.at_level(logging.WARNING, logger="insertrec.serving"):
         heir = Spool(tmp_path / "spool")
+        assert heir.adopt() == 3
         replay, = heir.to_replay()
     assert replay.entries == [entry(i) for i in range(3)]
     assert [r.msg for r in caplog.records if getattr(r, "event", None) == "spool_line_skipped"] == \

@@ -188,7 +188,11 @@ class DecisionService:
         the log stores nothing. The log is used again for new decisions once everything is in and
         it answers; until then, on LogUnavailable, the rest stays spooled for the next round."""
         stored = 0
+        self.spool.adopt()
+        if not len(self.spool) and self.log_down is None:
+            return 0
         try:
+            self.log.ping()
             for segment in self.spool.to_replay():
                 while segment.replayed < len(segment.entries):
                     batch = segment.entries[segment.replayed:segment.replayed + _REPLAY_BATCH]
@@ -208,7 +212,6 @@ class DecisionService:
                     await asyncio.sleep(0)   # let requests in between batches
                 self.spool.replayed(segment)
             if self.log_down is not None and not len(self.spool):
-                self.log.ping()
                 self.log_down = None
                 _log.warning("decision log back; spool replayed", extra={"event": "log_back"})
         except LogUnavailable as exc:

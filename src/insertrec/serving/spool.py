@@ -109,11 +109,11 @@ class Spool:
 
     def to_replay(self) -> list[Segment]:
         """Seal the live segment (later decisions start a new one) and hand out every segment to
-        replay, adopted orphans included, oldest first."""
+        replay, adopted ones included, oldest first. Only once the log answers: each call starts
+        a new segment file."""
         if self._live is not None and self._live.entries:
             self._sealed.append(self._live)
             self._live = None
-        self.adopt()
         return list(self._sealed)
 
     def adopt(self) -> int:
