@@ -102,8 +102,8 @@ def single(engine: Engine, recs: list[dict]) -> dict:
     assessed = [policy.catalog.assess_one(f) for f in feats]
     phis = [None if policy.encoder is None else policy.encoder.transform_one(f)[None, :] for f in feats]
     def score(i: int):  # as Policy.decide_one does between assessing and explaining
-        return policy._decide(np.array([feats[i]["order_id"]]), phis[i], assessed[i][0][None, :],
-                              assessed[i][1][None, :], frozenset(), True, alternatives=True)
+        return policy._decide(np.array([feats[i]["order_id"]]), phis[i], assessed[i].eligible[None, :],
+                              assessed[i].playbook[None, :], frozenset(), True, alternatives=True)
 
     batches = [score(i) for i in range(len(recs))]
     idx = list(range(len(recs)))
@@ -114,7 +114,7 @@ def single(engine: Engine, recs: list[dict]) -> dict:
         "eligibility_rules": timed(lambda i: policy.catalog.assess_one(feats[i]), idx),
         "encode": timed(lambda i: policy.encoder.transform_one(feats[i]) if policy.encoder else None, idx),
         "score": timed(score, idx),
-        "explain": timed(lambda i: policy.explain(batches[i], 0, feats[i], None if phis[i] is None else phis[i][0],
+        "explain": timed(lambda i: policy._explain(batches[i], 0, None if phis[i] is None else phis[i][0],
                                                   engine.segments.get(str(recs[i]["customer_id"]))), idx),
     }
     decide = timed(engine.decide, recs)

@@ -19,6 +19,22 @@ from postgres_cluster import Cluster, find_bin_dir
 DATABASES = ["sqlite", "postgresql"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_key_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The per-user model key lives in a throwaway config directory, never the developer's own.
+
+    No key is configured, as on a fresh machine: the first model trained
+    creates the key, and every process the tests start (they inherit the
+    environment) verifies with it.
+    """
+    home = tmp_path_factory.mktemp("config-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(home))
+        mp.delenv("INSERTREC_MODEL_KEY", raising=False)
+        mp.delenv("INSERTREC_MODEL_KEY_FILE", raising=False)
+        yield home
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}", pytrace=False)

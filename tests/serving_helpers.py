@@ -53,12 +53,12 @@ def settings(tmp_path: Path, catalog: Path = EXAMPLE_CATALOG, db_url: str | None
 def query(db_url: str, sql: str) -> list[tuple]:
     """Rows of ``sql`` on the decision log at ``db_url`` (SQLite or PostgreSQL), read from outside
     the service."""
-    engine = sa.create_engine(db_url)
+    db = sa.create_engine(db_url)
     try:
-        with engine.connect() as conn:
+        with db.connect() as conn:
             return [tuple(row) for row in conn.exec_driver_sql(sql)]
     finally:
-        engine.dispose()
+        db.dispose()
 
 
 def order(i: int | str, customer: str | None = None, **fields: object) -> dict:

@@ -260,6 +260,76 @@ def test_refusal_names_line_and_field(card: str, tail: str, field: str | None, l
     assert message.startswith(f"shop/catalog.yaml line {line}") and "\n" not in message
 
 
+def test_every_problem_of_a_catalog_is_listed_at_once() -> None:
+    """A marketer fixing typos wants them all in one run, each with its line and field."""
+    text = """slots:
+  insert:
+    actions:
+      - {id: none, name: None, cost: 0, default: true}
+      - id: card
+        name: Card
+        cots: 0.3
+      - id: flyer
+        name: Flyer
+        cost: -1
+        when: {nps_teir: [promoter], channel: {mn: 3}}
+  coupon:
+    actions:
+      - {id: c10, name: Ten off, cost: 0.5}
+  packaging:
+    actions:
+      - {id: box, name: Box, cost: 0.4, default: true}
+rules:
+  - when: {journey_stage: [lost]}
+    choose: {insert: ghost, coupon: c10, packaging: box}
+"""
+    with pytest.raises(CatalogError) as err:
+        Catalog.from_yaml(text, file="shop/catalog.yaml")
+    found = [(p.field, p.line) for p in err.value.problems]
+    assert found == [
+        ("slots.insert.actions[1].cots", 7), ("slots.insert.actions[1].cost", 5),  # the action's line
+        ("slots.insert.actions[2].when.nps_teir", 11), ("slots.insert.actions[2].when.channel.mn", 11),
+        ("slots.insert.actions[2].cost", 10), ("slots.coupon.actions", 13),
+        ("rules[0].when.journey_stage[0]", 19), ("rules[0].choose.insert", 20)], err.value.details()
+    message = str(err.value)
+    assert message.startswith("shop/catalog.yaml line 7 field 'slots.insert.actions[1].cots'")
+    assert "(and 7 more problems; see the full list)" in message and "\n" not in message
+    details = err.value.details().splitlines()
+    assert len(details) == 8 and "did you mean 'nps_tier'" in details[2] and "'default: true'" in details[5]
+
+
+def test_slot_defaults_are_checked_even_when_an_action_is_refused() -> None:
+    text = """slots:
+  insert:
+    actions:
+      - {name: A, cost: 0, default: true}
+      - {id: b, name: B, cost: 0, default: true}
+  coupon:
+    actions:
+      - {id: c, name: C, cost: -1}
+"""
+    with pytest.raises(CatalogError) as err:
+        Catalog.from_yaml(text)
+    assert [(p.field, p.reason.split(";")[0]) for p in err.value.problems] == [
+        ("slots.insert.actions[0].id", "missing 'id'"),
+        ("slots.insert.actions[1].default", "a second default"),
+        ("slots.coupon.actions[0].cost", "must be zero or more, got -1"),
+        ("slots.coupon.actions", "no action has 'default: true'")]
+    assert "actions[0] is already this slot's default" in err.value.problems[1].reason
+
+
+def test_the_cli_prints_every_catalog_problem(tmp_path, capsys) -> None:
+    from insertrec.cli import main
+
+    (tmp_path / "orders.csv").write_text("order_id,customer_id,order_ts,order_value\no1,c1,2024-01-01,10\n")
+    (tmp_path / "catalog.yaml").write_text(catalog_text("cots: 0.3\nwhen: {nps_teir: [promoter]}"))
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--no-mlflow"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("insertrec: ") and "more problems" in lines[0]
+    assert any("'cots'" in line for line in lines[1:]) and any("nps_teir" in line for line in lines[1:])
+    assert any("missing 'cost'" in line for line in lines[1:])
+
+
 def test_the_template_itself_is_valid() -> None:
     """Guards the refusal table: each refusal comes from its one change."""
     catalog = Catalog.from_yaml(catalog_text())
@@ -335,8 +405,8 @@ def test_condition_semantics(spec: dict, expected: list[int]) -> None:
     condition = when(spec)
     assert condition.mask(FRAME).astype(int).tolist() == expected
     records = FRAME.to_dict("records")
-    assert [int(condition.holds(r)) for r in records] == expected
-    assert [int(condition.holds({k: v for k, v in r.items() if v is not None})) for r in records] == expected
+    assert [int(condition.compile()(r)) for r in records] == expected
+    assert [int(condition.compile()({k: v for k, v in r.items() if v is not None})) for r in records] == expected
 
 
 def test_category_values_from_numbers_match_text_columns() -> None:
@@ -347,9 +417,9 @@ def test_category_values_from_numbers_match_text_columns() -> None:
 def test_holds_accepts_categories_as_a_list() -> None:
     """The HTTP API receives categories as a JSON list."""
     condition = when({"categories": ["shoes"]})
-    assert condition.holds({"categories": ["apparel", "shoes"]})
-    assert not condition.holds({"categories": ["apparel"]})
-    assert not condition.holds({"categories": []})
+    assert condition.compile()({"categories": ["apparel", "shoes"]})
+    assert not condition.compile()({"categories": ["apparel"]})
+    assert not condition.compile()({"categories": []})
 
 
 def test_condition_features_lists_what_it_reads() -> None:
@@ -413,7 +483,7 @@ def order_rows(draw: st.DrawFn) -> list[dict]:
 @given(condition=conditions, rows=order_rows())
 def test_mask_and_holds_agree(condition: Condition, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows, index=range(len(rows)))  # keeps the rows even when no key is present
-    assert condition.mask(frame).tolist() == [condition.holds(r) for r in rows]
+    assert condition.mask(frame).tolist() == [condition.compile()(r) for r in rows]
 
 
 # ---------------------------------------------------------------------------
@@ -440,7 +510,7 @@ def test_cap_count_above_one() -> None:
     action = Action("c10", "10% off", 3.0, cap=Cap(count=2, days=60))
     frame = pd.DataFrame({"received_c10_60d": [0, 1, 2, 5]})
     assert action.eligible(frame).tolist() == [True, True, False, False]
-    assert [action.eligible_one(r) for r in frame.to_dict("records")] == [True, True, False, False]
+    assert [action.compile()(r) for r in frame.to_dict("records")] == [True, True, False, False]
 
 
 def test_defaults_are_always_eligible_and_shapes_follow_the_catalog(example: Catalog) -> None:
@@ -474,13 +544,11 @@ ORDER = st.fixed_dictionaries({
 @given(rows=st.lists(ORDER, min_size=1, max_size=10))
 def test_one_order_paths_match_the_frame_paths(example: Catalog, rows: list[dict]) -> None:
     frame = pd.DataFrame.from_records(rows)
-    eligible, choice, fired = example.eligible(frame), example.rules_choice(frame), example.rules_fired(frame)
+    eligible, choice, assessed = example.eligible(frame), example.rules_choice(frame), example.assess(frame)
     for i, record in enumerate(rows):
-        one = example.eligible_one(record)
-        for slot in example.slots:
-            assert one[slot].tolist() == eligible[slot][i].tolist()
-        assert example.rules_fired_one(record) == fired[i]
-        assert example.rules_choice_one(record) == {s: int(choice[s][i]) for s in example.slots}
+        one = example.assess_one(record)
+        assert one.eligible.tolist() == assessed.eligible[i].tolist()
+        assert one.playbook.tolist() == assessed.playbook[i].tolist()
     for slot, picks in choice.items():  # a rule never picks an ineligible action
         assert eligible[slot][np.arange(len(rows)), picks].all()
 
@@ -519,7 +587,8 @@ def test_capped_rule_choice_falls_back_to_default(example: Catalog) -> None:
     frame = pd.DataFrame({"nps_tier": ["passive", "passive"], "received_next_order_10_60d": [1.0, 2.0]})
     assert example.rules_choice(frame)["coupon"].tolist() == [1, 0]
     record = frame.iloc[1].to_dict()
-    assert example.rules_choice_one(record)["coupon"] == 0 and example.rules_fired_one(record) == 4
+    assert example.assess_one(record).playbook[list(example.slots).index("coupon")] == 0
+    assert example.rules_fired(frame)[1] == 4
 
 
 def test_first_matching_rule_wins_even_when_its_choice_is_ineligible() -> None:

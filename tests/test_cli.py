@@ -15,13 +15,17 @@ SPEC_EVALUATE_KEYS = {"policy_value_dr", "policy_value_ips", "policy_value_snips
                       "rules_policy_value", "lift_vs_logging", "lift_vs_rules", "ess"}
 
 
+SHOP_CUTOFF = "2024-09-01"
+
+
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
-    """A small simulated shop and a model trained on it through the CLI."""
+    """A small simulated shop and a model trained through the CLI on its history before SHOP_CUTOFF
+    (the demo's two years end in late 2024), so that what follows is data the model has not seen."""
     root = tmp_path_factory.mktemp("shop")
     data, model = root / "data", root / "model"
     assert main(["demo-data", "--out", str(data), "--customers", "3000", "--seed", "5"]) == 0
-    assert main(["train", "--data", str(data), "--out", str(model), "--no-mlflow"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(model), "--no-mlflow", "--cutoff", SHOP_CUTOFF]) == 0
     return root, data, model
 
 
@@ -58,11 +62,42 @@ def test_simulate_and_evaluate_report_spec_metric_names(shop, capsys):
     _, data, model = shop
     assert main(["simulate", "--model", str(model), "--world", str(data / "world.json"),
                  "--orders", "1000", "--json"]) == 0
-    sim = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    sim = json.loads(captured.out)
+    assert "simulating 1000 fresh orders" in captured.err       # progress on stderr, stdout stays JSON
     assert set(sim) >= SPEC_SIMULATE_KEYS
     assert sim["value_oracle"] >= sim["value_model"]
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) >= SPEC_EVALUATE_KEYS
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
+    assert set(metrics) >= SPEC_EVALUATE_KEYS
+    # judged only on the orders after the training cutoff, and it says so
+    orders = pd.read_csv(data / "orders.csv", parse_dates=["order_ts"])
+    after = orders["order_ts"] >= pd.Timestamp(SHOP_CUTOFF, tz="UTC")
+    assert metrics["evaluated_from"] == pd.Timestamp(SHOP_CUTOFF, tz="UTC").isoformat()
+    assert 0 < metrics["orders_evaluated"] <= after.sum()
+    assert metrics["orders_left_out_inside_training"] == (~after).sum()
+    assert f"at or after the training cutoff {metrics['evaluated_from']}" in out.err
+    assert f"warning: {(~after).sum()} orders of the data fall inside the training period" in out.err
+
+
+def test_evaluate_refuses_data_the_model_learned_from(shop, tmp_path, capsys):
+    _, data, model = shop
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    orders = pd.read_csv(data / "orders.csv")
+    orders = orders[pd.to_datetime(orders["order_ts"]) < pd.Timestamp(SHOP_CUTOFF, tz="UTC")]
+    orders.to_csv(seen / "orders.csv", index=False)
+    exposures = pd.read_csv(data / "exposures.csv")
+    exposures[exposures["order_id"].isin(orders["order_id"])].to_csv(seen / "exposures.csv", index=False)
+    (seen / "catalog.yaml").write_text((data / "catalog.yaml").read_text())
+    assert main(["evaluate", "--model", str(model), "--data", str(seen)]) == 2
+    err = capsys.readouterr().err
+    [reason] = [line for line in err.splitlines() if not line.startswith("[insertrec")]       # not progress
+    assert reason.startswith("insertrec: ") and "Traceback" not in err
+    assert "no order at or after the model's training cutoff" in reason and "--cutoff" in reason
+    assert main(["evaluate", "--model", str(model), "--data", str(tmp_path / "missing")]) == 2
+    assert "data directory not found" in capsys.readouterr().err
 
 
 def test_recommend_gives_one_row_per_order_and_slot(shop):
@@ -105,3 +140,123 @@ def test_bad_input_exits_2_with_a_one_line_reason_and_no_traceback(tmp_path):
     assert first.startswith("insertrec: invalid data:") and "line 3" in first
     assert "order_ts" in proc.stderr and "order_value" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_orders_only_history_trains_segments_and_logs_to_mlflow(shop, tmp_path, monkeypatch, capsys):
+    """SPEC: only orders is required. Without a catalog there is no policy, but segments,
+    repurchase propensity, the report and the MLflow run are there, and every command that
+    decides says in one line why it cannot."""
+    _, data, _ = shop
+    orders_only, model = tmp_path / "orders-only", tmp_path / "model"
+    orders_only.mkdir()
+    (orders_only / "orders.csv").write_text((data / "orders.csv").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["train", "--data", str(orders_only), "--out", str(model)]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "no catalog.yaml" in notes[0]
+    assert f"insertrec init-catalog --out {orders_only / 'catalog.yaml'}" in notes[0]
+    assert "repeat_auc" in captured.out and "MLflow run" in captured.out
+
+    from insertrec.tracking import client
+
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name("insertrec").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["repeat_auc"] > 0.5
+    assert {"segments.csv", "report.html", "manifest.json"} <= {a.path for a in c.list_artifacts(runs[0].info.run_id)}
+    assert c.search_registered_models() == []       # nothing that decides, nothing to register
+
+    assert main(["segments", "--model", str(model), "--out", str(tmp_path / "seg")]) == 0
+    seg = pd.read_csv(tmp_path / "seg" / "segments.csv")
+    assert seg["customer_id"].nunique() > 1000 and seg["p_repeat"].between(0, 1).all()
+    assert "<svg" in (tmp_path / "seg" / "report.html").read_text()
+    capsys.readouterr()
+
+    refusals = [["evaluate", "--model", str(model), "--data", str(data)],
+                ["recommend", "--model", str(model), "--orders", str(data / "orders.csv"), "--out", "d.csv"],
+                ["serve", "--model", str(model), "--insecure-dev", "--port", "1"]]
+    for argv in refusals:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        [reason] = [line for line in err.splitlines() if not line.startswith("[insertrec")]   # not progress
+        assert reason.startswith("insertrec: ") and "trained without catalog.yaml" in reason, argv
+        assert "init-catalog" in err and "Traceback" not in err
+
+
+def test_a_catalog_without_exposures_serves_the_playbook_with_exploration(shop, tmp_path, capsys):
+    _, data, _ = shop
+    history, model = tmp_path / "history", tmp_path / "model"
+    history.mkdir()
+    for name in ("orders.csv", "catalog.yaml"):
+        (history / name).write_text((data / name).read_text())
+    orders = pd.read_csv(data / "orders.csv")
+    cutoff = pd.to_datetime(orders["order_ts"]).quantile(0.8)
+    assert main(["train", "--data", str(history), "--out", str(model), "--no-mlflow",
+                 "--cutoff", cutoff.isoformat()]) == 0
+    assert "cold start: 0 logged orders" in capsys.readouterr().err
+    later = orders[pd.to_datetime(orders["order_ts"]) >= cutoff]
+    later.to_csv(tmp_path / "later.csv", index=False)
+    assert main(["recommend", "--model", str(model), "--orders", str(tmp_path / "later.csv"),
+                 "--out", str(tmp_path / "d.csv")]) == 0
+    dec = pd.read_csv(tmp_path / "d.csv")
+    assert len(dec) == 3 * len(later)
+    assert set(dec["policy"]) == {"rules", "explore"}
+    explored = dec.groupby("order_id")["policy"].first().eq("explore").mean()
+    assert 0.1 < explored < 0.5                     # epsilon 0.1 per slot, three slots
+    assert dec.groupby("slot")["action_id"].nunique().min() > 1
+
+
+def test_recommend_names_the_order_and_shows_its_timestamp_when_it_is_too_early(shop, capsys):
+    root, data, model = shop
+    assert main(["recommend", "--model", str(model), "--orders", str(data / "orders.csv"),
+                 "--out", str(root / "early.csv")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    orders = pd.read_csv(data / "orders.csv")
+    ts, order_id = orders["order_ts"].iloc[0], orders["order_id"].iloc[0]
+    assert f"order {order_id!r}" in lines[0] and str(pd.Timestamp(ts))[:10] in lines[0].split("(got")[1]
+    early = (pd.to_datetime(orders["order_ts"]) < pd.Timestamp(SHOP_CUTOFF, tz="UTC")).sum()
+    assert lines[-1].endswith(f"{early - 20} more orders are before the snapshot's end (not listed)")
+
+
+def test_init_catalog_writes_a_starter_that_loads_and_never_overwrites(tmp_path, capsys):
+    from insertrec.catalog import Catalog
+
+    out = tmp_path / "shop" / "catalog.yaml"
+    assert main(["init-catalog", "--out", str(out)]) == 0
+    catalog = Catalog.load(out)
+    assert list(catalog.slots) == ["packaging", "insert", "coupon"]
+    assert all(len(slot.actions) >= 3 for slot in catalog.slots.values())
+    assert any(a.when.clauses for slot in catalog.slots.values() for a in slot.actions)
+    assert len(catalog.rules) >= 3 and out.read_text().startswith("#")
+    out.write_text("# mine\n")
+    assert main(["init-catalog", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == "# mine\n"
+    assert main(["init-catalog", "--out", str(out), "--force"]) == 0
+    assert Catalog.load(out).sha256 == catalog.sha256
+
+
+def test_help_says_what_the_tool_does_and_every_option_has_help_and_its_default(capsys):
+    import argparse
+
+    from insertrec.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "which packaging, insert and coupon go into" in top and "insertrec demo-data --out demo" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "evaluate", "promote", "init-catalog", "serve"} <= set(commands)
+    for name, sub in commands.items():
+        shown = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings}: no help"
+            if action.default is not None and action.default is not False and "default" not in action.help:
+                assert f"(default: {action.default})" in shown, f"{name} {action.option_strings}"
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out.strip() == f"insertrec {version('insertrec')}"

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from insertrec import features
-from insertrec.customers import RepeatModel, fit_repeat, order_counts, repeat_metrics
+from insertrec.customers import BGNBD, RepeatModel, fit_repeat, order_counts, repeat_metrics
 from insertrec.data import ORDER_DTYPES, Dataset
 from insertrec.errors import DataError, InsertrecError
 
@@ -132,6 +132,64 @@ def test_short_label_window_is_carried_to_the_horizon() -> None:
     assert abs(m.sum() / future60.sum() - 1) < 0.25
     short = model.set_params(horizon_days=20).predict_p_repeat(fresh)
     assert (p >= short - 1e-12).all()
+
+
+def test_ranked_carry_over_keeps_the_carried_probabilities_in_the_window_order() -> None:
+    frame, future20, _ = population(6000, seed=7, horizon=20.0)
+    model = RepeatModel(horizon_days=60, **FAST).fit(frame, future20, window_days=20)
+    fresh, future60, _ = population(4000, seed=8, horizon=60.0)
+    own = model.set_params(carry_over="customer").predict_frame(fresh)
+    ranked = model.set_params(carry_over="ranked").predict_frame(fresh)
+    window = model.set_params(horizon_days=20).predict_p_repeat(fresh)
+    # The same probabilities (so the same share coming back), in the window's order.
+    assert np.allclose(np.sort(ranked["p_repeat"]), np.sort(own["p_repeat"]))
+    assert spearmanr(ranked["p_repeat"], window).statistic > 0.999
+    assert (ranked["expected_orders"] >= ranked["p_repeat"] - 1e-12).all()
+    assert roc_auc_score(future60 > 0, ranked["p_repeat"]) > 0.75
+
+
+def simulate_bgnbd(n: int, weeks: float, future: float, seed: int, r: float = 0.5, alpha: float = 4.0,
+                   a: float = 0.8, b: float = 2.5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BG/NBD's own story, in days: rate ~ Gamma(r, alpha) per week, after each order the customer
+    leaves with p ~ Beta(a, b). Returns x, t_x, T at the end of ``weeks`` and the orders in ``future``."""
+    rng = np.random.default_rng(seed)
+    lam, drop = rng.gamma(r, 1 / alpha, n), rng.beta(a, b, n)
+    age = rng.uniform(0.3, 1.0, n) * weeks     # customers joined at different times
+    x, t_x, later = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        t, alive, horizon = 0.0, True, age[i] + future
+        while alive:
+            t += rng.exponential(1 / lam[i])
+            if t > horizon:
+                break
+            if t <= age[i]:
+                x[i], t_x[i] = x[i] + 1, t
+            else:
+                later[i] += 1
+            alive = rng.uniform() > drop[i]
+    return x, t_x * 7, age * 7, later
+
+
+def test_bgnbd_recovers_its_parameters_and_forecasts_the_total() -> None:
+    x, t_x, t, later = simulate_bgnbd(6000, weeks=40, future=30, seed=3)
+    bg = BGNBD().fit(x, t_x, t)
+    assert bg.r_ == pytest.approx(0.5, rel=0.25) and bg.alpha_ == pytest.approx(4.0, rel=0.3)
+    assert bg.a_ == pytest.approx(0.8, rel=0.35) and bg.b_ == pytest.approx(2.5, rel=0.4)
+    expected = bg.expected(30 * 7, x, t_x, t)
+    assert expected.sum() / later.sum() == pytest.approx(1.0, abs=0.1)
+    assert roc_auc_score(later > 0, expected) > 0.7
+    alive = bg.p_alive(x, t_x, t)
+    assert np.all((alive > 0) & (alive <= 1)) and (alive[x == 0] == 1).all()
+
+
+def test_bgnbd_features_without_calendar_bound_days_still_rank_and_calibrate() -> None:
+    frame, future, _ = population(6000, seed=1)
+    model = RepeatModel(horizon_days=60, bgnbd_features=True, absolute_times=False, **FAST).fit(frame, future)
+    assert {"bgnbd_expected", "bgnbd_p_alive"} <= set(model.encoder_.feature_names_)
+    assert "tenure_days" not in model.encoder_.feature_names_
+    fresh, later, _ = population(4000, seed=2)
+    p = model.predict_p_repeat(fresh)
+    assert roc_auc_score(later > 0, p) > 0.75 and abs(p.mean() - (later > 0).mean()) < 0.03
 
 
 def test_order_counts_window_is_half_open() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from insertrec.data import load_data, write_rejected
+from insertrec.data import load_data, load_orders_file, write_rejected
 from insertrec.errors import CatalogError, DataError, Problem
 
 CATALOG = Path(__file__).parent / "data" / "catalog_example.yaml"
@@ -228,6 +228,29 @@ def test_every_problem_of_every_file_comes_at_once(tmp_path):
         ("exposures.csv", 2, "propensity"), ("incidents.csv", 2, "type")]
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_file_with_another_separator_says_so(tmp_path, separator):
+    header = separator.join(["order_id", "customer_id", "order_ts", "order_value"])
+    d = write(tmp_path / "d", orders_csv=f"{header}\no1{separator}c1{separator}2024-01-01{separator}12.5\n")
+    word = {";": "semicolon", "\t": "tab"}[separator]
+    [problem] = problems(d)
+    assert problem.column is None and f"the file looks {word}-separated" in problem.reason
+    assert "save it comma-separated" in problem.reason
+
+
+def test_a_near_miss_column_name_gets_a_hint(tmp_path):
+    d = write(tmp_path / "d", orders_csv="orderid,customer,Order_TS,order_value,channel\no1,c1,2024-01-01,12.5,web\n")
+    found = problems(d)
+    assert_problem(found, "orders.csv", None, "order_id", "the file has 'orderid': did you mean order_id?")
+    assert_problem(found, "orders.csv", None, "customer_id", "the file has 'customer': did you mean customer_id?")
+    assert_problem(found, "orders.csv", None, "order_ts", "the file has 'Order_TS': did you mean order_ts?")
+    assert len(found) == 3
+    orders_file = tmp_path / "new.csv"
+    orders_file.write_text("Order_ID,customer_id,order_ts,order_value\no1,c1,2024-01-01,12.5\n")
+    with pytest.raises(DataError, match="did you mean order_id"):
+        load_orders_file(orders_file)
+
+
 def test_missing_required_column_is_reported_and_never_skipped(tmp_path):
     d = write(tmp_path / "d", orders_csv="order_id,customer_id,order_ts\no1,c1,2024-01-01\n",
               nps_csv="customer_id,score\nc1,5\n")
@@ -319,3 +342,26 @@ def test_fingerprint_follows_content(tmp_path):
     b = load_data(write(tmp_path / "b", orders_csv=ORDERS))
     c = load_data(with_orders_row(tmp_path, "o9,c9,2024-02-01,5,1,web,,no,0,north"))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("columns, column, reason", [
+    (["ctx_" + "x" * 61], "ctx_" + "x" * 57 + "...", "must be ctx_ followed by 1 to 60 letters"),
+    (["ctx_device type"], "ctx_device type", "must be ctx_ followed by 1 to 60"),
+    (["ctx_"], "ctx_", "must be ctx_ followed by 1 to 60"),
+    ([f"ctx_f{i}" for i in range(33)], "ctx_f32", "too many context fields: at most 32"),
+])
+def test_ctx_names_are_bounded_and_never_skipped(tmp_path, columns, column, reason):
+    header = ",".join(["order_id", "customer_id", "order_ts", "order_value", *columns])
+    data = write(tmp_path / "d", orders_csv=f"{header}\no1,c1,2024-01-01,1{',1' * len(columns)}\n")
+    for load in (lambda: load_data(data, skip_bad_rows=True), lambda: load_orders_file(data / "orders.csv")):
+        with pytest.raises(DataError) as err:
+            load()
+        problem = err.value.problems[0]
+        assert (problem.file, problem.column) == ("orders.csv", column) and reason in problem.reason
+
+
+def test_ctx_names_at_the_limits_load(tmp_path):
+    columns = ["ctx_" + "x" * 60] + [f"ctx_f{i}" for i in range(31)]
+    header = ",".join(["order_id", "customer_id", "order_ts", "order_value", *columns])
+    data = write(tmp_path / "d", orders_csv=f"{header}\no1,c1,2024-01-01,1{',1' * len(columns)}\n")
+    assert [c for c in load_data(data).orders.columns if c.startswith("ctx_")] == columns

@@ -164,7 +164,7 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
     for record in records(trained[1])[:150]:
         decision = policy.decide_one(record)
         json.dumps(decision.as_dict(), allow_nan=False)        # what the service answers: no inf/NaN
-        eligible = policy.catalog.eligible_one(record)
+        eligible = {slot: ok[0] for slot, ok in policy.catalog.eligible(pd.DataFrame([record])).items()}
         for s, (name, choice) in enumerate(decision.slots.items()):
             ids = [a for a, _ in choice.alternatives]
             scores = [score for _, score in choice.alternatives]
@@ -177,6 +177,28 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
             if not explored and policy.value_model is not None and name not in policy.playbook_slots:
                 assert dict(choice.alternatives)[choice.action_id] == scores[0]   # the model's pick is the best box's
                 assert any(r.startswith("estimated value") for r in choice.reasons)
+
+
+def test_pick_notes_describe_the_item_for_the_packer_never_the_customer(policy: Policy,
+                                                                        trained: tuple[Engine, pd.DataFrame]) -> None:
+    labels = {str(v) for column in ("journey_stage", "nps_tier") for v in trained[1][column].unique()}
+    for record in records(trained[1])[:150]:
+        for name, choice in policy.decide_one(record).slots.items():
+            action = policy.catalog.slots[name].actions[policy.catalog.slots[name].index_of(choice.action_id)]
+            assert choice.pick_note == action.note
+            assert not any(label in choice.pick_note.split() for label in labels), choice.pick_note
+
+
+def test_only_a_slot_whose_action_exploration_changed_says_exploring(policy: Policy,
+                                                                     trained: tuple[Engine, pd.DataFrame]) -> None:
+    batch = policy.decide_frame(trained[1])
+    kept = 0
+    for i, record in enumerate(records(trained[1])):
+        for s, choice in enumerate(policy.decide_one(record).slots.values()):
+            changed = batch.actions[i, s] != batch.greedy[i, s]
+            assert any(r.startswith("exploring") for r in choice.reasons) == changed, (record["order_id"], s)
+            kept += bool(batch.explored[i, s] and not changed)
+    assert kept > 0, "no exploration draw landed on the top pick: the test checks nothing"
 
 
 def test_reasons_name_the_features_that_moved_the_choice_most(trained: tuple[Engine, pd.DataFrame]) -> None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from insertrec.errors import DataError
-from insertrec.segments import SEGMENTS_CSV_COLUMNS, SegmentModel
+from insertrec.segments import LIKELY, SEGMENTS_CSV_COLUMNS, UNLIKELY, SegmentModel, _return_word, customer_stage
 
 
 def planted(n_each: int = 300, seed: int = 0) -> pd.DataFrame:
@@ -95,3 +95,38 @@ def test_tiny_or_uniform_base_still_segments() -> None:
 def test_missing_column_is_named() -> None:
     with pytest.raises(DataError, match="p_repeat"):
         SegmentModel().fit(planted(n_each=5).drop(columns="p_repeat"))
+
+
+def test_return_words_match_the_figures_whatever_the_base() -> None:
+    """"likely to return" only where at least LIKELY come back; a low-return shop's best group at 10%
+    is "more likely than most", never "likely"."""
+    frame = planted(n_each=200)
+    frame["p_repeat"] = np.select([frame["truth"] == "loyal_promoters", frame["truth"] == "returners"],
+                                  [0.10, 0.03], 0.02)
+    model = SegmentModel(random_state=0).fit(frame)
+    prof = model.profiles()
+    for name, p in zip(prof["segment_name"], prof["p_repeat"]):
+        if "likely to return" in name and "than most" not in name and "unlikely" not in name:
+            assert p >= LIKELY, (name, p)
+        if "unlikely to return" in name:
+            assert p < UNLIKELY, (name, p)
+        assert f"{p:.0%} likely to order again" in prof.set_index("segment_name").loc[name, "description"]
+    # The rule itself: absolute words where the figure earns them, relative ones otherwise.
+    assert _return_word(0.10, 0.04)[1] == "more likely than most to return"
+    assert _return_word(0.60, 0.20)[1] == "likely to return"
+    assert _return_word(0.55, 0.60)[1] == "likely to return"
+    assert _return_word(0.10, 0.30)[1] == "unlikely to return"
+    assert _return_word(0.25, 0.40)[1] == "less likely than most to return"
+    assert _return_word(0.15, 0.05)[1] == "more likely than most to return"
+    assert _return_word(0.30, 0.31) is None
+
+
+def test_one_order_customers_are_new() -> None:
+    frame = pd.DataFrame({"prior_orders": [1, 2, 3, 4, 9, 1], "journey_stage":
+                          ["developing", "developing", "loyal", "loyal", "lapsed", "lapsed"]})
+    assert customer_stage(frame).tolist() == ["new", "developing", "developing", "loyal", "lapsed", "lapsed"]
+    model = SegmentModel(random_state=0).fit(planted(n_each=50).assign(journey_stage="developing"))
+    csv = model.segments_csv(planted(n_each=50).assign(journey_stage="developing"))
+    ones = planted(n_each=50)["prior_orders"].to_numpy() == 1
+    assert (csv.loc[ones, "journey_stage"] == "new").all()
+    assert np.allclose(model.profiles()[["stage_new", "stage_developing", "stage_loyal"]].sum(axis=1), 1.0)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, settings
+from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, query, settings
 
+from insertrec import modeldir
 from insertrec.engine import Engine
 from insertrec.logged import read_logged
 from insertrec.serving.app import create_app, run
@@ -76,10 +79,9 @@ def test_contact_cap_holds_for_a_returning_customer(tmp_path):
 
 def test_the_service_state_follows_the_customer(client):
     first = decide(client, order(1, customer="anna")).json()
-    assert "new" in first["slots"]["insert"]["pick_note"] or first["policy"] == "explore"
+    assert first["slots"]["insert"]["action_id"] == "thank_you_card" or first["policy"] == "explore"  # new
     second = decide(client, order(2, customer="anna")).json()
-    assert "developing" in second["slots"]["insert"]["pick_note"] + second["slots"]["packaging"]["pick_note"] \
-        or second["policy"] == "explore"
+    assert second["slots"]["insert"]["action_id"] == "survey_card" or second["policy"] == "explore"  # developing
     r = client.post("/v1/outcomes", json={"order_id": "o-2", "type": "nps", "score": 2}, headers=auth(FEEDBACK))
     assert r.status_code == 200 and r.json()["recorded"] is True
     third = decide(client, order(3, customer="anna")).json()
@@ -168,9 +170,9 @@ def test_a_failing_model_is_answered_from_the_rules(client):
         def decide(self, *args, **kwargs):
             raise RuntimeError("model exploded")
 
-    slot = client.app.state.service.slot
-    rules = slot.current.fallback
-    slot.current = Loaded(Broken(rules.policy, rules.params), rules)
+    holder = client.app.state.service.holder
+    rules = holder.current.fallback
+    holder.current = Loaded(Broken(rules.policy, rules.params), rules)
     r = decide(client, order(1))
     assert r.status_code == 200 and r.json()["policy"] == "fallback"
     assert "insertrec_fallbacks_total 1.0" in client.get("/metrics").text
@@ -182,6 +184,7 @@ def test_a_corrupt_model_directory_serves_fallback_and_reports_degraded(tmp_path
     (model / "catalog.yaml").write_text(Path(settings(tmp_path).catalog).read_text())
     (model / "engine.joblib").write_bytes(b"garbage")
     (model / "manifest.json").write_text(json.dumps({"format": 1, "artifacts": {"engine.joblib": "0" * 64}}))
+    modeldir.sign(model)    # signed by the key holder, yet corrupt
     s = Settings.load(environ={}, model=str(model), db_url=f"sqlite:///{tmp_path / 'log.db'}", api_keys=KEYS)
     with TestClient(create_app(s)) as c:
         ready = c.get("/readyz", headers=auth(ADMIN)).json()
@@ -193,15 +196,15 @@ def test_a_corrupt_model_directory_serves_fallback_and_reports_degraded(tmp_path
 
 
 def test_reload_keeps_serving_and_bumps_the_generation(client):
-    before = client.app.state.service.slot.current
+    before = client.app.state.service.holder.current
     r = client.post("/v1/admin/reload", headers=auth(ADMIN))
     assert r.status_code == 202 and r.json()["generation"] == 1
     assert decide(client, order(1)).status_code == 200  # served by the old or the new engine, never refused
     for _ in range(100):
-        if client.app.state.service.slot.current is not before:
+        if client.app.state.service.holder.current is not before:
             break
         __import__("time").sleep(0.05)
-    assert client.app.state.service.slot.current.generation == 1
+    assert client.app.state.service.holder.current.generation == 1
 
 
 def test_metrics_break_requests_down_by_stage(client):
@@ -274,3 +277,88 @@ def test_merge_logged_feeds_training_with_logged_propensities(client, tmp_path):
     assert exposures["propensity"].between(0, 1).all() and len(exposures) == 3
     merged = merge_logged(Dataset(orders=orders.iloc[:0].drop(columns=["ctx_age"])), f"sqlite:///{tmp_path / 'log.db'}")
     assert merged.orders["order_id"].tolist() == ["o-1"] and len(merged.exposures) == 3
+
+
+@pytest.mark.parametrize("extra, field, reason", [
+    ({"ctx_" + "n" * 60_000: 1}, "ctx_" + "n" * 57 + "...", "1 to 60 letters, digits or '_'"),
+    ({"ctx_a-b": 1}, "ctx_a-b", "1 to 60 letters, digits or '_'"),
+    ({f"ctx_f{i}": i for i in range(3000)}, "ctx_f32", "at most 32 ctx_* names"),
+])
+def test_ctx_field_names_and_their_number_are_bounded(tmp_path, extra, field, reason):
+    s = settings(tmp_path, max_body_bytes=1 << 20)
+    with TestClient(create_app(s)) as c:
+        r = decide(c, order(1, **extra))
+        assert r.status_code == 422
+        assert r.json()["error"]["field"] == field and reason in r.json()["error"]["reason"]
+        batch = c.post("/v1/recommendations:batch", headers=auth(DECIDE),
+                       json={"orders": [order(2), order(3, **extra)]}).json()["results"]
+        assert batch[0]["status"] == 200
+        assert batch[1]["status"] == 422 and batch[1]["error"]["field"] == f"orders.1.{field}"
+        assert decide(c, order(4, **{f"ctx_f{i}": i for i in range(32)})).status_code == 200
+
+
+def test_training_refuses_a_log_whose_ctx_names_are_unbounded(client, tmp_path):
+    """Orders logged before the API's bounds (or written around it) cannot blow up training."""
+    import sqlite3
+
+    from insertrec.data import Dataset
+    from insertrec.errors import DataError
+    from insertrec.logged import merge_logged
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    for i in range(40):
+        decide(client, order(i, **{f"ctx_o{i}_{k}": k for k in range(20)}))  # 20 each, 800 in all
+    with pytest.raises(DataError, match=r"decision log 'sqlite:///.*log\.db' column 'ctx_.*': too many context "
+                                        r"fields: at most 32"):
+        read_logged(url)
+    with sqlite3.connect(tmp_path / "log.db") as db:
+        db.execute("DELETE FROM decisions WHERE order_id != 'o-0'")
+        db.execute("UPDATE decisions SET order_json = json_set(order_json, '$.\"ctx_bad name\"', 1)")
+    with pytest.raises(DataError, match=r"column 'ctx_bad name': a context field's name must be"):
+        read_logged(url)
+    with sqlite3.connect(tmp_path / "log.db") as db:
+        db.execute("UPDATE decisions SET order_json = json_remove(order_json, '$.\"ctx_bad name\"')")
+    orders, _, _ = read_logged(url)
+    assert sum(c.startswith("ctx_") for c in orders.columns) == 20
+    own = orders.iloc[:0].drop(columns=[c for c in orders.columns if c.startswith("ctx_")])
+    for k in range(13):
+        own[f"ctx_shop_{k}"] = pd.Series(dtype="float64")    # 13 of the shop's own + 20 logged = 33
+    with pytest.raises(DataError, match="too many context fields"):
+        merge_logged(Dataset(orders=own), url)
+
+
+def test_readyz_is_degraded_while_the_sqlite_log_cannot_write(tmp_path):
+    """A full disk, made real for this process: RLIMIT_FSIZE stops every file from growing (the kernel
+    answers EFBIG, as ENOSPC on a full disk), so SQLite's writes fail while its reads still work.
+    Orders are answered from the rules and spooled (the spool, a new file, still has room), /readyz
+    says degraded (200, the write failure named for an admin), and ready again once the log can be
+    written and the spool is replayed into it."""
+    import os
+    import resource
+
+    db = tmp_path / "log.db"
+    with TestClient(create_app(settings(tmp_path))) as c:
+        assert decide(c, order(0)).status_code == 200 and c.get("/readyz").status_code == 200
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        limit = max(os.path.getsize(f) for f in (db, f"{db}-wal") if os.path.exists(f)) + 16_384
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            for i in range(1, 3000):
+                decide(c, order(i))
+                ready = c.get("/readyz", headers=auth(ADMIN))   # an admin sees the reason
+                if ready.json()["status"] != "ready":
+                    break
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded", i
+        assert "write failed" in ready.json()["reason"]
+        assert decide(c, order("during")).json()["policy"] == "fallback"
+        # space again: readiness comes back without a decision having to succeed first
+        for _ in range(100):
+            if c.get("/readyz").json()["status"] == "ready":
+                break
+            time.sleep(0.1)
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert decide(c, order("after")).status_code == 200
+    logged = [order_id for order_id, in query(f"sqlite:///{db}", "SELECT order_id FROM decisions")]
+    assert sorted(logged) == sorted({*(f"o-{n}" for n in range(i + 1)), "o-during", "o-after"})

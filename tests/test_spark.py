@@ -11,11 +11,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from insertrec.data import load_data
 from insertrec.errors import DataError
+from insertrec.features import FeatureParams, order_features, order_rewards
+from insertrec.valuemodel import ActionSpace, ValueModel
 from insertrec.world import World
 
 _CI = os.environ.get("CI", "").lower() == "true"
@@ -93,3 +96,113 @@ def test_parquet_part_files_and_bad_cells(spark, shop, tmp_path) -> None:
     (good / "orders").mkdir(parents=True)
     local.orders.to_parquet(good / "orders" / "part-0.parquet", index=False, coerce_timestamps="us")
     assert read_tables(spark, good).orders.count() == len(local.orders)
+
+
+def test_spark_features_and_rewards_equal_the_local_ones(spark, shop, tmp_path) -> None:
+    from insertrec.spark.features import feature_params, features_and_rewards, to_pandas
+    from insertrec.spark.tables import read_tables
+
+    # half the orders without a logged reward: theirs is the revenue over the horizon, censored
+    # by the last order of the whole shop (not of a bucket)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shop, mixed)
+    exposures = pd.read_csv(mixed / "exposures.csv", dtype=str, keep_default_na=False)
+    exposures.loc[exposures["order_id"].str[-1].isin(list("02468")), "reward"] = ""
+    exposures.to_csv(mixed / "exposures.csv", index=False)
+    local = load_data(mixed)
+    tables = read_tables(spark, mixed)
+    params = feature_params(tables, nps_ttl_days=200)
+    assert params == FeatureParams.fit(local, nps_ttl_days=200)
+    costs = {a.id: a.cost for slot in local.catalog.slots.values() for a in slot.actions}
+    feats, rewards = to_pandas(features_and_rewards(tables, params, horizon_days=30, costs=costs,
+                                                    orders_per_bucket=150))
+    pd.testing.assert_frame_equal(feats, order_features(local, params), check_dtype=False)
+    expected = order_rewards(local, horizon_days=30, costs=costs)
+    assert 0 < expected["reward_complete"].mean() < 1
+    pd.testing.assert_frame_equal(rewards, expected, check_dtype=False)
+
+
+@pytest.mark.parametrize("make", [lambda: ValueModel(random_state=3),
+                                  lambda: ValueModel(boosted_baseline=False, max_weight=5.0)])
+def test_value_model_from_spark_statistics_equals_the_local_fit(spark, make) -> None:
+    from insertrec.spark.statistics import fit_value_model
+
+    rng = np.random.default_rng(7)
+    n, space = 2_000, ActionSpace((3, 2, 4), (0, 1, 0))
+    phi = np.column_stack([np.ones(n), rng.normal(size=(n, 4))])
+    actions = np.column_stack([rng.integers(0, s, n) for s in space.sizes])
+    rules = np.column_stack([rng.integers(0, s, n) for s in space.sizes])
+    rewards = phi @ rng.normal(size=5) + 2.0 * (actions[:, 0] == 1) * phi[:, 1] + rng.normal(size=n)
+    pscore = rng.uniform(0.05, 1.0, n)
+    local = make().fit(phi, actions, rewards, space, rules, pscore)
+    rows = spark.createDataFrame(pd.DataFrame({
+        "_row": np.arange(n), "phi": list(phi), "actions": list(actions), "rules": list(rules),
+        "reward": rewards, "pscore": pscore})).repartition(3)
+    distributed = fit_value_model(make(), rows, space)
+    assert distributed.alpha_ == local.alpha_
+    np.testing.assert_allclose(distributed.theta_, local.theta_, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(distributed.baseline(phi[:50]), local.baseline(phi[:50]), rtol=0, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def model(shop, tmp_path_factory):
+    from insertrec.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("model") / "model"
+    train(load_data(shop), out, TrainConfig(min_logged_orders=100))
+    return out
+
+
+def test_recommend_on_spark_equals_recommend_row_for_row(spark, shop, model, tmp_path) -> None:
+    from insertrec.cli import main
+
+    orders = pd.read_csv(shop / "orders.csv", dtype=str).tail(120)   # customers seen, some twice
+    orders["order_id"] = "new-" + orders["order_id"]
+    ts = pd.to_datetime(orders["order_ts"], utc=True)
+    orders["order_ts"] = (ts + (ts.max() - ts.min()) + pd.Timedelta(days=1)).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    orders.loc[orders.index[:5], "customer_id"] = "never-seen"
+    assert orders["customer_id"].duplicated().any()
+    orders.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["recommend", "--model", str(model), "--orders", str(tmp_path / "new.csv"),
+                 "--out", str(tmp_path / "local.csv")]) == 0
+    assert main(["recommend", "--model", str(model), "--orders", str(tmp_path / "new.csv"), "--out",
+                 str(tmp_path / "spark.parquet"), "--engine", "spark", "--spark-master", "local[2]",
+                 "--spark-conf", "spark.sql.shuffle.partitions=2"]) == 0
+    local = pd.read_csv(tmp_path / "local.csv", dtype={"order_id": str})
+    parts = sorted((tmp_path / "spark.parquet").glob("part-*.parquet"))
+    on_spark = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    assert len(local) == 120 * 3 and set(local["policy"]) >= {"model"}
+    pd.testing.assert_frame_equal(on_spark, local, check_dtype=False)
+
+
+def test_spark_udf_of_the_registered_model_decides_like_the_engine(spark, shop, model, tmp_path, monkeypatch) -> None:
+    from insertrec.engine import Engine
+    from insertrec.tracking import load_mlflow, log_training_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)    # the default store: ./mlflow.db
+    version = log_training_run(model, {}, {}).version
+    mlflow = load_mlflow()
+    engine = Engine.load(model)
+    orders = pd.read_csv(shop / "orders.csv", dtype=str).drop_duplicates("customer_id").head(40)
+    columns = mlflow.models.get_model_info(f"models:/insertrec/{version}").signature.inputs.input_names()
+    orders = orders[columns]
+    orders["order_id"] = "new-" + orders["order_id"]
+    orders["order_ts"] = engine.manifest["cutoff"]
+    orders[["order_value", "n_items"]] = orders[["order_value", "n_items"]].astype(float)
+    orders["is_gift"] = orders["is_gift"].str.lower() == "true"
+    slots = list(engine.policy.slot_names)
+    result = ", ".join(["order_id string, policy string"]
+                       + [f"{s} string, {s}_propensity double" for s in slots])
+    udf = mlflow.pyfunc.spark_udf(spark, f"models:/insertrec/{version}", result_type=result,
+                                  env_manager="local", params={"layout": "per_order"})
+    frame = spark.createDataFrame(orders).repartition(2)
+    got = (frame.select(udf(*orders.columns).alias("d")).select("d.*").toPandas()
+           .set_index("order_id").sort_index())
+    expected = engine.decide_batch(orders).set_index(["order_id", "slot"])
+    for slot in slots:
+        pd.testing.assert_series_equal(got[slot], expected.xs(slot, level="slot")["action_id"].sort_index(),
+                                       check_names=False)
+        np.testing.assert_array_equal(got[f"{slot}_propensity"],
+                                      expected.xs(slot, level="slot")["propensity"].sort_index())
+    assert len(got) == len(orders)

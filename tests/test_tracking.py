@@ -191,6 +191,19 @@ def test_logged_pyfunc_decides_like_the_engine(versions):
                                                                "propensity", "policy"]
 
 
+def test_logged_pyfunc_gives_one_row_per_order_when_asked(versions):
+    mlflow = load_mlflow()
+    model = mlflow.pyfunc.load_model(f"models:/insertrec/{versions['runs'][0].version}")
+    per_slot = model.predict(NEW_ORDERS).reset_index(drop=True)
+    per_order = model.predict(NEW_ORDERS, params={"layout": "per_order"})
+    assert list(per_order["order_id"]) == list(NEW_ORDERS["order_id"])
+    for slot, rows in per_slot.groupby("slot"):
+        assert list(per_order[slot]) == list(rows["action_id"])
+        assert list(per_order[f"{slot}_propensity"]) == list(rows["propensity"])
+    with pytest.raises(Exception, match="layout"):
+        model.predict(NEW_ORDERS, params={"layout": "sideways"})
+
+
 def test_promote_then_serve_by_alias_and_follow_its_moves(versions, store):
     v1, v2 = (r.version for r in versions["runs"])
     first = promote("insertrec", v1)
@@ -254,6 +267,19 @@ def test_the_service_serves_the_champion_and_follows_the_alias_without_a_restart
             after = served_version(c, f"alias-{time.monotonic_ns()}")
     assert before == Engine.load(resolve_model(f"models:/insertrec/{champion}")).version
     assert after == Engine.load(resolve_model(f"models:/insertrec/{other}")).version
+
+
+def test_promote_refuses_a_data_directory_that_does_not_exist(versions, store, capsys):
+    from insertrec.cli import main
+
+    c = client()
+    version = str(max(int(v.version) for v in c.search_model_versions("name='insertrec'")))
+    aliases, tags = c.get_registered_model("insertrec").aliases, c.get_model_version("insertrec", version).tags
+    assert main(["promote", "--model-name", "insertrec", "--version", version, "--data", "missing/"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "insertrec: --data missing/: no such data directory"
+    assert c.get_model_version("insertrec", version).tags == tags     # nothing decided, nothing recorded
+    assert c.get_registered_model("insertrec").aliases == aliases
 
 
 def test_missing_model_version_or_alias_is_a_clear_error(versions, store):
@@ -334,8 +360,9 @@ def test_same_lifecycle_against_a_real_tracking_server(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_mlflow_run_project_then_promotion_on_evidence(tmp_path, monkeypatch):
-    """`mlflow run training -e train` twice on the same data: two versions of the same policy, so the
-    second is not better beyond the interval and the champion stays."""
+    """`mlflow run training -e train` twice on the same history: two versions of the same policy, so
+    the second is not better beyond the interval and the champion stays. Without --data, promote
+    judges them on their training data's orders after the cutoff, the ones neither has seen."""
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -344,19 +371,23 @@ def test_mlflow_run_project_then_promotion_on_evidence(tmp_path, monkeypatch):
     for out in ("model-a", "model-b"):
         done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT / "training"), "-e", "train",
                                "--env-manager", "local", "--experiment-name", "project-test",
-                               "-P", "data=data", "-P", f"out={tmp_path / out}"],
+                               "-P", "data=data", "-P", f"out={tmp_path / out}", "-P", "cutoff=2024-06-01"],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     c = client()
     runs = c.search_runs([c.get_experiment_by_name("project-test").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    assert all(r.data.params["cutoff"] == "''" and "cutoff.resolved" in r.data.params for r in runs)
+    assert all(r.data.params["cutoff"] == "2024-06-01" and "cutoff.resolved" in r.data.params for r in runs)
 
     assert promote("insertrec", "1").promoted
-    decision = promote("insertrec", "2", tmp_path / "data")
+    decision = promote("insertrec", "2")              # the run's data, its orders after the cutoff
     assert not decision.promoted
     assert decision.figures["diff_low"] <= 0 <= decision.figures["diff_high"]
-    assert decision.figures["orders"] > 0
+    assert decision.figures["judged_from"] == "2024-06-01T00:00:00+00:00"
+    orders = pd.read_csv(tmp_path / "data" / "orders.csv", parse_dates=["order_ts"])
+    before = orders["order_ts"] < pd.Timestamp("2024-06-01", tz="UTC")
+    assert decision.figures["orders_left_out_inside_training"] == before.sum()
+    assert 0 < decision.figures["orders"] <= (~before).sum()
     assert str(c.get_model_version_by_alias("insertrec", "champion").version) == "1"
     assert c.get_model_version("insertrec", "2").tags["promotion.decision"] == "rejected"
     assert float(c.get_model_version("insertrec", "2").tags["promotion.diff_low"]) == decision.figures["diff_low"]

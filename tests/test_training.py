@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from insertrec import modeldir
 from insertrec.catalog import Catalog
 from insertrec.engine import Engine
+from insertrec.errors import ModelError
 from insertrec.training import TrainConfig, history_before, train
 from insertrec.world import World
 
@@ -60,3 +62,12 @@ def test_one_slot_derived_rewards_and_estimated_propensities(history, tmp_path):
                               "order_value": 80.0, "channel": "web"})
     assert list(decision.slots) == ["coupon"]
     assert decision.slots["coupon"].action_id in catalog.slots["coupon"].action_ids
+
+
+def test_a_model_pickled_before_classes_moved_is_refused_with_a_reason(tmp_path):
+    """A model trained before ``features`` became a package names ``insertrec.features._Layout``;
+    loading it must say to retrain, not fail with a traceback."""
+    old = b"cinsertrec.features\n_Layout\n)\x81."    # pickle protocol 0: an instance of the old class
+    modeldir.save(tmp_path, {}, {"engine.joblib": old}, {})
+    with pytest.raises(ModelError, match="Retrain the model with this version"):
+        Engine.load(tmp_path)

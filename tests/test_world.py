@@ -9,11 +9,14 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from insertrec.data import load_data
 from insertrec.errors import InsertrecError
 from insertrec.features import FeatureParams, order_features
 from insertrec.world import World, WorldError
+from insertrec.world.simulation import _Run
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,38 @@ def test_propensities_are_the_logging_policys_exact_probabilities(world, history
         p_rule = 1 - eps + eps / k
         se = np.sqrt((p_rule * (1 - p_rule)).sum()) / len(k)
         assert abs(is_rule.mean() - p_rule.mean()) < 4 * se + 1e-9, name
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), customers=st.integers(1, 150), nps_ttl=st.integers(1, 400),
+       lapse=st.integers(1, 200), return_window=st.integers(1, 60), incident_window=st.integers(1, 120),
+       nps_rate=st.floats(0.0, 1.0))
+def test_simulator_features_equal_order_features_on_the_same_history(world, seed, customers, nps_ttl, lapse,
+                                                                    return_window, incident_window, nps_rate):
+    """The features the world decided on are exactly the offline features of the history it wrote,
+    column for column: every quality claim rests on the logging policy seeing what the engine sees."""
+    spec = copy.deepcopy(world.spec)
+    spec["observed"].update(nps_ttl_days=nps_ttl, lapse_days=lapse, return_window_days=return_window,
+                            incident_window_days=incident_window)
+    spec["nps"].update(responder_rate=nps_rate, other_rate=nps_rate / 2)
+    run = _Run(World(spec), customers, seed, keep_features=True)
+    data, simulated = run.run()
+    offline = order_features(data.to_dataset(), run.params)
+    assert list(simulated.columns) == list(offline.columns)
+    for name in offline.columns:
+        a, b = simulated[name].to_numpy(), offline[name].to_numpy()
+        if pd.api.types.is_numeric_dtype(offline[name]) and not pd.api.types.is_bool_dtype(offline[name]):
+            np.testing.assert_array_equal(a.astype(float), b.astype(float), err_msg=name)
+        else:
+            assert [str(v) for v in a] == [str(v) for v in b], name
+
+
+def test_feature_windows_of_a_world_are_whole_days(world):
+    spec = copy.deepcopy(world.spec)
+    spec["observed"]["lapse_days"] = 7.5
+    with pytest.raises(WorldError, match="whole number of days") as err:
+        World(spec)
+    assert err.value.field == "observed.lapse_days"
 
 
 def test_logged_rewards_are_unbiased_draws_of_the_expected_reward(world, history):

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+__all__ = ["ROWS", "in_blocks"]
+
 ROWS = 16_384   # 8 MB of 62 float64 features; of 4k, 16k and 64k rows the fastest on this machine
 
 

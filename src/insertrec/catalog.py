@@ -7,25 +7,25 @@ The module has three parts, in this order:
    ``CatalogError`` naming the line and the field (``slots.insert.actions[2].cost``).
    Indices in field paths count from 0, as in the rules' indices.
 2. The condition language of ``when``, evaluated vectorised on a frame of
-   order features (``mask``) or on one order given as a dict (``compile``: a
-   closure over the condition's constants, the HTTP fast path; ``holds`` is
-   the same closure for a one-off test). Both follow the same rules, value by
-   value.
+   order features (``mask``) or on one order's feature row given as a dict
+   (``compile``: a closure over the condition's constants, built once, the
+   HTTP fast path). Both follow the same rules, value by value.
 3. The catalog model: ``Cap``, ``Action``, ``Slot``, ``Rule``, ``Catalog``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,24 +34,27 @@ import yaml
 from insertrec.errors import CatalogError
 from insertrec.schema import CATEGORY_VALUES, FEATURES, SLOTS, is_feature_name
 
+__all__ = ["Action", "Assessment", "Cap", "Catalog", "Check", "Condition", "Membership", "Range", "Rule", "Slot"]
+
 # ---------------------------------------------------------------------------
 # 1. YAML with line numbers
 # ---------------------------------------------------------------------------
 
-Check = Callable[[Mapping[str, Any]], bool]  # a compiled condition: one order (a dict) -> holds?
+Check = Callable[[Mapping[str, Any]], bool]  # a compiled condition: one order's feature row (a dict) -> holds?
+_T = TypeVar("_T")
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _Map(dict):
+class _Map(dict[str, Any]):
     """A YAML mapping that remembers its own line and the line of each key."""
 
     line: int
     key_lines: dict[str, int]
 
 
-class _Seq(list):
+class _Seq(list[Any]):
     """A YAML list that remembers its own line and the line of each item."""
 
     line: int
@@ -65,7 +68,8 @@ class _LineLoader(yaml.SafeLoader):
     test Norway as ``False``; here only true/false are booleans.
     """
 
-    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {
+    # types-PyYAML declares this an instance attribute; PyYAML reads and copies it on the class, as here.
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {  # type: ignore[misc]
         first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
@@ -125,24 +129,52 @@ def _read_yaml(text: str, file: str) -> Any:
         loader.dispose()
 
 
+class _Refused(Exception):
+    """A value was refused and its problem recorded; unwinds to the nearest ``_At.attempt``."""
+
+
 @dataclass(frozen=True)
 class _At:
-    """Where a value sits in catalog.yaml (dotted field, line): the address of a refusal."""
+    """Where a value sits in catalog.yaml (dotted field, line): the address of a refusal.
+
+    Every address of one parse shares ``problems``, so that a catalog with
+    several mistakes is refused once with all of them: ``fail`` records a
+    problem and abandons the value at hand, ``attempt`` goes on with the next
+    one, and ``refuse_if_any`` abandons a value when any of its parts failed.
+    """
 
     file: str
     field: str
     line: int | None
+    problems: list[CatalogError] = dataclasses.field(default_factory=list, compare=False, repr=False)
+
+    def note(self, reason: str) -> None:
+        """Record a problem without abandoning the value (it is still refused in the end)."""
+        self.problems.append(CatalogError(reason, field=self.field or None, line=self.line, file=self.file))
 
     def fail(self, reason: str) -> NoReturn:
-        raise CatalogError(reason, field=self.field or None, line=self.line, file=self.file)
+        self.note(reason)
+        raise _Refused
+
+    def attempt(self, parse: Callable[..., _T], *args: Any) -> _T | None:
+        """``parse(*args)``, or None when it failed (its problems recorded)."""
+        try:
+            return parse(*args)
+        except _Refused:
+            return None
+
+    def refuse_if_any(self, since: int) -> None:
+        """Abandon the value at hand if problems were recorded since there were ``since``."""
+        if len(self.problems) > since:
+            raise _Refused
 
     def key(self, mapping: _Map, key: str) -> _At:
         """The address of ``mapping[key]``; a missing key points at the mapping itself."""
         return _At(self.file, f"{self.field}.{key}" if self.field else key,
-                   mapping.key_lines.get(key, mapping.line))
+                   mapping.key_lines.get(key, mapping.line), self.problems)
 
     def item(self, seq: _Seq, index: int) -> _At:
-        return _At(self.file, f"{self.field}[{index}]", seq.item_lines[index])
+        return _At(self.file, f"{self.field}[{index}]", seq.item_lines[index], self.problems)
 
 
 def _describe(value: Any) -> str:
@@ -162,10 +194,12 @@ def _mapping(value: Any, at: _At, allowed: tuple[str, ...] | None = None,
     if allowed is not None:
         for key in value:
             if key not in allowed:
-                at.key(value, key).fail(f"unknown key {key!r}; expected one of {', '.join(allowed)}")
-    for key in required:
-        if key not in value:
-            at.key(value, key).fail(f"missing {key!r}")
+                at.key(value, key).note(f"unknown key {key!r}; expected one of {', '.join(allowed)}")
+    missing = [key for key in required if key not in value]
+    for key in missing:
+        at.key(value, key).note(f"missing {key!r}")
+    if missing:
+        raise _Refused
     return value
 
 
@@ -225,7 +259,7 @@ def _numbers(column: pd.Series) -> np.ndarray:
     """``_number`` over a column, vectorised for the typed columns the feature builder produces."""
     if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=float, na_value=np.nan)
-    if column.dtype == object:  # mixed types: a value's own type decides, as in `holds`
+    if column.dtype == object:  # mixed types: a value's own type decides, as in `compile`
         return np.fromiter((_number(v) for v in column), dtype=float, count=len(column))
     return np.full(len(column), np.nan)
 
@@ -263,14 +297,11 @@ class Membership:
             hit = column.isin(list(self.values)).to_numpy(dtype=bool, na_value=False)
         return ~hit if self.negate else hit
 
-    def holds(self, record: Mapping[str, Any]) -> bool:
-        return self.compile()(record)
-
     def compile(self) -> Check:
         feature, lookup, negate = self.feature, self._lookup, self.negate
         if self._is_set:
-            def holds_set(record: Mapping[str, Any]) -> bool:
-                value = record.get(feature)
+            def holds_set(row: Mapping[str, Any]) -> bool:
+                value = row.get(feature)
                 if isinstance(value, str):
                     members = value.split("|")
                 elif isinstance(value, (list, tuple, set, frozenset)):  # the HTTP API sends a list
@@ -280,9 +311,9 @@ class Membership:
                 return lookup.isdisjoint(members) == negate
             return holds_set
 
-        def holds(record: Mapping[str, Any]) -> bool:
+        def holds(row: Mapping[str, Any]) -> bool:
             try:  # missing values (None, NaN, NA) are in no list of values
-                hit = record.get(feature) in lookup
+                hit = row.get(feature) in lookup
             except TypeError:  # unhashable (a list), or NA compared on a hash collision
                 hit = False
             return hit != negate
@@ -314,14 +345,11 @@ class Range:
             return np.zeros(len(frame), dtype=bool)
         return self._within(_numbers(column))
 
-    def holds(self, record: Mapping[str, Any]) -> bool:
-        return self.compile()(record)
-
     def compile(self) -> Check:
         feature = self.feature
         low = -math.inf if self.low is None else self.low
         high = math.inf if self.high is None else self.high
-        return lambda record: low <= _number(record.get(feature)) <= high  # NaN is within nothing
+        return lambda row: low <= _number(row.get(feature)) <= high  # NaN is within nothing
 
     def features(self) -> frozenset[str]:
         return frozenset((self.feature,))
@@ -345,21 +373,18 @@ class Condition:
         combine = np.logical_or if self.any_of else np.logical_and
         return reduce(combine, (clause.mask(frame) for clause in self.clauses))
 
-    def holds(self, record: Mapping[str, Any]) -> bool:
-        """``mask`` for a single order given as a dict, without building a frame."""
-        return self.compile()(record)
-
     def compile(self) -> Check:
-        """``holds`` as a closure, built once per catalog for the per-request path."""
+        """``mask`` for one order's feature row, as a closure built once per catalog for the
+        per-request path (no frame is built)."""
         checks, any_of = tuple(clause.compile() for clause in self.clauses), self.any_of
         if len(checks) == 1:  # all-of or any-of one clause is the clause
             return checks[0]
         if not checks:
-            return lambda record: not any_of
+            return lambda row: not any_of
 
-        def holds(record: Mapping[str, Any]) -> bool:
+        def holds(row: Mapping[str, Any]) -> bool:
             for check in checks:  # a plain loop: this is the per-request hot path
-                if check(record) == any_of:
+                if check(row) == any_of:
                     return any_of
             return not any_of
         return holds
@@ -424,7 +449,9 @@ def _values(value: Any, at: _At, feature: str) -> tuple[Any, ...]:
     if isinstance(value, _Seq):
         if not value:
             at.fail("an empty list matches nothing")
-        found = [_value(v, at.item(value, i), feature) for i, v in enumerate(value)]
+        before = len(at.problems)
+        found = [at.attempt(_value, v, at.item(value, i), feature) for i, v in enumerate(value)]
+        at.refuse_if_any(before)
     else:
         found = [_value(value, at, feature)]
     return tuple(dict.fromkeys(found))
@@ -466,19 +493,26 @@ def _parse_test(feature: str, value: Any, at: _At, action_ids: frozenset[str]) -
 def _parse_condition(value: Any, at: _At, action_ids: frozenset[str]) -> Condition:
     """A ``when`` mapping: feature tests and ``any:``/``all:`` groups of sub-conditions."""
     when = _mapping(value, at)
+    before = len(at.problems)
     clauses: list[Membership | Range | Condition] = []
     for key, test in when.items():
         key_at = at.key(when, key)
-        if key in _GROUPS:
-            items = _sequence(test, key_at)
-            if not items:
-                key_at.fail(f"{key} needs at least one condition")
-            subs = tuple(_parse_condition(item, key_at.item(items, i), action_ids)
-                         for i, item in enumerate(items))
-            clauses.append(Condition(subs, any_of=_GROUPS[key]))
-        else:
-            clauses.extend(_parse_test(key, test, key_at, action_ids))
+        clauses.extend(key_at.attempt(_parse_clause, key, test, key_at, action_ids) or ())
+    at.refuse_if_any(before)
     return Condition(tuple(clauses))
+
+
+def _parse_clause(key: str, test: Any, at: _At, action_ids: frozenset[str]) -> Sequence[Membership | Range | Condition]:
+    """One entry of a ``when``: an ``any:``/``all:`` group or a feature's test."""
+    if key not in _GROUPS:
+        return _parse_test(key, test, at, action_ids)
+    items = _sequence(test, at)
+    if not items:
+        at.fail(f"{key} needs at least one condition")
+    before = len(at.problems)
+    subs = [at.attempt(_parse_condition, item, at.item(items, i), action_ids) for i, item in enumerate(items)]
+    at.refuse_if_any(before)
+    return [Condition(tuple(sub for sub in subs if sub is not None), any_of=_GROUPS[key])]
 
 
 # ---------------------------------------------------------------------------
@@ -535,20 +569,18 @@ class Action:
                 ok = ok & (np.nan_to_num(_numbers(column), nan=0.0) < self.cap.count)
         return ok
 
-    def eligible_one(self, record: Mapping[str, Any]) -> bool:
-        return self.compile()(record)
-
     def compile(self) -> Check:
         """``eligible`` for one order given as a dict, as a closure."""
         if self.default:
-            return lambda record: True
+            return lambda row: True
         when = self.when.compile()
-        if self.cap is None:
+        cap, feature = self.cap, self.cap_feature
+        if cap is None or feature is None:   # feature is None exactly when cap is
             return when
-        feature, count = self.cap_feature, self.cap.count
+        count = cap.count
 
-        def eligible(record: Mapping[str, Any]) -> bool:
-            return not _number(record.get(feature)) >= count and when(record)  # NaN: never received
+        def eligible(row: Mapping[str, Any]) -> bool:
+            return not _number(row.get(feature)) >= count and when(row)  # NaN: never received
         return eligible
 
     def to_dict(self) -> dict[str, Any]:
@@ -598,6 +630,18 @@ class Slot:
         costs = np.array([action.cost for action in self.actions], dtype=float)
         costs.flags.writeable = False
         return costs
+
+
+class Assessment(NamedTuple):
+    """One or many orders against the catalog: what each may get and what the playbook picks."""
+
+    eligible: np.ndarray   # bool, flat in ``Catalog.columns`` layout: (n_actions,) or (n_orders, n_actions)
+    playbook: np.ndarray   # int, the playbook's action index per slot: (n_slots,) or (n_orders, n_slots)
+
+
+class _Compiled(NamedTuple):
+    actions: tuple[Check, ...]   # per action (flat), its eligibility check
+    rules: tuple[Check, ...]     # per rule, its condition
 
 
 @dataclass(frozen=True)
@@ -698,9 +742,9 @@ class Catalog:
                      for rule in self.rules)
 
     @cached_property
-    def _compiled(self) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
+    def _compiled(self) -> _Compiled:
         """Per action its eligibility check, per rule its condition: compiled once, used per request."""
-        return (tuple(a.compile() for a in self._flat_actions), tuple(r.when.compile() for r in self.rules))
+        return _Compiled(tuple(a.compile() for a in self._flat_actions), tuple(r.when.compile() for r in self.rules))
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_compiled"}  # closures do not pickle
@@ -708,7 +752,7 @@ class Catalog:
     def _by_slot(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.slots, np.split(flat, self.columns[1:], axis=-1)))
 
-    def assess(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def assess(self, frame: pd.DataFrame) -> Assessment:
         """Every order's eligibility, bool (n_orders, n_actions) flat in ``columns`` layout, and the
         playbook's choice, int (n_orders, n_slots) action index per slot (see ``rules_choice``)."""
         ok = np.column_stack([a.eligible(frame) for a in self._flat_actions])
@@ -719,27 +763,24 @@ class Catalog:
             if rows.any():
                 for s, column, index in picks:
                     choice[rows & ok[:, column], s] = index
-        return ok, choice
+        return Assessment(ok, choice)
 
-    def assess_one(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """``assess`` for one order given as a dict: bool (n_actions,) and int (n_slots,)."""
-        checks, whens = self._compiled
-        ok = [check(record) for check in checks]
+    def assess_one(self, row: Mapping[str, Any]) -> Assessment:
+        """``assess`` for one order's feature row: bool (n_actions,) and int (n_slots,)."""
+        compiled = self._compiled
+        ok = [check(row) for check in compiled.actions]
         choice = [slot.default_index for slot in self.slots.values()]
-        for when, picks in zip(whens, self._rule_picks):
-            if when(record):
+        for when, picks in zip(compiled.rules, self._rule_picks):
+            if when(row):
                 for s, column, index in picks:
                     if ok[column]:
                         choice[s] = index
                 break
-        return np.array(ok, dtype=bool), np.array(choice)
+        return Assessment(np.array(ok, dtype=bool), np.array(choice))
 
     def eligible(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> bool (n_orders, n_actions): ``when`` and contact cap; the default always."""
         return self._by_slot(np.column_stack([a.eligible(frame) for a in self._flat_actions]))
-
-    def eligible_one(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return self._by_slot(self.assess_one(record)[0])
 
     def rules_fired(self, frame: pd.DataFrame) -> np.ndarray:
         """Per order the index in ``rules`` of the first rule whose ``when`` holds, -1 for none."""
@@ -748,64 +789,74 @@ class Catalog:
         hits = np.column_stack([rule.when.mask(frame) for rule in self.rules])
         return np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
 
-    def rules_fired_one(self, record: Mapping[str, Any]) -> int:
-        return next((i for i, when in enumerate(self._compiled[1]) if when(record)), -1)
-
     def rules_choice(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> action index per order from the playbook; anything the fired rule does not
         name, or names but is not eligible for the order, is the slot default."""
-        choice = self.assess(frame)[1]
+        choice = self.assess(frame).playbook
         return {name: choice[:, s] for s, name in enumerate(self.slots)}
 
-    def rules_choice_one(self, record: Mapping[str, Any]) -> dict[str, int]:
-        choice = self.assess_one(record)[1]
-        return {name: int(choice[s]) for s, name in enumerate(self.slots)}
 
-
-def _declared_ids(slots: _Map) -> frozenset[str]:
-    """Every action id, read ahead so conditions may name ``received_<id>`` of any action;
-    malformed entries are skipped here and refused by the full parse."""
-    return frozenset(
-        item["id"]
-        for slot in slots.values() if isinstance(slot, dict) and isinstance(slot.get("actions"), list)
-        for item in slot["actions"] if isinstance(item, dict) and isinstance(item.get("id"), str)
-    )
+def _declared_ids(slots: _Map) -> dict[str, tuple[str, ...]]:
+    """Each slot's action ids as written, read ahead so conditions may name ``received_<id>`` of
+    any action and rules are checked against a slot refused for another reason; malformed
+    entries are skipped here and refused by the full parse."""
+    return {name: tuple(item["id"] for item in slot["actions"]
+                        if isinstance(item, dict) and isinstance(item.get("id"), str))
+            for name, slot in slots.items() if isinstance(slot, dict) and isinstance(slot.get("actions"), list)}
 
 
 def _parse_action(value: Any, at: _At, action_ids: frozenset[str], seen: dict[str, _At]) -> Action:
-    m = _mapping(value, at, allowed=_ACTION_KEYS, required=("id", "name", "cost"))
+    m = _mapping(value, at, allowed=_ACTION_KEYS)   # required keys checked below, with the rest
+    before = len(at.problems)
     id_at = at.key(m, "id")
-    action_id = _text(m["id"], id_at)
-    if not _ID_RE.match(action_id):
-        id_at.fail(f"invalid id {action_id!r}: use letters, digits, '_' and '-', "
-                   "not ending in _<number>d")
-    if action_id in seen:
-        first = seen[action_id]
-        id_at.fail(f"duplicate action id {action_id!r} (first at {first.field}, line {first.line})")
-    seen[action_id] = id_at
-    default = _flag(m.get("default", False), at.key(m, "default"))
-    when = (Condition() if m.get("when") is None
-            else _parse_condition(m["when"], at.key(m, "when"), action_ids))
-    cap = None
-    if "max_per_customer" in m:
+
+    def required(key: str) -> Any:
+        if key not in m:
+            at.key(m, key).fail(f"missing {key!r}")
+        return m[key]
+
+    def identifier() -> str:
+        action_id = _text(required("id"), id_at)
+        if not _ID_RE.match(action_id):
+            id_at.fail(f"invalid id {action_id!r}: use letters, digits, '_' and '-', "
+                       "not ending in _<number>d")
+        if action_id in seen:
+            first = seen[action_id]
+            id_at.fail(f"duplicate action id {action_id!r} (first at {first.field}, line {first.line})")
+        seen[action_id] = id_at
+        return action_id
+
+    def cap() -> Cap | None:
+        if "max_per_customer" not in m:
+            return None
         cap_at = at.key(m, "max_per_customer")
         spec = _mapping(m["max_per_customer"], cap_at, allowed=("count", "days"), required=("count", "days"))
-        cap = Cap(_positive_int(spec["count"], cap_at.key(spec, "count")),
-                  _positive_int(spec["days"], cap_at.key(spec, "days")))
-    if default and (when.clauses or cap is not None):
-        at.key(m, "when" if when.clauses else "max_per_customer").fail(
+        count = cap_at.attempt(lambda: _positive_int(spec["count"], cap_at.key(spec, "count")))
+        days = cap_at.attempt(lambda: _positive_int(spec["days"], cap_at.key(spec, "days")))
+        if count is None or days is None:
+            raise _Refused
+        return Cap(count, days)
+
+    def optional(key: str, parse: Callable[[Any, _At], _T]) -> Callable[[], _T | None]:
+        return lambda: parse(m[key], at.key(m, key)) if key in m else None
+
+    action_id = at.attempt(identifier)
+    default = at.attempt(lambda: _flag(m.get("default", False), at.key(m, "default")))
+    when = at.attempt(lambda: Condition() if m.get("when") is None
+                      else _parse_condition(m["when"], at.key(m, "when"), action_ids))
+    limit = at.attempt(cap)
+    name = at.attempt(lambda: _text(required("name"), at.key(m, "name")))
+    cost = at.attempt(lambda: _amount(required("cost"), at.key(m, "cost")))
+    stock = at.attempt(optional("stock", lambda v, a: _amount(v, a, whole=True)))
+    budget = at.attempt(optional("budget", _amount))
+    note = at.attempt(optional("note", _text))
+    if default and ((when is not None and when.clauses) or limit is not None):
+        at.key(m, "when" if when is not None and when.clauses else "max_per_customer").note(
             "the default action is always eligible; it cannot have when or max_per_customer")
-    return Action(
-        id=action_id,
-        name=_text(m["name"], at.key(m, "name")),
-        cost=_amount(m["cost"], at.key(m, "cost")),
-        stock=_amount(m["stock"], at.key(m, "stock"), whole=True) if "stock" in m else None,
-        budget=_amount(m["budget"], at.key(m, "budget")) if "budget" in m else None,
-        when=when,
-        cap=cap,
-        default=default,
-        note=_text(m["note"], at.key(m, "note")) if "note" in m else "",
-    )
+    at.refuse_if_any(before)
+    assert action_id is not None and when is not None and name is not None and cost is not None
+    return Action(id=action_id, name=name, cost=cost, stock=stock, budget=budget, when=when, cap=limit,
+                  default=bool(default), note=note or "")
 
 
 def _parse_slot(name: str, value: Any, at: _At, action_ids: frozenset[str], seen: dict[str, _At]) -> Slot:
@@ -816,41 +867,61 @@ def _parse_slot(name: str, value: Any, at: _At, action_ids: frozenset[str], seen
     items = _sequence(m["actions"], actions_at)
     if not items:
         actions_at.fail("a slot needs at least one action")
-    actions = tuple(_parse_action(item, actions_at.item(items, i), action_ids, seen)
-                    for i, item in enumerate(items))
-    defaults = [i for i, action in enumerate(actions) if action.default]
+    before = len(at.problems)
+    parsed = [actions_at.attempt(_parse_action, item, actions_at.item(items, i), action_ids, seen)
+              for i, item in enumerate(items)]
+    # read off the items as written, so that an action refused for another reason still counts
+    defaults = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("default") is True]
     if not defaults:
         actions_at.fail("no action has 'default: true'; a slot needs exactly one control action")
-    if len(defaults) > 1:
-        second = defaults[1]
-        actions_at.item(items, second).key(items[second], "default").fail(
-            f"a second default; {actions[defaults[0]].id!r} is already this slot's default")
-    return Slot(name, actions)
+    first = items[defaults[0]].get("id")
+    first = repr(first) if isinstance(first, str) else f"actions[{defaults[0]}]"
+    for second in defaults[1:]:
+        actions_at.item(items, second).key(items[second], "default").note(
+            f"a second default; {first} is already this slot's default")
+    at.refuse_if_any(before)
+    return Slot(name, tuple(action for action in parsed if action is not None))
 
 
-def _parse_rule(value: Any, at: _At, slots: dict[str, Slot], action_ids: frozenset[str]) -> Rule:
+def _parse_rule(value: Any, at: _At, declared: dict[str, tuple[str, ...]], action_ids: frozenset[str]) -> Rule:
+    """One playbook entry; ``declared`` is each slot's action ids as written, so that a rule is
+    checked even against a slot refused for some other reason."""
     m = _mapping(value, at, allowed=("when", "choose"), required=("choose",))
-    when = (Condition() if m.get("when") is None
-            else _parse_condition(m["when"], at.key(m, "when"), action_ids))
+    before = len(at.problems)
+    when = at.attempt(lambda: Condition() if m.get("when") is None
+                      else _parse_condition(m["when"], at.key(m, "when"), action_ids))
     choose_at = at.key(m, "choose")
     spec = _mapping(m["choose"], choose_at)
     if not spec:
         choose_at.fail("choose names no slot")
-    choose: dict[str, str] = {}
-    for slot_name, action_id in spec.items():
+
+    def pick(slot_name: str, action_id: Any) -> str:
         slot_at = choose_at.key(spec, slot_name)
-        if slot_name not in slots:
-            slot_at.fail(f"unknown slot {slot_name!r}; this catalog has {', '.join(slots)}")
+        if slot_name not in declared:
+            slot_at.fail(f"unknown slot {slot_name!r}; this catalog has {', '.join(declared)}")
         action_id = _text(action_id, slot_at)
-        if action_id not in slots[slot_name].action_ids:
+        if action_id not in declared[slot_name]:
             slot_at.fail(f"{action_id!r} is not an action of slot {slot_name!r}; it has "
-                         f"{', '.join(slots[slot_name].action_ids)}")
-        choose[slot_name] = action_id
-    return Rule(when, choose, m.line)
+                         f"{', '.join(declared[slot_name])}")
+        return action_id
+
+    choose = {name: choose_at.attempt(pick, name, a) for name, a in spec.items()}
+    at.refuse_if_any(before)
+    assert when is not None
+    return Rule(when, {k: v for k, v in choose.items() if v is not None}, m.line)
 
 
 def _parse_catalog(data: Any, file: str) -> tuple[dict[str, Slot], tuple[Rule, ...]]:
+    """Slots and rules, or one CatalogError listing every problem found (line and field of each)."""
     root = _At(file, "", None)
+    try:
+        return _parse_catalog_at(data, root)
+    except _Refused:
+        pass
+    raise CatalogError.of(root.problems)
+
+
+def _parse_catalog_at(data: Any, root: _At) -> tuple[dict[str, Slot], tuple[Rule, ...]]:
     if data is None:
         root.fail("the catalog is empty")
     top = _mapping(data, root, allowed=("slots", "rules"), required=("slots",))
@@ -858,14 +929,17 @@ def _parse_catalog(data: Any, file: str) -> tuple[dict[str, Slot], tuple[Rule, .
     slot_specs = _mapping(top["slots"], slots_at)
     if not slot_specs:
         slots_at.fail(f"no slots; expected some of {', '.join(SLOTS)}")
-    action_ids = _declared_ids(slot_specs)
+    declared = _declared_ids(slot_specs)
+    action_ids = frozenset(a for ids in declared.values() for a in ids)
     seen: dict[str, _At] = {}
-    slots = {name: _parse_slot(name, spec, slots_at.key(slot_specs, name), action_ids, seen)
-             for name, spec in slot_specs.items()}
-    rules: tuple[Rule, ...] = ()
+    parsed = {name: slots_at.attempt(_parse_slot, name, spec, slots_at.key(slot_specs, name), action_ids, seen)
+              for name, spec in slot_specs.items()}
+    slots = {name: slot for name, slot in parsed.items() if slot is not None}
+    rules: list[Rule | None] = []
     if top.get("rules") is not None:
         rules_at = root.key(top, "rules")
-        items = _sequence(top["rules"], rules_at)
-        rules = tuple(_parse_rule(item, rules_at.item(items, i), slots, action_ids)
-                      for i, item in enumerate(items))
-    return slots, rules
+        items = rules_at.attempt(lambda: _sequence(top["rules"], rules_at)) or _Seq()
+        rules = [rules_at.attempt(_parse_rule, item, rules_at.item(items, i), declared, action_ids)
+                 for i, item in enumerate(items)]
+    root.refuse_if_any(0)
+    return slots, tuple(rule for rule in rules if rule is not None)

@@ -8,10 +8,14 @@ whole list, not one error per run.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -21,7 +25,7 @@ import pyarrow.parquet as pq
 
 from insertrec.catalog import Catalog
 from insertrec.errors import DataError, Problem
-from insertrec.schema import SLOTS, TABLES
+from insertrec.schema import SLOTS, TABLES, context_problems
 
 
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
@@ -56,12 +60,13 @@ class Dataset:
         for name in ("orders", "nps", "exposures", "incidents"):
             frame = getattr(self, name)
             h.update(name.encode())
-            h.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+            h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
         if self.catalog is not None:
             h.update(self.catalog.sha256.encode())
         return h.hexdigest()
 
 
+_T = TypeVar("_T")
 _DTYPES = {"orders": ORDER_DTYPES, "nps": NPS_DTYPES, "exposures": EXPOSURE_DTYPES,
            "incidents": INCIDENT_DTYPES}
 _EXTENSIONS = (".csv", ".parquet")
@@ -89,23 +94,8 @@ def load_data(path: str | os.PathLike[str], *, skip_bad_rows: bool = False) -> D
     catalog_path = directory / "catalog.yaml"
     catalog = Catalog.load(catalog_path) if catalog_path.is_file() else None
 
-    fatal: list[Problem] = []
-    tables: dict[str, _Table] = {}
-    for name in TABLES:
-        try:
-            table = _read_table(directory, name)
-        except DataError as err:
-            fatal.extend(err.problems)
-            continue
-        if table is None:
-            if name == "orders":
-                fatal.append(Problem(str(directory), None, None,
-                                     "required table missing: expected orders.csv or orders.parquet"))
-            continue
-        missing = [c for c in TABLES[name]["required"] if c not in table.cells.columns]
-        fatal.extend(Problem(table.file, None, c, "required column missing") for c in missing)
-        if not missing:
-            tables[name] = table
+    found, fatal = find_tables(directory, _read_located)
+    tables = {name: table for name, (table, _, _) in found.items()}
 
     checks = {name: _Checker(table) for name, table in tables.items()}
     frames = {name: _PARSERS[name](check) for name, check in checks.items()}
@@ -150,14 +140,54 @@ def load_orders_file(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not file.is_file() or file.suffix not in _EXTENSIONS:
         raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders")])
     table = _read_file(file)
-    missing = [c for c in TABLES["orders"]["required"] if c not in table.cells.columns]
-    if missing:
-        raise DataError([Problem(table.file, None, c, "required column missing") for c in missing])
+    header = header_problems("orders", table.cells.columns, file.name)
+    if header:
+        raise DataError(header)
     check = _Checker(table)
     orders = _parse_orders(check)
     if check.bad.any():
         raise DataError(check.problems())
     return orders.sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
+
+
+def header_problems(name: str, columns: Iterable[str], file: str) -> list[Problem]:
+    """What is wrong with table ``name``'s columns as a whole: a required one missing, or
+    (orders) ``ctx_*`` names that are malformed or too many. Never skippable: no row is to blame."""
+    columns = [str(c) for c in columns]
+    problems = _missing_columns(file, columns, name)
+    if name == "orders":
+        problems += [Problem(file, None, c, reason) for c, reason in context_problems(columns)]
+    return problems
+
+
+def find_tables(directory: Path, read: Callable[[Path, str], tuple[_T, str, Sequence[str]] | None]
+                ) -> tuple[dict[str, tuple[_T, str, Sequence[str]]], list[Problem]]:
+    """Every table of a data directory, located and read by ``read(directory, name)`` (the
+    table, its file name and its columns; None when absent), checked by `header_problems`.
+
+    One rule set for every reader (the local loader, Spark): which tables are required and
+    which columns each must have. Returns the tables that passed, and the problems of the
+    others (an absent orders table, a missing column, a file ``read`` refused with a
+    ``DataError``), so that a reader can report them with whatever else it finds.
+    """
+    fatal: list[Problem] = []
+    tables: dict[str, tuple[_T, str, Sequence[str]]] = {}
+    for name in TABLES:
+        try:
+            table = read(directory, name)
+        except DataError as err:
+            fatal.extend(err.problems)
+            continue
+        if table is None:
+            if name == "orders":
+                fatal.append(Problem(str(directory), None, None,
+                                     "required table missing: expected orders.csv or orders.parquet"))
+            continue
+        header = header_problems(name, table[2], table[1])
+        fatal.extend(header)
+        if not header:
+            tables[name] = table
+    return tables, fatal
 
 
 def parse_cells(name: str, cells: pd.DataFrame, file: str, lines: np.ndarray | None = None,
@@ -209,12 +239,49 @@ class _Table:
     lines: np.ndarray  # what a user calls each row: CSV line number, or 1-based Parquet row
 
 
+_SEPARATORS = {";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def _missing_columns(file: str, header: list[str], name: str) -> list[Problem]:
+    """The required columns of table ``name`` that ``file`` (its ``header``) lacks, each with a
+    hint when the cause can be guessed: a file written with another separator (its header reads
+    as one column), or a near-miss name (``Order_ID``, ``orderid``, ``customer``)."""
+    columns = [str(c) for c in header]
+    missing = [c for c in TABLES[name]["required"] if c not in columns]
+    if not missing:
+        return []
+    if len(columns) == 1:
+        found = [word for sep, word in _SEPARATORS.items() if sep in columns[0]]
+        if found:
+            return [Problem(file, None, None, f"the file looks {found[0]}-separated (its header reads as "
+                            f"the one column {columns[0]!r}); save it comma-separated")]
+    known = {*TABLES[name]["required"], *TABLES[name]["optional"]}
+    spare = [c for c in columns if c not in known and not c.startswith("ctx_")]
+    return [Problem(file, None, c, "required column missing" + _did_you_mean(c, spare)) for c in missing]
+
+
+def _did_you_mean(column: str, candidates: list[str]) -> str:
+    """``"; the file has 'Order_ID': did you mean order_id?"`` for the closest candidate, if any."""
+    def squeeze(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    same = [c for c in candidates if squeeze(c) == squeeze(column)]
+    close = same or [c for c in candidates
+                     if difflib.get_close_matches(squeeze(column), [squeeze(c)], n=1, cutoff=0.75)]
+    return f"; the file has {close[0]!r}: did you mean {column}?" if close else ""
+
+
 def _read_table(directory: Path, name: str) -> _Table | None:
     found = [directory / (name + ext) for ext in _EXTENSIONS if (directory / (name + ext)).is_file()]
     if len(found) > 1:
         raise DataError([Problem(found[0].name, None, None,
                                  f"both {found[0].name} and {found[1].name} exist; keep only one")])
     return _read_file(found[0]) if found else None
+
+
+def _read_located(directory: Path, name: str) -> tuple[_Table, str, Sequence[str]] | None:
+    table = _read_table(directory, name)
+    return None if table is None else (table, table.file, list(table.cells.columns))
 
 
 def _read_file(file: Path) -> _Table:
@@ -450,7 +517,7 @@ def _check_order_refs(c: _Checker, known: pd.DataFrame) -> None:
     order_id = c.col("order_id")
     # Index.get_indexer rather than Series.isin: pandas 3.1's isin on str
     # columns walks the value set in Python, which takes seconds at 1M orders.
-    found = known.index.get_indexer(order_id) >= 0
+    found = known.index.get_indexer(pd.Index(order_id)) >= 0   # what get_indexer does to a Series itself
     c.flag((order_id != "").to_numpy() & ~found, "order_id", "order_id not found in orders")
 
 
@@ -469,6 +536,8 @@ __all__ = [
     "ORDER_DTYPES",
     "REJECTED_DTYPES",
     "Dataset",
+    "find_tables",
+    "header_problems",
     "load_data",
     "load_orders_file",
     "parse_cells",

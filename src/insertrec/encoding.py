@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from insertrec.schema import FEATURES
+
+__all__ = ["DEFAULT_EXCLUDE_PREFIXES", "FeatureEncoder"]
 
 # Not model inputs: identifiers, timestamps, and the raw category set (its
 # information reaches the model through main_category).
@@ -155,7 +158,7 @@ class FeatureEncoder:
             i += other + 1
         return out
 
-    def transform_one(self, record: dict) -> np.ndarray:
+    def transform_one(self, record: dict[str, Any]) -> np.ndarray:
         """Encode one order given as a dict: the serving path, no pandas."""
         out = np.zeros(self.n_features_)
         out[0] = 1.0

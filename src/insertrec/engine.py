@@ -9,21 +9,25 @@ snapshot's.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from insertrec import modeldir
 from insertrec.catalog import Catalog
+from insertrec.errors import ModelError
 from insertrec.features import CustomerState, FeatureParams, Snapshot, features_for_orders
 from insertrec.policy import Decision, Policy
+
+__all__ = ["Engine"]
 
 
 class Engine:
     """One model version: policy + catalog + customer snapshot + segment names."""
 
     def __init__(self, policy: Policy, params: FeatureParams, snapshot: Snapshot | None = None,
-                 segments: dict[str, str] | None = None, manifest: dict | None = None):
+                 segments: dict[str, str] | None = None, manifest: dict[str, Any] | None = None):
         self.policy = policy
         self.params = params
         self.snapshot = snapshot
@@ -40,9 +44,14 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path) -> Engine:
-        """Load a verified model directory (raises ModelError if missing or altered)."""
+        """Load a verified model directory (raises ModelError if missing or altered, or if it
+        was trained without a catalog and so has nothing to decide with)."""
         manifest = modeldir.verify(path)
-        parts = modeldir.load(path, "engine")
+        if not modeldir.has_policy(manifest):
+            raise ModelError(f"{path}: trained without catalog.yaml, so it has segments and repurchase "
+                             "propensity but no policy to decide with; add a catalog (insertrec init-catalog "
+                             "--out DATA/catalog.yaml) and train again")
+        parts = modeldir.load(path, "engine", manifest)
         return cls(parts["policy"], parts["params"], parts["snapshot"], parts["segments"], manifest)
 
     @classmethod
@@ -60,12 +69,12 @@ class Engine:
             return CustomerState.empty(self.params)
         return self.snapshot.state(customer_id)
 
-    def decide(self, order: dict, state: CustomerState | None = None,
+    def decide(self, order: dict[str, Any], state: CustomerState | None = None,
                unavailable: frozenset[str] = frozenset()) -> Decision:
         """One order (a dict with the orders columns) -> its box."""
         state = self.state(str(order["customer_id"])) if state is None else state
-        record = state.features(order)
-        return self.policy.decide_one(record, unavailable, self.segments.get(str(order["customer_id"])))
+        return self.policy.decide_one(state.features(order), unavailable,
+                                      self.segments.get(str(order["customer_id"])))
 
     def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:
         """Many orders -> one row per order and slot: order_id, slot, action_id, propensity, policy."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["CatalogError", "DataError", "InsertrecError", "ModelError", "Problem"]
+
 
 class InsertrecError(Exception):
     """An error whose message is meant for the user, on one line."""
@@ -57,14 +59,34 @@ class DataError(InsertrecError):
 
 
 class CatalogError(InsertrecError):
-    """catalog.yaml refused: names the line and the field."""
+    """catalog.yaml refused: names the line and the field.
+
+    A catalog with several mistakes is refused once: ``problems`` holds each
+    (line, field, reason), the message is the first one and how many more,
+    and ``details()`` lists them all, as ``DataError`` does for data.
+    """
 
     def __init__(self, reason: str, *, field: str | None = None, line: int | None = None,
-                 file: str = "catalog.yaml"):
+                 file: str = "catalog.yaml", problems: tuple[CatalogError, ...] = ()):
         self.reason, self.field, self.line, self.file = reason, field, line, file
+        self.problems: tuple[CatalogError, ...] = problems or (self,)
         where = file + (f" line {line}" if line is not None else "")
         where += f" field {field!r}" if field else ""
-        super().__init__(f"{where}: {reason}")
+        more = len(self.problems) - 1
+        super().__init__(f"{where}: {reason}" + (f" (and {more} more problem{'s' if more > 1 else ''}; "
+                                                 "see the full list)" if more else ""))
+
+    @classmethod
+    def of(cls, problems: list[CatalogError]) -> CatalogError:
+        """One error for all of ``problems`` (at least one), in the order they were found."""
+        if len(problems) == 1:
+            return problems[0]
+        first = problems[0]
+        return cls(first.reason, field=first.field, line=first.line, file=first.file, problems=tuple(problems))
+
+    def details(self) -> str:
+        """The full list, one problem a line."""
+        return "\n".join(str(p) for p in self.problems)
 
 
 class ModelError(InsertrecError):

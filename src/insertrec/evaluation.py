@@ -12,6 +12,7 @@ judged with the same yardstick and no model grades its own homework.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
-from insertrec.errors import InsertrecError
+from insertrec.errors import InsertrecError, ModelError
 from insertrec.features import FeatureParams, order_features, order_rewards
 from insertrec.ope import (
     Bootstrap,
@@ -264,15 +265,57 @@ def _lift(value: float, base: float) -> float:
     return float(value / base - 1.0) if base else float("nan")
 
 
-def evaluate_on(policy: Policy, params: FeatureParams, data: Dataset, horizon_days: int,
-                seed: int = 0) -> tuple[dict[str, float], dict]:
-    """`insertrec evaluate`: a trained policy on another stretch of logged history."""
+@dataclass
+class UnseenOrders:
+    """The logged orders of a data directory that a model did not learn from: those placed at or
+    after its training cutoff. Features are still computed on the whole history (point in time),
+    so an order after the cutoff sees the customer's earlier orders as the engine would."""
+
+    feats: pd.DataFrame
+    logged: LoggedOrders
+    cutoff: pd.Timestamp
+    inside: int                   # orders of the data before the cutoff, left out
+
+    def describe(self) -> str:
+        """The sentence commands print: what was judged, and what was left out and why."""
+        line = f"judged on {len(self.logged)} logged orders at or after the training cutoff {self.cutoff.isoformat()}"
+        if self.inside:
+            line += (f"; warning: {self.inside} orders of the data fall inside the training period and were "
+                     "left out (a model judged on orders it learned from looks better than it is)")
+        return line
+
+
+def training_cutoff(manifest: dict, model: str | Path) -> pd.Timestamp:
+    """The instant a model's training history ends (train's resolved ``--cutoff``), from its manifest."""
+    try:
+        return pd.Timestamp(manifest["cutoff"]).tz_convert("UTC")
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{model}: its manifest has no training cutoff; cannot tell which orders "
+                         "it has not seen") from None
+
+
+def unseen_orders(data: Dataset, params: FeatureParams, catalog: Catalog, horizon_days: float,
+                  cutoff: pd.Timestamp, encoder: FeatureEncoder | None = None) -> UnseenOrders:
+    """Logged orders of ``data`` at or after ``cutoff``; InsertrecError when there are none."""
     feats = order_features(data, params)
-    costs = {a.id: a.cost for slot in policy.catalog.slots.values() for a in slot.actions}
+    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
     rewards = order_rewards(data, horizon_days=horizon_days, costs=costs)
-    encoder = policy.encoder if policy.encoder is not None else FeatureEncoder().fit(feats)
-    logged = logged_orders(data, feats, rewards, policy.catalog, encoder)
-    if len(logged) == 0:
-        raise InsertrecError(f"{data.source or 'data'}: no order has a logged action in every slot "
-                             "and a complete reward window; nothing to evaluate on")
-    return evaluate(policy, feats, logged, encoder, seed=seed)
+    logged = logged_orders(data, feats, rewards, catalog, encoder)
+    after = (feats["order_ts"].iloc[logged.rows] >= cutoff).to_numpy(dtype=bool)
+    inside = int((data.orders["order_ts"] < cutoff).sum())
+    if not after.any():
+        raise InsertrecError(f"{data.source or 'data'}: no order at or after the model's training cutoff "
+                             f"{cutoff.isoformat()} has a logged action in every slot and a complete reward "
+                             f"window ({inside} of its {len(data.orders)} orders are inside the training "
+                             "period); judge on orders the model has not seen, e.g. train with --cutoff "
+                             "to keep the latest ones back")
+    return UnseenOrders(feats, logged.subset(after), cutoff, inside)
+
+
+def evaluate_on(policy: Policy, params: FeatureParams, data: Dataset, horizon_days: int,
+                cutoff: pd.Timestamp, seed: int = 0) -> tuple[dict[str, float], UnseenOrders]:
+    """`insertrec evaluate`: a trained policy on the logged orders after its training cutoff."""
+    unseen = unseen_orders(data, params, policy.catalog, horizon_days, cutoff, policy.encoder)
+    encoder = policy.encoder if policy.encoder is not None else FeatureEncoder().fit(unseen.feats)
+    metrics, _ = evaluate(policy, unseen.feats, unseen.logged, encoder, seed=seed)
+    return metrics, unseen

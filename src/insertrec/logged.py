@@ -17,7 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from insertrec.data import EXPOSURE_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset
+from insertrec.errors import DataError, Problem
 from insertrec.logschema import LogUnavailable, decisions, outcomes, redacted, tables_exist
+from insertrec.schema import MAX_CTX_FIELDS, context_problems
 
 __all__ = ["merge_logged", "read_logged"]
 
@@ -48,7 +50,7 @@ def read_logged(url: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         raise LogUnavailable(f"decision log {redacted(url)}: cannot read ({type(exc).__name__})") from None
     finally:
         engine.dispose()
-    return _orders_frame(d, o), _exposures_frame(d), _nps_frame(o)
+    return _orders_frame(d, o, f"decision log {redacted(url)}"), _exposures_frame(d), _nps_frame(o)
 
 
 def merge_logged(data: Dataset, url: str) -> Dataset:
@@ -58,6 +60,7 @@ def merge_logged(data: Dataset, url: str) -> Dataset:
     new_orders = orders[~orders["order_id"].isin(data.orders["order_id"])]
     merged_orders = (pd.concat([data.orders, new_orders], ignore_index=True)
                      .sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True))
+    _refuse_bad_context(merged_orders.columns, f"{data.source or 'the data'} with decision log {redacted(url)}")
     kept = data.exposures[~data.exposures["order_id"].isin(exposures["order_id"])]
     merged_nps = pd.concat([data.nps, nps], ignore_index=True).drop_duplicates(ignore_index=True)
     return replace(data, orders=merged_orders,
@@ -65,8 +68,22 @@ def merge_logged(data: Dataset, url: str) -> Dataset:
                    nps=merged_nps.astype(NPS_DTYPES))
 
 
-def _orders_frame(d: pd.DataFrame, o: pd.DataFrame) -> pd.DataFrame:
-    raw = pd.DataFrame([json.loads(s) for s in d["order_json"]], columns=None)
+def _refuse_bad_context(columns: Iterable[str], source: str) -> None:
+    """Logged ctx_* fields obey the orders file's bounds, or training is refused (none is dropped)."""
+    problems = context_problems(columns)
+    if problems:
+        raise DataError([Problem(source, None, name, reason) for name, reason in problems])
+
+
+def _orders_frame(d: pd.DataFrame, o: pd.DataFrame, source: str) -> pd.DataFrame:
+    records = [json.loads(s) for s in d["order_json"]]
+    ctx_names: set[str] = set()
+    for record in records:   # checked before a frame is built: its columns are the union of all names
+        ctx_names.update(k for k in record if k.startswith("ctx_"))
+        if len(ctx_names) > MAX_CTX_FIELDS:
+            break
+    _refuse_bad_context(sorted(ctx_names), source)
+    raw = pd.DataFrame(records, columns=None)
     if raw.empty:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in ORDER_DTYPES.items()})
     returned = o[o["type"] == "returned"].groupby("order_id")["value"].last()

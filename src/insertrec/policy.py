@@ -22,7 +22,7 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,8 @@ import pandas as pd
 from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
 from insertrec.valuemodel import ActionSpace, ValueModel
+
+__all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
 
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
 
@@ -80,6 +82,14 @@ class BatchDecisions:
     # per slot (n, n_actions): each action's best box value; only for one order's explanation
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
+
+
+class _Best(NamedTuple):
+    """The model's best eligible boxes for a chunk of orders (see `Policy._best`)."""
+
+    greedy: np.ndarray          # (n, n_slots) action index per slot
+    alt: np.ndarray | None      # (n, n_actions) flat: each action's best eligible box value, or None
+    uplift: np.ndarray          # (n,) the box's value over the all-default box
 
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
@@ -181,7 +191,7 @@ class Policy:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # also reads model directories pickled before the constants existed (their state is __dict__)
-        self.__init__(**{k: state[k] for k in _PARAMS})
+        Policy.__init__(self, **{k: state[k] for k in _PARAMS})
 
     def replace(self, **changes) -> Policy:
         """A copy with some constructor parameters changed (the fitted parts are shared)."""
@@ -205,7 +215,8 @@ class Policy:
                             unavailable, explore)
 
     def probabilities(self, decisions: BatchDecisions) -> list[np.ndarray]:
-        """Per slot (n, n_actions): the probability this policy gives each action."""
+        """Per slot (n, n_actions): the probability this policy gives each action (the
+        exploration rule of `_explore`, for every action rather than the chosen one)."""
         out = []
         for s, elig in enumerate(decisions.eligible):
             k = elig.sum(axis=1, keepdims=True)
@@ -215,14 +226,15 @@ class Policy:
         return out
 
     # -- one order ------------------------------------------------------------
-    def decide_one(self, record: dict, unavailable: frozenset[str] = frozenset(),
+    def decide_one(self, row: dict, unavailable: frozenset[str] = frozenset(),
                    segment: str | None = None) -> Decision:
-        """Decide one order given its features as a dict: the service's fast path."""
-        eligible, rules = self.catalog.assess_one(record)
-        phi = None if self.encoder is None else self.encoder.transform_one(record)[None, :]
-        batch = self._decide(np.array([str(record["order_id"])]), phi, eligible[None, :], rules[None, :],
+        """Decide one order given its feature row as a dict (`CustomerState.features`): the
+        service's fast path."""
+        eligible, rules = self.catalog.assess_one(row)
+        phi = None if self.encoder is None else self.encoder.transform_one(row)[None, :]
+        batch = self._decide(np.array([str(row["order_id"])]), phi, eligible[None, :], rules[None, :],
                              unavailable, True, alternatives=True)
-        return self.explain(batch, 0, record, None if phi is None else phi[0], segment)
+        return self._explain(batch, 0, None if phi is None else phi[0], segment)
 
     # -- core -----------------------------------------------------------------
     def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: np.ndarray,
@@ -230,7 +242,7 @@ class Policy:
                 alternatives: bool = False) -> BatchDecisions:
         """The one decision core. ``eligible`` is bool (n, n_actions) flat (``Catalog.columns``),
         ``rules`` the playbook's action index per slot (n, n_slots). ``alternatives``: also each
-        action's best box value, for `explain` (three more passes over every box of every order,
+        action's best box value, for `_explain` (three more passes over every box of every order,
         which batch callers do not need)."""
         n = len(order_ids)
         rows = np.arange(n)[:, None]
@@ -245,19 +257,20 @@ class Policy:
                 alt = eligible.astype(float)
                 alt[rows, greedy + self._columns] += 1.0
         else:
+            assert phi is not None   # a policy with a value model has an encoder
             step = max(1, _ROW_CHUNK // len(self.combos))
             parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
                                 playbook[lo:lo + step], alternatives) for lo in range(0, max(n, 1), step)]
-            greedy, alt, uplift = parts[0] if len(parts) == 1 else (
-                np.concatenate([part[0] for part in parts]),
-                np.concatenate([part[1] for part in parts]) if alternatives else None,
-                np.concatenate([part[2] for part in parts]))
+            greedy, alt, uplift = parts[0] if len(parts) == 1 else _Best(
+                np.concatenate([part.greedy for part in parts]),
+                np.concatenate([part.alt for part in parts if part.alt is not None]) if alternatives else None,
+                np.concatenate([part.uplift for part in parts]))
         if explore and self.epsilon > 0:
             actions, explored, props = self._explore(order_ids, eligible, greedy)
         else:
             actions, explored, props = greedy, np.zeros(greedy.shape, dtype=bool), np.ones(greedy.shape)
         return BatchDecisions(order_ids, actions, props, explored, greedy, self._by_slot(eligible),
-                              self._by_slot(alt) if alternatives else [], uplift)
+                              self._by_slot(alt) if alt is not None else [], uplift)
 
     def _by_slot(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[:, sl] for sl in self._slices]
@@ -268,11 +281,13 @@ class Policy:
         return out
 
     def _best(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray, playbook: np.ndarray,
-              alternatives: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+              alternatives: bool) -> _Best:
         """Best eligible box per order (the playbook's action fixed in its slots), each action's
         best eligible box value (flat, -inf when ineligible; None unless ``alternatives``), and the
         box's value over the all-default box."""
-        grid = self._scorer.grid(phi, rule_columns, eligible)
+        scorer = self._scorer
+        assert scorer is not None   # only called for a policy with a value model
+        grid = scorer.grid(phi, rule_columns, eligible)
         n = len(grid)
         flat = grid.reshape(n, len(self.combos))
         alt = flat[:, self._holding].max(axis=2) if alternatives else None
@@ -281,15 +296,19 @@ class Policy:
         else:
             restricted = grid.copy()
             for s in self._playbook:
-                restricted += self._fixed[s][playbook[:, s]].reshape((n, *self._scorer.shapes[s]))
+                restricted += self._fixed[s][playbook[:, s]].reshape((n, *scorer.shapes[s]))
             best = restricted.reshape(n, len(self.combos)).argmax(axis=1)
         uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
-        return self.combos[best], alt, uplift
+        return _Best(self.combos[best], alt, uplift)
 
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray,
                  greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Epsilon-greedy per slot among the eligible actions: the actions, which slots explored,
-        and each chosen action's exact propensity."""
+        and each chosen action's exact propensity.
+
+        The one place where exploration changes a box; `probabilities` is the same rule written
+        as every action's probability (for off-policy evaluation), so a new exploration rule
+        changes these two methods and nothing else."""
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
@@ -305,14 +324,16 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0)
 
     # -- reasons --------------------------------------------------------------
-    def explain(self, batch: BatchDecisions, i: int, record: dict, phi: np.ndarray | None,
+    def _explain(self, batch: BatchDecisions, i: int, phi: np.ndarray | None,
                 segment: str | None = None) -> Decision:
-        """Turn row ``i`` of a batch into a Decision with notes, reasons and alternatives;
-        ``phi`` is the order's encoded features (None for a rules-only policy)."""
-        who = " ".join(w for w in (str(record.get("journey_stage", "")), str(record.get("nps_tier", "")))
-                       if w and w != "unknown")
-        actions, explored = batch.actions[i].tolist(), batch.explored[i].tolist()
-        propensities = batch.propensities[i].tolist()
+        """Turn order ``i`` of a batch into a Decision with notes, reasons and alternatives;
+        ``phi`` is its encoded features (None for a rules-only policy).
+
+        The pick note is for the warehouse packer: it describes the item (the catalog's ``note``),
+        never the customer. A slot says it explored only when the draw changed its action: an
+        exploration draw that lands on the best action leaves the box as the model chose it."""
+        actions, greedy = batch.actions[i].tolist(), batch.greedy[i].tolist()
+        explored, propensities = batch.explored[i].tolist(), batch.propensities[i].tolist()
         drivers = self._drivers(actions, phi)
         slots = {}
         for s, name in enumerate(self.slot_names):
@@ -320,16 +341,15 @@ class Policy:
             scores, eligible = batch.alt_scores[s][i].tolist(), batch.eligible[s][i].tolist()
             ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
-            reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] if explored[s] else []
+            reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] \
+                if a != greedy[s] else []
             if self.value_model is None or name in self.playbook_slots:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
                 if a != d:
                     reasons.extend(drivers[s])
-            note = self._notes[s][a]
-            slots[name] = SlotChoice(self._ids[s][a], propensities[s],
-                                     f"{note}: {who}" if who and a != d else note, tuple(reasons),
+            slots[name] = SlotChoice(self._ids[s][a], propensities[s], self._notes[s][a], tuple(reasons),
                                      tuple((self._ids[s][j], scores[j]) for j in ranked))
         label = "explore" if any(explored) else self.name
         uplift = None if batch.uplift is None else round(float(batch.uplift[i]), 4)
@@ -338,7 +358,7 @@ class Policy:
     def _drivers(self, actions: list[int], phi: np.ndarray | None) -> list[list[str]]:
         """Per slot, the (at most three) features that moved the chosen action's value over the
         slot default the most, as "name (+0.12)": all slots in one pass over the weights."""
-        if phi is None or self._scorer is None:
+        if phi is None or self._scorer is None or self.encoder is None:
             return [[] for _ in self.slot_names]
         weights = self._scorer.weights
         contrib = phi[:, None] * (weights[:, self._columns + actions] - weights[:, self._columns + self._defaults])

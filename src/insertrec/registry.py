@@ -15,7 +15,6 @@ alias is where it is.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,19 +28,20 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 
 from insertrec import modeldir
 from insertrec.errors import InsertrecError, ModelError
 from insertrec.tracking import MODEL_DIR_ARTIFACT, client, load_mlflow, tracking_uri
 
+__all__ = ["CHAMPION", "AliasWatcher", "ModelRef", "PromotionResult", "decide_promotion", "promote", "resolve_model"]
+
 CHAMPION = "champion"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 _log = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
+def _default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "insertrec" / "models"
 
 
@@ -160,6 +160,12 @@ class PromotionResult:
         """What the CLI prints: the decision, then the figures it rests on."""
         verb = "now champion" if self.promoted else "not promoted"
         lines = [f"{self.model_name} version {self.challenger}: {verb} ({self.reason})"]
+        if "judged_from" in self.figures:
+            left_out = self.figures.get("orders_left_out_inside_training", 0)
+            lines.append(f"judged on {self.figures['orders']} logged orders at or after {self.figures['judged_from']}, "
+                         "the later of the two training cutoffs" + (
+                             f"; warning: {left_out} orders of the data fall inside a training period and were "
+                             "left out" if left_out else ""))
         lines += [f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
                   for key, value in self.figures.items()]
         return "\n".join(lines)
@@ -175,8 +181,13 @@ def promote(model_name: str, version: str | int, data_dir: str | Path | None = N
     alias regardless (the comparison still runs and is recorded when there is
     data). With no champion yet the challenger becomes champion. ``data_dir``
     is recent logged data; without it the challenger's own training data
-    (its run's ``data`` param) is used, restricted to its OPE holdout.
+    (its run's ``data`` param) is used. Either way only orders at or after
+    both versions' training cutoffs are judged (a model looks better on orders
+    it learned from); none there is an error, and so is a ``data_dir`` that
+    does not exist.
     """
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise InsertrecError(f"--data {data_dir}: no such data directory")
     c = _registry_client()
     version = str(version)
     _lookup(c, ModelRef(model_name, version=version))
@@ -187,9 +198,8 @@ def promote(model_name: str, version: str | int, data_dir: str | Path | None = N
     if champion is not None and (data_dir is not None or not force):
         challenger_dir = _fetch(model_name, version, cache_dir)
         champion_dir = _fetch(model_name, champion, cache_dir)
-        data, since = (Path(data_dir), None) if data_dir is not None else _own_holdout(c, model_name, version,
-                                                                                       challenger_dir)
-        figures = _compare(challenger_dir, champion_dir, data, since, seed)
+        data = Path(data_dir) if data_dir is not None else _training_data(c, model_name, version)
+        figures = _compare(challenger_dir, champion_dir, data, seed)
     promoted, reason = decide_promotion(champion, figures, force, alias)
     _record(c, model_name, version, champion, promoted, reason, figures, alias)
     if promoted:
@@ -216,40 +226,32 @@ def decide_promotion(champion: str | None, figures: dict[str, Any], force: bool,
                    f"[{low:.4f}, {figures['diff_high']:.4f}] includes or is below zero")
 
 
-def _compare(challenger_dir: Path, champion_dir: Path, data_dir: Path, since: pd.Timestamp | None,
-             seed: int) -> dict[str, Any]:
-    """Both versions judged by the same DR yardstick on the same logged orders."""
+def _compare(challenger_dir: Path, champion_dir: Path, data_dir: Path, seed: int) -> dict[str, Any]:
+    """Both versions judged by the same DR yardstick on the same logged orders, those neither saw
+    in training: at or after the later of their two training cutoffs."""
     from insertrec.data import load_data
     from insertrec.encoding import FeatureEncoder
     from insertrec.engine import Engine
-    from insertrec.evaluation import compare, logged_orders
-    from insertrec.features import order_features, order_rewards
+    from insertrec.evaluation import compare, training_cutoff, unseen_orders
 
     challenger, champion = Engine.load(challenger_dir), Engine.load(champion_dir)
-    data = load_data(data_dir)
-    catalog = challenger.catalog
-    feats = order_features(data, challenger.params)
+    since = max(training_cutoff(challenger.manifest, challenger_dir), training_cutoff(champion.manifest, champion_dir))
     horizon = float(challenger.manifest.get("params", {}).get("horizon_days", 60))
-    rewards = order_rewards(data, horizon_days=horizon,
-                            costs={a.id: a.cost for slot in catalog.slots.values() for a in slot.actions})
-    encoder = challenger.policy.encoder or FeatureEncoder().fit(feats)
-    logged = logged_orders(data, feats, rewards, catalog, encoder)
-    if since is not None:
-        logged = logged.subset(feats["order_ts"].to_numpy()[logged.rows] >= since.to_datetime64())
-    if len(logged) == 0:
-        raise InsertrecError(f"{data_dir}: no order{' since ' + str(since) if since is not None else ''} "
-                             "has a logged action in every slot and a complete reward window; "
-                             "nothing to compare the two versions on")
-    result = compare(challenger.policy, champion.policy, feats, logged, encoder, seed=seed)
-    return {"orders": int(result["orders"]), "data": str(data_dir),
+    unseen = unseen_orders(load_data(data_dir), challenger.params, challenger.catalog, horizon, since,
+                           challenger.policy.encoder)
+    encoder = challenger.policy.encoder or FeatureEncoder().fit(unseen.feats)
+    result = compare(challenger.policy, champion.policy, unseen.feats, unseen.logged, encoder, seed=seed)
+    return {"orders": int(result["orders"]), "data": str(data_dir), "judged_from": since.isoformat(),
+            "orders_left_out_inside_training": unseen.inside,
             "challenger_dr": result["challenger"]["dr"]["value"],
             "champion_dr": result["champion"]["dr"]["value"],
             "diff_dr": result["diff"]["value"], "diff_low": result["diff"]["low"],
             "diff_high": result["diff"]["high"]}
 
 
-def _own_holdout(c: Any, model_name: str, version: str, model_dir: Path) -> tuple[Path, pd.Timestamp | None]:
-    """The data the challenger was trained on, and the start of the holdout its OPE used."""
+def _training_data(c: Any, model_name: str, version: str) -> Path:
+    """The data directory the challenger was trained on (its run's ``data`` param): its orders after
+    the training cutoff, if it was trained with one, are what the two versions have not seen."""
     run_id = c.get_model_version(model_name, version).run_id
     params = c.get_run(run_id).data.params if run_id else {}
     data = params.get("data.resolved") or params.get("data")   # `mlflow run` logs data as typed
@@ -257,11 +259,7 @@ def _own_holdout(c: Any, model_name: str, version: str, model_dir: Path) -> tupl
         raise InsertrecError(f"version {version} of {model_name!r}: its training data is not known here "
                              f"({'run param data=' + data if data else 'no data param on its run'}); "
                              "pass --data with recent logged data to compare on")
-    try:
-        start = json.loads((model_dir / "ope.json").read_text()).get("holdout_from")
-    except (OSError, ValueError):
-        start = None
-    return Path(data), pd.Timestamp(start) if start else None
+    return Path(data)
 
 
 def _record(c: Any, name: str, challenger: str, champion: str | None, promoted: bool, reason: str,
@@ -336,7 +334,7 @@ def _registered(c: Any, ref: ModelRef) -> None:
 
 def _cache_path(name: str, version: str, cache_dir: str | Path | None) -> Path:
     store = sha256(tracking_uri().encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / store / name / version
+    return Path(cache_dir or _default_cache_dir()) / store / name / version
 
 
 def _fetch(name: str, version: str, cache_dir: str | Path | None) -> Path:

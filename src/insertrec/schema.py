@@ -8,6 +8,20 @@ these) agree by construction.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+
+__all__ = [
+    "ACTION_FEATURE_PATTERNS",
+    "CATEGORY_VALUES",
+    "FEATURES",
+    "JOURNEY_STAGES",
+    "MAX_CTX_FIELDS",
+    "NPS_TIERS",
+    "SLOTS",
+    "TABLES",
+    "context_problems",
+    "is_feature_name",
+]
 
 SLOTS: tuple[str, ...] = ("packaging", "insert", "coupon")
 NPS_TIERS: tuple[str, ...] = ("promoter", "passive", "detractor", "unknown")
@@ -23,6 +37,28 @@ TABLES: dict[str, dict[str, tuple[str, ...]]] = {
     "exposures": {"required": ("order_id", "slot", "action_id"), "optional": ("propensity", "reward")},
     "incidents": {"required": ("customer_id", "type", "ts"), "optional": ("order_id",)},
 }
+
+# ``ctx_*`` context columns: each becomes model features, so their names and
+# number are bounded wherever they enter (data files, the API, the decision
+# log): 3,000 fields or 60 KB names on 40 orders made training take 6 GB.
+_CTX_NAME = re.compile(r"ctx_[A-Za-z0-9_]{1,60}")
+MAX_CTX_FIELDS = 32
+_SHOWN = 64
+
+
+def context_problems(names: Iterable[str]) -> list[tuple[str, str]]:
+    """``(name, reason)`` for every refused ``ctx_*`` name, and for the first one past the limit.
+
+    Names are shortened to 64 characters, so that the error stays one line.
+    """
+    ctx = [n for n in names if n.startswith("ctx_")]
+    shown = [n if len(n) <= _SHOWN else n[:_SHOWN - 3] + "..." for n in ctx]
+    out = [(s, "a context field's name must be ctx_ followed by 1 to 60 letters, digits or '_'")
+           for n, s in zip(ctx, shown) if not _CTX_NAME.fullmatch(n)]
+    if len(ctx) > MAX_CTX_FIELDS:
+        out.append((shown[MAX_CTX_FIELDS], f"too many context fields: at most {MAX_CTX_FIELDS} ctx_* names"))
+    return out
+
 
 # Derived, point-in-time features of an order, by kind. "category" values are
 # strings, "number" floats (NaN = not known yet), "bool" booleans, "set" a

@@ -3,8 +3,17 @@
 The clustering space is deliberately small and behavioural (spend, frequency,
 recency, tenure, returns, NPS, lapse, repurchase propensity) so that the
 groups differ in ways a marketer recognises, and each name is read off the
-group's profile *relative to the whole base*: "high-value" means well above
-this shop's average, not above some universal threshold.
+group's profile. Value and frequency words are *relative to the whole base*
+("high-value" means well above this shop's average); the word for coming
+back is absolute as well, because a marketer reads "likely to return" as a
+probability: a segment where one in ten comes back is never called that,
+however low the shop's average is.
+
+A customer's journey stage here is the stage of their latest order (SPEC:
+first order "new", 2nd-3rd "developing", 4th or later "loyal", "lapsed"
+when the last order is more than ``lapse_days`` old), so that a one-order
+customer is "new". The customer frame's ``journey_stage`` is the stage a
+*next* order would have (what the policy sees), one step ahead.
 """
 
 from __future__ import annotations
@@ -19,12 +28,23 @@ from threadpoolctl import threadpool_limits
 from insertrec.errors import DataError, Problem
 from insertrec.schema import JOURNEY_STAGES, NPS_TIERS
 
+__all__ = ["LIKELY", "REQUIRED_COLUMNS", "SEGMENTS_CSV_COLUMNS", "UNLIKELY", "SegmentModel", "customer_stage"]
+
 REQUIRED_COLUMNS: tuple[str, ...] = ("customer_id", "prior_orders", "recency_days", "tenure_days",
                                      "total_spend", "nps_tier", "journey_stage", "p_repeat",
                                      "expected_orders")
 SEGMENTS_CSV_COLUMNS: tuple[str, ...] = ("customer_id", "segment_id", "segment_name", "nps_tier",
                                          "journey_stage", "p_repeat", "expected_orders")
 _NPS_VALUE = {"promoter": 1.0, "passive": 0.0, "detractor": -1.0}
+LIKELY, UNLIKELY = 0.5, 0.2   # P(order again within the horizon) behind "likely" / "unlikely to return"
+
+
+def customer_stage(frame: pd.DataFrame) -> pd.Series:
+    """Each customer's journey stage by the orders placed so far (see the module docstring)."""
+    orders = pd.to_numeric(frame["prior_orders"], errors="coerce").fillna(1.0).to_numpy()
+    lapsed = (frame["journey_stage"].astype("string") == "lapsed").fillna(False).to_numpy(dtype=bool)
+    stage = np.select([lapsed, orders <= 1, orders <= 3], ["lapsed", "new", "developing"], "loyal")
+    return pd.Series(stage, index=frame.index, dtype="string")
 _PLURAL = {"promoter": "promoters", "passive": "passives", "detractor": "detractors"}
 
 
@@ -108,7 +128,7 @@ class SegmentModel(BaseEstimator):
                 labels = KMeans(k, n_init=self.n_init, random_state=self.random_state).fit_predict(sample)
                 scores[k] = silhouette_score(sample, labels) if len(np.unique(labels)) > 1 else -1.0
             # Too few distinct customers for the range: one segment, no silhouette to speak of.
-            self.k_ = max(scores, key=scores.get) if scores else 1
+            self.k_ = max(scores, key=lambda k: scores[k]) if scores else 1
             self.silhouette_ = float(scores[self.k_]) if scores else float("nan")
             self.kmeans_ = KMeans(self.k_, n_init=self.n_init, random_state=self.random_state).fit(x)
         labels = self.kmeans_.labels_
@@ -137,7 +157,8 @@ class SegmentModel(BaseEstimator):
     def segments_csv(self, frame: pd.DataFrame) -> pd.DataFrame:
         """SPEC's ``segments.csv``: one row per customer."""
         seg = self.predict(frame)
-        out = frame.loc[:, ["customer_id", "nps_tier", "journey_stage", "p_repeat", "expected_orders"]].copy()
+        out = frame.loc[:, ["customer_id", "nps_tier", "p_repeat", "expected_orders"]].copy()
+        out["journey_stage"] = customer_stage(frame)
         out.insert(1, "segment_id", seg)
         out.insert(2, "segment_name", np.asarray(self.names_, dtype=object)[seg])
         return out.loc[:, list(SEGMENTS_CSV_COLUMNS)].reset_index(drop=True)
@@ -163,7 +184,7 @@ class SegmentModel(BaseEstimator):
         out.insert(1, "share", out["customers"] / len(frame))
         out.insert(3, "mean_order_value", out["mean_value"] / out["orders_per_customer"])
         nps = _mix(frame["nps_tier"], labels, NPS_TIERS).add_prefix("nps_")
-        stage = _mix(frame["journey_stage"], labels, JOURNEY_STAGES).add_prefix("stage_")
+        stage = _mix(customer_stage(frame), labels, JOURNEY_STAGES).add_prefix("stage_")
         out = out.join(nps).join(stage).reindex(range(self.k_)).fillna({"customers": 0, "share": 0.0})
         out.index.name = None
         out.insert(0, "segment_id", np.arange(self.k_))
@@ -190,10 +211,10 @@ def _names(profile: pd.DataFrame, base: dict[str, float]) -> list[str]:
     heads, extras = [], []
     for _, seg in profile.iterrows():
         stage_shares = seg[[f"stage_{s}" for s in JOURNEY_STAGES]].astype(float)
-        stage = stage_shares.idxmax().removeprefix("stage_")
+        stage = str(stage_shares.idxmax()).removeprefix("stage_")
         stage_word = stage.capitalize() if stage_shares.max() >= 0.5 else "Mixed"
         known = seg[[f"nps_{t}" for t in _PLURAL]].astype(float)
-        tier = known.idxmax().removeprefix("nps_")
+        tier = str(known.idxmax()).removeprefix("nps_")
         value = _ratio(seg["mean_value"], base["mean_value"])
         value_word = "high-value " if value >= 1.5 else "low-value " if value <= 0.6 else ""
         if known.max() >= 0.4:
@@ -210,11 +231,9 @@ def _names(profile: pd.DataFrame, base: dict[str, float]) -> list[str]:
         returns = _ratio(seg["return_rate"], base["return_rate"])
         if returns >= 1.5 and seg["return_rate"] > 0.05:
             qualifiers.append((np.log(returns), "high returns"))
-        back = _ratio(seg["p_repeat"], base["p_repeat"])
-        if back >= 1.3:
-            qualifiers.append((np.log(back), "likely to return"))
-        elif back <= 0.7:
-            qualifiers.append((-np.log(back), "unlikely to return"))
+        back = _return_word(seg["p_repeat"], base["p_repeat"])
+        if back:
+            qualifiers.append(back)
         if value_word == "" and (value >= 1.2 or value <= 0.8):
             qualifiers.append((abs(np.log(value)), "above-average spend" if value > 1 else "below-average spend"))
         extras.append([word for _, word in sorted(qualifiers, reverse=True)])
@@ -231,19 +250,37 @@ def _names(profile: pd.DataFrame, base: dict[str, float]) -> list[str]:
     return unique
 
 
+def _return_word(p: float, base: float) -> tuple[float, str] | None:
+    """The qualifier for coming back, with its weight: absolute words where the figure earns them
+    (at least ``LIKELY``, below ``UNLIKELY``), else relative to the base; None if unremarkable."""
+    if not np.isfinite(p):
+        return None
+    ratio = _ratio(p, base)
+    weight = abs(np.log(ratio)) if ratio > 0 else 1.0
+    if p >= LIKELY:
+        return max(weight, 0.3), "likely to return"
+    if p < UNLIKELY and ratio <= 1.0:
+        return max(weight, 0.3), "unlikely to return"
+    if ratio >= 1.3:
+        return weight, "more likely than most to return"
+    if ratio <= 0.7:
+        return weight, "less likely than most to return"
+    return None
+
+
 def _descriptions(profile: pd.DataFrame, base: dict[str, float]) -> list[str]:
     """One sentence per segment, in the marketer's terms."""
     out = []
     for _, seg in profile.iterrows():
         stage = seg[[f"stage_{s}" for s in JOURNEY_STAGES]].astype(float)
         nps = seg[[f"nps_{t}" for t in NPS_TIERS]].astype(float)
-        tier = nps.idxmax().removeprefix("nps_")
+        tier = str(nps.idxmax()).removeprefix("nps_")
         nps_words = (f"{nps.max():.0%} never answered the NPS survey" if tier == "unknown"
                      else f"{nps.max():.0%} {_PLURAL[tier]}")
         value = _ratio(seg["mean_value"], base["mean_value"])
         out.append(
             f"{seg['orders_per_customer']:.1f} orders and {seg['mean_value']:,.0f} spent per customer "
-            f"({value:.1f}x the average); {stage.max():.0%} {stage.idxmax().removeprefix('stage_')}; "
+            f"({value:.1f}x the average); {stage.max():.0%} {str(stage.idxmax()).removeprefix('stage_')}; "
             f"{nps_words}; {seg['p_repeat']:.0%} likely to order again within the horizon."
         )
     return out

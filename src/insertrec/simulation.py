@@ -11,6 +11,8 @@ policy's, random's and the all-default control's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from insertrec.engine import Engine
@@ -20,14 +22,21 @@ from insertrec.policy import Policy
 from insertrec.world import World
 
 
-def simulate(engine: Engine, world: World, orders: int = 5000, seed: int = 1) -> dict[str, float]:
-    """True per-order value of each policy on ``orders`` fresh orders (SPEC's `simulate` keys)."""
+def simulate(engine: Engine, world: World, orders: int = 5000, seed: int = 1,
+             progress: Callable[[str], None] = lambda step: None) -> dict[str, float]:
+    """True per-order value of each policy on ``orders`` fresh orders (SPEC's `simulate` keys).
+
+    ``progress`` is told as each stage starts (the CLI prints it: a run on many
+    orders takes minutes, most of it simulating the customers' histories)."""
     policy = engine.policy
+    progress(f"simulating {orders} fresh orders and their customers' histories")
     evaluation = world.evaluation_set(orders, seed)
+    progress("features")
     feats = order_features(evaluation.data, engine.params)
     feats = feats.set_index(feats["order_id"].astype(str)).loc[list(map(str, evaluation.order_ids))]
     feats = feats.reset_index(drop=True)
     combos = policy.combos
+    progress("every box's true value")
     truth = world.expected_reward(evaluation.hidden, combos)
     batch = policy.decide_frame(feats)
     logging = evaluation.logging_propensities()

@@ -28,10 +28,22 @@ from insertrec.data import ORDER_DTYPES
 from insertrec.errors import InsertrecError, ModelError
 from insertrec.schema import TABLES
 
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_MODEL_NAME",
+    "MODEL_DIR_ARTIFACT",
+    "Progress",
+    "RunInfo",
+    "client",
+    "load_mlflow",
+    "log_training_run",
+    "tracking_uri",
+]
+
 DEFAULT_EXPERIMENT = "insertrec"
 DEFAULT_MODEL_NAME = "insertrec"
 MODEL_DIR_ARTIFACT = "model_dir"    # the model directory's key among the pyfunc's artifacts
-RUN_ARTIFACTS = ("manifest.json", "catalog.yaml", "segments.csv", "report.html", "ope.json")
+_RUN_ARTIFACTS = ("manifest.json", "catalog.yaml", "segments.csv", "report.html", "ope.json")
 _MLFLOW_TYPES = {"str": "string", "float64": "double", "bool": "boolean"}
 _NOT_AT_DECISION_TIME = ("returned_value",)  # known only weeks after the parcel left
 
@@ -99,8 +111,8 @@ class Progress:
 class RunInfo:
     run_id: str
     experiment_id: str
-    model_uri: str          # the logged model (``models:/m-...``)
-    version: str | None     # registered version, None when not registered
+    model_uri: str | None   # the logged model (``models:/m-...``); None without a policy (no catalog)
+    version: str | None     # registered version, None when not registered (or nothing to register)
 
 
 def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dict[str, float],
@@ -117,39 +129,49 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
     a NaN metric hides real ones in the UI's charts). Inside ``mlflow run``
     (``MLFLOW_RUN_ID`` set) the run it created is used, in its experiment;
     otherwise a new run in ``experiment`` (default ``insertrec``).
+    A model trained without a catalog has no policy: its run gets the params,
+    metrics and artifacts (segments.csv, report.html), and nothing is logged
+    as a model or registered.
     ``input_example``: a few real orders to show in the model's page
     (default: one made-up order at the model's cutoff).
     """
     root = Path(model_dir)
     manifest = modeldir.verify(root)
-    from insertrec.engine import Engine
-
-    engine = Engine.load(root)
-    example = _example_orders(engine, manifest) if input_example is None else input_example
     mlflow = load_mlflow()
     from mlflow.exceptions import MlflowException
 
     try:
         experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else _experiment_id(experiment)
         with mlflow.start_run(experiment_id=experiment_id, run_name=manifest.get("version")) as run:
+            if experiment_id is None:
+                _warn_if_misplaced(run.info.experiment_id, experiment)
             resolved = {key: manifest[key] for key in ("version", "cutoff", "catalog_sha256", "data_fingerprint")
                         if key in manifest}
             mlflow.log_params(_unlogged(_flatten(params | resolved), run.data.params))
-            logged = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(__file__).with_name("pyfunc.py")),
-                artifacts={MODEL_DIR_ARTIFACT: str(root)}, signature=_signature(engine),
-                input_example=example, pip_requirements=_requirements(manifest))
+            logged = _log_pyfunc(mlflow, root, manifest, input_example) if modeldir.has_policy(manifest) else None
             finite = _finite(metrics)
             if finite:
-                mlflow.log_metrics(finite, model_id=logged.model_id)
-            for name in RUN_ARTIFACTS:
+                mlflow.log_metrics(finite, model_id=logged.model_id if logged else None)
+            for name in _RUN_ARTIFACTS:
                 if (root / name).is_file():
                     mlflow.log_artifact(str(root / name))
         version = _register(register_as, logged.model_uri, manifest, finite) \
-            if register_as else None
+            if register_as and logged else None
     except MlflowException as err:
         raise ModelError(f"MLflow at {tracking_uri()}: {_first_line(err)}") from None
-    return RunInfo(run.info.run_id, run.info.experiment_id, logged.model_uri, version)
+    return RunInfo(run.info.run_id, run.info.experiment_id, logged.model_uri if logged else None, version)
+
+
+def _log_pyfunc(mlflow: ModuleType, root: Path, manifest: dict[str, Any], input_example: pd.DataFrame | None) -> Any:
+    """The model directory as a pyfunc that decides, with its signature and an input example."""
+    from insertrec.engine import Engine
+
+    engine = Engine.load(root)
+    example = _example_orders(engine, manifest) if input_example is None else input_example
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=str(Path(__file__).with_name("pyfunc.py")),
+        artifacts={MODEL_DIR_ARTIFACT: str(root)}, signature=_signature(engine),
+        input_example=example, pip_requirements=_requirements(manifest))
 
 
 def _experiment_id(name: str | None) -> str:
@@ -164,10 +186,19 @@ def _experiment_id(name: str | None) -> str:
     return found.experiment_id
 
 
-def _register(name: str, model_uri: str, manifest: dict, metrics: dict[str, float]) -> str:
+def _warn_if_misplaced(experiment_id: str, wanted: str | None) -> None:
+    """``mlflow run`` creates the run before insertrec starts, in MLflow's Default experiment unless
+    told otherwise; the run cannot be moved, so say how to put the next one with the others."""
+    if client().get_experiment(experiment_id).name == "Default":
+        print(f"[insertrec] warning: `mlflow run` put this run in MLflow's Default experiment; pass "
+              f"--experiment-name {wanted or DEFAULT_EXPERIMENT} to mlflow run to keep runs together",
+              file=sys.stderr)
+
+
+def _register(name: str, model_uri: str, manifest: dict[str, Any], metrics: dict[str, float]) -> str:
     """A new version of ``name`` carrying what promotion and audits look up without opening the run."""
     mlflow = load_mlflow()
-    tags = {key: str(manifest[key]) for key in ("catalog_sha256", "data_fingerprint", "cutoff")
+    tags: dict[str, str] = {key: str(manifest[key]) for key in ("catalog_sha256", "data_fingerprint", "cutoff")
             if key in manifest}
     tags |= {"insertrec_version": str(manifest.get("version", "")),
              **{f"metric.{key}": repr(value) for key, value in metrics.items()}}
@@ -182,7 +213,7 @@ def _signature(engine: Any) -> Any:
     """Orders in (the ``orders`` columns a decision can use; ``ctx_*`` as the shop sends them),
     decisions out. ``order_ts`` is ISO 8601 text: MLflow's datetime type drops time zones."""
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     orders = TABLES["orders"]
     columns: list[ColSpec | TensorSpec] = [ColSpec("string" if name == "order_ts" else _MLFLOW_TYPES[ORDER_DTYPES[name]], name,
@@ -192,10 +223,12 @@ def _signature(engine: Any) -> Any:
     outputs: list[ColSpec | TensorSpec] = [
         ColSpec("string", "order_id"), ColSpec("string", "slot"), ColSpec("string", "action_id"),
         ColSpec("double", "propensity"), ColSpec("string", "policy")]
-    return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs))
+    # ``layout``: "per_order" gives one row per input row (for ``mlflow.pyfunc.spark_udf``), see pyfunc.py
+    return ModelSignature(inputs=Schema(columns), outputs=Schema(outputs),
+                          params=ParamSchema([ParamSpec("layout", "string", "per_slot")]))
 
 
-def _example_orders(engine: Any, manifest: dict) -> pd.DataFrame:
+def _example_orders(engine: Any, manifest: dict[str, Any]) -> pd.DataFrame:
     """One plausible order, placed at the model's cutoff (the engine refuses orders before it)."""
     when = manifest.get("cutoff") or pd.Timestamp.now(tz="UTC").isoformat()
     return pd.DataFrame({"order_id": ["example-order"], "customer_id": ["example-customer"],
@@ -203,7 +236,7 @@ def _example_orders(engine: Any, manifest: dict) -> pd.DataFrame:
                          "n_items": [2.0], "channel": ["web"], "is_gift": [False]})
 
 
-def _requirements(manifest: dict) -> list[str]:
+def _requirements(manifest: dict[str, Any]) -> list[str]:
     """Pinned from the manifest, so MLflow does not spend seconds re-importing the model to guess."""
     libs = manifest.get("libraries", {})
     pinned = [f"{name}=={libs[name]}" for name in ("numpy", "pandas", "scikit-learn", "joblib")

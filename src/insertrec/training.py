@@ -27,7 +27,7 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.evaluation import LoggedOrders, evaluate, judge_for, logged_orders, rules_actions, worse_slots
 from insertrec.policy import Policy
-from insertrec.report import render_report
+from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
 from insertrec.valuemodel import ValueModel
 
@@ -111,44 +111,23 @@ def _judged_on_holdout(candidate: Policy, feats: pd.DataFrame, holdout: LoggedOr
     return deferred, ope_metrics, ope_report
 
 
-def _treatments(policy: Policy, feats: pd.DataFrame, segment_of: pd.Series,
-                names: dict[int, str]) -> pd.DataFrame:
-    """What each segment receives under the policy, on its customers' recent orders."""
-    recent = feats.groupby("customer_id", sort=False).tail(1)
-    batch = policy.decide_frame(recent, explore=False)
-    seg = segment_of.reindex(recent["customer_id"].astype(str)).to_numpy()
-    rows = []
-    for s, slot in enumerate(policy.slot_names):
-        actions = batch.greedy[:, s]
-        frame = pd.DataFrame({"segment_id": seg, "action": actions}).dropna()
-        shares = frame.groupby("segment_id")["action"].value_counts(normalize=True)
-        for (segment_id, a), share in shares.items():
-            act = policy.catalog.slots[slot].actions[int(a)]
-            why = ("marketer's playbook" if policy.value_model is None
-                   else "highest estimated net value for these customers")
-            rows.append({"segment_id": int(segment_id), "slot": slot, "action_id": act.id,
-                         "action_name": act.name, "share": float(share), "why": why})
-    return pd.DataFrame(rows, columns=["segment_id", "slot", "action_id", "action_name", "share", "why"])
-
-
 def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
           progress: Callable[[str], None] = lambda step: None) -> TrainResult:
-    """Learn segments, repurchase propensity and the box policy; write the model directory."""
+    """Learn segments, repurchase propensity and, given a catalog, the box policy; write the model directory.
+
+    Without a catalog (SPEC: only ``orders`` is required) the model directory
+    holds the customers' side alone (segments.csv, report.html, the manifest)
+    and no engine: everything that decides refuses it with a ModelError.
+    """
     catalog = data.catalog
-    if catalog is None:
-        raise InsertrecError(f"{data.source or 'data directory'}: catalog.yaml is required to train "
-                             "(the policy chooses among its actions)")
     cutoff = _cutoff(data, config)
     history = history_before(data, cutoff)
     if history.orders.empty:
         raise InsertrecError(f"--cutoff {cutoff.isoformat()}: no orders before the cutoff")
-    notes: list[str] = []
+    notes: list[str] = [] if catalog is not None else [_no_catalog_note(data)]
     progress("features")
     params = features.FeatureParams.fit(history, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
                                         lapse_days=config.lapse_days)
-    feats = features.order_features(history, params)
-    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
-    rewards = features.order_rewards(history, horizon_days=config.horizon_days, costs=costs)
 
     progress("repurchase propensity")
     snapshot = features.Snapshot.build(history, params, as_of=cutoff)
@@ -163,12 +142,36 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     segment_of = customers.set_index(customers["customer_id"].astype(str))["segment_id"]
 
     fingerprint = history.fingerprint()
-    version = _version(fingerprint, catalog.sha256, config)
-    policy = Policy(catalog, epsilon=config.epsilon, version=version)
+    catalog_sha = catalog.sha256 if catalog is not None else None
+    version = _version(fingerprint, catalog_sha or "", config)
     metrics: dict[str, float] = {**repeat.metrics, "segments_k": float(seg_model.k_),
                                  "silhouette": float(seg_model.silhouette_)}
-    ope_report: dict = {}
+    info = {"version": version, "cutoff": cutoff.isoformat(), "catalog_sha256": catalog_sha,
+            "data_fingerprint": fingerprint, "metrics": metrics, "params": asdict(config), "notes": notes}
+    seg_csv = seg_model.segments_csv(customers).to_csv(index=False)
+
+    def report_files(policy: Policy | None = None, feats: pd.DataFrame | None = None,
+                     ope: dict | None = None) -> dict[str, str]:
+        facts = build_report(seg_model.profiles(), customers, shop=Path(data.source or "").name, period={
+            "as_of": cutoff, "data_from": history.orders["order_ts"].min(),
+            "data_to": history.orders["order_ts"].max(), "horizon_days": config.horizon_days},
+            metrics=metrics, ope=ope, policy=policy, feats=feats, version=version)
+        return {"segments.csv": seg_csv, "report.html": render_report(facts),
+                "report.json": json.dumps(facts, indent=2, allow_nan=False)}
+
+    if catalog is None:
+        progress("report")
+        files = report_files()
+        progress("save")
+        manifest = modeldir.save(out, {}, files, info | {"feature_list": [], "policy": None})
+        return TrainResult(Path(out), metrics, manifest, notes)
+
     progress("policy")
+    feats = features.order_features(history, params)
+    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+    rewards = features.order_rewards(history, horizon_days=config.horizon_days, costs=costs)
+    policy = Policy(catalog, epsilon=config.epsilon, version=version)
+    ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
     if logged.propensity_source != "logged" and len(logged):
         notes.append(f"propensities were {logged.propensity_source}: estimated from the order features "
@@ -195,22 +198,25 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     ope_report["notes"] = notes
 
     progress("report")
-    seg_csv = seg_model.segments_csv(customers)
-    treatments = _treatments(policy, feats, segment_of, names)
-    html = render_report(seg_model.profiles(), customers, treatments=treatments, metrics=metrics,
-                         title=f"insertrec segments, model {version}")
+    files = report_files(policy, feats, ope_report)
     progress("save")
-    info = {"version": version, "cutoff": cutoff.isoformat(), "catalog_sha256": catalog.sha256,
-            "data_fingerprint": fingerprint, "feature_list": policy.encoder.feature_names_
-            if policy.encoder is not None else [], "metrics": metrics, "params": asdict(config),
-            "policy": policy.name, "notes": notes}
+    info |= {"feature_list": policy.encoder.feature_names_ if policy.encoder is not None else [],
+             "policy": policy.name}
     segments_map = {cid: names[int(sid)] for cid, sid in segment_of.items()}
     manifest = modeldir.save(out, {"engine": {"policy": policy, "params": params, "snapshot": snapshot,
                                               "segments": segments_map}},
-                             {"catalog.yaml": catalog.text, "segments.csv": seg_csv.to_csv(index=False),
-                              "report.html": html, "ope.json": json.dumps(ope_report, indent=2, default=str)},
+                             {"catalog.yaml": catalog.text, **files,
+                              "ope.json": json.dumps(ope_report, indent=2, default=str)},
                              info)
     return TrainResult(Path(out), metrics, manifest, notes)
+
+
+def _no_catalog_note(data: Dataset) -> str:
+    target = Path(data.source) / "catalog.yaml" if data.source else Path("catalog.yaml")
+    edit = "edit it so that its action ids are the ones exposures names" if len(data.exposures) else "edit it"
+    return ("no catalog.yaml, so no policy (it chooses among the catalog's actions): learned segments and "
+            f"repurchase propensity only; to add one, run `insertrec init-catalog --out {target}`, {edit}, "
+            "and train again")
 
 
 def _version(fingerprint: str, catalog_sha: str, config: TrainConfig) -> str:

@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["ActionSpace", "BoxGrid", "ValueModel", "box_statistics"]
+__all__ = ["ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -70,7 +70,7 @@ class ActionSpace:
         return [(s, t) for s in range(k) for t in range(s + 1, k)]
 
 
-class _Layout:
+class _ThetaLayout:
     """Where each parameter sits in theta, i.e. which column of the design holds which term.
 
     theta is [w0 (d) | slot 0's W block | slot 1's ... | beta (one per slot) | P of each slot
@@ -119,7 +119,7 @@ def box_statistics(phi: np.ndarray, actions: np.ndarray, rules: np.ndarray, rewa
     ~(p / (d + k + 1))^2 (about 200 here) fewer operations.
     """
     n, d = phi.shape
-    layout = _Layout(space, d)
+    layout = _ThetaLayout(space, d)
     combos = space.combos
     key = groups * len(combos) + np.ravel_multi_index(tuple(actions.T), space.sizes)
     order = np.argsort(key, kind="stable")
@@ -139,6 +139,34 @@ def box_statistics(phi: np.ndarray, actions: np.ndarray, rules: np.ndarray, rewa
         gram[group][np.ix_(cols, cols)] += m[np.ix_(src, src)]
         moment[group][cols] += v[src]
     return gram, moment
+
+
+@dataclass(frozen=True)
+class FoldStatistics:
+    """What the ridge fit needs of the logged rows, per cross-validation fold: X^T W X,
+    X^T W y and y^T W y of the target (reward less the boosted offset), and the row count,
+    sum and sum of squares of the raw rewards (their scale sets the playbook prior).
+    Sums, so the statistics of pieces of the rows add up to those of all of them."""
+
+    gram: np.ndarray        # (folds, p, p)
+    moment: np.ndarray      # (folds, p)
+    square: np.ndarray      # (folds,)
+    rows: int
+    reward_sum: float
+    reward_square: float
+    n_features: int
+
+    @classmethod
+    def of(cls, phi: np.ndarray, actions: np.ndarray, rules: np.ndarray, rewards: np.ndarray, target: np.ndarray,
+           weights: np.ndarray, space: ActionSpace, fold: np.ndarray, folds: int) -> FoldStatistics:
+        gram, moment = box_statistics(phi, actions, rules, target, weights, space, fold, folds)
+        return cls(gram, moment, np.bincount(fold, weights=weights * target ** 2, minlength=folds),
+                   len(rewards), float(rewards.sum()), float((rewards ** 2).sum()), phi.shape[1])
+
+    def __add__(self, other: FoldStatistics) -> FoldStatistics:
+        return FoldStatistics(self.gram + other.gram, self.moment + other.moment, self.square + other.square,
+                              self.rows + other.rows, self.reward_sum + other.reward_sum,
+                              self.reward_square + other.reward_square, self.n_features)
 
 
 class BoxGrid:
@@ -249,7 +277,7 @@ class ValueModel:
 
     # -- parameters -----------------------------------------------------------
     def _unpack(self, theta: np.ndarray) -> None:
-        layout = _Layout(self.space_, self.n_features_)
+        layout = _ThetaLayout(self.space_, self.n_features_)
         d, sizes = self.n_features_, self.space_.sizes
         self.w0_ = theta[:d]
         self.W_ = []
@@ -279,27 +307,77 @@ class ValueModel:
 
     def _fit(self, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray, space: ActionSpace,
              rules: np.ndarray, pscore: np.ndarray | None) -> ValueModel:
-        self.space_ = space
-        self.n_features_ = phi.shape[1]
         rewards = np.asarray(rewards, dtype=float)
+        fold = self.folds_of(len(rewards))
+        self.offset_: list = []
+        target = rewards
+        if self.boosted_baseline:
+            self.fit_offset([(phi[rows], rewards[rows]) for rows in self.offset_rows(fold)])
+            target = rewards - self.fold_offset(phi, fold)
+        weights = self.importance_weights(pscore)
+        stats = FoldStatistics.of(phi, actions, rules, rewards, target,
+                                  np.ones(len(rewards)) if weights is None else weights, space, fold, self.folds)
+        return self.fit_statistics(stats, space)
+
+    # -- the steps of a fit, for callers that hold the rows in pieces (Spark partitions) --------
+    def folds_of(self, n: int) -> np.ndarray:
+        """Each of ``n`` logged rows' cross-validation fold, by position."""
+        return np.random.default_rng(self.random_state).integers(0, self.folds, n)
+
+    def importance_weights(self, pscore: np.ndarray | None, mean_inverse: float | None = None) -> np.ndarray | None:
+        """Clipped inverse-propensity weights normalised to mean 1 (None: unweighted).
+        ``mean_inverse``: the mean of ``1 / pscore`` over all rows when ``pscore`` is a piece."""
         if pscore is None or self.max_weight is None:
-            w = np.ones(len(rewards))
-        else:
-            w = 1.0 / np.asarray(pscore, dtype=float)
-            w = np.minimum(w / w.mean(), self.max_weight)
-        self.reward_scale_ = float(rewards.std()) or 1.0
-        layout = _Layout(space, phi.shape[1])
+            return None
+        w = 1.0 / np.asarray(pscore, dtype=float)
+        return np.minimum(w / (w.mean() if mean_inverse is None else mean_inverse), self.max_weight)
+
+    def offset_rows(self, fold: np.ndarray) -> list[np.ndarray]:
+        """Per fold, the rows (positions) its boosted baseline learns from: the other folds'
+        rows, at most ``_OFFSET_ROWS`` of them drawn at random."""
+        rng = np.random.default_rng(self.random_state)
+        out = []
+        for f in range(self.folds):
+            train = np.flatnonzero(fold != f)
+            out.append(rng.choice(train, _OFFSET_ROWS, replace=False) if len(train) > _OFFSET_ROWS else train)
+        return out
+
+    def fit_offset(self, samples: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """The cross-fitted boosted baseline: per fold, a model of ``(phi, rewards)`` of its
+        `offset_rows`. The fold models are kept, and `baseline` averages them for new orders
+        rather than fitting one more model on all rows: no extra fit, and the average of
+        models that each saw most of the rows is as good a nuisance."""
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        self.offset_ = []
+        with threadpool_limits(1):
+            for phi, rewards in samples:
+                model = HistGradientBoostingRegressor(max_iter=150, learning_rate=0.08, max_leaf_nodes=15,
+                                                      min_samples_leaf=40, random_state=self.random_state)
+                self.offset_.append(model.fit(phi, rewards))
+
+    def fold_offset(self, phi: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """Each row's baseline offset from the model of its own fold, which did not see it."""
+        out = np.empty(len(phi))
+        with threadpool_limits(1):
+            for f, model in enumerate(self.offset_):
+                out[fold == f] = in_blocks(model.predict, phi[fold == f])
+        return out
+
+    def fit_statistics(self, stats: FoldStatistics, space: ActionSpace) -> ValueModel:
+        """The ridge fit from per-fold sufficient statistics alone: the two strengths chosen by
+        the folds' cross-validated error, then the solve on all folds."""
+        self.space_ = space
+        self.n_features_ = d = stats.n_features
+        n = stats.rows
+        mean = stats.reward_sum / n if n else 0.0
+        self.reward_scale_ = float(np.sqrt(max(stats.reward_square / n - mean ** 2, 0.0))) if n else 0.0
+        self.reward_scale_ = self.reward_scale_ or 1.0
+        layout = _ThetaLayout(space, d)
         prior = np.zeros(layout.size)
         prior[layout.beta:layout.beta + len(space.sizes)] = self.rule_prior * self.reward_scale_
-        # Per-fold sufficient statistics: the cross-validated error of any theta follows from them alone.
-        fold = np.random.default_rng(self.random_state).integers(0, self.folds, len(rewards))
-        self.offset_: list = []
-        if self.boosted_baseline:
-            rewards = rewards - self._fit_offset(phi, rewards, fold)
-        gram, moment = box_statistics(phi, actions, rules, rewards, w, space, fold, self.folds)
-        square = np.bincount(fold, weights=w * rewards ** 2, minlength=self.folds)
-        n = len(rewards)
-        is_action = np.arange(layout.size) >= phi.shape[1]
+        gram, moment, square = stats.gram, stats.moment, stats.square
+        is_action = np.arange(layout.size) >= d
 
         def solve(g: np.ndarray, m: np.ndarray, alphas: tuple[float, float], rows: float) -> np.ndarray:
             lam = rows * np.where(is_action, alphas[1], alphas[0])
@@ -308,41 +386,21 @@ class ValueModel:
             a[np.diag_indices_from(a)] += lam + 1e-9
             return scipy.linalg.solve(a, m + lam * prior, assume_a="pos")
 
-        grid = [(a, b) for a in self.alphas for b in self.action_alphas]
-        errors = []
-        for alphas in grid:
-            err = 0.0
-            for f in range(self.folds):
-                theta = solve(gram.sum(0) - gram[f], moment.sum(0) - moment[f], alphas,
-                              n * (self.folds - 1) / self.folds)
-                err += square[f] - 2 * theta @ moment[f] + theta @ gram[f] @ theta
-            errors.append(err)
-        self.alpha_ = grid[int(np.argmin(errors))]
-        self.theta_ = solve(gram.sum(0), moment.sum(0), self.alpha_, n)
+        with threadpool_limits(1):
+            grid = [(a, b) for a in self.alphas for b in self.action_alphas]
+            errors = []
+            for alphas in grid:
+                err = 0.0
+                for f in range(self.folds):
+                    theta = solve(gram.sum(0) - gram[f], moment.sum(0) - moment[f], alphas,
+                                  n * (self.folds - 1) / self.folds)
+                    err += square[f] - 2 * theta @ moment[f] + theta @ gram[f] @ theta
+                errors.append(err)
+            self.alpha_ = grid[int(np.argmin(errors))]
+            self.theta_ = solve(gram.sum(0), moment.sum(0), self.alpha_, n)
         self._unpack(self.theta_)
         self._box_grid = None
         return self
-
-    def _fit_offset(self, phi: np.ndarray, rewards: np.ndarray, fold: np.ndarray) -> np.ndarray:
-        """Cross-fitted boosted baseline: each fold's offset comes from a model that did not see it.
-
-        The fold models are kept, and `baseline` averages them for new orders
-        rather than fitting one more model on all rows: no extra fit, and the
-        average of models that each saw most of the rows is as good a nuisance.
-        """
-        from sklearn.ensemble import HistGradientBoostingRegressor
-
-        rng = np.random.default_rng(self.random_state)
-        out = np.empty(len(rewards))
-        for f in range(self.folds):
-            train = np.flatnonzero(fold != f)
-            if len(train) > _OFFSET_ROWS:
-                train = rng.choice(train, _OFFSET_ROWS, replace=False)
-            model = HistGradientBoostingRegressor(max_iter=150, learning_rate=0.08, max_leaf_nodes=15,
-                                                  min_samples_leaf=40, random_state=self.random_state)
-            out[fold == f] = in_blocks(model.fit(phi[train], rewards[train]).predict, phi[fold == f])
-            self.offset_.append(model)
-        return out
 
     # -- predict --------------------------------------------------------------
     @property

@@ -206,6 +206,7 @@ class DecisionLog:
             self._write_worker = ThreadPoolExecutor(1, thread_name_prefix="log-write")
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._write_failed = False   # since the last write failed, until one succeeds (see ping)
 
     # -- lifecycle ----------------------------------------------------------------
     def create(self) -> None:
@@ -423,8 +424,25 @@ class DecisionLog:
             raise self._failed("write", exc) from None
 
     def ping(self) -> None:
-        """Raise LogUnavailable if the log cannot be read."""
+        """Raise LogUnavailable if the log cannot be read, or cannot be written since a write failed.
+
+        A full disk or a read-only file fails every write while reads still
+        work, so a read alone would call the log ready. After a failed write
+        the log counts as down until a write succeeds; this retries one (a
+        one-row update) so that readiness comes back without waiting for a
+        decision, which would not come while the service is not ready.
+        """
         self._fetch(self._sql.ping, {})
+        if self._write_failed:
+            self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms, self._probe_write)
+
+    def _probe_write(self) -> None:
+        try:
+            with self._transaction() as run:
+                if run(self._sql.probe_write, value=int(time.time())).rowcount == 0:
+                    run(self._sql.first_probe_write, value=int(time.time()))
+        except self._errors as exc:
+            raise self._failed("write", exc) from None
 
     # -- plumbing ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -469,6 +487,7 @@ class DecisionLog:
                         cursor.execute("BEGIN IMMEDIATE")
                     yield run
                     conn.commit()
+                    self._write_failed = False
                 except BaseException:
                     with contextlib.suppress(*self._errors):
                         conn.rollback()
@@ -513,6 +532,7 @@ class DecisionLog:
     def _failed(self, what: str, exc: BaseException) -> LogUnavailable:
         """Drop the connection that failed (the next call reconnects) and say why, without internals."""
         attr = "_reader" if what == "read" else "_writer"
+        self._write_failed = self._write_failed or what == "write"
         with self._read_lock if what == "read" else self._write_lock:
             conn = getattr(self, attr)
             if conn is not None:

@@ -1,12 +1,12 @@
 """The engine a worker decides with, and how it is replaced without failing a request.
 
-A request reads `EngineSlot.current` once and decides with that `Loaded`
+A request reads `ModelHolder.current` once and decides with that `Loaded`
 to the end, so a swap (one reference assignment) never changes an engine
 under a request in flight. A new engine is loaded completely in a
 background thread before it is swapped in; if it fails to load, the worker
 keeps what it had (or the catalog's rules) and reports degraded with the
-reason. A model that fails *at decision time* is handled by the caller,
-which answers from ``fallback``.
+reason. A model that fails *at decision time* is answered for by the rules
+in ``fallback`` (see `Loaded.decider`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from functools import cached_property
 from pathlib import Path
 
 from insertrec.catalog import Catalog
+from insertrec.decide import Decider
 from insertrec.engine import Engine
 from insertrec.errors import InsertrecError
 from insertrec.registry import resolve_model
 from insertrec.serving.decisionlog import limited_actions
+
+__all__ = ["Loaded", "ModelHolder"]
 
 _log = logging.getLogger("insertrec.serving")
 
@@ -48,6 +51,16 @@ class Loaded:
     @property
     def version(self) -> str:
         return (self.engine or self.fallback).version
+
+    @cached_property
+    def decider(self) -> Decider:
+        """Where this worker's boxes are decided: the model, and the rules answering for it."""
+        return Decider(self.engine, self.fallback)
+
+    @cached_property
+    def rules(self) -> Decider:
+        """The catalog's rules alone, labelled fallback: what answers while the decision log is down."""
+        return Decider(None, self.fallback)
 
     @cached_property
     def limited(self) -> frozenset[str]:
@@ -76,7 +89,7 @@ class Loaded:
         return int(as_of.value) if as_of is not None else -(2**63)
 
 
-class EngineSlot:
+class ModelHolder:
     """Holds the current `Loaded` of one worker and replaces it on request.
 
     Parameters

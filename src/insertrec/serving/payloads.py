@@ -26,7 +26,11 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from insertrec.schema import context_problems
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -76,7 +80,8 @@ def _utc(ts: datetime | None) -> datetime | None:
 
 
 class OrderIn(BaseModel):
-    """One order, as the `orders` table's columns; ``ctx_*`` fields are passed to the model as they are."""
+    """One order, as the `orders` table's columns; ``ctx_*`` fields (at most 32, named ctx_ and
+    letters, digits or '_', 64 characters in all) are passed to the model as they are."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=256,
                               json_schema_extra={"examples": [{
@@ -98,6 +103,15 @@ class OrderIn(BaseModel):
     nps_score: Score | None = Field(None, description="a fresher NPS answer than the service knows")
 
     _utc = field_validator("order_ts")(_utc)
+
+    @model_validator(mode="after")
+    def _bounded_context(self) -> OrderIn:
+        """ctx_* names become model features: malformed or too many is refused, naming the field."""
+        problems = context_problems(self.__pydantic_extra__ or {})
+        if problems:
+            name, reason = problems[0]
+            raise PydanticCustomError("context_field", "{reason}", {"field": name, "reason": reason})
+        return self
 
     def fingerprint(self) -> str:
         """SHA-256 of the order as validated, keys sorted: the same for a retry of the request
@@ -247,7 +261,9 @@ def first_error(err: ValidationError, prefix: tuple[str | int, ...] = (), tagged
     kind, loc = e["type"], e["loc"]
     if kind == "json_invalid":
         return ErrorDetail(field=None, reason=f"body is not valid JSON ({e['ctx'].get('error', 'parse error')})")
-    if kind.startswith("union_tag"):
+    if kind == "context_field":
+        loc, reason = (*loc, e["ctx"]["field"]), e["ctx"]["reason"]
+    elif kind.startswith("union_tag"):
         loc, reason = ("type",), "expected one of 'redeemed', 'reordered', 'returned', 'nps'"
     else:
         loc = loc[1:] if tagged else loc

@@ -31,7 +31,6 @@ import contextlib
 import copy
 import hashlib
 import logging
-import math
 import time
 import uuid
 from collections import OrderedDict
@@ -53,7 +52,7 @@ from insertrec.serving.decisionlog import (
     Recorded,
     retried,
 )
-from insertrec.serving.hotswap import EngineSlot, Loaded
+from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
 from insertrec.serving.spool import Spool
@@ -85,7 +84,7 @@ class DecisionService:
 
     Parameters
     ----------
-    slot : the worker's engines (hot-swappable).
+    holder : the worker's model (hot-swappable).
     log : the decision log.
     metrics : where stage timings, decisions and fallbacks are counted.
     spool : where decisions go while the log is unavailable.
@@ -94,9 +93,9 @@ class DecisionService:
         saves work, never correctness.
     """
 
-    def __init__(self, slot: EngineSlot, log: DecisionLog, metrics: Metrics, spool: Spool,
+    def __init__(self, holder: ModelHolder, log: DecisionLog, metrics: Metrics, spool: Spool,
                  cache_size: int = 4096):
-        self.slot, self.log, self.metrics, self.spool = slot, log, metrics, spool
+        self.holder, self.log, self.metrics, self.spool = holder, log, metrics, spool
         self.log_down: str | None = None   # why the log failed; set until the spool is replayed
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
@@ -107,7 +106,7 @@ class DecisionService:
 
     async def decide(self, order: OrderIn, watch: Stopwatch) -> tuple[str, bool]:
         """The response JSON for ``order`` and whether it is a stored one (a retry)."""
-        loaded = self.slot.current
+        loaded = self.holder.current
         if loaded is None:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
@@ -128,18 +127,20 @@ class DecisionService:
 
     async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
                       watch: Stopwatch) -> tuple[str, bool]:
+        """State -> decide -> commit, redone with the news when the commit finds an action used up
+        (it becomes unavailable) or the customer moved on (their newer order is folded in)."""
         for _ in range(_MAX_ATTEMPTS):
             known = self._state(loaded, order.customer_id)
-            state = _with_nps(known.state, order, record)
+            state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
-            decision, decision_id, text = self._score(loaded, record, state, frozenset(unavailable))
+            decision = loaded.decider.decide(record, state, frozenset(unavailable))
+            if decision.policy == "fallback":
+                self.metrics.fallbacks.inc()
+            decision_id, text = _body(decision)
             watch.lap("scoring")
             actions = {slot: c.action_id for slot, c in decision.slots.items()}
-            entry = Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
-                          decision.policy, orjson.dumps(record).decode(),
-                          {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
-                          known.last_decision, loaded.as_of_ns,
-                          tuple(a for a in actions.values() if a in loaded.limited), order.fingerprint())
+            entry = _entry(order, record, ts_ns, decision, decision_id, text, known.last_decision, loaded.as_of_ns,
+                           tuple(a for a in actions.values() if a in loaded.limited))
             outcome = await self.commits.submit(entry)
             if isinstance(outcome, OutOfStock):
                 unavailable.add(outcome.action_id)
@@ -168,14 +169,13 @@ class DecisionService:
         known = self._known.get(order.customer_id)
         state = known.state if known is not None and known.loaded is loaded else \
             (loaded.engine or loaded.fallback).state(order.customer_id)
-        state = _with_nps(state, order, record)
+        state = _with_fresher_nps(state, order, record)
         watch.lap("features")
-        decision, decision_id, text = self._rules(loaded, record, state, loaded.counted)
+        decision = loaded.rules.decide(record, state, loaded.counted)
+        self.metrics.fallbacks.inc()
+        decision_id, text = _body(decision)
         watch.lap("scoring")
-        self.spool.append(Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
-                                decision.policy, orjson.dumps(record).decode(),
-                                {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
-                                None, loaded.as_of_ns, (), order.fingerprint()))
+        self.spool.append(_entry(order, record, ts_ns, decision, decision_id, text, None, loaded.as_of_ns, ()))
         watch.lap("logging")
         self.metrics.spooled.inc()
         self.metrics.spool_depth.set(len(self.spool))
@@ -185,39 +185,46 @@ class DecisionService:
     async def replay_spool(self) -> int:
         """Move spooled decisions (this worker's, and those of workers that died) into the log, in
         the order they were made, and return how many were stored. Idempotent: an order already in
-        the log stores nothing. The log is used again for new decisions once everything is in and
-        it answers; until then, on LogUnavailable, the rest stays spooled for the next round."""
+        the log stores nothing. The log is used again for new decisions once everything is in (no
+        await between the spool found empty and the switch) and it answers; until then, on
+        LogUnavailable, the rest stays spooled for the next round."""
         stored = 0
         self.spool.adopt()
         if not len(self.spool) and self.log_down is None:
             return 0
         try:
             self.log.ping()
-            for segment in self.spool.to_replay():
-                while segment.replayed < len(segment.entries):
-                    batch = segment.entries[segment.replayed:segment.replayed + _REPLAY_BATCH]
-                    for entry, result in zip(batch, self.log.record_many(batch)):
-                        if isinstance(result, Recorded) and result.row_id is not None:
-                            stored += 1
-                        elif isinstance(result, Recorded) and result.response_json != entry.response_json:
-                            # a commit given up at its deadline that the server completed after all
-                            _log.warning("the log holds another decision of a spooled order; it keeps that one",
-                                         extra={"event": "spool_superseded", "order_id": entry.order_id})
-                        elif isinstance(result, OrderConflict):
-                            _log.warning("a spooled decision's order_id was decided before for another "
-                                         "order; the log keeps that one", extra={
-                                             "event": "spool_conflict", "order_id": entry.order_id})
-                    segment.replayed += len(batch)
-                    self.metrics.spool_replayed.inc(len(batch))
-                    await asyncio.sleep(0)   # let requests in between batches
-                self.spool.replayed(segment)
-            if self.log_down is not None and not len(self.spool):
+            while segments := self.spool.to_replay():   # decisions keep being spooled meanwhile
+                for segment in segments:
+                    while segment.replayed < len(segment.entries):
+                        batch = segment.entries[segment.replayed:segment.replayed + _REPLAY_BATCH]
+                        stored += self._replay(batch)
+                        segment.replayed += len(batch)
+                        await asyncio.sleep(0)   # let requests in between batches
+                    self.spool.replayed(segment)
+            if self.log_down is not None:
                 self.log_down = None
                 _log.warning("decision log back; spool replayed", extra={"event": "log_back"})
         except LogUnavailable as exc:
             self.log_down = self.log_down or str(exc)
         finally:
             self.metrics.spool_depth.set(len(self.spool))
+        return stored
+
+    def _replay(self, batch: list[Entry]) -> int:
+        """Log one batch of spooled decisions; how many were new to the log."""
+        stored = 0
+        for entry, result in zip(batch, self.log.record_many(batch)):
+            if isinstance(result, Recorded) and result.row_id is not None:
+                stored += 1
+            elif isinstance(result, Recorded) and result.response_json != entry.response_json:
+                # a commit given up at its deadline that the server completed after all
+                _log.warning("the log holds another decision of a spooled order; it keeps that one",
+                             extra={"event": "spool_superseded", "order_id": entry.order_id})
+            elif isinstance(result, OrderConflict):
+                _log.warning("a spooled decision's order_id was decided before for another order; the log "
+                             "keeps that one", extra={"event": "spool_conflict", "order_id": entry.order_id})
+        self.metrics.spool_replayed.inc(len(batch))
         return stored
 
     @contextlib.asynccontextmanager
@@ -273,26 +280,6 @@ class DecisionService:
             self._known.popitem(last=False)
         return known
 
-    def _score(self, loaded: Loaded, record: dict, state: CustomerState,
-               unavailable: frozenset[str]) -> tuple[Decision, str, str]:
-        """Decide with the model; on any failure of it, with the catalog's rules, labelled fallback.
-        Returns the decision, its id and its response JSON."""
-        if loaded.engine is not None:
-            try:
-                decision = loaded.engine.decide(record, state, unavailable)
-                return (decision, *_body(decision))
-            except Exception as exc:
-                _log.error("model failed; answering from the rules", extra={
-                    "event": "model_failed", "order_id": record["order_id"], "error_type": type(exc).__name__,
-                    "model_version": loaded.version})
-        return self._rules(loaded, record, state, unavailable)
-
-    def _rules(self, loaded: Loaded, record: dict, state: CustomerState,
-               unavailable: frozenset[str]) -> tuple[Decision, str, str]:
-        self.metrics.fallbacks.inc()
-        decision = replace(loaded.fallback.decide(record, state, unavailable), policy="fallback")
-        return (decision, *_body(decision))
-
     def _exhausted_now(self) -> set[str]:
         now = time.monotonic()
         if now - self._exhausted_at > _EXHAUSTED_TTL_S:
@@ -301,8 +288,9 @@ class DecisionService:
         return set(self._exhausted)
 
 
-def _with_nps(state: CustomerState, order: OrderIn, record: dict) -> CustomerState:
-    """The state with the caller's fresher NPS answer, known just before this order (a copy)."""
+def _with_fresher_nps(state: CustomerState, order: OrderIn, record: dict) -> CustomerState:
+    """The caller's NPS answer sent with the order, known just before it (a copy: the cached
+    state only takes what the log holds)."""
     if order.nps_score is None:
         return state
     state = copy.copy(state)
@@ -319,12 +307,17 @@ def _repeated(spooled: Entry, order: OrderIn) -> tuple[str, bool]:
     return spooled.response_json, True
 
 
+def _entry(order: OrderIn, record: dict, ts_ns: int, decision: Decision, decision_id: str, text: str,
+           customer_last_id: int | None, since_ns: int, limited: tuple[str, ...]) -> Entry:
+    """The log's entry of a decided order (see `Entry` for what the commit checks)."""
+    return Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version, decision.policy,
+                 orjson.dumps(record).decode(),
+                 {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
+                 customer_last_id, since_ns, limited, order.fingerprint())
+
+
 def _body(decision: Decision) -> tuple[str, str]:
-    """A new decision id and the response JSON. Raises ValueError on a score that is not a
-    finite number: a model producing NaN or infinity has failed."""
-    scores = [score for choice in decision.slots.values() for _, score in choice.alternatives]
-    if not math.isfinite(sum(scores, decision.expected_uplift or 0.0)):
-        raise ValueError("the model produced a score that is not a finite number")
+    """A new decision id and the response JSON."""
     decision_id = str(uuid.uuid4())
     out = {"decision_id": decision_id}
     out.update(decision.as_dict())

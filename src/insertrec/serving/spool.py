@@ -108,10 +108,10 @@ class Spool:
         return self.error
 
     def to_replay(self) -> list[Segment]:
-        """Seal the live segment (later decisions start a new one) and hand out every segment to
-        replay, adopted ones included, oldest first. Only once the log answers: each call starts
-        a new segment file."""
-        if self._live is not None and self._live.entries:
+        """Every segment to replay, adopted ones included, oldest first. Once those are all
+        replayed, the live segment is sealed and handed out (later decisions start a new one):
+        a log that keeps failing leaves one sealed and one live segment, not a file per attempt."""
+        if not self._sealed and self._live is not None and self._live.entries:
             self._sealed.append(self._live)
             self._live = None
         return list(self._sealed)
@@ -132,6 +132,10 @@ class Spool:
             if segment is None:
                 continue
             segment.entries = read_segment(path)
+            if not segment.entries:   # nothing that was answered: a crash before the first line was whole
+                path.unlink()
+                os.close(segment.fd)
+                continue
             for entry in segment.entries:
                 self._index.setdefault(entry.order_id, entry)
             self._sealed.append(segment)

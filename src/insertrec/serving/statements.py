@@ -151,6 +151,9 @@ class Statements:
                                       .values(value=_P("value")))
         self.first_generation = prepare(control.insert().values(key="model_generation", value=1))
         self.ping = prepare(sa.select(sa.literal(1)))
+        #: a one-row write that proves the log can be written again after a failed write
+        self.probe_write = prepare(control.update().where(control.c.key == "write_probe").values(value=_P("value")))
+        self.first_probe_write = prepare(control.insert().values(key="write_probe", value=_P("value")))
         #: every counter as a ``CounterRow``
         self.counters = prepare(sa.select(inventory.c.action_id, inventory.c.stock, inventory.c.used,
                                           inventory.c.budget, inventory.c.spent))

@@ -9,8 +9,10 @@ nothing else in insertrec imports this package, so the local path never pays for
 - `features`: feature parameters from Spark aggregations; each customer's point-in-time
   features and rewards from the project's own feature code, one customer group at a time.
 - `statistics`: the value model's per-block sufficient statistics summed across partitions.
-- `decisions`: batch decisions on Spark through the Engine's own batch decision.
-- `training`: `insertrec train --engine spark`.
+- `decisions`: batch decisions on Spark through the Engine's own batch decision
+  (`insertrec recommend --engine spark`).
+
+Not yet here: `insertrec train --engine spark`, which would join these pieces.
 """
 
 __all__: list[str] = []

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from insertrec.catalog import Catalog
-from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, parse_cells
+from insertrec.data import EXPOSURE_DTYPES, INCIDENT_DTYPES, NPS_DTYPES, ORDER_DTYPES, Dataset, find_tables, parse_cells
 from insertrec.errors import DataError, Problem
 from insertrec.schema import TABLES
 
@@ -76,6 +76,14 @@ def _locate(directory: Path, name: str) -> tuple[Path, str] | None:
         raise DataError([Problem(found[0][0].name, None, None,
                                  f"both {found[0][0].name} and {found[1][0].name} exist; keep only one")])
     return found[0] if found else None
+
+
+def _read_located(spark: SparkSession, directory: Path, name: str) -> tuple[DataFrame, str, list[str]] | None:
+    located = _locate(directory, name)
+    if located is None:
+        return None
+    frame = _read_text(spark, *located)
+    return frame, located[0].name, frame.columns
 
 
 def _read_text(spark: SparkSession, path: Path, fmt: str) -> DataFrame:
@@ -134,27 +142,36 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
         raise DataError([Problem(str(directory), None, None, "data directory not found")])
     catalog_path = directory / "catalog.yaml"
     catalog = Catalog.load(catalog_path) if catalog_path.is_file() else None
-    fatal: list[Problem] = []
-    text: dict[str, tuple[DataFrame, str]] = {}
-    for name in TABLES:
-        try:
-            located = _locate(directory, name)
-        except DataError as err:
-            fatal.extend(err.problems)
-            continue
-        if located is None:
-            if name == "orders":
-                fatal.append(Problem(str(directory), None, None,
-                                     "required table missing: expected orders.csv or orders.parquet"))
-            continue
-        frame = _read_text(spark, *located)
-        missing = [c for c in TABLES[name]["required"] if c not in frame.columns]
-        fatal.extend(Problem(located[0].name, None, c, "required column missing") for c in missing)
-        if not missing:
-            text[name] = (frame, located[0].name)
+    found, fatal = find_tables(directory, functools.partial(_read_located, spark))
+    text = {name: (frame, file) for name, (frame, file, _) in found.items()}
     if fatal:
         raise DataError(fatal)
 
+    good, ctx_numeric = _checked(text, catalog)
+    return SparkTables(good["orders"], good.get("nps"), good.get("exposures"), good.get("incidents"),
+                       catalog, str(directory), ctx_numeric)
+
+
+def read_orders(spark: SparkSession, path: str | Path) -> tuple[DataFrame, dict[str, bool]]:
+    """A file of new orders (CSV or Parquet, or a directory of part files) for batch decisions,
+    checked like `read_tables`' orders: the typed orders and `SparkTables.ctx_numeric`."""
+    file = Path(path)
+    located = _locate(file.parent, file.name) if file.exists() else None
+    if located is None or located[1] not in ("csv", "parquet"):
+        raise DataError([Problem(str(file), None, None, "expected an existing .csv or .parquet file of orders, "
+                                                        "or a directory of such part files")])
+    frame = _read_text(spark, *located)
+    missing = [c for c in TABLES["orders"]["required"] if c not in frame.columns]
+    if missing:
+        raise DataError([Problem(file.name, None, c, "required column missing") for c in missing])
+    good, ctx_numeric = _checked({"orders": (frame, file.name)}, None)
+    return good["orders"], ctx_numeric
+
+
+def _checked(text: dict[str, tuple[DataFrame, str]], catalog: Catalog | None
+             ) -> tuple[dict[str, DataFrame], dict[str, bool]]:
+    """The tables' good rows typed by the local parsers, and whether each ``ctx_*`` column of
+    the orders is numeric; raises ``DataError`` with the problems found."""
     parsed: dict[str, DataFrame] = {}
     ctx = [c for c in text["orders"][0].columns if c.startswith("ctx_")]
     for name, (frame, _) in text.items():
@@ -171,8 +188,7 @@ def read_tables(spark: SparkSession, path: str | Path) -> SparkTables:
     orders = text["orders"][0]
     ctx_numeric = {c: orders.where((F.col(c) != "") & F.col(c).try_cast("double").isNull()).limit(1).count() == 0
                    for c in ctx}
-    return SparkTables(good["orders"], good.get("nps"), good.get("exposures"), good.get("incidents"),
-                       catalog, str(directory), ctx_numeric)
+    return good, ctx_numeric
 
 
 def _across_rows(text: dict[str, tuple[DataFrame, str]]) -> list[Problem]:
@@ -207,7 +223,8 @@ def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_num
         frame = frames.get(name)
         if frame is None:
             frame = pd.DataFrame({c: pd.Series(dtype="int64" if c in TIMESTAMPS[name] else t)
-                                  for c, t in dtypes.items()})
+                                  for c, t in dtypes.items()}
+                                 | {c: pd.Series(dtype="str") for c in ctx_numeric if name == "orders"})
         out = pd.DataFrame({c: (pd.to_datetime(frame[c].to_numpy(dtype=np.int64), utc=True, unit="ns")
                                 if c in TIMESTAMPS[name] else frame[c]) for c in dtypes}).astype(dtypes)
         if name == "orders":
@@ -220,4 +237,4 @@ def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_num
     return Dataset(catalog=catalog, source=source, **tables)
 
 
-__all__ = ["MAX_PROBLEMS", "TIMESTAMPS", "SparkTables", "read_tables", "to_dataset"]
+__all__ = ["MAX_PROBLEMS", "TIMESTAMPS", "SparkTables", "read_orders", "read_tables", "to_dataset"]

@@ -1,0 +1,178 @@
+"""Spark beside the local path: time and peak memory of the same work on the same history.
+
+What is compared, each side in a fresh process so that its peak memory is its own:
+
+- ``local``: ``load_data`` + ``FeatureParams.fit`` + ``order_features`` + ``order_rewards``
+  (as ``training.train`` calls them);
+- ``spark``: ``spark.tables.read_tables`` + ``spark.features.feature_params`` +
+  ``features_and_rewards``, run to completion (Spark's ``noop`` sink), on ``--master``.
+  Peak memory: the driver's Python process, and each process below it (VmHWM): the JVM,
+  which holds the driver's and the executors' heaps in local mode, and the Python workers.
+
+The training steps after the features (value model statistics, nuisance models, OPE,
+segments) are not compared: ``train --engine spark`` does not exist yet. The history is the
+default simulated world's (``World.write_demo_data``, ~2.4 orders per customer), generated
+into ``--data`` unless it is there; ``--parts`` writes the orders as that many Parquet part
+files (``orders/part-*.parquet``), one customer range at a time, never the whole history in
+memory at once.
+
+Usage: python bench/scale_spark.py [--customers 406000] [--master local[2]] [--data DIR] [--parts N]
+Writes bench/results/scale_spark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024.0 ** 3
+TARGET_RATIO = 2.0   # issue 13: Spark at most twice the local time on the same machine
+
+
+def _rss_gib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss * 1024.0 / GIB
+
+
+def generate(data: Path, customers: int, seed: int, parts: int) -> dict:
+    """The simulated shop; with ``parts`` > 1, its tables as Parquet part files written one
+    customer range at a time (each part a world of its own customers, seeds apart)."""
+    from insertrec.world import World
+
+    start = time.perf_counter()
+    world = World.default()
+    if parts <= 1:
+        world.write_demo_data(data, customers=customers, seed=seed)
+    else:
+        import pandas as pd
+
+        for part in range(parts):
+            with tempfile.TemporaryDirectory(prefix="insertrec-part-") as tmp:
+                world.write_demo_data(tmp, customers=customers // parts, seed=seed + part)
+                for name in ("orders", "nps", "exposures", "incidents"):
+                    frame = pd.read_csv(Path(tmp) / f"{name}.csv", dtype=str, keep_default_na=False)
+                    for key in ("order_id", "customer_id"):
+                        if key in frame:
+                            frame[key] = f"p{part}-" + frame[key]
+                    (data / name).mkdir(parents=True, exist_ok=True)
+                    frame.to_parquet(data / name / f"part-{part:05d}.parquet", index=False)
+                if part == 0:
+                    shutil.copy(Path(tmp) / "catalog.yaml", data / "catalog.yaml")
+    return {"seconds": time.perf_counter() - start}
+
+
+def run_side(side: str, data: Path, master: str) -> dict:
+    """One side in this process (called in a fresh child by `measure`)."""
+    from insertrec.training import TrainConfig
+
+    config = TrainConfig()
+    start, steps = time.perf_counter(), {}
+    if side == "local":
+        from insertrec import features
+        from insertrec.data import load_data
+
+        loaded = load_data(data)
+        steps["load"] = time.perf_counter() - start
+        catalog = loaded.catalog
+        params = features.FeatureParams.fit(loaded, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
+                                            lapse_days=config.lapse_days)
+        feats = features.order_features(loaded, params)
+        costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+        features.order_rewards(loaded, horizon_days=config.horizon_days, costs=costs)
+        orders = len(feats)
+    else:
+        from insertrec.spark.features import feature_params, features_and_rewards
+        from insertrec.spark.session import spark_session
+        from insertrec.spark.tables import read_tables
+
+        spark = spark_session(master)
+        steps["session"] = time.perf_counter() - start
+        tables = read_tables(spark, data)
+        orders = tables.orders.count()
+        steps["load"] = time.perf_counter() - start - steps["session"]
+        catalog = tables.catalog
+        params = feature_params(tables, nps_ttl_days=config.nps_ttl_days, lapse_days=config.lapse_days)
+        costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+        result = features_and_rewards(tables, params, horizon_days=config.horizon_days, costs=costs)
+        result.write.format("noop").mode("overwrite").save()
+        steps["features"] = time.perf_counter() - start - sum(steps.values())
+        descendants = _descendants_peak_gib()
+        spark.stop()
+        return {"orders": orders, "seconds": time.perf_counter() - start, "steps_seconds": steps,
+                "driver_python_peak_rss_gib": _rss_gib(resource.RUSAGE_SELF), "descendants_peak_rss_gib": descendants}
+    steps["features"] = time.perf_counter() - start - sum(steps.values())
+    return {"orders": orders, "seconds": time.perf_counter() - start, "steps_seconds": steps,
+            "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF)}
+
+
+def _descendants_peak_gib() -> dict[str, float]:
+    """Peak resident set (VmHWM) of each process below this one, by command: in local mode the
+    JVM holds the driver's and the executors' heaps, the Python workers run the pandas code."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    peaks: dict[str, float] = {}
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        key = f"{name}[{pid}]"
+        peaks[key] = hwm * 1024.0 / GIB
+    return peaks
+
+
+def measure(side: str, data: Path, master: str) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master]
+    load = os.getloadavg()[0]
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    return {**json.loads(done.stdout.splitlines()[-1]), "loadavg_1m_before": load}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--customers", type=int, default=406_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--data", help="history directory (generated there if absent)")
+    ap.add_argument("--parts", type=int, default=1, help="write the history as this many Parquet part files")
+    ap.add_argument("--sides", default="local,spark", help="which of local,spark to run")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args.side, Path(args.data), args.master)))
+        return
+    with tempfile.TemporaryDirectory(prefix="insertrec-scale-spark-") as tmp:
+        data = Path(args.data or Path(tmp) / "shop")
+        report: dict = {"customers": args.customers, "master": args.master, "cpus": os.cpu_count()}
+        if not (data / "catalog.yaml").is_file():
+            report["generate"] = generate(data, args.customers, args.seed, args.parts)
+        sides = {side: measure(side, data, args.master) for side in args.sides.split(",")}
+        report |= sides
+        if {"local", "spark"} <= set(sides):
+            ratio = sides["spark"]["seconds"] / sides["local"]["seconds"]
+            report["spark_over_local"] = {"ratio": ratio, "target": TARGET_RATIO, "within": ratio <= TARGET_RATIO}
+    out = ROOT / "bench" / "results" / "scale_spark.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Feature parameters from Spark aggregations; features and rewards from the project's own code.
+
+A customer's point-in-time features depend only on that customer's own orders, exposures, NPS
+answers and incidents, so the tables are grouped by a hash of the customer id into buckets of
+whole customers and `insertrec.features.order_features` / `order_rewards` run on each bucket
+as they run on a whole shop (``applyInPandas``): one implementation, the same numbers. Two
+things are global and are computed on Spark first: the `FeatureParams` (vocabularies by
+frequency) and the last order's timestamp, which decides whether an order's reward window is
+censored (passed to each bucket as a stand-in order of a customer of its own, which adds
+nothing to anyone's revenue).
+
+Rows come back with ``order_ts`` as int64 UTC nanoseconds, as `tables` keeps it;
+`to_pandas` turns a result into the local frames, in the local row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from insertrec import features
+from insertrec.catalog import Catalog
+from insertrec.data import Dataset
+from insertrec.spark.tables import TIMESTAMPS, SparkTables, to_dataset
+
+__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "to_pandas"]
+
+REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
+ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
+_TAG = "_table"
+_LAST = "\x00last order"      # the stand-in order's ids: no real id is a NUL
+
+
+def feature_params(tables: SparkTables, catalog: Catalog | None = None, top_categories: int = 12,
+                   top_channels: int = 12, **overrides: Any) -> features.FeatureParams:
+    """`FeatureParams.fit`'s parameters, counted on Spark: a category counts once per order that
+    has it, a channel once per order; most frequent first, ties by name (as ``fit`` ranks)."""
+    orders = tables.orders
+    catalog = tables.catalog if catalog is None else catalog
+    cats = (orders.select("order_id", F.explode(F.split(F.coalesce("categories", F.lit("")), r"\|", -1)).alias("v"))
+            .distinct().groupBy("v").count().collect())
+    chans = orders.groupBy(F.coalesce("channel", F.lit("unknown")).alias("v")).count().collect()
+
+    def ranked(rows: list, top: int) -> tuple[str, ...]:
+        return tuple(v for _, v in sorted((-r["count"], r["v"]) for r in rows if r["v"])[:top])
+
+    found: dict[str, Any] = {"categories": ranked(cats, top_categories), "channels": ranked(chans, top_channels),
+                             "ctx_columns": tuple(tables.ctx_numeric)}
+    if catalog is not None:
+        found["action_ids"] = tuple(a for slot in catalog.slots.values() for a in slot.action_ids)
+        found["cap_windows"] = catalog.cap_windows()
+    return features.FeatureParams(**(found | overrides))
+
+
+def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *, horizon_days: float = 60,
+                         costs: Mapping[str, float] | None = None,
+                         orders_per_bucket: int = ORDERS_PER_BUCKET) -> DataFrame:
+    """One row per order: `features.order_features` columns and `REWARD_COLUMNS`, each computed
+    by the local code on a bucket of whole customers (see the module docstring)."""
+    orders = tables.orders
+    totals = orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
+    n_orders, last = (0, None) if totals is None else (totals["n"], totals["last"])
+    buckets = max(1, -(-int(n_orders) // orders_per_bucket))
+    owner = orders.select("order_id", "customer_id")
+    parts: dict[str, DataFrame] = {"orders": orders}
+    if tables.exposures is not None:   # file order kept: the first reward given per order counts
+        parts["exposures"] = (tables.exposures.withColumn("_row", F.monotonically_increasing_id())
+                              .join(owner, "order_id"))
+    for name in ("nps", "incidents"):
+        side = tables.table(name)
+        if side is not None:
+            parts[name] = side
+    wide = None
+    for name, frame in parts.items():
+        tagged = frame.withColumn(_TAG, F.lit(name))
+        wide = tagged if wide is None else wide.unionByName(tagged, allowMissingColumns=True)
+    assert wide is not None
+    # no nulls in whole-number columns: Arrow would hand them over as float64, losing nanoseconds
+    fill: dict[str, bool | float | int | str] = {f.name: 0 for f in wide.schema.fields if isinstance(f.dataType, T.LongType)}
+    fill |= {f.name: False for f in wide.schema.fields if isinstance(f.dataType, T.BooleanType)}
+    wide = wide.fillna(fill)
+    wide = wide.withColumn("_bucket", F.pmod(F.xxhash64("customer_id"), F.lit(buckets)))
+    schema = _schema(params, tables)
+    run = _bucket_runner(params, tables.catalog, tables.ctx_numeric, int(last or 0), horizon_days,
+                         dict(costs or {}), [f.name for f in schema.fields])
+    return wide.groupBy("_bucket").applyInPandas(run, schema)
+
+
+def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType:
+    empty = to_dataset({}, None, tables.ctx_numeric)
+    frame = features.order_features(empty, params)
+    out = []
+    for name, dtype in frame.dtypes.items():
+        name = str(name)
+        if name in tables.ctx_numeric:
+            kind: T.DataType = T.DoubleType() if tables.ctx_numeric[name] else T.StringType()
+        elif name == "order_ts":
+            kind = T.LongType()
+        elif pd.api.types.is_bool_dtype(dtype):
+            kind = T.BooleanType()
+        elif pd.api.types.is_numeric_dtype(dtype):
+            kind = T.DoubleType()
+        else:
+            kind = T.StringType()
+        out.append(T.StructField(name, kind))
+    out += [T.StructField(c, T.BooleanType() if c == "reward_complete" else T.DoubleType()) for c in REWARD_COLUMNS]
+    return T.StructType(out)
+
+
+def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_numeric: dict[str, bool],
+                   last_ns: int, horizon_days: float, costs: dict[str, float], columns: list[str]):
+    def run(bucket: pd.DataFrame) -> pd.DataFrame:
+        frames = {str(name): part for name, part in bucket.groupby(_TAG, sort=False)}
+        if "exposures" in frames:
+            frames["exposures"] = frames["exposures"].sort_values("_row", kind="stable")
+        data = to_dataset(frames, catalog, ctx_numeric)
+        feats = features.order_features(data, params)
+        stand_in = pd.DataFrame({"order_id": [_LAST], "customer_id": [_LAST],
+                                 "order_ts": [pd.Timestamp(last_ns, unit="ns", tz="UTC")],
+                                 "order_value": [0.0], "returned_value": [0.0]})
+        with_last = Dataset(orders=pd.concat([data.orders, stand_in.astype(data.orders.dtypes[stand_in.columns])],
+                                             ignore_index=True), exposures=data.exposures)
+        rewards = features.order_rewards(with_last, horizon_days=horizon_days, costs=costs).iloc[:len(data.orders)]
+        out = feats.assign(**{c: rewards[c].to_numpy() for c in REWARD_COLUMNS})
+        out["order_ts"] = out["order_ts"].dt.as_unit("ns").astype(np.int64)
+        return out[columns]
+    return run
+
+
+def to_pandas(frame: DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A `features_and_rewards` result as the local ``(order_features, order_rewards)`` frames,
+    rows in the local order (by order time, then order id)."""
+    out = frame.toPandas().sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
+    for c in TIMESTAMPS["orders"]:
+        out[c] = pd.to_datetime(out[c].to_numpy(dtype=np.int64), unit="ns", utc=True)
+    feats = out.drop(columns=list(REWARD_COLUMNS))
+    return feats, out[["order_id", *REWARD_COLUMNS]]
