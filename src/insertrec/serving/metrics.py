@@ -60,6 +60,12 @@ class Metrics:
                                    registry=registry)
         self.degraded = Gauge("insertrec_degraded", "1 while a worker serves without its model",
                               registry=registry, multiprocess_mode="livemax")
+        self.spooled = Counter("insertrec_spooled_decisions", "decisions answered while the decision log was "
+                               "unavailable, written to the local spool", registry=registry)
+        self.spool_replayed = Counter("insertrec_spool_replayed", "spooled decisions replayed into the log "
+                                      "(an order already logged counts, and stores nothing)", registry=registry)
+        self.spool_depth = Gauge("insertrec_spool_depth", "spooled decisions not yet in the log",
+                                 registry=registry, multiprocess_mode="livesum")
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
 
