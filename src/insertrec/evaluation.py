@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,13 +78,13 @@ def logged_orders(data: Dataset, feats: pd.DataFrame, rewards: pd.DataFrame, cat
     actions = np.full((n, len(slots)), -1)
     pscores = np.full((n, len(slots)), np.nan)
     for s, slot in enumerate(slots):
-        rows = exp[exp["slot"] == slot]
-        idx = pos.reindex(rows["order_id"].astype(str)).to_numpy()
+        logged = exp[exp["slot"] == slot]
+        idx = pos.reindex(logged["order_id"].astype(str)).to_numpy()
         keep = ~np.isnan(idx)
         idx = idx[keep].astype(int)
         lookup = {a: i for i, a in enumerate(catalog.slots[slot].action_ids)}
-        actions[idx, s] = rows["action_id"].map(lookup).to_numpy()[keep]
-        pscores[idx, s] = rows["propensity"].to_numpy(dtype=float)[keep]
+        actions[idx, s] = logged["action_id"].map(lookup).to_numpy()[keep]
+        pscores[idx, s] = logged["propensity"].to_numpy(dtype=float)[keep]
     usable = (actions >= 0).all(axis=1) & rewards["reward_complete"].to_numpy(dtype=bool)
     missing = np.isnan(pscores) & usable[:, None]
     source = "logged" if not missing.any() else ("estimated" if missing[usable].all() else "mixed")
@@ -254,7 +255,9 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
     rules = policy_probabilities(Policy(policy.catalog, epsilon=0.0), sub)
     default = _default_probabilities(policy, len(sub))
     playbook = playbook_gains(policy, feats, judge, level, seed) if playbook is None else playbook
-    to_playbook, to_default, gains = [], [], {}
+    to_playbook: list[str] = []
+    to_default: list[str] = []
+    gains: dict[str, dict[str, Any]] = {}
     for s, name in enumerate(policy.slot_names):
         fallback, deferred = (rules, to_playbook) if playbook[s].value > 0 else (default, to_default)
         versus = judge.judge_difference(ours, fallback, seed, slot=s, level=level)

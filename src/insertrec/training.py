@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -182,7 +183,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     seg_csv = seg_model.segments_csv(customers).to_csv(index=False)
 
     def report_files(policy: Policy | None = None, feats: pd.DataFrame | None = None,
-                     ope: dict | None = None) -> dict[str, str]:
+                     ope: dict | None = None) -> dict[str, str | bytes]:
         facts = build_report(seg_model.profiles(), customers, shop=Path(data.source or "").name, period={
             "as_of": cutoff, "data_from": history.orders["order_ts"].min(),
             "data_to": history.orders["order_ts"].max(), "horizon_days": config.horizon_days},
@@ -213,7 +214,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     else:
         encoder = FeatureEncoder().fit(feats)
         ts = feats["order_ts"].iloc[logged.rows]
-        split = ts.quantile(1 - config.holdout_share)
+        split = cast(pd.Timestamp, ts.quantile(1 - config.holdout_share))   # a time: quantile of times
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")

@@ -206,7 +206,7 @@ def create_app(settings: Settings) -> FastAPI:
         except LogUnavailable as exc:
             unusable = spool.usable()
             if unusable is not None:
-                out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version,
+                out = p.ReadyOut(status="unavailable", model_version=loaded.version if loaded else None,
                                  reason=f"{exc}; {unusable}" if admin else
                                  "neither the decision log nor the spool can be written")
                 return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
@@ -293,6 +293,11 @@ def _current(holder: ModelHolder) -> Any:
     return holder.current
 
 
+def _reload(holder: ModelHolder, generation: int) -> None:
+    """Start loading the model again (the alias moved); requests go on with the current one."""
+    holder.reload_in_background(generation)
+
+
 def _on_swap(log: DecisionLog, metrics: Metrics, loaded: Any) -> None:
     log.sync_inventory(loaded.fallback.catalog)
     metrics.model_loads.labels("degraded" if loaded.reason else "ok").inc()
@@ -309,7 +314,7 @@ def _watch_alias(settings: Settings, holder: ModelHolder) -> AliasWatcher | None
         return None
     current = holder.current
     return AliasWatcher(settings.model, settings.alias_poll_seconds,
-                        lambda _: holder.reload_in_background(current.generation if current else 0),
+                        lambda _: _reload(holder, current.generation if current else 0),
                         current=resolve_model(settings.model)).start()
 
 
@@ -396,7 +401,8 @@ def _install_errors(app: FastAPI) -> None:
 
 def _install_openapi(app: FastAPI) -> None:
     """Add the bodies the routes parse themselves, and the bearer scheme, to the schema."""
-    bodies = {"OrderIn": TypeAdapter(p.OrderIn), "BatchIn": TypeAdapter(p.BatchIn), "OutcomeIn": p.OUTCOME}
+    bodies: dict[str, TypeAdapter[Any]] = {"OrderIn": TypeAdapter(p.OrderIn), "BatchIn": TypeAdapter(p.BatchIn),
+                                           "OutcomeIn": p.OUTCOME}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -220,7 +220,7 @@ class NpsAnswer(_OutcomeBase):
 
 
 OutcomeIn = Annotated[Redeemed | Reordered | Returned | NpsAnswer, Field(discriminator="type")]
-OUTCOME = TypeAdapter(OutcomeIn)
+OUTCOME: TypeAdapter[Redeemed | Reordered | Returned | NpsAnswer] = TypeAdapter(OutcomeIn)
 
 
 class OutcomeOut(BaseModel):

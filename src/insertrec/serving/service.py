@@ -267,12 +267,15 @@ class DecisionService:
             self._known.move_to_end(customer_id)
         for event in self.log.events(customer_id, loaded.as_of_ns, known.last_decision, known.last_outcome):
             if event.kind == "order":
+                assert event.order is not None   # an order event carries its order (Event's contract)
                 known.state.add_order(event.order, event.actions)
                 known.last_decision = event.id
             else:
+                assert event.value is not None   # an outcome event carries its score or amount
                 if event.kind == "nps":
                     known.state.add_nps(int(event.value), _from_ns(event.ts_ns))
                 else:
+                    assert event.order_id is not None   # a return names its order
                     known.state.add_return(event.order_id, event.value)
                 known.last_outcome = event.id
         self._known[customer_id] = known

@@ -142,10 +142,10 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return number
         if kind is float:
-            number = float(text)
-            if not number > 0:
+            positive = float(text)
+            if not positive > 0:
                 raise ValueError
-            return number
+            return positive
     except ValueError:
         raise SettingsError(f"setting {name!r} ({PREFIX}{name.upper()}): expected a positive "
                             f"{kind.__name__}, got {text!r}") from None
