@@ -37,6 +37,26 @@ from insertrec.ope import (
 from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, ValueModel
 
+__all__ = [
+    "JUDGE_ACTION_ALPHAS",
+    "MIN_PROPENSITY",
+    "Judge",
+    "LoggedOrders",
+    "SlotDeciders",
+    "UnseenOrders",
+    "compare",
+    "evaluate",
+    "evaluate_on",
+    "judge_for",
+    "logged_orders",
+    "playbook_gains",
+    "policy_probabilities",
+    "rules_actions",
+    "slot_deciders",
+    "training_cutoff",
+    "unseen_orders"
+]
+
 MIN_PROPENSITY = 0.01  # estimated propensities are floored here: a weight of 100 is already a lot
 # The judge's ridge strengths for the action terms (relative to rows, as ValueModel's). Not the
 # policy's grid, whose cross-validation on a holdout-sized sample picks the strongest (10): that

@@ -43,6 +43,8 @@ from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
 from insertrec.valuemodel import ValueModel
 
+__all__ = ["GATE_ORDERS", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
+
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
 # orders on a loaded host (load 10.6), so a million-order run, already near its 180 s budget, pays

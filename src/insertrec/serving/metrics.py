@@ -24,6 +24,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+__all__ = ["MULTIPROC_ENV", "STAGES", "Metrics", "Stopwatch"]
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STAGES = ("validation", "features", "scoring", "logging")
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -19,6 +19,8 @@ import yaml
 
 from insertrec.errors import InsertrecError
 
+__all__ = ["PREFIX", "ROLES", "Settings", "SettingsError"]
+
 ROLES: tuple[str, ...] = ("decide", "feedback", "admin")
 PREFIX = "INSERTREC_"
 
