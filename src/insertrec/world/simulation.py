@@ -60,8 +60,19 @@ class WorldData:
                        incidents=self.incidents, catalog=self.catalog, source="world")
 
 
+class _LoggingView:
+    """What the world's logging policy would have done with a set of orders (their features)."""
+
+    world: World
+    features: pd.DataFrame
+
+    def logging_propensities(self) -> dict[str, np.ndarray]:
+        """Per slot, (n_orders, n_actions): the probability the world's logging policy gives each action."""
+        return _logging_probs(self.world.catalog, self.features, self.world.epsilon)
+
+
 @dataclass
-class EvaluationSet:
+class EvaluationSet(_LoggingView):
     """Fresh orders to decide, with the history before them and their hidden truth.
 
     ``data`` holds each evaluation customer's history strictly before their
@@ -76,10 +87,6 @@ class EvaluationSet:
     hidden: pd.DataFrame
     features: pd.DataFrame
     world: World
-
-    def logging_propensities(self) -> dict[str, np.ndarray]:
-        """Per slot, (n_orders, n_actions): the probability the world's logging policy gives each action."""
-        return _logging_probs(self.world.catalog, self.features, self.world.epsilon)
 
 
 class _Run:
@@ -324,7 +331,7 @@ class _Run:
 
 
 @dataclass
-class Month:
+class Month(_LoggingView):
     """The orders of one stretch of a :class:`ShopRun`, decided by the policy deployed for it.
 
     ``data`` is the whole log as the shop knows it at the stretch's end (rewards blank until their
@@ -339,10 +346,6 @@ class Month:
     features: pd.DataFrame
     probs: np.ndarray
     world: World
-
-    def logging_propensities(self) -> dict[str, np.ndarray]:
-        """Per slot, (n_orders, n_actions): the probability the world's logging policy gives each action."""
-        return _logging_probs(self.world.catalog, self.features, self.world.epsilon)
 
 
 class ShopRun:
