@@ -235,10 +235,11 @@ def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> 
     assert main([*args, "--no-mlflow"]) == 0    # logging a model directory: the spark_udf test
     on_spark = tmp_path / args[args.index("--out") + 1]
     local = tmp_path / "local-model"
-    train(load_data(shop), local, TrainConfig())
+    cutoff = args[args.index("--cutoff") + 1]    # history_before on Spark
+    train(load_data(shop), local, TrainConfig(cutoff=cutoff))
 
     a, b = Engine.load(local), Engine.load(on_spark)
-    assert b.manifest["version"] == a.manifest["version"]
+    assert b.manifest["version"] == a.manifest["version"] and a.manifest["cutoff"].startswith(cutoff)
     assert b.manifest["data_fingerprint"] == a.manifest["data_fingerprint"]
     assert a.policy.value_model is not None and b.policy.value_model is not None
     assert b.policy.value_model.alpha_ == a.policy.value_model.alpha_
