@@ -90,11 +90,8 @@ class Cluster:
                   "--encoding=UTF8", "--locale=C", timeout=120)
         for attempt in range(attempts):
             self.port = _free_port()  # another process may take it before the server binds: try again
-            options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                       "-c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
             try:
-                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "30",
-                          "-o", options, "start", timeout=60)
+                self.resume()
                 return self
             except RuntimeError:
                 if attempt == attempts - 1:
@@ -102,6 +99,17 @@ class Cluster:
                     raise RuntimeError(f"PostgreSQL did not start: {log.read_text()[-2000:] if log.exists() else ''}")
                 time.sleep(0.5)
         return self
+
+    def resume(self) -> None:
+        """Start the server (again) on ``self.port``: after `halt`, the same URLs work again."""
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
+                   "-c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=32MB")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "-t", "30",
+                  "-o", options, "start", timeout=60)
+
+    def halt(self) -> None:
+        """Stop the server as an operator would (``pg_ctl stop -m fast``: sessions cut, data kept)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop", timeout=60)
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -45,6 +45,7 @@ def auth(key: str) -> dict[str, str]:
 
 def settings(tmp_path: Path, catalog: Path = EXAMPLE_CATALOG, db_url: str | None = None,
              **overrides: object) -> Settings:
+    overrides.setdefault("spool_dir", str(tmp_path / "spool"))
     return Settings.load(environ={}, catalog=str(catalog), db_url=db_url or f"sqlite:///{tmp_path / 'log.db'}",
                          api_keys=KEYS, **overrides)
 
@@ -80,7 +81,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "INSERTREC_API_KEYS": KEYS, "INSERTREC_CATALOG": str(catalog),
                     "INSERTREC_DB_URL": db_url or f"sqlite:///{db or tmp_path / 'log.db'}",
-                    "INSERTREC_LOG_LEVEL": "WARNING",
+                    "INSERTREC_LOG_LEVEL": "WARNING", "INSERTREC_SPOOL_DIR": str(tmp_path / "spool"),
                     "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{self.port}"),
                     **{f"INSERTREC_{name.upper()}": value for name, value in settings.items()}}
         Path(self.env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()

@@ -100,6 +100,18 @@ def test_evaluate_refuses_data_the_model_learned_from(shop, tmp_path, capsys):
     assert "data directory not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_simulate_rounds_reports_each_months_true_value_and_refuses_no_rounds(shop, capsys):
+    _, data, model = shop
+    args = ["simulate", "--model", str(model), "--world", str(data / "world.json"), "--customers", "1500"]
+    assert main([*args, "--rounds", "1", "--json"]) == 0
+    rounds = json.loads(capsys.readouterr().out)["rounds"]
+    assert len(rounds) == 1
+    assert rounds[0]["value_oracle"] >= rounds[0]["value_deployed"] and rounds[0]["cumulative_regret"] >= 0
+    assert main([*args, "--rounds", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "insertrec: --rounds: expected at least 1 (got 0)"
+
+
 def test_recommend_gives_one_row_per_order_and_slot(shop):
     root, data, model = shop
     orders = pd.read_csv(data / "orders.csv").tail(200)     # the same customers, ordering again later

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import re
 import signal
@@ -278,31 +279,66 @@ def writer_held(db_url: str, tmp_path: Path, how: str) -> Iterator[None]:
         release()
 
 
+def spool_replayed(c: TestClient, timeout: float = 15.0) -> bool:
+    """Wait until the worker has replayed its spool into the log and uses the log again."""
+    service = c.app.state.service
+    deadline = time.monotonic() + timeout
+    while (len(service.spool) or service.log_down) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not len(service.spool) and service.log_down is None
+
+
 @pytest.mark.parametrize("how", ["writer-lock", "database lock"])
-def test_a_held_write_lock_costs_a_request_its_deadline_not_more(tmp_path, db_url, how):
+def test_a_held_write_lock_costs_a_request_its_deadline_and_the_answer_is_spooled(tmp_path, db_url, how):
     """A writer that does not let go (a stopped process, an operator's script, a long transaction)
-    makes a decision a 503 after ``db_deadline_ms``; the worker answers other requests meanwhile and
-    decides again once the lock is free. Before, the request and the worker waited as long as the
-    lock was held (the writer-lock without end, SQLite's own lock 5 s)."""
+    costs a decision at most ``db_deadline_ms``: it is answered from the rules (policy fallback,
+    no counted action) and spooled; the worker answers other requests meanwhile, the same order
+    asked again gets the same answer, and once the lock is free every answered decision is in the
+    log exactly once, as answered. Before the spool, each was a 503; before the deadline, the
+    request and the worker waited as long as the lock was held."""
     if how == "writer-lock" and not db_url.startswith("sqlite"):
         pytest.skip("PostgreSQL queues writers itself: no writer-lock file")
-    with TestClient(create_app(settings(tmp_path, db_url=db_url, db_deadline_ms=50))) as c:
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(SCARCE_CATALOG)
+    with TestClient(create_app(settings(tmp_path, catalog, db_url=db_url, db_deadline_ms=50))) as c:
         post = lambda i: c.post("/v1/recommendations", json=order(i), headers=auth(DECIDE))
         assert post(0).status_code == 200   # tables created, connections open
         with writer_held(db_url, tmp_path, how):
             started = time.monotonic()
-            held = post(1)
+            held = [post(i) for i in range(1, 11)]
             waited = time.monotonic() - started
+            again = post(3)
             assert c.get("/healthz").status_code == 200
-        assert held.status_code == 503 and held.headers["Retry-After"] == "1"
+            ready = c.get("/readyz")
+            for i in range(12, 16):   # replay rounds that find the log still held: no new spool file each
+                time.sleep(0.6)
+                assert post(i).json()["policy"] == "fallback"
+            assert len(list((tmp_path / "spool").glob("*.spool"))) <= 2
+        assert [r.status_code for r in held] == [200] * 10
+        assert {r.json()["policy"] for r in held} == {"fallback"}
+        assert {r.json()["slots"]["insert"]["action_id"] for r in held} == {"none"}        # stock: not checked
+        assert {r.json()["slots"]["coupon"]["action_id"] for r in held} == {"no_coupon"}   # budget and cap
+        assert again.text == held[2].text and again.headers["Idempotent-Replayed"] == "true"
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
         assert waited < 2.0, f"waited {waited:.2f} s for a lock with a 50 ms deadline"
-        assert post(2).status_code == 200
+        assert spool_replayed(c)
+        after = post(16)
+        assert after.status_code == 200 and after.json()["policy"] != "fallback"
+        assert c.get("/readyz").json()["status"] == "ready"
+    logged = dict(query(db_url, "SELECT order_id, response_json FROM decisions"))
+    assert len(query(db_url, "SELECT order_id FROM decisions")) == len(logged) == 16   # o-0 .. o-10, o-12 .. o-16, once each
+    assert all(same_json(logged[f"o-{i}"], held[i - 1].text) for i in range(1, 11))
+
+
+def same_json(a: str, b: str) -> bool:
+    return json.loads(a) == json.loads(b)
 
 
 def test_a_postgresql_that_stops_answering_costs_a_request_its_deadline(tmp_path, db_url):
     """The service's PostgreSQL sessions stopped (SIGSTOP, as a frozen server or a cut network looks
-    from the client): a decision is a 503 within its deadline and /healthz answers, where before
-    every request and /healthz hung as long as the server did; once it answers, so does the service."""
+    from the client): a decision is answered from the rules and spooled within its deadline and
+    /healthz answers, where before every request and /healthz hung as long as the server did; once
+    it answers, the spool is replayed and the service decides with the log again."""
     if db_url.startswith("sqlite"):
         pytest.skip("a SQLite file cannot stop answering; its waits are the lock deadlines above")
     with TestClient(create_app(settings(tmp_path, db_url=db_url, db_deadline_ms=50))) as c:
@@ -323,9 +359,8 @@ def test_a_postgresql_that_stops_answering_costs_a_request_its_deadline(tmp_path
         finally:
             timer.cancel()
             resume()
-        assert sessions and frozen.status_code == 503 and alive == 200
+        assert sessions and frozen.status_code == 200 and frozen.json()["policy"] == "fallback" and alive == 200
         assert waited < 2.0, f"waited {waited:.2f} s on a stopped server with a 50 ms deadline"
-        deadline = time.monotonic() + 10
-        while post(2).status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert post(3).status_code == 200
+        assert spool_replayed(c)
+        assert post(2).json()["policy"] != "fallback"
+    assert sorted(query(db_url, "SELECT order_id FROM decisions")) == [("o-0",), ("o-1",), ("o-2",)]

@@ -13,6 +13,7 @@ import pytest
 
 from insertrec.data import load_data
 from insertrec.engine import Engine
+from insertrec.exploration import FLOOR, draw, explore_probabilities
 from insertrec.features import features_for_orders
 from insertrec.policy import Policy, exploration_uniforms
 from insertrec.training import TrainConfig, train
@@ -41,7 +42,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFr
 def variants(engine: Engine) -> dict[str, Policy]:
     """The policy as trained, the model deciding every slot, and the playbook alone."""
     policy = engine.policy
-    return {"as_trained": policy, "model": policy.replace(playbook_slots=()),
+    return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
@@ -66,14 +67,52 @@ def test_single_and_batch_decide_alike(policy: Policy, trained: tuple[Engine, pd
 
 
 def test_propensities_are_exact(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    """(1 - eps) [chosen is the best] + eps q(chosen), q the exploring draw: uniform among the
+    eligible actions for the playbook, a softmax over the estimated gaps with a floor for a model."""
     batch = policy.decide_frame(trained[1])
     eps = policy.epsilon
+    rows = np.arange(len(batch.actions))
     for s, eligible in enumerate(batch.eligible):
         k = eligible.sum(axis=1)
+        sl = slice(policy.catalog.columns[s], policy.catalog.columns[s] + eligible.shape[1])
+        q = eligible / k[:, None] if policy.value_model is None else batch.explore_probs[:, sl]
+        np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-12)
+        assert (q[~eligible] == 0).all()
+        assert (q[eligible] >= (FLOOR / np.repeat(k, eligible.sum(axis=1)) - 1e-12)).all()  # every action tried
         chosen_is_greedy = batch.actions[:, s] == batch.greedy[:, s]
-        expected = np.where(k > 1, (1 - eps) * chosen_is_greedy + eps / k, 1.0)
+        expected = np.where(k > 1, (1 - eps) * chosen_is_greedy + eps * q[rows, batch.actions[:, s]], 1.0)
         np.testing.assert_allclose(batch.propensities[:, s], expected, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(policy.probabilities(batch)[s][rows, batch.actions[:, s]],
+                                   batch.propensities[:, s], rtol=0, atol=1e-12)
         assert np.all(batch.propensities[:, s] > 0)
+
+
+def test_an_exploring_draw_gives_up_less_than_a_uniform_one_and_tries_every_action() -> None:
+    """By the estimates it is given: the expected gap of the draw is at most the uniform draw's,
+    the best action is the likeliest, every eligible action keeps at least FLOOR / k, and draws
+    follow the probabilities exactly."""
+    rng = np.random.default_rng(3)
+    n, slices = 20_000, [slice(0, 4), slice(4, 13)]
+    eligible = rng.random((n, 13)) < 0.7
+    eligible[:, [0, 4]] = True                                   # the defaults
+    scores = np.where(eligible, rng.normal(0, 2, (n, 13)), -np.inf)
+    q = explore_probabilities(scores, eligible, slices, tau=0.5)
+    for sl in slices:
+        ok, p, sc = eligible[:, sl], q[:, sl], scores[:, sl]
+        k = ok.sum(axis=1)
+        gap = np.where(ok, sc.max(axis=1, keepdims=True) - sc, 0.0)
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-12)
+        assert (p[~ok] == 0).all() and (p >= np.where(ok, FLOOR / k[:, None], 0) - 1e-12).all()
+        assert ((p * gap).sum(axis=1) <= gap.sum(axis=1) / k + 1e-12).all()
+        assert (p[np.arange(n), sc.argmax(axis=1)] >= p.max(axis=1) - 1e-12).all()
+    u = rng.random((n, 2))
+    drawn = draw(q, u, slices)
+    for s, sl in enumerate(slices):
+        assert eligible[:, sl][np.arange(n), drawn[:, s]].all()
+        freq = np.bincount(drawn[:, s], minlength=sl.stop - sl.start) / n
+        np.testing.assert_allclose(freq, q[:, sl].mean(axis=0), atol=0.01)
+    assert (explore_probabilities(None, eligible, slices, 1.0)[:, :4] == eligible[:, :4] / eligible[:, :4].sum(
+        axis=1, keepdims=True)).all()                           # no estimates: uniform, as the playbook explores
 
 
 def test_a_slot_with_one_available_action_is_certain(trained: tuple[Engine, pd.DataFrame]) -> None:
@@ -174,7 +213,8 @@ def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
             assert choice.action_id in allowed
             assert choice.pick_note and choice.reasons
             explored = choice.reasons[0].startswith("exploring")
-            if not explored and policy.value_model is not None and name not in policy.playbook_slots:
+            fixed = (*policy.playbook_slots, *policy.default_slots)   # the gate's, not the model's, choice
+            if not explored and policy.value_model is not None and name not in fixed:
                 assert dict(choice.alternatives)[choice.action_id] == scores[0]   # the model's pick is the best box's
                 assert any(r.startswith("estimated value") for r in choice.reasons)
 
@@ -211,7 +251,7 @@ def test_reasons_name_the_features_that_moved_the_choice_most(trained: tuple[Eng
         phi = policy.encoder.transform_one(record)
         for s, (slot, choice) in enumerate(policy.decide_one(record).slots.items()):
             default = policy.catalog.slots[slot].actions[policy.space.defaults[s]].id
-            if choice.action_id == default or slot in policy.playbook_slots:
+            if choice.action_id == default or slot in (*policy.playbook_slots, *policy.default_slots):
                 continue
             a = policy.catalog.slots[slot].action_ids.index(choice.action_id)
             w = policy.value_model.W_[s]
@@ -228,7 +268,7 @@ def test_the_chosen_box_is_the_best_eligible_one_by_the_value_models_own_design(
         trained: tuple[Engine, pd.DataFrame]) -> None:
     """Checked through `ValueModel.predict` (the design matrix), not the grid the policy scores with."""
     engine, feats = trained
-    policy = engine.policy.replace(epsilon=0.0, playbook_slots=())
+    policy = engine.policy.replace(epsilon=0.0, playbook_slots=(), default_slots=())
     sample = feats.iloc[:40].reset_index(drop=True)
     batch = policy.decide_frame(sample)
     phi = policy.encoder.transform(sample)

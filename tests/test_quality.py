@@ -91,3 +91,38 @@ def test_dr_estimate_is_within_five_percent_on_other_histories_too(trained_elsew
     _, world, generated, engine, cutoff = trained_elsewhere
     metrics, true_value = _dr_and_truth(world, generated, engine, cutoff)
     assert abs(metrics["policy_value_dr"] - true_value) < 0.05 * abs(true_value), (metrics, true_value)
+
+
+def _scaled_effects(world: World, factor: float) -> World:
+    """The world with every action effect (logit, return and satisfaction terms) and every slot
+    interaction multiplied by ``factor``, through its world.json; costs and discounts unchanged."""
+    def scale(node):
+        if isinstance(node, dict):
+            return {k: v if k.startswith("_") else scale(v) for k, v in node.items()}
+        return node * factor if isinstance(node, float | int) and not isinstance(node, bool) else node
+
+    spec = json.loads(world.to_json())
+    effects = spec["effects"]
+    effects["actions"] = scale(effects["actions"])
+    effects["interactions"] = [{**inter, "logit": scale(inter["logit"])} for inter in effects["interactions"]]
+    return World(spec)
+
+
+# Where effects are small (all x0.25) the playbook loses money against sending nothing, and the model
+# as it was gave a 10% coupon on a third of the orders: on this history its true value was 1.07% below
+# the all-default box as deployed (0.18% greedy). On a small history (5,000 customers) the model cannot
+# learn much and must not do worse than the playbook. The values are exact (the truth of every box on
+# the same 4,000 fresh orders), so the margins are for the decisions' own errors, not for sampling:
+# 0.5% for the greedy box (the gate decides each slot on estimates whose sd at these sizes is 1-2% of
+# the value; one wrong call measured 0.6%), 0.75% as deployed (exploration, epsilon 0.1, measured
+# 0.35-0.55% with the gap-weighted draw, 0.6-0.9% uniform). Measured here: -0.15% and -0.43% deployed.
+@pytest.mark.parametrize("kind, customers", [("small_effects", 30_000), ("default", 5_000)])
+def test_the_deployed_policy_is_not_worse_than_doing_nothing_or_the_playbook(kind, customers, tmp_path):
+    world = _scaled_effects(World.default(), 0.25) if kind == "small_effects" else World.default()
+    generated = world.generate(customers=customers, seed=11)
+    train(generated.to_dataset(), tmp_path / "model", TrainConfig(seed=11))
+    sim = simulate(Engine.load(tmp_path / "model"), world, orders=4000, seed=98)
+    print(kind, customers, json.dumps(sim, indent=1))
+    floor = max(sim["value_control"], sim["value_rules"])
+    assert sim["value_model_greedy"] >= (1 - 0.005) * floor, sim
+    assert sim["value_model"] >= (1 - 0.0075) * floor, sim

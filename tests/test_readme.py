@@ -145,3 +145,22 @@ def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
     assert "version 1: now champion (no champion yet)" in first
     assert "judged_from: 2024-06-01T00:00:00+00:00" in second and "orders_left_out_inside_training" in second
     assert "at or after 2024-06-01T00:00:00+00:00, the later of the two training cutoffs; warning:" in second
+
+
+@pytest.mark.slow
+def test_the_first_set_up_command_runs_as_written(tmp_path):
+    """The README's first command, the whole pipeline on the embedded demo, as a new user runs it
+    (its `pip install -e .` is what this suite already stands on, so it is left out)."""
+    text = README.read_text()
+    command = re.search(r"```bash\n(pip install -e \. && .*?)\n```", text)
+    assert command, "README: no first set-up command"
+    pipeline = command.group(1).removeprefix("pip install -e . && ")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(["bash", "-c", pipeline], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, f"{pipeline}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr
+    assert (tmp_path / "demo" / "report" / "report.html").is_file()
+    assert (tmp_path / "demo" / "report" / "segments.csv").is_file()
+    for key in ("value_model", "value_oracle", "value_rules", "uplift_capture"):
+        assert key in done.stdout, f"simulate printed no {key}:\n{done.stdout[-2000:]}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, settings
+from serving_helpers import ADMIN, DECIDE, FEEDBACK, KEYS, SCARCE_CATALOG, auth, order, query, settings
 
 from insertrec import modeldir
 from insertrec.engine import Engine
@@ -216,15 +217,29 @@ def test_metrics_break_requests_down_by_stage(client):
 
 
 def test_errors_do_not_leak_internals(client, tmp_path):
+    """A log that cannot be written (as a full disk) is answered from the rules and spooled, and
+    /readyz says degraded, still 200; a worker that cannot spool either is 503, and neither
+    names files or error types without an admin key."""
     client.app.state.service.log.close()
     (tmp_path / "log.db").unlink()
     (tmp_path / "log.db").mkdir()  # the log's file is now a directory: every write fails
     r = decide(client, order(1))
+    assert r.status_code == 200 and r.json()["policy"] == "fallback"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    assert ready.json()["reason"].startswith("the decision log cannot be reached; answering from the catalog's rules")
+    assert "1 spooled decisions" in ready.json()["reason"] and "Error" not in ready.json()["reason"]
+    assert "Error" in client.get("/readyz", headers=auth(ADMIN)).json()["reason"]  # the type, for an admin
+    spool = client.app.state.service.spool
+    spool.close()
+    spool.directory = tmp_path / "not-a-directory"
+    spool.directory.write_text("")   # the spool cannot be written either
+    r = decide(client, order(2))
     assert r.status_code == 503 and r.json() == {"error": {"field": None, "reason":
                                                            "decisions cannot be recorded right now; retry shortly"}}
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.json()["reason"] == "the decision log cannot be reached"
-    assert "Error" in client.get("/readyz", headers=auth(ADMIN)).json()["reason"]  # the type, for an admin
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+    assert ready.json()["reason"] == "neither the decision log nor the spool can be written"
 
 
 def test_settings_come_from_file_then_env_then_flags(tmp_path):
@@ -312,9 +327,12 @@ def test_training_refuses_a_log_whose_ctx_names_are_unbounded(client, tmp_path):
         merge_logged(Dataset(orders=own), url)
 
 
-def test_readyz_is_not_ready_while_the_sqlite_log_cannot_write(tmp_path):
+def test_readyz_is_degraded_while_the_sqlite_log_cannot_write(tmp_path):
     """A full disk, made real for this process: RLIMIT_FSIZE stops every file from growing (the kernel
-    answers EFBIG, as ENOSPC on a full disk), so SQLite's writes fail while its reads still work."""
+    answers EFBIG, as ENOSPC on a full disk), so SQLite's writes fail while its reads still work.
+    Orders are answered from the rules and spooled (the spool, a new file, still has room), /readyz
+    says degraded (200, the write failure named for an admin), and ready again once the log can be
+    written and the spool is replayed into it."""
     import os
     import resource
 
@@ -332,8 +350,15 @@ def test_readyz_is_not_ready_while_the_sqlite_log_cannot_write(tmp_path):
                     break
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        assert ready.status_code == 503 and ready.json()["status"] == "unavailable", i
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded", i
         assert "write failed" in ready.json()["reason"]
+        assert decide(c, order("during")).json()["policy"] == "fallback"
         # space again: readiness comes back without a decision having to succeed first
+        for _ in range(100):
+            if c.get("/readyz").json()["status"] == "ready":
+                break
+            time.sleep(0.1)
         assert c.get("/readyz").json()["status"] == "ready"
         assert decide(c, order("after")).status_code == 200
+    logged = [order_id for order_id, in query(f"sqlite:///{db}", "SELECT order_id FROM decisions")]
+    assert sorted(logged) == sorted({*(f"o-{n}" for n in range(i + 1)), "o-during", "o-after"})

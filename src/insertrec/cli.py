@@ -20,6 +20,8 @@ from insertrec.errors import CatalogError, DataError, InsertrecError
 
 if TYPE_CHECKING:   # imported when a subcommand runs (see above)
     from insertrec.data import Dataset
+    from insertrec.engine import Engine
+    from insertrec.world import World
 
 __all__ = ["build_parser", "main"]
 
@@ -136,8 +138,36 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     progress = Progress()
     progress("loading the model and the world")
     engine, world = Engine.load(args.model), World.load(args.world)
+    if args.rounds is not None:
+        _closed_loop(engine, world, args)
+        return
     metrics = simulate(engine, world, orders=args.orders, seed=args.seed, progress=progress)
     _print_json_or_table(metrics, args.json)
+
+
+def _closed_loop(engine: Engine, world: World, args: argparse.Namespace) -> None:
+    """`simulate --rounds K`: retrained as MODEL was (its settings), on a fresh history of the world."""
+    from dataclasses import fields
+
+    from insertrec.closedloop import closed_loop, retrained
+    from insertrec.training import TrainConfig
+
+    params = engine.manifest.get("params", {})
+    config = TrainConfig(**{f.name: params[f.name] for f in fields(TrainConfig) if f.name in params} | {"cutoff": None})
+    columns = ("round", "orders", "value_deployed", "value_oracle", "value_control", "uplift_capture",
+               "regret", "cumulative_regret")
+
+    def show(row: dict[str, float]) -> None:
+        if not args.json:
+            print("  ".join(f"{row[c]:>{len(c)}.0f}" if c in ("round", "orders") else f"{row[c]:>{len(c)}.3f}"
+                            for c in columns), flush=True)
+
+    if not args.json:
+        print("  ".join(columns))
+    rows = closed_loop(world, args.rounds, retrained(config), customers=args.customers, seed=args.seed,
+                       progress=show)
+    if args.json:
+        print(json.dumps({"rounds": rows}, indent=2))
 
 
 def cmd_segments(args: argparse.Namespace) -> None:
@@ -288,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="model directory")
     c.add_argument("--world", required=True, help="world.json (demo-data writes one beside the data)")
     c.add_argument("--orders", type=int, default=5000, help="fresh orders to simulate")
-    c.add_argument("--seed", type=int, default=1, help="random seed of the fresh orders")
+    c.add_argument("--seed", type=int, default=1, help="random seed of the fresh orders (of the closed loop's history)")
+    c.add_argument("--rounds", type=int, help="run the closed loop (deploy, log, retrain) for K monthly rounds, "
+                   "retraining with MODEL's settings on a fresh history of the world")
+    c.add_argument("--customers", type=int, default=5000, help="customers of the closed loop's history")
     c.add_argument("--json", action="store_true", help="print the values as JSON")
     c.set_defaults(fn=cmd_simulate)
 

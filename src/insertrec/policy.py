@@ -5,9 +5,11 @@ a DataFrame (`decide_frame`, for `recommend`, `evaluate`, `simulate`) and one
 order as a dict (`decide_one`, for the HTTP service). They differ only in how
 features are encoded and eligibility evaluated, never in how boxes are scored.
 
-Exploration is epsilon-greedy per slot, decided by a hash of the order id and
-the model version, so a retried order gets the same answer and the logged
-propensities are exact: (1 - eps) * [a is the best] + eps / |eligible|.
+A share epsilon of each slot's decisions explores, decided by a hash of the
+order id and the model version, so a retried order gets the same answer and
+the logged propensities are exact: (1 - eps) * [a is the best] + eps * q(a),
+where q is the exploring draw of `exploration` (a softmax over the estimated
+gaps with a floor; uniform among the eligible actions for a rules-only policy).
 
 Speed: one order must be decided in tens of microseconds, so everything that
 depends only on the model (stacked action weights, the slot-pair table laid
@@ -29,6 +31,7 @@ import pandas as pd
 
 from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
+from insertrec.exploration import TEMPERATURE, draw, explore_probabilities
 from insertrec.valuemodel import ActionSpace, ValueModel
 
 __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
@@ -82,6 +85,8 @@ class BatchDecisions:
     # per slot (n, n_actions): each action's best box value; only for one order's explanation
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
+    # (n, n_actions) flat: the distribution an exploring slot draws from (None: uniform among eligible)
+    explore_probs: np.ndarray | None = field(repr=False, default=None)
 
 
 class _Best(NamedTuple):
@@ -92,7 +97,7 @@ class _Best(NamedTuple):
     uplift: np.ndarray          # (n,) the box's value over the all-default box
 
 
-_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots")
+_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots")
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
@@ -147,15 +152,19 @@ class Policy:
     epsilon : share of decisions, per slot, that explore among eligible actions.
     version : model version, part of the exploration hash.
     playbook_slots : slots where the model defers to the playbook, because
-        off-policy evaluation on the holdout showed it doing worse there
-        (training decides; see `evaluation.worse_slots`).
+        off-policy evaluation on the holdout estimated it doing worse there
+        (training decides; see `evaluation.slot_deciders`).
+    default_slots : slots where the slot default goes out, because the
+        evidence did not show the model or the playbook paying there: an
+        action is not paid for without evidence it pays.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
                  value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
-                 playbook_slots: tuple[str, ...] = ()):
+                 playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = ()):
         self.catalog = catalog
         self.playbook_slots = playbook_slots
+        self.default_slots = default_slots
         self.encoder = encoder
         self.value_model = value_model
         self.epsilon = epsilon
@@ -173,7 +182,6 @@ class Policy:
         self._flat_ids = np.array([a for ids in self._ids for a in ids], dtype=object)
         self._default_combo = int(np.ravel_multi_index(self.space.defaults, self.space.sizes))
         self._slices = [slice(c, c + size) for c, size in zip(catalog.columns, self.space.sizes)]
-        self._lasts = self._columns + self._sizes - 1
         self._strides = np.array([int(np.prod(self.space.sizes[s + 1:])) for s in range(len(self._sizes))])
         # per action (flat), the boxes holding it; rows padded with their own first box (max is unchanged)
         holding = [np.flatnonzero(self.combos[:, s] == a) for s, size in enumerate(self.space.sizes)
@@ -182,16 +190,19 @@ class Policy:
         self._holding = np.array([np.resize(h, width) for h in holding])
         # per slot, row a: 0 for action a, -inf for the others (fixes the slot to a playbook choice)
         self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
-        self._playbook = [s for s, name in enumerate(self.slot_names) if name in playbook_slots]
+        # slots whose action is fixed: to the playbook's, or to the default (its own "playbook" there)
+        self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
+        self._silent = np.array([name in default_slots for name in self.slot_names])
         self._scorer = None if value_model is None else value_model.box_grid
+        self._tau = 1.0 if value_model is None else TEMPERATURE * value_model.reward_scale_
 
     def __getstate__(self) -> dict[str, Any]:
         """Only the constructor's parameters: the derived constants are rebuilt on load."""
         return {k: getattr(self, k) for k in _PARAMS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # also reads model directories pickled before the constants existed (their state is __dict__)
-        Policy.__init__(self, **{k: state[k] for k in _PARAMS})
+        # also reads model directories pickled before the constants (or a parameter) existed
+        Policy.__init__(self, **{k: state[k] for k in _PARAMS if k in state})
 
     def replace(self, **changes) -> Policy:
         """A copy with some constructor parameters changed (the fitted parts are shared)."""
@@ -220,7 +231,8 @@ class Policy:
         out = []
         for s, elig in enumerate(decisions.eligible):
             k = elig.sum(axis=1, keepdims=True)
-            p = self.epsilon * elig / k
+            p = self.epsilon * (elig / k if decisions.explore_probs is None
+                                else decisions.explore_probs[:, self._slices[s]])
             p[np.arange(len(p)), decisions.greedy[:, s]] += 1.0 - self.epsilon
             out.append(p)
         return out
@@ -250,7 +262,8 @@ class Policy:
             eligible = eligible & ~self._out_of(unavailable)
         rule_columns = rules + self._columns
         # the playbook's action, unless it ran out: then the slot default stands in
-        playbook = np.where(eligible[rows, rule_columns], rules, self._defaults)
+        playbook = np.where(eligible[rows, rule_columns] & ~self._silent, rules, self._defaults)
+        exploring = explore and self.epsilon > 0
         if self._scorer is None:
             greedy, uplift, alt = playbook, None, None
             if alternatives:  # the playbook's pick first, then the other eligible actions
@@ -258,19 +271,22 @@ class Policy:
                 alt[rows, greedy + self._columns] += 1.0
         else:
             assert phi is not None   # a policy with a value model has an encoder
+            scored = alternatives or exploring   # each action's best box: explanations and exploring draws
             step = max(1, _ROW_CHUNK // len(self.combos))
             parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
-                                playbook[lo:lo + step], alternatives) for lo in range(0, max(n, 1), step)]
+                                playbook[lo:lo + step], scored) for lo in range(0, max(n, 1), step)]
             greedy, alt, uplift = parts[0] if len(parts) == 1 else _Best(
                 np.concatenate([part.greedy for part in parts]),
-                np.concatenate([part.alt for part in parts if part.alt is not None]) if alternatives else None,
+                np.concatenate([part.alt for part in parts if part.alt is not None]) if scored else None,
                 np.concatenate([part.uplift for part in parts]))
-        if explore and self.epsilon > 0:
-            actions, explored, props = self._explore(order_ids, eligible, greedy)
+        probs = None
+        if exploring:
+            estimates = None if self._scorer is None else alt   # a playbook's ranking is no estimate
+            actions, explored, props, probs = self._explore(order_ids, eligible, greedy, estimates)
         else:
             actions, explored, props = greedy, np.zeros(greedy.shape, dtype=bool), np.ones(greedy.shape)
         return BatchDecisions(order_ids, actions, props, explored, greedy, self._by_slot(eligible),
-                              self._by_slot(alt) if alt is not None else [], uplift)
+                              self._by_slot(alt) if alt is not None and alternatives else [], uplift, probs)
 
     def _by_slot(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[:, sl] for sl in self._slices]
@@ -301,10 +317,11 @@ class Policy:
         uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
         return _Best(self.combos[best], alt, uplift)
 
-    def _explore(self, order_ids: np.ndarray, eligible: np.ndarray,
-                 greedy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Epsilon-greedy per slot among the eligible actions: the actions, which slots explored,
-        and each chosen action's exact propensity.
+    def _explore(self, order_ids: np.ndarray, eligible: np.ndarray, greedy: np.ndarray,
+                 scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A share epsilon of each slot explores, drawing from `exploration.explore_probabilities`
+        (``scores``: each action's best box value; None: uniform): the actions, which slots explored,
+        each chosen action's exact propensity, and the exploring distribution (flat).
 
         The one place where exploration changes a box; `probabilities` is the same rule written
         as every action's probability (for off-policy evaluation), so a new exploration rule
@@ -312,16 +329,11 @@ class Policy:
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
-        actions = greedy
-        if explored.any():
-            # the j-th eligible action of the slot, j drawn uniformly: the number of the slot's
-            # columns whose running count of eligible actions is still below (earlier slots') + j + 1
-            cum = np.cumsum(eligible, axis=1)
-            j = np.minimum((u[:, :, 1] * k).astype(np.intp), k - 1)
-            below = cum < np.repeat(cum[:, self._lasts] - k + j + 1, self._sizes, axis=1)
-            actions = np.where(explored, np.add.reduceat(below, self._columns, axis=1, dtype=np.intp), greedy)
-        props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon / k
-        return actions, explored, np.where(k > 1, props, 1.0)
+        probs = explore_probabilities(scores, eligible, self._slices, self._tau)
+        actions = np.where(explored, draw(probs, u[:, :, 1], self._slices), greedy)
+        drawn = probs[np.arange(len(actions))[:, None], actions + self._columns]
+        props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon * drawn
+        return actions, explored, np.where(k > 1, props, 1.0), probs
 
     # -- reasons --------------------------------------------------------------
     def _explain(self, batch: BatchDecisions, i: int, phi: np.ndarray | None,
@@ -341,9 +353,12 @@ class Policy:
             scores, eligible = batch.alt_scores[s][i].tolist(), batch.eligible[s][i].tolist()
             ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
-            reasons = [f"exploring: picked at random among {sum(eligible)} eligible actions"] \
+            reasons = [f"exploring: drawn among {sum(eligible)} eligible actions" + (
+                "" if self._scorer is None else ", those estimated close to the best likelier")] \
                 if a != greedy[s] else []
-            if self.value_model is None or name in self.playbook_slots:
+            if name in self.default_slots:
+                reasons.append("slot default: the evidence did not show the model or the playbook paying here")
+            elif self.value_model is None or name in self.playbook_slots:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")

@@ -128,7 +128,8 @@ def box_statistics(phi: np.ndarray, actions: np.ndarray, rules: np.ndarray, rewa
     moment = np.zeros((n_groups, layout.size))
     for lo, hi in zip(starts, np.append(starts[1:], n)):
         group, box = divmod(int(key[order[lo]]), len(combos))
-        m, v = 0.0, 0.0
+        width = phi.shape[1] + rules.shape[1] + 1
+        m, v = np.zeros((width, width)), np.zeros(width)
         for at in range(lo, hi, _CHUNK):
             rows = order[at:min(hi, at + _CHUNK)]
             small = np.hstack([phi[rows], actions[rows] == rules[rows], np.ones((len(rows), 1))])
@@ -399,16 +400,17 @@ class ValueModel:
             self.alpha_ = grid[int(np.argmin(errors))]
             self.theta_ = solve(gram.sum(0), moment.sum(0), self.alpha_, n)
         self._unpack(self.theta_)
-        self._box_grid = None
+        self._box_grid: BoxGrid | None = None
         return self
 
     # -- predict --------------------------------------------------------------
     @property
     def box_grid(self) -> BoxGrid:
         """The scorer of whole boxes, built once per fitted model."""
-        if getattr(self, "_box_grid", None) is None:
-            self._box_grid = BoxGrid(self)
-        return self._box_grid
+        grid = getattr(self, "_box_grid", None)
+        if grid is None:
+            grid = self._box_grid = BoxGrid(self)
+        return grid
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""

@@ -10,7 +10,9 @@ sent as bytes, so a retry gets exactly the same answer.
 Errors: bad input is 422 ``{"error": {"field", "reason"}}``, a body over the
 limit 413, a missing or unknown key 401, a key without the role 403, an
 unknown order in an outcome 404, an ``order_id`` decided before for another
-customer or body 409, an unreachable decision log 503 (a decision
+customer or body 409. An unreachable decision log is not an error: the
+order is answered from the rules and spooled (`insertrec.serving.spool`); only
+a worker that can neither log nor spool a decision answers 503 (a decision
 that cannot be made durable is not given). Anything else is a bug: 500 with
 a generic message, the details only in the server's log.
 """
@@ -47,16 +49,18 @@ from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
 from insertrec.serving.middleware import BodyLimit, RequestMetrics
 from insertrec.serving.service import DecisionService
 from insertrec.serving.settings import Settings, SettingsError
+from insertrec.serving.spool import Spool, default_directory
 
 __all__ = ["BadInput", "app_from_env", "create_app", "run"]
 
 _log = logging.getLogger("insertrec.serving")
 _JSON = "application/json"
+_REPLAY_EVERY_S = 0.5   # how soon a worker retries the log, and adopts a dead worker's spool
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": p.ErrorOut, "description": text} for code, text in (
         (401, "missing or unknown API key"), (403, "the key lacks the role"),
         (413, "body too large"), (422, "invalid input: the field and the reason"),
-        (503, "the decision log is unavailable; retry"))}
+        (503, "neither the decision log nor the spool can be written; retry"))}
 
 
 class BadInput(InsertrecError):
@@ -99,7 +103,8 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     log = DecisionLog(settings.db_url, settings.db_synchronous, settings.db_deadline_ms)
     holder = ModelHolder(settings.model, settings.catalog, on_swap=lambda loaded: _on_swap(log, metrics, loaded))
-    service = DecisionService(holder, log, metrics)
+    spool = Spool(settings.spool_dir or default_directory(settings.db_url))
+    service = DecisionService(holder, log, metrics, spool)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -110,16 +115,19 @@ def create_app(settings: Settings) -> FastAPI:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
             loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, holder))
         follower = asyncio.create_task(_follow_reloads(log, holder, settings.reload_poll_seconds))
+        replayer = asyncio.create_task(_replay_spool(service))
         watcher = _watch_alias(settings, holder)
         try:
             yield
         finally:
             follower.cancel()
+            replayer.cancel()
             if watcher is not None:
                 watcher.stop()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             log.close()
+            spool.close()
             metrics.close()
 
     app = FastAPI(title="insertrec", version="1", lifespan=lifespan,
@@ -184,24 +192,38 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/readyz", response_model=p.ReadyOut, tags=["ops"],
              responses={503: {"model": p.ReadyOut, "description": "cannot make decisions durable"}})
     async def readyz(request: Request) -> Response:
-        """Degraded (answering from the rules, or from the previous model) is still ready: a
-        warehouse is better served by the rules than by no answer. Not ready is a decision log
-        that cannot be reached, or a worker still starting. The reason names files and error
-        types only for an admin key: anyone can ask this route."""
+        """Degraded (answering from the rules, or from the previous model; a decision log that cannot
+        be reached, or decisions spooled and not yet in it) is still ready, 200: a warehouse is
+        better served by the rules than by no answer. Not ready, 503, is a worker that cannot answer
+        at all: neither the log nor the spool can be written, or it is still starting. The reasons
+        name files and error types only for an admin key: anyone can ask this route."""
         admin = _is_admin(keys, request.headers.get("authorization"))
         loaded = holder.current
+        reasons = []
         try:
             log.ping()
+            down = service.log_down   # this worker spools until it has replayed what it spooled
         except LogUnavailable as exc:
-            out = p.ReadyOut(status="unavailable", model_version=loaded and loaded.version,
-                             reason=str(exc) if admin else "the decision log cannot be reached")
-            return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
+            unusable = spool.usable()
+            if unusable is not None:
+                out = p.ReadyOut(status="unavailable", model_version=loaded.version if loaded else None,
+                                 reason=f"{exc}; {unusable}" if admin else
+                                 "neither the decision log nor the spool can be written")
+                return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
+            down = str(exc)
+        if down is not None:
+            reasons.append(down if admin else "the decision log cannot be reached; answering from the "
+                                              "catalog's rules and spooling decisions")
         if loaded is None:
             out = p.ReadyOut(status="unavailable", model_version=None, reason="starting")
             return Response(out.model_dump_json(), status_code=503, media_type=_JSON)
-        reason = loaded.reason if admin or loaded.reason is None else \
-            "the model could not be loaded; answering from the catalog's rules (the reason: with an admin key)"
-        out = p.ReadyOut(status=loaded.status, model_version=loaded.version, reason=reason)
+        if len(spool):
+            reasons.append(f"{len(spool)} spooled decisions not yet in the decision log")
+        if loaded.reason is not None:
+            reasons.append(loaded.reason if admin else "the model could not be loaded; answering from the "
+                                                       "catalog's rules (the reason: with an admin key)")
+        out = p.ReadyOut(status="degraded" if reasons else "ready", model_version=loaded.version,
+                         reason="; ".join(reasons) or None)
         return Response(out.model_dump_json(), media_type=_JSON)
 
     @app.get("/metrics", tags=["ops"], response_class=Response,
@@ -271,6 +293,11 @@ def _current(holder: ModelHolder) -> Any:
     return holder.current
 
 
+def _reload(holder: ModelHolder, generation: int) -> None:
+    """Start loading the model again (the alias moved); requests go on with the current one."""
+    holder.reload_in_background(generation)
+
+
 def _on_swap(log: DecisionLog, metrics: Metrics, loaded: Any) -> None:
     log.sync_inventory(loaded.fallback.catalog)
     metrics.model_loads.labels("degraded" if loaded.reason else "ok").inc()
@@ -287,7 +314,7 @@ def _watch_alias(settings: Settings, holder: ModelHolder) -> AliasWatcher | None
         return None
     current = holder.current
     return AliasWatcher(settings.model, settings.alias_poll_seconds,
-                        lambda _: holder.reload_in_background(current.generation if current else 0),
+                        lambda _: _reload(holder, current.generation if current else 0),
                         current=resolve_model(settings.model)).start()
 
 
@@ -311,6 +338,17 @@ async def _follow_reloads(log: DecisionLog, holder: ModelHolder, every: float) -
         if current is not None and generation > current.generation:
             thread = holder.reload_in_background(generation)
             await asyncio.to_thread(thread.join)
+
+
+async def _replay_spool(service: DecisionService) -> None:
+    """Adopt dead workers' spools and replay spooled decisions whenever the log answers."""
+    while True:
+        await asyncio.sleep(_REPLAY_EVERY_S)
+        try:
+            await service.replay_spool()
+        except Exception as exc:  # a bug here must not end the loop: decisions would stay spooled
+            _log.error("spool replay failed", extra={"event": "spool_replay_failed",
+                                                     "error_type": type(exc).__name__}, exc_info=exc)
 
 
 def _install_errors(app: FastAPI) -> None:
@@ -337,7 +375,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(LogUnavailable)
     async def unavailable(_: Request, exc: LogUnavailable) -> JSONResponse:
-        _log.error("decision log unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
+        _log.error("decision log and spool unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
         return error(503, "decisions cannot be recorded right now; retry shortly", headers={"Retry-After": "1"})
 
     @app.exception_handler(InsertrecError)
@@ -363,7 +401,8 @@ def _install_errors(app: FastAPI) -> None:
 
 def _install_openapi(app: FastAPI) -> None:
     """Add the bodies the routes parse themselves, and the bearer scheme, to the schema."""
-    bodies = {"OrderIn": TypeAdapter(p.OrderIn), "BatchIn": TypeAdapter(p.BatchIn), "OutcomeIn": p.OUTCOME}
+    bodies: dict[str, TypeAdapter[Any]] = {"OrderIn": TypeAdapter(p.OrderIn), "BatchIn": TypeAdapter(p.BatchIn),
+                                           "OutcomeIn": p.OUTCOME}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 from insertrec.errors import InsertrecError
 
+__all__ = ["AuthError", "KeyRing"]
+
 
 class AuthError(InsertrecError):
     """A request refused for its credentials; ``status`` is 401 or 403."""

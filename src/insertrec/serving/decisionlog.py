@@ -54,7 +54,7 @@ from insertrec.serving.statements import CounterRow, EventRow, Prepared, Raw, St
 from insertrec.serving.writers import WriterTurn
 
 __all__ = ["CustomerMoved", "DecisionLog", "Entry", "Event", "LogUnavailable", "OrderConflict", "OutOfStock", "Recorded",
-           "UnknownOrder", "limited_actions"]
+           "UnknownOrder", "limited_actions", "retried"]
 
 
 class UnknownOrder(InsertrecError):
@@ -101,8 +101,10 @@ class Entry:
     """A decision to log, and what must still hold for it to be committed.
 
     ``customer_last_id`` is the customer's newest decision row (of an order at
-    or after ``since_ns``) the decision was made knowing; ``limited`` the
-    chosen actions whose stock or budget is counted.
+    or after ``since_ns``) the decision was made knowing, or None for a
+    decision made without the log (spooled, `insertrec.serving.spool`): it is
+    stored without that check, which it could only fail; ``limited`` the chosen
+    actions whose stock or budget is counted.
     """
 
     decision_id: str
@@ -114,7 +116,7 @@ class Entry:
     order_json: str
     box: dict[str, tuple[str, float]]
     response_json: str
-    customer_last_id: int = 0
+    customer_last_id: int | None = 0
     since_ns: int = -(2**63)
     limited: tuple[str, ...] = ()
     body_sha256: str | None = None
@@ -311,7 +313,7 @@ class DecisionLog:
                         out.append(failed)
                     except self._dbapi.IntegrityError:
                         run(self._sql.undo)
-                        out.append(_retried(entry, run(self._sql.stored, oid=entry.order_id).fetchone()))
+                        out.append(retried(entry, run(self._sql.stored, oid=entry.order_id).fetchone()))
             return out
         except self._errors as exc:
             raise self._failed("write", exc) from None
@@ -330,9 +332,10 @@ class DecisionLog:
                 run(self._sql.lock_counter, aid=action_id)
 
     def _record(self, run: _Run, entry: Entry) -> Recorded:
-        last = run(self._sql.last_decision, cid=entry.customer_id, since=entry.since_ns).fetchone()[0] or 0
-        if last != entry.customer_last_id:
-            raise CustomerMoved()
+        if entry.customer_last_id is not None:
+            last = run(self._sql.last_decision, cid=entry.customer_id, since=entry.since_ns).fetchone()[0] or 0
+            if last != entry.customer_last_id:
+                raise CustomerMoved()
         cursor = run(self._sql.insert_decision, **_row(entry))
         row_id = cursor.fetchone()[0] if self._sql.returning else cursor.lastrowid
         for action_id in entry.limited:
@@ -546,8 +549,9 @@ def limited_actions(catalog: Catalog) -> dict[str, Action]:
             if not a.default and (a.stock is not None or a.budget is not None)}
 
 
-def _retried(entry: Entry, stored: tuple | None) -> Recorded | CustomerMoved | OrderConflict:
-    """What a second decision of an order gets: the stored answer if it is the same request."""
+def retried(entry: Entry, stored: tuple | None) -> Recorded | CustomerMoved | OrderConflict:
+    """What a second decision of an order gets: the stored answer (a `StoredRow`) if it is the
+    same request."""
     if stored is None:  # not a stored order: a decision_id (uuid4) collision; deciding again draws a new one
         return CustomerMoved()
     row = StoredRow._make(stored)

@@ -58,9 +58,21 @@ class Loaded:
         return Decider(self.engine, self.fallback)
 
     @cached_property
+    def rules(self) -> Decider:
+        """The catalog's rules alone, labelled fallback: what answers while the decision log is down."""
+        return Decider(None, self.fallback)
+
+    @cached_property
     def limited(self) -> frozenset[str]:
         """Actions whose use is counted in the log: stock or budget, never a slot's default."""
         return frozenset(limited_actions(self.fallback.catalog))
+
+    @cached_property
+    def counted(self) -> frozenset[str]:
+        """Actions a counter or the customer's history limits (stock, budget, contact cap), never a
+        slot's default: what a decision made without the log (spooled) may not give."""
+        return self.limited | {a.id for slot in self.fallback.catalog.slots.values() for a in slot.actions
+                               if a.cap is not None and not a.default}
 
     @cached_property
     def segment_sizes(self) -> dict[str, int]:

@@ -14,6 +14,8 @@ import logging
 import time
 from typing import Any
 
+__all__ = ["FIELDS", "JsonFormatter", "uvicorn_log_config"]
+
 FIELDS: tuple[str, ...] = ("event", "order_id", "customer_id", "decision_id", "policy", "model_version",
                            "reason", "route", "status", "generation", "worker", "error_type")
 

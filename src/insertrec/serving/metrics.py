@@ -24,6 +24,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+__all__ = ["MULTIPROC_ENV", "STAGES", "Metrics", "Stopwatch"]
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STAGES = ("validation", "features", "scoring", "logging")
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -60,6 +62,12 @@ class Metrics:
                                    registry=registry)
         self.degraded = Gauge("insertrec_degraded", "1 while a worker serves without its model",
                               registry=registry, multiprocess_mode="livemax")
+        self.spooled = Counter("insertrec_spooled_decisions", "decisions answered while the decision log was "
+                               "unavailable, written to the local spool", registry=registry)
+        self.spool_replayed = Counter("insertrec_spool_replayed", "spooled decisions replayed into the log "
+                                      "(an order already logged counts, and stores nothing)", registry=registry)
+        self.spool_depth = Gauge("insertrec_spool_depth", "spooled decisions not yet in the log",
+                                 registry=registry, multiprocess_mode="livesum")
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from insertrec.serving.metrics import Metrics
 
+__all__ = ["BodyLimit", "RequestMetrics", "send_error"]
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

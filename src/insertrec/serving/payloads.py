@@ -32,6 +32,32 @@ from pydantic_core import PydanticCustomError
 
 from insertrec.schema import context_problems
 
+__all__ = [
+    "MAX_BATCH",
+    "OUTCOME",
+    "Alternative",
+    "BatchIn",
+    "BatchItemOut",
+    "BatchOut",
+    "DecisionOut",
+    "ErrorDetail",
+    "ErrorOut",
+    "NpsAnswer",
+    "OrderIn",
+    "OutcomeIn",
+    "OutcomeOut",
+    "ReadyOut",
+    "Redeemed",
+    "ReloadOut",
+    "Reordered",
+    "Returned",
+    "SegmentOut",
+    "SegmentsOut",
+    "SlotOut",
+    "first_error",
+    "parse_batch"
+]
+
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Category = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^|\x00-\x1f\x7f]+$")]
@@ -220,7 +246,7 @@ class NpsAnswer(_OutcomeBase):
 
 
 OutcomeIn = Annotated[Redeemed | Reordered | Returned | NpsAnswer, Field(discriminator="type")]
-OUTCOME = TypeAdapter(OutcomeIn)
+OUTCOME: TypeAdapter[Redeemed | Reordered | Returned | NpsAnswer] = TypeAdapter(OutcomeIn)
 
 
 class OutcomeOut(BaseModel):

@@ -8,6 +8,15 @@ budget) and commits. If something changed, the decision is redone with the
 news (an exhausted action made unavailable, the customer's new order folded
 in); nothing is ever half-written.
 
+When the log cannot be reached or misses its deadline, the order is answered
+anyway, from the catalog's rules with only the actions nothing counts (no
+stock, budget or contact cap: those counters cannot be checked), labelled
+``fallback``, and the decision is written to the worker's spool (fsynced)
+before the answer leaves. Until the spool is replayed into the log
+(`DecisionService.replay_spool`) the worker does not ask the log again, so
+the outage costs each order no deadline and no spooled decision is overtaken
+by a logged one of the same order.
+
 Decisions are committed in groups (`GroupCommit`): a request, its box
 chosen, waits for the commit of every decision made in the same turn of the
 event loop, and is answered after it. Under load a worker's requests share
@@ -26,17 +35,28 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import orjson
 
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
-from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, LogUnavailable, OutOfStock
+from insertrec.serving.decisionlog import (
+    CustomerMoved,
+    DecisionLog,
+    Entry,
+    LogUnavailable,
+    OrderConflict,
+    OutOfStock,
+    Recorded,
+    retried,
+)
 from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
+from insertrec.serving.spool import Spool
+from insertrec.serving.statements import StoredRow
 from insertrec.serving.writers import GroupCommit
 
 __all__ = ["DecisionService"]
@@ -46,6 +66,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_ATTEMPTS = 24  # each retry learns one more exhausted action or one newer order; two workers deciding
 #                    one customer's orders at once each lose a round with odds 1/2, so 8 rounds starved 3 in 800
 _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may be (commits re-check)
+_REPLAY_BATCH = 256        # spooled decisions per replay transaction
 
 
 @dataclass
@@ -66,13 +87,16 @@ class DecisionService:
     holder : the worker's model (hot-swappable).
     log : the decision log.
     metrics : where stage timings, decisions and fallbacks are counted.
+    spool : where decisions go while the log is unavailable.
     cache_size : customers whose folded state is kept between requests; the
         log is still asked for anything newer on every request, so the cache
         saves work, never correctness.
     """
 
-    def __init__(self, holder: ModelHolder, log: DecisionLog, metrics: Metrics, cache_size: int = 4096):
-        self.holder, self.log, self.metrics = holder, log, metrics
+    def __init__(self, holder: ModelHolder, log: DecisionLog, metrics: Metrics, spool: Spool,
+                 cache_size: int = 4096):
+        self.holder, self.log, self.metrics, self.spool = holder, log, metrics, spool
+        self.log_down: str | None = None   # why the log failed; set until the spool is replayed
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -87,9 +111,19 @@ class DecisionService:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
-        unavailable = self._exhausted_now() & loaded.limited
         async with self._one_at_a_time(order.customer_id):
-            return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+            spooled = self.spool.get(order.order_id)
+            if spooled is not None:
+                return _repeated(spooled, order)
+            if self.log_down is None:
+                try:
+                    unavailable = self._exhausted_now() & loaded.limited
+                    return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+                except LogUnavailable as exc:
+                    self.log_down = str(exc)
+                    _log.error("decision log unavailable; spooling decisions", extra={
+                        "event": "log_unavailable", "reason": str(exc)})
+            return self._spool(loaded, order, record, ts_ns, watch)
 
     async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
                       watch: Stopwatch) -> tuple[str, bool]:
@@ -105,11 +139,8 @@ class DecisionService:
             decision_id, text = _body(decision)
             watch.lap("scoring")
             actions = {slot: c.action_id for slot, c in decision.slots.items()}
-            entry = Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version,
-                          decision.policy, orjson.dumps(record).decode(),
-                          {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
-                          known.last_decision, loaded.as_of_ns,
-                          tuple(a for a in actions.values() if a in loaded.limited), order.fingerprint())
+            entry = _entry(order, record, ts_ns, decision, decision_id, text, known.last_decision, loaded.as_of_ns,
+                           tuple(a for a in actions.values() if a in loaded.limited))
             outcome = await self.commits.submit(entry)
             if isinstance(outcome, OutOfStock):
                 unavailable.add(outcome.action_id)
@@ -131,6 +162,70 @@ class DecisionService:
                                           "policy": decision.policy, "model_version": decision.model_version})
             return outcome.response_json, False
         raise LogUnavailable(f"order_id {order.order_id!r}: too many concurrent changes to commit; retry")
+
+    def _spool(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, watch: Stopwatch) -> tuple[str, bool]:
+        """Decide without the log: the rules, on what this worker knows of the customer (its cache, else
+        the snapshot), with no counted action; spooled durably before it is answered."""
+        known = self._known.get(order.customer_id)
+        state = known.state if known is not None and known.loaded is loaded else \
+            (loaded.engine or loaded.fallback).state(order.customer_id)
+        state = _with_fresher_nps(state, order, record)
+        watch.lap("features")
+        decision = loaded.rules.decide(record, state, loaded.counted)
+        self.metrics.fallbacks.inc()
+        decision_id, text = _body(decision)
+        watch.lap("scoring")
+        self.spool.append(_entry(order, record, ts_ns, decision, decision_id, text, None, loaded.as_of_ns, ()))
+        watch.lap("logging")
+        self.metrics.spooled.inc()
+        self.metrics.spool_depth.set(len(self.spool))
+        self.metrics.decisions.labels(decision.policy).inc()
+        return text, False
+
+    async def replay_spool(self) -> int:
+        """Move spooled decisions (this worker's, and those of workers that died) into the log, in
+        the order they were made, and return how many were stored. Idempotent: an order already in
+        the log stores nothing. The log is used again for new decisions once everything is in (no
+        await between the spool found empty and the switch) and it answers; until then, on
+        LogUnavailable, the rest stays spooled for the next round."""
+        stored = 0
+        self.spool.adopt()
+        if not len(self.spool) and self.log_down is None:
+            return 0
+        try:
+            self.log.ping()
+            while segments := self.spool.to_replay():   # decisions keep being spooled meanwhile
+                for segment in segments:
+                    while segment.replayed < len(segment.entries):
+                        batch = segment.entries[segment.replayed:segment.replayed + _REPLAY_BATCH]
+                        stored += self._replay(batch)
+                        segment.replayed += len(batch)
+                        await asyncio.sleep(0)   # let requests in between batches
+                    self.spool.replayed(segment)
+            if self.log_down is not None:
+                self.log_down = None
+                _log.warning("decision log back; spool replayed", extra={"event": "log_back"})
+        except LogUnavailable as exc:
+            self.log_down = self.log_down or str(exc)
+        finally:
+            self.metrics.spool_depth.set(len(self.spool))
+        return stored
+
+    def _replay(self, batch: list[Entry]) -> int:
+        """Log one batch of spooled decisions; how many were new to the log."""
+        stored = 0
+        for entry, result in zip(batch, self.log.record_many(batch)):
+            if isinstance(result, Recorded) and result.row_id is not None:
+                stored += 1
+            elif isinstance(result, Recorded) and result.response_json != entry.response_json:
+                # a commit given up at its deadline that the server completed after all
+                _log.warning("the log holds another decision of a spooled order; it keeps that one",
+                             extra={"event": "spool_superseded", "order_id": entry.order_id})
+            elif isinstance(result, OrderConflict):
+                _log.warning("a spooled decision's order_id was decided before for another order; the log "
+                             "keeps that one", extra={"event": "spool_conflict", "order_id": entry.order_id})
+        self.metrics.spool_replayed.inc(len(batch))
+        return stored
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, customer_id: str) -> AsyncIterator[None]:
@@ -172,12 +267,15 @@ class DecisionService:
             self._known.move_to_end(customer_id)
         for event in self.log.events(customer_id, loaded.as_of_ns, known.last_decision, known.last_outcome):
             if event.kind == "order":
+                assert event.order is not None   # an order event carries its order (Event's contract)
                 known.state.add_order(event.order, event.actions)
                 known.last_decision = event.id
             else:
+                assert event.value is not None   # an outcome event carries its score or amount
                 if event.kind == "nps":
                     known.state.add_nps(int(event.value), _from_ns(event.ts_ns))
                 else:
+                    assert event.order_id is not None   # a return names its order
                     known.state.add_return(event.order_id, event.value)
                 known.last_outcome = event.id
         self._known[customer_id] = known
@@ -201,6 +299,24 @@ def _with_fresher_nps(state: CustomerState, order: OrderIn, record: dict) -> Cus
     state = copy.copy(state)
     state.add_nps(order.nps_score, datetime.fromisoformat(record["order_ts"]) - timedelta(microseconds=1))
     return state
+
+
+def _repeated(spooled: Entry, order: OrderIn) -> tuple[str, bool]:
+    """An order asked again while its decision is in the spool: that answer, if it is the same order."""
+    entry = replace(spooled, customer_id=order.customer_id, body_sha256=order.fingerprint())
+    result = retried(entry, StoredRow(spooled.response_json, spooled.customer_id, spooled.body_sha256))
+    if isinstance(result, OrderConflict):
+        raise result
+    return spooled.response_json, True
+
+
+def _entry(order: OrderIn, record: dict, ts_ns: int, decision: Decision, decision_id: str, text: str,
+           customer_last_id: int | None, since_ns: int, limited: tuple[str, ...]) -> Entry:
+    """The log's entry of a decided order (see `Entry` for what the commit checks)."""
+    return Entry(decision_id, order.order_id, order.customer_id, ts_ns, decision.model_version, decision.policy,
+                 orjson.dumps(record).decode(),
+                 {slot: (c.action_id, c.propensity) for slot, c in decision.slots.items()}, text,
+                 customer_last_id, since_ns, limited, order.fingerprint())
 
 
 def _body(decision: Decision) -> tuple[str, str]:

@@ -19,6 +19,8 @@ import yaml
 
 from insertrec.errors import InsertrecError
 
+__all__ = ["PREFIX", "ROLES", "Settings", "SettingsError"]
+
 ROLES: tuple[str, ...] = ("decide", "feedback", "admin")
 PREFIX = "INSERTREC_"
 
@@ -38,8 +40,12 @@ class Settings:
     decision.
 
     ``db_deadline_ms`` bounds every wait of a request on the decision log: the
-    writer's turn, a lock, a slow statement. Past it the request is a 503 (retry)
-    instead of a worker that hangs with the database.
+    writer's turn, a lock, a slow statement. Past it the order is answered from the
+    catalog's rules and spooled, instead of a worker that hangs with the database.
+
+    ``spool_dir`` holds the decisions answered while the log is unavailable
+    (`insertrec.serving.spool`) until they are replayed into it: one directory
+    per decision log, on a local disk, shared by the workers of one server.
     """
 
     model: str | None = None
@@ -47,6 +53,8 @@ class Settings:
     db_url: str = "sqlite:///insertrec-decisions.db"
     db_synchronous: str = "NORMAL"
     db_deadline_ms: int = 50              # longest wait of a database operation on the request path
+    spool_dir: str | None = None          # decisions made while the log is down (default: beside the SQLite
+    #                                       file, <file>-spool, else ./insertrec-spool)
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -136,10 +144,10 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return number
         if kind is float:
-            number = float(text)
-            if not number > 0:
+            positive = float(text)
+            if not positive > 0:
                 raise ValueError
-            return number
+            return positive
     except ValueError:
         raise SettingsError(f"setting {name!r} ({PREFIX}{name.upper()}): expected a positive "
                             f"{kind.__name__}, got {text!r}") from None

@@ -64,7 +64,9 @@ itself on the history simulated so far (so the logged propensities are exact
 from the engine's point of view too). :meth:`World.evaluation_set` gives fresh
 orders, the history before them and their hidden state, for ``simulate``;
 :meth:`World.perturbed` re-deals the truth so that quality is measured on
-worlds the engine has not seen.
+worlds the engine has not seen; :meth:`World.shop_run` continues a history
+stretch by stretch with the policy the caller deploys deciding (the closed
+loop: the world draws the outcomes, the caller only sees the logged tables).
 
 Modules: :mod:`~insertrec.world.spec` reads world.json (every refusal names the
 field), :mod:`~insertrec.world.truth` holds the truth (population, response
@@ -73,8 +75,9 @@ it writes, and :mod:`~insertrec.world.model` the :class:`World` that ties them.
 """
 
 from insertrec.world.model import World
-from insertrec.world.simulation import EvaluationSet, WorldData
+from insertrec.world.simulation import EvaluationSet, Month, ShopRun, WorldData
 from insertrec.world.spec import WorldError
 from insertrec.world.truth import EFFECT_KINDS, TIERS, TRAITS
 
-__all__ = ["EFFECT_KINDS", "TIERS", "TRAITS", "EvaluationSet", "World", "WorldData", "WorldError"]
+__all__ = ["EFFECT_KINDS", "TIERS", "TRAITS", "EvaluationSet", "Month", "ShopRun", "World", "WorldData",
+           "WorldError"]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from insertrec.errors import InsertrecError
-from insertrec.world.simulation import EvaluationSet, WorldData, evaluation_set, generate, write_demo_data
+from insertrec.world.simulation import EvaluationSet, ShopRun, WorldData, evaluation_set, generate, write_demo_data
 from insertrec.world.spec import WorldError, _catalog, _Node
 from insertrec.world.truth import _STAGES, EFFECT_KINDS, TIERS, TRAITS, _Dynamics, _Population, _StateDesign, _Truth
 
@@ -121,6 +121,11 @@ class World:
         """``orders`` fresh orders in the last ``horizon_days`` of a history generated with ``seed``
         (see :func:`insertrec.world.simulation.evaluation_set`)."""
         return evaluation_set(self, orders, seed)
+
+    def shop_run(self, customers: int, seed: int) -> ShopRun:
+        """This world's history continued stretch by stretch under policies the caller deploys (the closed
+        loop; see :class:`insertrec.world.simulation.ShopRun`)."""
+        return ShopRun(self, customers, seed)
 
     # ---- changed worlds
 

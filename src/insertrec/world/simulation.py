@@ -3,6 +3,7 @@ world's logging policy on the shop's own features; the tables it writes and the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from insertrec.world.model import World
 
 _SECONDS_PER_DAY = 86400.0
+
+#: a policy deciding a batch of orders from the shop's features of each: per slot, (n, n_actions)
+#: probabilities (a product-form policy), or (n, n_boxes) joint probabilities over ``World.combos()``
+Decide = Callable[[pd.DataFrame], "dict[str, np.ndarray] | np.ndarray"]
 
 
 def _logging_probs(catalog: Catalog, features: pd.DataFrame, epsilon: float) -> dict[str, np.ndarray]:
@@ -55,8 +60,19 @@ class WorldData:
                        incidents=self.incidents, catalog=self.catalog, source="world")
 
 
+class _LoggingView:
+    """What the world's logging policy would have done with a set of orders (their features)."""
+
+    world: World
+    features: pd.DataFrame
+
+    def logging_propensities(self) -> dict[str, np.ndarray]:
+        """Per slot, (n_orders, n_actions): the probability the world's logging policy gives each action."""
+        return _logging_probs(self.world.catalog, self.features, self.world.epsilon)
+
+
 @dataclass
-class EvaluationSet:
+class EvaluationSet(_LoggingView):
     """Fresh orders to decide, with the history before them and their hidden truth.
 
     ``data`` holds each evaluation customer's history strictly before their
@@ -72,10 +88,6 @@ class EvaluationSet:
     features: pd.DataFrame
     world: World
 
-    def logging_propensities(self) -> dict[str, np.ndarray]:
-        """Per slot, (n_orders, n_actions): the probability the world's logging policy gives each action."""
-        return _logging_probs(self.world.catalog, self.features, self.world.epsilon)
-
 
 class _Run:
     """One simulated history: every customer's k-th order at once, round after round.
@@ -83,15 +95,17 @@ class _Run:
     The shop's features of an order are ``insertrec.features``' own
     (:func:`~insertrec.features.history.history_features`) on the history
     simulated so far, so the logged propensities are exactly what the engine
-    computes from the written tables. A customer in round k was in every round
-    before (each round's customers are sorted), so their prior orders are one
-    row found by binary search in each earlier round.
+    computes from the written tables. Each round's customers are sorted, so a
+    customer's prior orders are found by binary search in each earlier round
+    (in one full run a customer in round k was in every round before; a run
+    advanced stretch by stretch, :meth:`advance`, lets customers skip rounds).
     """
 
-    def __init__(self, world: World, customers: int, seed: int, *, keep_features: bool):
+    def __init__(self, world: World, customers: int, seed: int, *, keep_features: bool, keep_probs: bool = False):
         if int(customers) < 1:
             raise WorldError("customers", "expected at least one customer", file="generate")
-        self.w, self.keep_features = world, keep_features
+        self.w, self.keep_features, self.keep_probs = world, keep_features, keep_probs
+        self.combos = world.combos()
         self.rng = np.random.default_rng(seed)
         n, pop, dyn = int(customers), world._pop, world._dyn
         self.c = pop.sample(n, world.days, self.rng)
@@ -106,6 +120,9 @@ class _Run:
             action_ids=tuple(self.ids), cap_windows=world.catalog.cap_windows(), ctx_columns=tuple(self.ctx_cols))
         # what an order leaves for the next one: its return logit offset, discount, and whether it came in time
         self.ret_off, self.disc, self.in_time = np.zeros(n), np.zeros(n), np.zeros(n, bool)
+        # when each customer's next order comes (inf: never), and where their last order is (round, row)
+        self.t_next = self.c["arrival"].copy()
+        self.last_round, self.last_row = np.full(n, -1), np.zeros(n, np.intp)
         self.rounds: list[dict[str, Any]] = []
         # a round of no orders, so that the history before the first round has the columns' shapes
         self._none: dict[str, Any] = {
@@ -115,36 +132,54 @@ class _Run:
             "nps_t": np.zeros(0), "inc_t": np.zeros(0), "score": np.zeros(0), "inc": np.zeros(0, np.int64)}
 
     def run(self) -> tuple[WorldData, pd.DataFrame | None]:
-        pending, t_next = np.arange(len(self.c["type"])), self.c["arrival"].copy()
-        while pending.size:
-            pending = self._step(pending, t_next)
-        return self._tables()
+        self.advance(np.inf)
+        return self._tables()[:2]
+
+    def advance(self, until: float, decide: Decide | None = None) -> None:
+        """Simulate every order placed before day ``until`` (and, past the end of the data, the next
+        orders that are the last ones' rewards), each decided by ``decide`` (default: the logging policy)."""
+        while (idx := np.flatnonzero(self.t_next < until)).size:
+            self._step(idx, decide)
 
     def _returned(self, paid: np.ndarray, attrs: dict[str, np.ndarray], offset: np.ndarray) -> np.ndarray:
         rate = _sigmoid(self.w._pop.cat_return_logit[attrs["main"]] + offset)
         return np.round(paid * self.rng.binomial(attrs["items"], rate) / attrs["items"], 2)
 
-    def _step(self, idx: np.ndarray, t_next: np.ndarray) -> np.ndarray:
+    def _step(self, idx: np.ndarray, decide: Decide | None) -> None:
         w, rng, pop, truth, dyn = self.w, self.rng, self.w._pop, self.w._truth, self.w._dyn
-        t = t_next[idx]
+        t = self.t_next[idx]
         attrs = pop.order_attrs(self.c, idx, rng)
         paid = np.round(attrs["value"] * (1.0 - self.disc[idx] * self.in_time[idx]), 2)
-        if self.rounds:    # this order is the previous one's reward, even past the end of the data
-            returned = self._returned(paid, attrs, self.ret_off[idx])
-            prev = self.rounds[-1]
-            prev["reward"][np.searchsorted(prev["cust"], idx)] += np.where(self.in_time[idx], paid - returned, 0.0)
+        returned, seen = np.zeros(len(idx)), self.last_round[idx] >= 0
+        if seen.any():    # this order is the previous one's reward, even past the end of the data
+            returned[seen] = self._returned(paid[seen], {k: v[seen] for k, v in attrs.items()},
+                                            self.ret_off[idx[seen]])
+            gain = np.where(self.in_time[idx], paid - returned, 0.0)
+            for r in np.unique(self.last_round[idx[seen]]):
+                mine = seen & (self.last_round[idx] == r)
+                self.rounds[r]["reward"][self.last_row[idx[mine]]] += gain[mine]
         keep = t < w.days
-        idx, t, paid = idx[keep], t[keep], paid[keep]
+        self.t_next[idx[~keep]] = np.inf
+        idx, t, paid, returned, seen = idx[keep], t[keep], paid[keep], returned[keep], seen[keep]
         attrs = {k: v[keep] for k, v in attrs.items()}
         if not idx.size:
-            return idx
+            return
         frame, st = self._observe(idx, t, attrs, paid)
         x = w._design.matrix(st)
-        returned = returned[keep] if self.rounds else self._returned(paid, attrs, x @ truth.returns)
+        if not seen.all():
+            first = {k: v[~seen] for k, v in attrs.items()}
+            returned[~seen] = self._returned(paid[~seen], first, (x @ truth.returns)[~seen])
 
         n, rows = len(idx), np.arange(len(idx))
-        probs = _logging_probs(w.catalog, frame, w.epsilon)
-        chosen = np.stack([_draw(probs[s], rng) for s in w.slots], axis=1)
+        probs = _logging_probs(w.catalog, frame, w.epsilon) if decide is None else decide(frame)
+        if isinstance(probs, dict):
+            chosen = np.stack([_draw(probs[s], rng) for s in w.slots], axis=1)
+            joint = self._joint(probs) if self.keep_probs else None
+        else:    # a joint policy: each slot's propensity is the probability of its action (the marginal)
+            joint = probs
+            chosen = self.combos[_draw(joint, rng)]
+            probs = {s: np.stack([joint[:, self.combos[:, i] == a].sum(axis=1) for a in range(len(sl.actions))],
+                                 axis=1) for i, (s, sl) in enumerate(w.catalog.slots.items())}
         propensity = np.stack([probs[s][rows, chosen[:, i]] for i, s in enumerate(w.slots)], axis=1)
         picks = [chosen[:, i:i + 1] for i in range(len(w.slots))]
         p = truth.repeat_probability(st, x, picks)[:, 0]
@@ -175,13 +210,18 @@ class _Run:
                             "reward": -truth.by_action(truth.costs, picks)[:, 0], "inc": inc, "inc_t": inc_t,
                             "nps_t": nps_t, "score": score, "state": st,
                             "features": frame if self.keep_features else None,
+                            "probs": joint,
                             "ledger": {"ts": self._ns(t), "value": paid, "returned": returned, "gift": attrs["is_gift"],
                                        "cats": (attrs["cat_mask"][:, None] >> np.arange(len(pop.categories))) & 1 > 0,
                                        "chan": attrs["channel"], "recv": recv}})
         self.ret_off[idx], self.in_time[idx] = off, in_time
         self.disc[idx] = 1.0 - np.prod([1.0 - d[chosen[:, i]] for i, d in enumerate(truth.discount)], axis=0)
-        t_next[idx] = t + gap
-        return idx[in_time | (later & (t + gap < w.days))]
+        self.t_next[idx] = np.where(in_time | (later & (t + gap < w.days)), t + gap, np.inf)
+        self.last_round[idx], self.last_row[idx] = len(self.rounds) - 1, rows
+
+    def _joint(self, probs: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, n_boxes): a product-form policy's probability of every box."""
+        return np.prod([probs[s][:, self.combos[:, i]] for i, s in enumerate(self.w.slots)], axis=0)
 
     def _ns(self, days: np.ndarray) -> np.ndarray:
         """Simulated days as the UTC nanoseconds of the written tables (rounded to the second)."""
@@ -190,9 +230,14 @@ class _Run:
 
     def _history(self, idx: np.ndarray) -> ArrayHistory:
         """Customers ``idx``'s orders, NPS answers and incidents so far, customer ``i`` coded ``i``."""
-        w, n = self.w, len(idx)
-        pos = [np.searchsorted(r["cust"], idx) for r in self.rounds]
-        code = np.tile(np.arange(n), len(pos))
+        w = self.w
+        pos, codes = [], [np.zeros(0, np.intp)]    # per round, the rows of those of ``idx`` who ordered in it
+        for r in self.rounds:
+            p = np.minimum(np.searchsorted(r["cust"], idx), len(r["cust"]) - 1)
+            mine = np.flatnonzero(r["cust"][p] == idx)
+            pos.append(p[mine])
+            codes.append(mine)
+        code = np.concatenate(codes)
 
         def gather(get: Any) -> np.ndarray:
             return np.concatenate([get(self._none), *(get(r)[p] for r, p in zip(self.rounds, pos))])
@@ -229,9 +274,12 @@ class _Run:
                  **{k: c[k][idx] for k in ("price_sensitivity", "eco", "return_proneness", "value_mu", "value_sigma")}}
         return frame, state
 
-    def _tables(self) -> tuple[WorldData, pd.DataFrame | None]:
+    def _tables(self, as_of: float = np.inf) -> tuple[WorldData, pd.DataFrame | None, np.ndarray | None]:
+        """The tables as the shop knows them on day ``as_of``: later answers and incidents are not yet
+        there, and an order's reward is blank until its horizon has passed."""
         w, pop, rounds = self.w, self.w._pop, self.rounds
-        cat = {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0] if k not in ("state", "features", "ledger")}
+        cat = {k: np.concatenate([r[k] for r in rounds]) for k in rounds[0]
+               if k not in ("state", "features", "ledger", "probs")}
         seconds = np.round(cat["t"] * _SECONDS_PER_DAY)
         order = np.argsort(seconds, kind="stable")
         cat = {k: v[order] for k, v in cat.items()}
@@ -249,11 +297,12 @@ class _Run:
         exposures = pd.DataFrame({
             "order_id": np.repeat(order_id, n_slots), "slot": np.tile(np.asarray(w.slots, dtype=object), n),
             "action_id": action_ids[(self.offsets + cat["actions"]).ravel()],
-            "propensity": cat["propensity"].ravel(), "reward": np.repeat(np.round(cat["reward"], 4), n_slots)})
-        answered = cat["nps_t"] < w.days
+            "propensity": cat["propensity"].ravel(),
+            "reward": np.repeat(np.round(np.where(cat["t"] + w.horizon <= as_of, cat["reward"], np.nan), 4), n_slots)})
+        answered = cat["nps_t"] < min(w.days, as_of)
         nps = pd.DataFrame({"customer_id": customer_id[answered], "response_ts": _timestamps(w, cat["nps_t"][answered]),
                             "score": cat["score"][answered].astype(np.int64)})
-        hit = cat["inc_t"] < w.days
+        hit = cat["inc_t"] < min(w.days, as_of)
         incidents = pd.DataFrame({"customer_id": customer_id[hit], "order_id": order_id[hit],
                                   "type": w._dyn.incident_types[cat["inc"][hit]],
                                   "ts": _timestamps(w, cat["inc_t"][hit])})
@@ -268,6 +317,7 @@ class _Run:
             **{k: st[k] for k in (*TRAITS, "value_mu", "value_sigma")},
             **{f"aff_{name}": st["aff"][:, i] for i, name in enumerate(pop.categories)}})
         features = None
+        probs = np.concatenate([r["probs"] for r in rounds])[order] if self.keep_probs else None
         if self.keep_features:
             features = pd.concat([r["features"] for r in rounds], ignore_index=True).iloc[order].reset_index(drop=True)
             features.insert(0, "order_ts", ts)
@@ -277,7 +327,50 @@ class _Run:
                          exposures=exposures,
                          incidents=incidents.sort_values(["ts", "order_id"], ignore_index=True),
                          hidden=hidden, catalog=w.catalog)
-        return data, features
+        return data, features, probs
+
+
+@dataclass
+class Month(_LoggingView):
+    """The orders of one stretch of a :class:`ShopRun`, decided by the policy deployed for it.
+
+    ``data`` is the whole log as the shop knows it at the stretch's end (rewards blank until their
+    horizon has passed); ``rows`` are this stretch's orders in ``data.orders``, row-aligned with
+    ``hidden`` (their truth, for :meth:`World.expected_reward`), ``features`` (the shop's view) and
+    ``probs`` (n, n_boxes): the probability the deployed policy gave each box of ``World.combos()``.
+    """
+
+    data: Dataset
+    rows: np.ndarray
+    hidden: pd.DataFrame
+    features: pd.DataFrame
+    probs: np.ndarray
+    world: World
+
+
+class ShopRun:
+    """A world's history continued stretch by stretch, each stretch decided by the policy the caller
+    deploys for it: the closed loop (deploy, log, retrain). Before the first deployed stretch the
+    world's logging policy decides, as in :func:`generate` (the same customers for the same seed)."""
+
+    def __init__(self, world: World, customers: int, seed: int):
+        self._run = _Run(world, customers, seed, keep_features=True, keep_probs=True)
+        self.world, self.day = world, 0.0
+
+    def advance(self, until: float, decide: Decide | None = None) -> Month:
+        """Simulate the orders placed before day ``until`` (since the last stretch), decided by ``decide``
+        (default: the logging policy), and return them with the log as known on day ``until``."""
+        if not self.day < until <= self.world.days:
+            raise WorldError("until", f"expected a day after {self.day:g} and at most {self.world.days:g}",
+                             file="ShopRun")
+        self._run.advance(until, decide)
+        data, feats, probs = self._run._tables(as_of=until)
+        assert feats is not None and probs is not None    # kept, as asked
+        days = (data.orders["order_ts"] - self.world.start).dt.total_seconds().to_numpy() / _SECONDS_PER_DAY
+        rows = np.flatnonzero(days >= self.day)
+        self.day = until
+        return Month(data=data.to_dataset(), rows=rows, hidden=data.hidden.iloc[rows].reset_index(drop=True),
+                     features=feats.iloc[rows].reset_index(drop=True), probs=probs[rows], world=self.world)
 
 
 def _ids(prefix: str, numbers: np.ndarray) -> np.ndarray:
@@ -349,4 +442,5 @@ def evaluation_set(world: World, orders: int, seed: int) -> EvaluationSet:
                          features=feats.loc[chosen].reset_index(drop=True), world=world)
 
 
-__all__ = ["EvaluationSet", "WorldData", "evaluation_set", "generate", "write_demo_data"]
+__all__ = ["Decide", "EvaluationSet", "Month", "ShopRun", "WorldData", "evaluation_set", "generate",
+           "write_demo_data"]

@@ -1,0 +1,65 @@
+"""Which action an exploring decision tries: a softmax over the estimated gaps, with a floor.
+
+Uniform exploration spends the same on a 2.00 gift wrap the model is sure
+loses money as on a card it is torn about; measured on the simulated worlds,
+epsilon = 0.1 uniform cost 0.6-0.9% of the value per order. Here an exploring
+slot draws action ``a`` with probability
+
+    floor / k + (1 - floor) * exp(-gap_a / tau) / sum_b exp(-gap_b / tau)
+
+over its ``k`` eligible actions, where ``gap_a`` is how far the best box
+holding ``a`` is estimated below the best box of all (0 for the best) and
+``tau`` is ``temperature`` times the model's reward scale. The exploration is
+spent where the value is uncertain and the gap small (the idea of inverse-gap
+weighting, SquareCB, Foster & Rakhlin 2020, with a softmax's smoothness), and
+the floor keeps every eligible action tried with probability at least
+``epsilon * floor / k``, so a wrong estimate can still be corrected. Without
+estimates (a rules-only policy) the draw is uniform, as before.
+
+How often a slot explores (``epsilon``) and the hash that makes a decision a
+pure function of the order id and model version stay in `policy`; this module
+only says what is drawn and with which exact probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FLOOR", "TEMPERATURE", "draw", "explore_probabilities"]
+
+FLOOR = 0.2          # share of the exploration spread uniformly over the eligible actions
+TEMPERATURE = 0.01   # softmax temperature, in units of the reward's standard deviation
+
+
+def explore_probabilities(scores: np.ndarray | None, eligible: np.ndarray, slices: list[slice],
+                          tau: float, floor: float = FLOOR) -> np.ndarray:
+    """(n, n_actions) flat, per slot summing to 1: the distribution an exploring slot draws from.
+
+    ``scores`` (n, n_actions): each action's best eligible box value (-inf where ineligible), or
+    None for uniform; ``eligible`` bool, same layout; ``slices`` each slot's columns.
+    """
+    elig = eligible.astype(float)
+    out = np.empty_like(elig)
+    for sl in slices:
+        e = elig[:, sl]
+        uniform = e / e.sum(axis=1, keepdims=True)
+        if scores is None:
+            out[:, sl] = uniform
+            continue
+        # rounded: one order's scores and its row in a batch differ in the last bits (BLAS blocking),
+        # and the logged propensity must not
+        s = np.where(eligible[:, sl], np.round(scores[:, sl], 6), -np.inf)
+        w = np.exp((s - s.max(axis=1, keepdims=True)) / tau)        # exp(-gap / tau), 0 where ineligible
+        out[:, sl] = floor * uniform + (1.0 - floor) * w / w.sum(axis=1, keepdims=True)
+    return out
+
+
+def draw(probs: np.ndarray, u: np.ndarray, slices: list[slice]) -> np.ndarray:
+    """(n, n_slots) action indices drawn from ``probs`` (flat, per slot) by inverse CDF with
+    uniforms ``u`` (n, n_slots) in [0, 1): an action of probability 0 is never drawn."""
+    out = np.empty(u.shape, dtype=np.intp)
+    for s, sl in enumerate(slices):
+        cum = np.cumsum(probs[:, sl], axis=1)
+        cum /= cum[:, -1:]                                      # the last step is exactly 1 > u
+        out[:, s] = (cum <= u[:, s:s + 1]).sum(axis=1)
+    return out

@@ -1,0 +1,58 @@
+"""The closed loop: a world continued month by month under the deployed policy, judged by its truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from insertrec.closedloop import closed_loop, retrained
+from insertrec.errors import InsertrecError
+from insertrec.training import TrainConfig
+from insertrec.world import World
+
+
+def test_a_month_logs_the_deployed_policys_choices_and_only_what_the_shop_knows_by_its_end():
+    world = World.default()
+    run = world.shop_run(1500, seed=4)
+    before = run.advance(300.0)
+    defaults = {slot: np.eye(len(s.actions))[s.default_index] for slot, s in world.catalog.slots.items()}
+    month = run.advance(330.0, lambda frame: {slot: np.tile(p, (len(frame), 1)) for slot, p in defaults.items()})
+
+    data, ts = month.data, month.data.orders["order_ts"]
+    end = world.start + pd.Timedelta(days=330)
+    assert len(month.rows) > 50 and (ts < end).all()
+    # the earlier log is kept as it was; this month's orders come after it
+    assert list(data.orders["order_id"][: len(before.data.orders)]) == list(before.data.orders["order_id"])
+    assert (ts.iloc[month.rows] >= world.start + pd.Timedelta(days=300)).all()
+    ours = data.exposures[data.exposures["order_id"].isin(data.orders["order_id"].iloc[month.rows])]
+    default_ids = {s.actions[s.default_index].id for s in world.catalog.slots.values()}
+    assert set(ours["action_id"]) == default_ids and (ours["propensity"] == 1.0).all()
+    assert np.allclose(month.probs.sum(axis=1), 1.0)
+    # a reward is known once its horizon has passed, not before; nothing after the month's end is known
+    order_ts = data.exposures["order_id"].map(dict(zip(data.orders["order_id"], ts)))
+    mature = order_ts + pd.Timedelta(days=world.horizon) <= end
+    assert data.exposures.loc[mature, "reward"].notna().all() and data.exposures.loc[~mature, "reward"].isna().all()
+    assert (data.nps["response_ts"] < end).all() and (data.incidents["ts"] < end).all()
+
+
+def test_rounds_that_leave_no_history_before_the_loop_are_refused():
+    with pytest.raises(InsertrecError, match="--rounds"):
+        closed_loop(World.default(), 30, lambda month: None)
+
+
+@pytest.mark.slow
+def test_the_retrained_policy_is_judged_each_round_and_is_no_worse_than_the_shops_logging_policy():
+    rows = closed_loop(World.default(), 3, retrained(TrainConfig()), customers=2500, seed=2)
+
+    assert [r["round"] for r in rows] == [1.0, 2.0, 3.0]
+    for r in rows:
+        assert r["orders"] > 200
+        assert r["value_control"] <= r["value_oracle"] and r["value_deployed"] <= r["value_oracle"]
+        assert r["regret"] >= 0.0
+    cumulative = [r["cumulative_regret"] for r in rows]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == pytest.approx(sum(r["regret"] for r in rows))
+    # after learning from its own logs the deployed policy is worth at least the playbook it replaced
+    deployed = np.mean([r["value_deployed"] for r in rows[1:]])
+    logging = np.mean([r["value_logging"] for r in rows[1:]])
+    assert deployed >= logging - 0.1
