@@ -9,15 +9,17 @@ What is compared, each side in a fresh process so that its peak memory is its ow
   Peak memory: the driver's Python process, and each process below it (VmHWM): the JVM,
   which holds the driver's and the executors' heaps in local mode, and the Python workers.
 
-The training steps after the features (value model statistics, nuisance models, OPE,
-segments) are not compared: ``train --engine spark`` does not exist yet. The history is the
+With ``--work train`` the whole of ``insertrec train`` is compared instead: ``load_data`` +
+``training.train`` against ``spark.training.train_on_spark`` (the driver given
+``--driver-memory``, since it holds the collected tables as the local process does). The history is the
 default simulated world's (``World.write_demo_data``, ~2.4 orders per customer), generated
 into ``--data`` unless it is there; ``--parts`` writes the orders as that many Parquet part
 files (``orders/part-*.parquet``), one customer range at a time, never the whole history in
 memory at once.
 
 Usage: python bench/scale_spark.py [--customers 406000] [--master local[2]] [--data DIR] [--parts N]
-Writes bench/results/scale_spark.json.
+       [--work features|train] [--driver-memory 6g]
+Writes bench/results/scale_spark.json (``--work train``: scale_spark_train.json).
 """
 
 from __future__ import annotations
@@ -67,6 +69,40 @@ def generate(data: Path, customers: int, seed: int, parts: int) -> dict:
                 if part == 0:
                     shutil.copy(Path(tmp) / "catalog.yaml", data / "catalog.yaml")
     return {"seconds": time.perf_counter() - start}
+
+
+def run_train(side: str, data: Path, master: str, driver_memory: str) -> dict:
+    """`insertrec train` on one side, timed per step, in this process."""
+    from insertrec.training import TrainConfig
+
+    start = last = time.perf_counter()
+    steps: dict[str, float] = {}
+    step = ["start"]
+
+    def progress(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        steps[step[0]] = now - last
+        step[0], last = name, now
+
+    with tempfile.TemporaryDirectory(prefix="insertrec-scale-model-") as out:
+        if side == "local":
+            from insertrec.data import load_data
+            from insertrec.training import train
+
+            progress("load")
+            result = train(load_data(data), out, TrainConfig(), progress)
+        else:
+            from insertrec.spark.training import train_on_spark
+
+            result = train_on_spark(data, out, master=master, conf={"spark.driver.memory": driver_memory},
+                                    progress=progress)
+        progress("end")
+    report = {"seconds": time.perf_counter() - start, "steps_seconds": steps, "version": result.manifest["version"],
+              "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF)}
+    if side == "spark":
+        report["descendants_peak_rss_gib"] = _descendants_peak_gib()
+    return report
 
 
 def run_side(side: str, data: Path, master: str) -> dict:
@@ -139,8 +175,9 @@ def _descendants_peak_gib() -> dict[str, float]:
     return peaks
 
 
-def measure(side: str, data: Path, master: str) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master]
+def measure(side: str, data: Path, master: str, work: str, driver_memory: str) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master, "--work", work,
+           "--driver-memory", driver_memory]
     load = os.getloadavg()[0]
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return {**json.loads(done.stdout.splitlines()[-1]), "loadavg_1m_before": load}
@@ -154,22 +191,30 @@ def main() -> None:
     ap.add_argument("--data", help="history directory (generated there if absent)")
     ap.add_argument("--parts", type=int, default=1, help="write the history as this many Parquet part files")
     ap.add_argument("--sides", default="local,spark", help="which of local,spark to run")
+    ap.add_argument("--work", choices=("features", "train"), default="features",
+                    help="compare the checked read and features, or the whole of `insertrec train`")
+    ap.add_argument("--driver-memory", default="6g", help="with --work train: the Spark driver's memory")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, Path(args.data), args.master)))
+        if args.work == "train":
+            print(json.dumps(run_train(args.side, Path(args.data), args.master, args.driver_memory)))
+        else:
+            print(json.dumps(run_side(args.side, Path(args.data), args.master)))
         return
     with tempfile.TemporaryDirectory(prefix="insertrec-scale-spark-") as tmp:
         data = Path(args.data or Path(tmp) / "shop")
-        report: dict = {"customers": args.customers, "master": args.master, "cpus": os.cpu_count()}
+        report: dict = {"customers": args.customers, "master": args.master, "cpus": os.cpu_count(),
+                        "work": args.work}
         if not (data / "catalog.yaml").is_file():
             report["generate"] = generate(data, args.customers, args.seed, args.parts)
-        sides = {side: measure(side, data, args.master) for side in args.sides.split(",")}
+        sides = {side: measure(side, data, args.master, args.work, args.driver_memory)
+                 for side in args.sides.split(",")}
         report |= sides
         if {"local", "spark"} <= set(sides):
             ratio = sides["spark"]["seconds"] / sides["local"]["seconds"]
             report["spark_over_local"] = {"ratio": ratio, "target": TARGET_RATIO, "within": ratio <= TARGET_RATIO}
-    out = ROOT / "bench" / "results" / "scale_spark.json"
+    out = ROOT / "bench" / "results" / ("scale_spark_train.json" if args.work == "train" else "scale_spark.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

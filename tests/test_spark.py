@@ -7,9 +7,12 @@ One SparkSession (local[2]) serves the whole test session.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,3 +209,51 @@ def test_spark_udf_of_the_registered_model_decides_like_the_engine(spark, shop, 
         np.testing.assert_array_equal(got[f"{slot}_propensity"],
                                       expected.xs(slot, level="slot")["propensity"].sort_index())
     assert len(got) == len(orders)
+
+
+def _readme_train_on_spark() -> list[str]:
+    """The README's `insertrec train ... --engine spark` command (first bash block under
+    "On Apache Spark"), as arguments."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("## On Apache Spark"):], re.S)
+    assert block, "README: no bash block under 'On Apache Spark'"
+    commands = [shlex.split(line) for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+    train = [c for c in commands if c[:2] == ["insertrec", "train"] and "--engine" in c]
+    assert len(train) == 1, "README: no `insertrec train --engine spark` under 'On Apache Spark'"
+    return train[0][1:]
+
+
+def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> None:
+    from insertrec.cli import main
+    from insertrec.engine import Engine
+    from insertrec.training import TrainConfig, train
+
+    shop = tmp_path / "shop"     # large enough for a value model with the default settings
+    World.default().write_demo_data(shop, customers=400, seed=1)
+    monkeypatch.chdir(tmp_path)    # the README's relative paths
+    args = _readme_train_on_spark()
+    assert main([*args, "--no-mlflow"]) == 0    # logging a model directory: the spark_udf test
+    on_spark = tmp_path / args[args.index("--out") + 1]
+    local = tmp_path / "local-model"
+    cutoff = args[args.index("--cutoff") + 1]    # history_before on Spark
+    train(load_data(shop), local, TrainConfig(cutoff=cutoff))
+
+    a, b = Engine.load(local), Engine.load(on_spark)
+    assert b.manifest["version"] == a.manifest["version"] and a.manifest["cutoff"].startswith(cutoff)
+    assert b.manifest["data_fingerprint"] == a.manifest["data_fingerprint"]
+    assert a.policy.value_model is not None and b.policy.value_model is not None
+    assert b.policy.value_model.alpha_ == a.policy.value_model.alpha_
+    np.testing.assert_allclose(b.policy.value_model.theta_, a.policy.value_model.theta_, rtol=0, atol=1e-8)
+    assert b.policy.playbook_slots == a.policy.playbook_slots
+
+    orders = pd.read_csv(shop / "orders.csv", dtype=str).tail(150)
+    orders["order_id"] = "new-" + orders["order_id"]
+    orders["order_ts"] = a.manifest["cutoff"]
+    orders.to_csv(tmp_path / "new.csv", index=False)
+    for model in (local, on_spark):
+        assert main(["recommend", "--model", str(model), "--orders", "new.csv", "--out", f"{model.name}.csv"]) == 0
+    decided = pd.read_csv(f"{local.name}.csv", dtype={"order_id": str})
+    assert len(decided) == 150 * len(a.policy.slot_names) and "model" in set(decided["policy"])
+    # the same boxes; propensities equal up to the last bits of coefficients equal to ~1e-15
+    pd.testing.assert_frame_equal(pd.read_csv(f"{on_spark.name}.csv", dtype={"order_id": str}), decided,
+                                  check_exact=False, rtol=0, atol=1e-12)

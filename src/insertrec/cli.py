@@ -62,16 +62,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     from insertrec.tracking import Progress
     from insertrec.training import TrainConfig, train
 
-    if args.decisions:
-        from insertrec.logged import merge_logged
-
-        data = merge_logged(_load(args), args.decisions)
-    else:
-        data = _load(args)
     config = TrainConfig(cutoff=args.cutoff, horizon_days=args.horizon_days, epsilon=args.epsilon,
                          seed=args.seed)
     progress = Progress()
-    result = train(data, args.out, config, progress=progress)
+    if args.engine == "spark":   # the same model directory, its heavy steps computed on Spark
+        for given, flag in ((args.decisions, "--decisions"), (args.skip_bad_rows, "--skip-bad-rows")):
+            if given:
+                raise InsertrecError(f"{flag} is not supported with --engine spark (train locally to use it)")
+        from insertrec.spark.session import parse_conf
+        from insertrec.spark.training import train_on_spark
+
+        result = train_on_spark(args.data, args.out, config, master=args.spark_master,
+                                conf=parse_conf(args.spark_conf), progress=progress)
+    else:
+        data = _load(args)
+        if args.decisions:
+            from insertrec.logged import merge_logged
+
+            data = merge_logged(data, args.decisions)
+        result = train(data, args.out, config, progress=progress)
     for note in result.notes:
         print(f"[insertrec] note: {note}", file=sys.stderr)
     if not args.no_mlflow:
@@ -289,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decisions", help="also learn from the service's decision log (SQLAlchemy URL)")
     c.add_argument("--skip-bad-rows", action="store_true",
                    help="set bad rows aside in rejected.csv instead of refusing the data")
+    _engine_arguments(c)
     c.set_defaults(fn=cmd_train)
 
     c = command("init-catalog", "write a commented starter catalog.yaml to edit")

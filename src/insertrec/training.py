@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from insertrec import features, modeldir
+from insertrec.catalog import Catalog
 from insertrec.customers import fit_repeat
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
@@ -41,9 +42,9 @@ from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
-from insertrec.valuemodel import ValueModel
+from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["GATE_ORDERS", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
+__all__ = ["GATE_ORDERS", "Computation", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
 
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
@@ -72,6 +73,29 @@ class TrainResult:
     metrics: dict[str, float]
     manifest: dict
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Computation:
+    """How `train` computes the steps whose cost grows with the history: the feature parameters,
+    every order's features and reward, and the value model's fit. This one computes them in this
+    process; `insertrec.spark.training` computes the same numbers on Spark. Everything else in
+    `train` (the orchestration, the nuisance models on bounded samples) is shared by both."""
+
+    def feature_params(self, history: Dataset, cutoff: pd.Timestamp, catalog: Catalog | None,
+                       nps_ttl_days: int, lapse_days: int) -> features.FeatureParams:
+        return features.FeatureParams.fit(history, catalog=catalog, nps_ttl_days=nps_ttl_days,
+                                          lapse_days=lapse_days)
+
+    def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
+                             horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(order_features, order_rewards)`` of the history, rows in its order."""
+        return (features.order_features(history, params),
+                features.order_rewards(history, horizon_days=horizon_days, costs=costs))
+
+    def fit_value_model(self, model: ValueModel, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                        space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+        return model.fit(phi, actions, rewards, space, rules, pscore)
 
 
 def _cutoff(data: Dataset, config: TrainConfig) -> pd.Timestamp:
@@ -109,12 +133,13 @@ def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
 
 
 def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-               seed: int, deciders: SlotDeciders | None = None) -> Policy:
+               seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation()) -> Policy:
     """The model's policy, its value model fitted on ``logged`` orders."""
     sub = feats.iloc[logged.rows]
     f = logged.feedback
-    model = ValueModel(random_state=seed).fit(encoder.transform(sub), f.actions, f.rewards, policy.space,
-                                              rules_actions(policy.catalog, sub), f.pscores.prod(axis=1))
+    model = computation.fit_value_model(ValueModel(random_state=seed), encoder.transform(sub), f.actions,
+                                        f.rewards, policy.space, rules_actions(policy.catalog, sub),
+                                        f.pscores.prod(axis=1))
     fixed = {} if deciders is None else {"playbook_slots": deciders.playbook_slots,
                                          "default_slots": deciders.default_slots}
     return policy.replace(encoder=encoder, value_model=model, **fixed)
@@ -146,7 +171,8 @@ def _judged_on_holdout(candidate: Policy, feats: pd.DataFrame, holdout: LoggedOr
 
 
 def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
-          progress: Callable[[str], None] = lambda step: None) -> TrainResult:
+          progress: Callable[[str], None] = lambda step: None,
+          computation: Computation = Computation()) -> TrainResult:
     """Learn segments, repurchase propensity and, given a catalog, the box policy; write the model directory.
 
     Without a catalog (SPEC: only ``orders`` is required) the model directory
@@ -160,8 +186,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         raise InsertrecError(f"--cutoff {cutoff.isoformat()}: no orders before the cutoff")
     notes: list[str] = [] if catalog is not None else [_no_catalog_note(data)]
     progress("features")
-    params = features.FeatureParams.fit(history, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
-                                        lapse_days=config.lapse_days)
+    params = computation.feature_params(history, cutoff, catalog, config.nps_ttl_days, config.lapse_days)
 
     progress("repurchase propensity")
     snapshot = features.Snapshot.build(history, params, as_of=cutoff)
@@ -201,9 +226,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         return TrainResult(Path(out), metrics, manifest, notes)
 
     progress("policy")
-    feats = features.order_features(history, params)
     costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
-    rewards = features.order_rewards(history, horizon_days=config.horizon_days, costs=costs)
+    feats, rewards = computation.features_and_rewards(history, cutoff, params, config.horizon_days, costs)
     policy = Policy(catalog, epsilon=config.epsilon, version=version)
     ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
@@ -220,7 +244,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
-        candidate = fit_policy(feats, train_part, encoder, policy, config.seed)
+        candidate = fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)
         playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
         deciders, ope_metrics, ope_report = _judged_on_holdout(candidate, feats, holdout, encoder, config.seed,
                                                                playbook)
@@ -232,7 +256,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                          f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
-        policy = fit_policy(feats, logged, encoder, policy, config.seed, deciders)
+        policy = fit_policy(feats, logged, encoder, policy, config.seed, deciders, computation)
     ope_report["propensity_source"] = logged.propensity_source
     ope_report["notes"] = notes
 

@@ -11,8 +11,8 @@ nothing else in insertrec imports this package, so the local path never pays for
 - `statistics`: the value model's per-block sufficient statistics summed across partitions.
 - `decisions`: batch decisions on Spark through the Engine's own batch decision
   (`insertrec recommend --engine spark`).
-
-Not yet here: `insertrec train --engine spark`, which would join these pieces.
+- `training`: `insertrec train --engine spark`, the local `train` with the three steps above
+  computed on Spark (the driver still holds the collected tables and features).
 """
 
 __all__: list[str] = []

@@ -67,6 +67,7 @@ def recommend(model: str | Path, orders: str | Path, out: str | Path, master: st
     from insertrec.spark.tables import read_orders
 
     engine = Engine.load(model)
+    out = Path(out).resolve()   # the JVM would resolve a relative path against its own working directory
     spark = spark_session(master, conf)
     frame, ctx_numeric = read_orders(spark, orders)
     decisions = decide_batch(engine, frame, ctx_numeric)

@@ -87,7 +87,10 @@ def _read_located(spark: SparkSession, directory: Path, name: str) -> tuple[Data
 
 
 def _read_text(spark: SparkSession, path: Path, fmt: str) -> DataFrame:
-    """Every column as stripped text, ``""`` when empty, and the part file each row came from."""
+    """Every column as stripped text, ``""`` when empty, and the part file each row came from.
+    The path is made absolute here: the JVM resolves a relative one against its own working
+    directory, which is not this process's once it has changed."""
+    path = path.resolve()
     if fmt == "csv":
         frame = (spark.read.option("header", True).option("inferSchema", False).option("escape", '"')
                  .option("multiLine", True).option("encoding", "UTF-8").csv(str(path)))

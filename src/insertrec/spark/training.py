@@ -1,0 +1,91 @@
+"""`insertrec train --engine spark`: `insertrec.training.train` with its heavy steps on Spark.
+
+The orchestration is the local `train`'s own; what it computes on Spark (`SparkComputation`):
+the feature parameters from Spark aggregations, every order's features and reward from the
+project's feature code on buckets of whole customers (`spark.features`), and the ridge value
+model from per-partition sufficient statistics (`spark.statistics`). The rest runs on the
+driver as it does locally, on the samples the local path already bounds (the repurchase
+classifier, the boosted baseline's rows, the holdout judge) and on the checked tables collected
+there (the snapshot of every customer at the cutoff, the segments, the report). The model
+directory is the local one's format, so serving, MLflow and ``promote`` do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from insertrec import features
+from insertrec.catalog import Catalog
+from insertrec.data import Dataset
+from insertrec.spark.features import feature_params, features_and_rewards, to_pandas
+from insertrec.spark.session import spark_session
+from insertrec.spark.statistics import fit_value_model
+from insertrec.spark.tables import SparkTables, read_tables, to_dataset
+from insertrec.training import Computation, TrainConfig, TrainResult, train
+from insertrec.valuemodel import ActionSpace, ValueModel
+
+__all__ = ["SparkComputation", "train_on_spark"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparkComputation(Computation):
+    """`Computation` on Spark, from the checked ``tables`` of the data directory."""
+
+    tables: SparkTables
+
+    def _before(self, cutoff: pd.Timestamp) -> SparkTables:
+        """The tables as known at ``cutoff`` (`training.history_before` on Spark)."""
+        t, ns = self.tables, int(cutoff.value)
+        orders = t.orders.where(F.col("order_ts") < ns)
+        return dataclasses.replace(
+            t, orders=orders,
+            nps=None if t.nps is None else t.nps.where(F.col("response_ts") < ns),
+            incidents=None if t.incidents is None else t.incidents.where(F.col("ts") < ns),
+            exposures=None if t.exposures is None else t.exposures.join(orders.select("order_id"), "order_id",
+                                                                        "left_semi"))
+
+    def feature_params(self, history: Dataset, cutoff: pd.Timestamp, catalog: Catalog | None,
+                       nps_ttl_days: int, lapse_days: int) -> features.FeatureParams:
+        return feature_params(self._before(cutoff), catalog, nps_ttl_days=nps_ttl_days, lapse_days=lapse_days)
+
+    def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
+                             horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return to_pandas(features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs))
+
+    def fit_value_model(self, model: ValueModel, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
+                        space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+        rows = pd.DataFrame({"_row": np.arange(len(rewards)), "phi": list(phi), "actions": list(actions),
+                             "rules": list(rules), "reward": np.asarray(rewards, dtype=np.float64),
+                             "pscore": np.asarray(pscore, dtype=np.float64)})
+        spark = self.tables.orders.sparkSession
+        return fit_value_model(model, spark.createDataFrame(rows), space)
+
+
+def _collected(frame: DataFrame | None) -> pd.DataFrame | None:
+    """A checked table on the driver, its rows in file order (as the local loader keeps them)."""
+    if frame is None:
+        return None
+    out = frame.withColumn("_pos", F.monotonically_increasing_id()).toPandas()
+    return out.sort_values("_pos", kind="stable").drop(columns="_pos").reset_index(drop=True)
+
+
+def train_on_spark(data: str | Path, out: str | Path, config: TrainConfig | None = None, *,
+                   master: str = "local[*]", conf: Mapping[str, str] | None = None,
+                   progress: Callable[[str], None] = lambda step: None) -> TrainResult:
+    """Read and check ``data`` on Spark and train as `insertrec.training.train` does (see the
+    module docstring); the same model directory."""
+    progress("starting Spark")
+    spark = spark_session(master, conf)
+    progress("reading the data on Spark")
+    tables = read_tables(spark, data)
+    frames = {name: _collected(tables.table(name)) for name in ("orders", "nps", "exposures", "incidents")}
+    history = to_dataset({n: f for n, f in frames.items() if f is not None}, tables.catalog, tables.ctx_numeric,
+                         source=str(data))
+    return train(history, out, config or TrainConfig(), progress, SparkComputation(tables))
