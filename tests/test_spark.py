@@ -211,16 +211,16 @@ def test_spark_udf_of_the_registered_model_decides_like_the_engine(spark, shop, 
     assert len(got) == len(orders)
 
 
-def _readme_train_on_spark() -> list[str]:
-    """The README's `insertrec train ... --engine spark` command (first bash block under
+def _readme_on_spark(command: str) -> list[str]:
+    """The README's `insertrec COMMAND ... --engine spark` line (first bash block under
     "On Apache Spark"), as arguments."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)```", text[text.index("## On Apache Spark"):], re.S)
     assert block, "README: no bash block under 'On Apache Spark'"
     commands = [shlex.split(line) for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
-    train = [c for c in commands if c[:2] == ["insertrec", "train"] and "--engine" in c]
-    assert len(train) == 1, "README: no `insertrec train --engine spark` under 'On Apache Spark'"
-    return train[0][1:]
+    found = [c for c in commands if c[:2] == ["insertrec", command] and "--engine" in c]
+    assert len(found) == 1, f"README: no `insertrec {command} --engine spark` under 'On Apache Spark'"
+    return found[0][1:]
 
 
 def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> None:
@@ -231,7 +231,7 @@ def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> 
     shop = tmp_path / "shop"     # large enough for a value model with the default settings
     World.default().write_demo_data(shop, customers=400, seed=1)
     monkeypatch.chdir(tmp_path)    # the README's relative paths
-    args = _readme_train_on_spark()
+    args = _readme_on_spark("train")
     assert main([*args, "--no-mlflow"]) == 0    # logging a model directory: the spark_udf test
     on_spark = tmp_path / args[args.index("--out") + 1]
     local = tmp_path / "local-model"
@@ -257,3 +257,16 @@ def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> 
     # the same boxes; propensities equal up to the last bits of coefficients equal to ~1e-15
     pd.testing.assert_frame_equal(pd.read_csv(f"{on_spark.name}.csv", dtype={"order_id": str}), decided,
                                   check_exact=False, rtol=0, atol=1e-12)
+
+    # the README's `recommend --engine spark` as written: a directory of part files in, part files out
+    recommend = _readme_on_spark("recommend")
+    (tmp_path / recommend[recommend.index("--orders") + 1]).mkdir()
+    orders.to_csv(tmp_path / recommend[recommend.index("--orders") + 1] / "part-0.csv", index=False)
+    model = tmp_path / recommend[recommend.index("--model") + 1]
+    model.parent.mkdir(parents=True, exist_ok=True)
+    if not model.exists():
+        shutil.copytree(on_spark, model)
+    assert main(recommend) == 0
+    written = pd.read_parquet(tmp_path / recommend[recommend.index("--out") + 1])
+    assert sorted(written["order_id"].unique()) == sorted(decided["order_id"].unique())
+    assert len(written) == len(decided)
