@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from repeat_vs_bgnbd import CAL_END, HOLDOUT_DAYS, bgnbd_predictions, bgnbd_scored, load_cdnow
+from repeat_vs_bgnbd import CAL_END, HOLDOUT_DAYS, bgnbd_predictions, bgnbd_scored, load_cdnow, print_metrics
 
 from insertrec.customers import order_counts, repeat_metrics
 
@@ -75,10 +75,7 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(f"CDNOW through the CLI: {len(scored):,} customers, train {train_s:.0f} s, segments {segments_s:.0f} s")
-    print(f"{'metric':<22}{'insertrec CLI':>14}{'BG/NBD':>14}")
-    for key, label in [("repeat_auc", "ROC-AUC (any order)"), ("repeat_count_rmse", "RMSE of counts"),
-                       ("repeat_total_error", "total error"), ("repeat_brier", "Brier")]:
-        print(f"{label:<22}{cli[key]:>14.4f}{bg[key]:>14.4f}")
+    print_metrics({"insertrec CLI": cli, "BG/NBD": bg})
     print(f"CLI better on: {', '.join(k for k, v in better.items() if v) or 'nothing'}"
           f"{'' if all(better.values()) else '; NOT on ' + ', '.join(k for k, v in better.items() if not v)}")
     assert np.isfinite(cli["repeat_auc"])

@@ -156,6 +156,14 @@ def holdout_figures(settings: dict, train: pd.DataFrame, labels: np.ndarray, at_
     return {k: float(v) for k, v in worst.items()}, runs, ours.kind_
 
 
+def print_metrics(columns: dict[str, dict], note: str = "") -> None:
+    """The four holdout measures, one row each, a column per model."""
+    print(f"{'metric':<22}" + "".join(f"{name:>14}" for name in columns) + note)
+    for key, label in [("repeat_auc", "ROC-AUC (any order)"), ("repeat_count_rmse", "RMSE of counts"),
+                       ("repeat_total_error", "total error"), ("repeat_brier", "Brier")]:
+        print(f"{label:<22}" + "".join(f"{figures[key]:>14.4f}" for figures in columns.values()))
+
+
 def main() -> None:
     data = load_cdnow()
     orders = data.orders
@@ -211,10 +219,7 @@ def main() -> None:
 
     print(f"CDNOW: {len(at_cal_end):,} customers, holdout {int(truth.sum()):,} orders "
           f"by {int((truth > 0).sum()):,} buyers")
-    print(f"{'metric':<22}{'RepeatModel':>14}{'BG/NBD':>14}{'defaults':>14}   (ours: worst of seeds {SEEDS})")
-    for key, label in [("repeat_auc", "ROC-AUC (any order)"), ("repeat_count_rmse", "RMSE of counts"),
-                       ("repeat_total_error", "total error"), ("repeat_brier", "Brier")]:
-        print(f"{label:<22}{ours_m[key]:>14.4f}{bg[key]:>14.4f}{defaults[key]:>14.4f}")
+    print_metrics({"RepeatModel": ours_m, "BG/NBD": bg, "defaults": defaults}, f"   (ours: worst of seeds {SEEDS})")
     print(f"BG/NBD AUC by probability {bg['repeat_auc_by_probability']:.4f}, "
           f"by expected count {bg['repeat_auc_by_expected_count']:.4f}")
     print(f"wrote {OUT}")
