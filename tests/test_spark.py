@@ -210,6 +210,16 @@ def test_spark_udf_of_the_registered_model_decides_like_the_engine(spark, shop, 
                                       expected.xs(slot, level="slot")["propensity"].sort_index())
     assert len(got) == len(orders)
 
+    # the README's snippet, as written, on the same orders once the version is the champion
+    mlflow.MlflowClient().set_registered_model_alias("insertrec", "champion", version)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text[text.index("## On Apache Spark"):], re.S)
+    assert snippet, "README: no python block under 'On Apache Spark'"
+    scope = {"spark": spark, "orders": frame}
+    exec(snippet.group(1), scope)
+    readme = scope["decisions"].toPandas().set_index("order_id").sort_index()
+    pd.testing.assert_frame_equal(readme, got)
+
 
 def _readme_on_spark(command: str) -> list[str]:
     """The README's `insertrec COMMAND ... --engine spark` line (first bash block under
