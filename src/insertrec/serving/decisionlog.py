@@ -280,11 +280,6 @@ class DecisionLog:
         """Actions whose stock or budget is used up."""
         return {action_id for action_id, in self._fetch(self._sql.exhausted, {})}
 
-    def replay(self, order_id: str) -> str | None:
-        """The stored response for an order already decided."""
-        rows = self._fetch(self._sql.replay, {"oid": order_id})
-        return rows[0][0] if rows else None
-
     def record_many(self, entries: Sequence[Entry]) -> list[Recorded | CustomerMoved | OutOfStock | OrderConflict]:
         return self._within_deadline(self._write_worker, COMMIT_DEADLINES * self.deadline_ms,
                                      lambda: self._record_many(entries))

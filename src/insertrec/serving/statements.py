@@ -134,8 +134,6 @@ class Statements:
                             .values(used=inventory.c.used + 1, spent=inventory.c.spent + inventory.c.cost))
         #: action ids whose stock or budget is used up
         self.exhausted = prepare(sa.select(inventory.c.action_id).where(sa.not_(_within_limits())))
-        #: the stored response for order ``oid``
-        self.replay = prepare(sa.select(decisions.c.response_json).where(decisions.c.order_id == _P("oid")))
         #: what a retry of order ``oid`` is compared with, as a ``StoredRow``
         self.stored = prepare(sa.select(decisions.c.response_json, decisions.c.customer_id, decisions.c.body_sha256)
                               .where(decisions.c.order_id == _P("oid")))
