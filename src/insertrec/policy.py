@@ -236,6 +236,9 @@ class Policy:
         self._silent_list = [name in default_slots for name in self.slot_names]
         self._silent = np.array(self._silent_list)
         self._scorer = None if value_model is None else value_model.box_grid
+        # per action (flat), its weights less its slot default's: what each feature adds to its value
+        self._gains = None if self._scorer is None else np.ascontiguousarray(
+            (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)
         self._tau = 1.0 if value_model is None else TEMPERATURE * value_model.reward_scale_
 
     def __getstate__(self) -> dict[str, Any]:
@@ -425,7 +428,6 @@ class Policy:
         never the customer. A slot says it explored only when the draw changed its action: an
         exploration draw that lands on the best action leaves the box as the model chose it."""
         actions, greedy = one.actions, one.greedy
-        drivers = self._drivers(actions, phi)
         slots = {}
         for s, name in enumerate(self.slot_names):
             a, d, sl = actions[s], self.space.defaults[s], self._slices[s]
@@ -441,23 +443,20 @@ class Policy:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
-                if a != d:
-                    reasons.extend(drivers[s])
+                if a != d and phi is not None:
+                    reasons.extend(self._drivers(self.catalog.columns[s] + a, phi))
             slots[name] = SlotChoice(self._ids[s][a], one.propensities[s], self._notes[s][a], tuple(reasons),
                                      tuple((self._ids[s][j], scores[j]) for j in ranked))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)
 
-    def _drivers(self, actions: list[int], phi: np.ndarray | None) -> list[list[str]]:
-        """Per slot, the (at most three) features that moved the chosen action's value over the
-        slot default the most, as "name (+0.12)": all slots in one pass over the weights."""
-        if phi is None or self._scorer is None or self.encoder is None:
-            return [[] for _ in self.slot_names]
-        weights = self._scorer.weights
-        contrib = phi[:, None] * (weights[:, self._columns + actions] - weights[:, self._columns + self._defaults])
-        top = np.argsort(-np.abs(contrib), axis=0)[:3].T
-        values = contrib[top, np.arange(len(top))[:, None]].tolist()
+    def _drivers(self, column: int, phi: np.ndarray) -> list[str]:
+        """The (at most three) features that moved the value of the action in flat ``column`` over
+        its slot default's the most, as "name (+0.12)", largest first."""
+        assert self._gains is not None and self.encoder is not None   # a policy with a value model
+        contrib = phi * self._gains[column]
+        top = np.argsort(-np.abs(contrib))[:3].tolist()
         names = self.encoder.feature_names_
-        return [[f"{names[j]} ({v:+.2f})" for j, v in zip(js, vs) if abs(v) > 1e-3 and names[j] != "intercept"]
-                for js, vs in zip(top.tolist(), values)]
+        return [f"{names[j]} ({v:+.2f})" for j, v in zip(top, contrib[top].tolist())
+                if abs(v) > 1e-3 and names[j] != "intercept"]
