@@ -311,10 +311,7 @@ class Policy:
                 scores[c + g] += 1.0
         else:
             assert phi is not None   # a policy with a value model has an encoder
-            best = self._best(phi[None, :], (rules + self._columns)[None, :], eligible[None, :],
-                              np.array([playbook]), True)
-            assert best.alt is not None
-            greedy, scores, uplift = best.greedy[0].tolist(), best.alt[0].tolist(), float(best.uplift[0])
+            greedy, scores, uplift = self._best_one(phi, rules + self._columns, eligible, playbook)
             estimates = scores
         n = len(greedy)
         if not self.epsilon > 0:
@@ -400,6 +397,24 @@ class Policy:
             best = restricted.reshape(n, len(self.combos)).argmax(axis=1)
         uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
         return _Best(self.combos[best], alt, uplift)
+
+    def _best_one(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray,
+                  playbook: list[int]) -> tuple[list[int], list[float], float]:
+        """`_best` (with alternatives) of one order, on its grid of boxes (*slot sizes): the best
+        box's actions, each action's best box value (flat) and the uplift."""
+        scorer = self._scorer
+        assert scorer is not None   # only called for a policy with a value model
+        grid = scorer.grid(phi, rule_columns, eligible)
+        flat = grid.ravel()
+        if len(self._playbook) == len(self.slot_names):  # nothing left to choose
+            best = int(np.dot(playbook, self._strides))
+        else:
+            restricted = grid
+            for s in self._playbook:
+                restricted = restricted + self._fixed[s][playbook[s]].reshape(scorer.shapes[s])
+            best = int(restricted.argmax())
+        return (self.combos[best].tolist(), flat[self._holding].max(axis=1).tolist(),
+                float(flat[best]) - float(flat[self._default_combo]))
 
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray, greedy: np.ndarray,
                  scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
