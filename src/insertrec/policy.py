@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress
@@ -174,11 +175,13 @@ def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.n
     return ((z >> 11) * 2.0**-53).reshape(len(ids), n_slots, 2)
 
 
-def _uniforms_one(order_id: str, salt: str, n_slots: int) -> list[float]:
-    """``exploration_uniforms([order_id], salt, n_slots)[0].ravel()`` in Python ints: the same
-    hash (a character's code point is its UCS-4 unit) at a fraction of the cost for one id."""
+def _uniform_one(order_id: str, salt: str, n_slots: int) -> Callable[[int], float]:
+    """``lane -> exploration_uniforms([order_id], salt, n_slots)[0].ravel()[lane]`` in Python
+    ints: the same hash (a character's code point is its UCS-4 unit) at a fraction of the cost
+    for one id, each lane computed only when asked for."""
     h = sum(map(operator.mul, map(ord, order_id), _int_keys(len(order_id)))) & _MASK
-    return [(_mix64(h ^ lane) >> 11) * 2.0**-53 for lane in _int_lanes(salt, n_slots)]
+    lanes = _int_lanes(salt, n_slots)
+    return lambda lane: (_mix64(h ^ lanes[lane]) >> 11) * 2.0**-53
 
 
 class Policy:
@@ -316,14 +319,14 @@ class Policy:
         n = len(greedy)
         if not self.epsilon > 0:
             return _One(order_id, greedy, greedy, [1.0] * n, [False] * n, elig, scores, uplift)
-        u = _uniforms_one(order_id, self.version, n)
+        u = _uniform_one(order_id, self.version, n)
         probs = explore_probabilities_one(estimates, elig, self._slices, self._tau)
         eps = self.epsilon
         actions, explored, props = [], [], []
         for s, sl in enumerate(self._slices):   # as `_explore`, one slot at a time
             k, g = sum(elig[sl]), greedy[s]
-            explores = u[2 * s] < eps and k > 1
-            a = draw_one(probs[sl], u[2 * s + 1]) if explores else g
+            explores = k > 1 and u(2 * s) < eps
+            a = draw_one(probs[sl], u(2 * s + 1)) if explores else g
             actions.append(a)
             explored.append(explores)
             props.append((1.0 - eps if a == g else 0.0) + eps * probs[sl.start + a] if k > 1 else 1.0)
