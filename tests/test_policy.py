@@ -15,7 +15,7 @@ from insertrec.data import load_data
 from insertrec.engine import Engine
 from insertrec.exploration import FLOOR, draw, explore_probabilities
 from insertrec.features import features_for_orders
-from insertrec.policy import Policy, _One, exploration_uniforms
+from insertrec.policy import Policy, _One, _uniform_one, exploration_uniforms
 from insertrec.training import TrainConfig, train
 from insertrec.world import World
 
@@ -179,6 +179,7 @@ def test_uniforms_of_one_order_equal_its_row_in_a_batch() -> None:
     assert batch.shape == (len(ids), 3, 2) and ((batch >= 0) & (batch < 1)).all()
     for i, oid in enumerate(ids):
         np.testing.assert_array_equal(exploration_uniforms(np.array([oid]), "v1", 3)[0], batch[i])
+        assert [_uniform_one(oid, "v1", 3)(lane) for lane in range(6)] == batch[i].ravel().tolist()  # decide_one's
     assert len({tuple(row.ravel()) for row in batch}) == len(ids)   # every id draws its own numbers
     assert not np.array_equal(exploration_uniforms(ids, "v2", 3), batch)
 
