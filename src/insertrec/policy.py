@@ -1,9 +1,13 @@
 """Deciding a whole box per order: joint argmax, exploration, reasons.
 
-One decision core (`Policy._decide`) serves both paths: a batch of orders as
-a DataFrame (`decide_frame`, for `recommend`, `evaluate`, `simulate`) and one
-order as a dict (`decide_one`, for the HTTP service). They differ only in how
-features are encoded and eligibility evaluated, never in how boxes are scored.
+One decision rule, two shapes: a batch of orders as a DataFrame
+(`decide_frame`, for `recommend`, `evaluate`, `simulate`) goes through the
+vectorised core (`Policy._decide`), the reference; one order as a dict
+(`decide_one`, for the HTTP service) through the same steps specialised for
+one row (`_decide_one`): its boxes scored by the same `BoxGrid`, and the
+per-slot steps (playbook, exploration draw, propensity) on plain floats,
+which for a handful of numbers cost less than NumPy calls. They give the same
+boxes and propensities to the bit, which the tests check on random orders.
 
 A share epsilon of each slot's decisions explores, decided by a hash of the
 order id and the model version, so a retried order gets the same answer and
@@ -84,7 +88,7 @@ class BatchDecisions:
     explored: np.ndarray         # (n, n_slots) bool
     greedy: np.ndarray           # (n, n_slots) the best eligible box before exploration
     eligible: list[np.ndarray] = field(repr=False, default_factory=list)
-    # per slot (n, n_actions): each action's best box value; only for one order's explanation
+    # per slot (n, n_actions): each action's best box value; only to explain an order (`_One.of`)
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
     # (n, n_actions) flat: the distribution an exploring slot draws from (None: uniform among eligible)
@@ -297,11 +301,11 @@ class Policy:
         return self._explain(self._decide_one(str(row["order_id"]), phi, eligible, rules), phi, segment)
 
     def _decide_one(self, order_id: str, phi: np.ndarray | None, eligible: np.ndarray, rules: np.ndarray) -> _One:
-        """`_decide` for one order (``explore``, ``alternatives``), specialised: the box grid and
-        each action's best box (`_best`, 144 boxes) in NumPy, and the per-slot steps, a handful
-        of numbers each, in plain Python on the same floats (a NumPy call on a tiny array costs
-        more than its arithmetic). Equal to row i of `_decide` over many orders, which the
-        tests check on random orders and states."""
+        """`_decide` for one order (``explore``, ``alternatives``) with ``unavailable`` already
+        applied to ``eligible``, specialised: the box grid and each action's best box
+        (`_best_one`) in NumPy, the per-slot steps, a handful of numbers each, in plain Python on
+        the same floats (a NumPy call on a tiny array costs more than its arithmetic). Equal to
+        the order's row of `_decide` over many orders, which the tests check on random orders."""
         elig = eligible.tolist()
         playbook = [r if elig[c + r] and not silent else d
                     for r, c, silent, d in zip(rules.tolist(), self.catalog.columns, self._silent_list,
