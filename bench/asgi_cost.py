@@ -9,7 +9,11 @@ enough to A/B a change of a few percent (run it once per source tree with
 PYTHONPATH pointing at each). Also reports the WAL-checkpoint thread's own
 CPU, which a sampling profiler over-counts (it samples the thread in fsync).
 
+With ``--fixed-decision`` the model's decision is made once and reused (as
+`load_api.py`'s arm of that name): what is left is the serving path alone.
+
 Usage: PYTHONPATH=src python bench/asgi_cost.py --model DIR [--orders 3000] [--concurrency 32] [--rounds 3]
+       [--fixed-decision]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -62,7 +67,11 @@ async def _one(app: Any, tag: str, i: int) -> None:
 
 
 async def _measure(args: argparse.Namespace) -> None:
-    from insertrec.serving.app import app_from_env
+    if args.fixed_decision:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from load_api import fixed_decision_app as app_from_env
+    else:
+        from insertrec.serving.app import app_from_env
 
     app = app_from_env()
 
@@ -89,6 +98,7 @@ def main() -> None:
     ap.add_argument("--orders", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fixed-decision", action="store_true", help="the model's decision made once and reused")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="insertrec-asgi-cost-")
     os.environ.update({"INSERTREC_API_KEYS": f"{KEY}:decide", "INSERTREC_DB_URL": f"sqlite:///{tmp}/decisions.db",
