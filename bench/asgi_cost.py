@@ -3,7 +3,8 @@
 `load_api.py` measures the service as deployed, but on a shared machine its
 figures move by 10% between rounds. This drives the same app (middleware,
 routing, validation, state, model, group commit to a temp SQLite log) from
-one process with ``--concurrency`` requests in flight, and reports the
+one process with ``--concurrency`` requests in flight (prometheus in
+multiprocess mode, as with several workers, unless ``--metrics memory``), and reports the
 process's CPU time per decision, the best of ``--rounds`` rounds: steady
 enough to A/B a change of a few percent (run it once per source tree with
 PYTHONPATH pointing at each). Also reports the WAL-checkpoint thread's own
@@ -27,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from insertrec.serving.metrics import MULTIPROC_ENV
 
 KEY = "bench-key-0123456789abcdef"
 
@@ -99,10 +102,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fixed-decision", action="store_true", help="the model's decision made once and reused")
+    ap.add_argument("--metrics", choices=("multiprocess", "memory"), default="multiprocess",
+                    help="prometheus mode: multiprocess, as `insertrec serve` with several workers (default)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="insertrec-asgi-cost-")
     os.environ.update({"INSERTREC_API_KEYS": f"{KEY}:decide", "INSERTREC_DB_URL": f"sqlite:///{tmp}/decisions.db",
                        "INSERTREC_MODEL": args.model, "INSERTREC_LOG_LEVEL": "WARNING"})
+    if args.metrics == "multiprocess":
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="insertrec-asgi-cost-metrics-")
     asyncio.run(_measure(args))
 
 

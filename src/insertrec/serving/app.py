@@ -45,7 +45,7 @@ from insertrec.serving.auth import AuthError, KeyRing
 from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, OrderConflict, UnknownOrder
 from insertrec.serving.hotswap import ModelHolder
 from insertrec.serving.logs import uvicorn_log_config
-from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
+from insertrec.serving.metrics import FLUSH_SECONDS, MULTIPROC_ENV, Metrics, Stopwatch
 from insertrec.serving.middleware import (
     BodyLimit,
     Failure,
@@ -142,12 +142,14 @@ def create_app(settings: Settings) -> FastAPI:
             loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, holder))
         follower = asyncio.create_task(_follow_reloads(log, holder, settings.reload_poll_seconds))
         replayer = asyncio.create_task(_replay_spool(service))
+        flusher = asyncio.create_task(_flush_metrics(metrics))
         watcher = _watch_alias(settings, holder)
         try:
             yield
         finally:
             follower.cancel()
             replayer.cancel()
+            flusher.cancel()
             if watcher is not None:
                 watcher.stop()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -367,6 +369,13 @@ async def _follow_reloads(log: DecisionLog, holder: ModelHolder, every: float) -
         if current is not None and generation > current.generation:
             thread = holder.reload_in_background(generation)
             await asyncio.to_thread(thread.join)
+
+
+async def _flush_metrics(metrics: Metrics) -> None:
+    """Histograms tallied in this worker reach the other workers' scrapes (`insertrec.serving.metrics`)."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        metrics.flush()
 
 
 async def _replay_spool(service: DecisionService) -> None:
