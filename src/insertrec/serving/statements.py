@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from insertrec.logschema import control, decisions, inventory, outcomes
@@ -18,6 +19,7 @@ from insertrec.logschema import control, decisions, inventory, outcomes
 __all__ = ["CounterRow", "EventRow", "Prepared", "Raw", "Statements", "StoredRow"]
 
 _P = sa.bindparam
+_UPSERT: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 class Prepared:
@@ -123,6 +125,11 @@ class Statements:
 
         self.returning = bool(dialect.insert_returning)
         insert = decisions.insert()
+        #: whether `insert_decision` stores nothing (and returns no row) for an order decided before,
+        #: instead of failing on its unique ``order_id``: no savepoint is needed to go on after it
+        self.upsert = dialect.name in _UPSERT and self.returning
+        if self.upsert:
+            insert = _UPSERT[dialect.name](decisions).on_conflict_do_nothing(index_elements=["order_id"])
         #: the customer's events (``EventRow``) at or after ``since``, newer than ``after_d``/``after_o``
         self.events = prepare(_events())
         #: the customer's newest decision row of an order at or after ``since``
@@ -137,7 +144,7 @@ class Statements:
         #: what a retry of order ``oid`` is compared with, as a ``StoredRow``
         self.stored = prepare(sa.select(decisions.c.response_json, decisions.c.customer_id, decisions.c.body_sha256)
                               .where(decisions.c.order_id == _P("oid")))
-        #: a new decision (returns its row id where the dialect can)
+        #: a new decision (returns its row id where the dialect can; see ``upsert``)
         self.insert_decision = prepare(insert.returning(decisions.c.id) if self.returning else insert,
                                        DECISION_KEYS)
         #: the customer of order ``oid``
