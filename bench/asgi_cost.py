@@ -13,7 +13,7 @@ CPU, which a sampling profiler over-counts (it samples the thread in fsync).
 With ``--fixed-decision`` the model's decision is made once and reused (as
 `load_api.py`'s arm of that name): what is left is the serving path alone.
 
-Usage: PYTHONPATH=src python bench/asgi_cost.py --model DIR [--orders 3000] [--concurrency 32] [--rounds 3]
+Usage: PYTHONPATH=src python bench/asgi_cost.py --model DIR [--orders 3000] [--customers 3000] [--concurrency 32] [--rounds 3]
        [--fixed-decision]
 """
 
@@ -43,8 +43,8 @@ def _thread_cpu_seconds(name: str) -> float:
     return 0.0
 
 
-async def _one(app: Any, tag: str, i: int) -> None:
-    body = (f'{{"order_id":"{tag}-{i}","customer_id":"c-{i % 3000}","order_value":{10 + i % 90}.5,'
+async def _one(app: Any, tag: str, i: int, customers: int) -> None:
+    body = (f'{{"order_id":"{tag}-{i}","customer_id":"c-{i % customers}","order_value":{10 + i % 90}.5,'
             f'"channel":"web","categories":["apparel"],"n_items":2}}').encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/v1/recommendations", "raw_path": b"/v1/recommendations",
@@ -80,7 +80,7 @@ async def _measure(args: argparse.Namespace) -> None:
 
     async def orders(tag: str, n: int) -> None:
         for lo in range(0, n, args.concurrency):
-            await asyncio.gather(*(_one(app, tag, i) for i in range(lo, min(n, lo + args.concurrency))))
+            await asyncio.gather(*(_one(app, tag, i, args.customers) for i in range(lo, min(n, lo + args.concurrency))))
 
     async with app.router.lifespan_context(app):
         await orders("warm", args.orders)
@@ -99,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--orders", type=int, default=3000)
+    ap.add_argument("--customers", type=int, default=3000, help="distinct customers, recurring in turn")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fixed-decision", action="store_true", help="the model's decision made once and reused")
