@@ -159,10 +159,12 @@ class DecisionService:
             if entry.in_history:  # as another worker would read it back from the log
                 known.state.add_order(record, actions)
                 known.last_decision = outcome.row_id
-            self.metrics.decisions.labels(decision.policy).inc()
-            _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
-                                          "order_id": order.order_id, "customer_id": order.customer_id,
-                                          "policy": decision.policy, "model_version": decision.model_version})
+            self.metrics.decided(decision.policy)
+            if _log.isEnabledFor(logging.DEBUG):   # not building the record's fields for nothing
+                _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
+                                              "order_id": order.order_id, "customer_id": order.customer_id,
+                                              "policy": decision.policy,
+                                              "model_version": decision.model_version})
             return outcome.response_json, False
         raise LogUnavailable(f"order_id {order.order_id!r}: too many concurrent changes to commit; retry")
 
@@ -182,7 +184,7 @@ class DecisionService:
         watch.lap("logging")
         self.metrics.spooled.inc()
         self.metrics.spool_depth.set(len(self.spool))
-        self.metrics.decisions.labels(decision.policy).inc()
+        self.metrics.decided(decision.policy)
         return text, False
 
     async def replay_spool(self) -> int:
