@@ -278,6 +278,29 @@ class DecisionLog:
                                               "after_o": after_outcome})
         return [_event(row) for row in sorted(map(EventRow._make, rows), key=lambda r: (r.kind, r.row_id))]
 
+    def newest(self) -> tuple[int, int]:
+        """The newest decision and outcome row ids (0 for none): where a `tail` starts."""
+        (decision, outcome), = self._fetch(self._sql.newest, {})
+        return decision or 0, outcome or 0
+
+    def tail(self, since_ns: int, after_decision: int, after_outcome: int,
+             keep: Callable[[str, int, int], bool]) -> tuple[list[tuple[str, Event]], int, int]:
+        """Every customer's events as `events` gives one's, newer than the given row ids: those
+        ``keep(customer_id, kind, row_id)`` wants (kind 0 a decision, 1 an outcome), each with its
+        customer, in row order; and the newest row ids read, where the next tail starts. Only on
+        SQLite do row ids follow commit order (one writer at a time), so that no row committed
+        later can fall behind where a tail stopped."""
+        rows = sorted(map(EventRow._make, self._fetch(self._sql.tail, {
+            "since": since_ns, "after_d": after_decision, "after_o": after_outcome})),
+            key=lambda r: (r.kind, r.row_id))
+        for row in rows:
+            if row.kind == 0:
+                after_decision = max(after_decision, row.row_id)
+            else:
+                after_outcome = max(after_outcome, row.row_id)
+        kept = [(row.customer_id, _event(row)) for row in rows if keep(row.customer_id, row.kind, row.row_id)]
+        return kept, after_decision, after_outcome
+
     def exhausted(self) -> set[str]:
         """Actions whose stock or budget is used up."""
         return {action_id for action_id, in self._fetch(self._sql.exhausted, {})}

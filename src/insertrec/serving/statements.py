@@ -58,6 +58,7 @@ class EventRow(NamedTuple):
     outcome_type: str | None   # an outcome's: "nps" or "returned"
     order_id: str | None       # an outcome's
     value: float | None        # an outcome's: the NPS score or the returned value
+    customer_id: str
 
 
 class StoredRow(NamedTuple):
@@ -84,18 +85,20 @@ OUTCOME_KEYS = ["outcome_key", "order_id", "customer_id", "type", "ts_ns", "scor
                 "logged_ns"]
 
 
-def _events() -> sa.CompoundSelect:
+def _events(of_customer: bool) -> sa.CompoundSelect:
     text_null, float_null = sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), sa.Float)
+    customer = (decisions.c.customer_id == _P("cid"),) if of_customer else ()
+    outcome_customer = (outcomes.c.customer_id == _P("cid"),) if of_customer else ()
     return sa.union_all(
         sa.select(sa.literal(0).label("kind"), decisions.c.id.label("row_id"),
                   decisions.c.order_ts_ns.label("ts_ns"), decisions.c.order_json, decisions.c.box_json,
-                  text_null.label("outcome_type"), text_null.label("order_id"), float_null.label("value"))
-        .where(decisions.c.customer_id == _P("cid"), decisions.c.id > _P("after_d"),
-               decisions.c.order_ts_ns >= _P("since")),
+                  text_null.label("outcome_type"), text_null.label("order_id"), float_null.label("value"),
+                  decisions.c.customer_id)
+        .where(*customer, decisions.c.id > _P("after_d"), decisions.c.order_ts_ns >= _P("since")),
         sa.select(sa.literal(1), outcomes.c.id, outcomes.c.ts_ns, text_null, text_null, outcomes.c.type,
-                  outcomes.c.order_id, sa.func.coalesce(outcomes.c.value, outcomes.c.score))
-        .where(outcomes.c.customer_id == _P("cid"), outcomes.c.id > _P("after_o"),
-               outcomes.c.ts_ns >= _P("since"), sa.or_(outcomes.c.type == "nps", outcomes.c.type == "returned")),
+                  outcomes.c.order_id, sa.func.coalesce(outcomes.c.value, outcomes.c.score), outcomes.c.customer_id)
+        .where(*outcome_customer, outcomes.c.id > _P("after_o"), outcomes.c.ts_ns >= _P("since"),
+               sa.or_(outcomes.c.type == "nps", outcomes.c.type == "returned")),
     )
 
 
@@ -131,7 +134,12 @@ class Statements:
         if self.upsert:
             insert = _UPSERT[dialect.name](decisions).on_conflict_do_nothing(index_elements=["order_id"])
         #: the customer's events (``EventRow``) at or after ``since``, newer than ``after_d``/``after_o``
-        self.events = prepare(_events())
+        self.events = prepare(_events(of_customer=True))
+        #: every customer's events (``EventRow``) at or after ``since``, newer than ``after_d``/``after_o``
+        self.tail = prepare(_events(of_customer=False))
+        #: the newest decision and outcome row ids
+        self.newest = prepare(sa.select(sa.select(sa.func.max(decisions.c.id)).scalar_subquery(),
+                                        sa.select(sa.func.max(outcomes.c.id)).scalar_subquery()))
         #: the customer's newest decision row of an order at or after ``since``
         self.last_decision = prepare(sa.select(sa.func.max(decisions.c.id))
                                      .where(decisions.c.customer_id == _P("cid"),
