@@ -3,13 +3,18 @@
 `load_api.py` measures the service as deployed, but on a shared machine its
 figures move by 10% between rounds. This drives the same app (middleware,
 routing, validation, state, model, group commit to a temp SQLite log) from
-one process with ``--concurrency`` requests in flight, and reports the
+one process with ``--concurrency`` requests in flight (prometheus in
+multiprocess mode, as with several workers, unless ``--metrics memory``), and reports the
 process's CPU time per decision, the best of ``--rounds`` rounds: steady
 enough to A/B a change of a few percent (run it once per source tree with
 PYTHONPATH pointing at each). Also reports the WAL-checkpoint thread's own
 CPU, which a sampling profiler over-counts (it samples the thread in fsync).
 
-Usage: PYTHONPATH=src python bench/asgi_cost.py --model DIR [--orders 3000] [--concurrency 32] [--rounds 3]
+With ``--fixed-decision`` the model's decision is made once and reused (as
+`load_api.py`'s arm of that name): what is left is the serving path alone.
+
+Usage: PYTHONPATH=src python bench/asgi_cost.py --model DIR [--orders 3000] [--customers 3000] [--concurrency 32] [--rounds 3]
+       [--fixed-decision]
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from insertrec.serving.metrics import MULTIPROC_ENV
 
 KEY = "bench-key-0123456789abcdef"
 
@@ -35,8 +43,8 @@ def _thread_cpu_seconds(name: str) -> float:
     return 0.0
 
 
-async def _one(app: Any, tag: str, i: int) -> None:
-    body = (f'{{"order_id":"{tag}-{i}","customer_id":"c-{i % 3000}","order_value":{10 + i % 90}.5,'
+async def _one(app: Any, tag: str, i: int, customers: int) -> None:
+    body = (f'{{"order_id":"{tag}-{i}","customer_id":"c-{i % customers}","order_value":{10 + i % 90}.5,'
             f'"channel":"web","categories":["apparel"],"n_items":2}}').encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/v1/recommendations", "raw_path": b"/v1/recommendations",
@@ -62,13 +70,17 @@ async def _one(app: Any, tag: str, i: int) -> None:
 
 
 async def _measure(args: argparse.Namespace) -> None:
-    from insertrec.serving.app import app_from_env
+    if args.fixed_decision:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from load_api import fixed_decision_app as app_from_env
+    else:
+        from insertrec.serving.app import app_from_env
 
     app = app_from_env()
 
     async def orders(tag: str, n: int) -> None:
         for lo in range(0, n, args.concurrency):
-            await asyncio.gather(*(_one(app, tag, i) for i in range(lo, min(n, lo + args.concurrency))))
+            await asyncio.gather(*(_one(app, tag, i, args.customers) for i in range(lo, min(n, lo + args.concurrency))))
 
     async with app.router.lifespan_context(app):
         await orders("warm", args.orders)
@@ -87,12 +99,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--orders", type=int, default=3000)
+    ap.add_argument("--customers", type=int, default=3000, help="distinct customers, recurring in turn")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fixed-decision", action="store_true", help="the model's decision made once and reused")
+    ap.add_argument("--metrics", choices=("multiprocess", "memory"), default="multiprocess",
+                    help="prometheus mode: multiprocess, as `insertrec serve` with several workers (default)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="insertrec-asgi-cost-")
     os.environ.update({"INSERTREC_API_KEYS": f"{KEY}:decide", "INSERTREC_DB_URL": f"sqlite:///{tmp}/decisions.db",
                        "INSERTREC_MODEL": args.model, "INSERTREC_LOG_LEVEL": "WARNING"})
+    if args.metrics == "multiprocess":
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="insertrec-asgi-cost-metrics-")
     asyncio.run(_measure(args))
 
 

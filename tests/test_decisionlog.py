@@ -20,7 +20,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from serving_helpers import DECIDE, KEYS, SCARCE_CATALOG, auth, order, query, settings
+from serving_helpers import ADMIN, DECIDE, KEYS, SCARCE_CATALOG, auth, order, query, settings
 
 from insertrec.catalog import Catalog
 from insertrec.cli import main
@@ -94,6 +94,37 @@ def test_concurrent_requests_share_commits_and_never_oversell(tmp_path, db_url):
     assert query(db_url, "SELECT count(*), count(DISTINCT order_id) FROM decisions") == [(40, 40)]
     groups = float(re.search(r"^insertrec_commit_group_size_count (\S+)$", metrics, re.M).group(1))
     assert groups < 40  # decisions made in the same turn of the event loop were committed together
+
+
+def test_a_worker_keeps_its_customers_current_with_what_other_workers_logged(tmp_path, db_url):
+    """Worker B keeps a customer's state; worker A then decides their next order and logs an NPS
+    answer. B's next order of that customer is decided knowing both (on SQLite from the log's
+    tail, elsewhere by the customer's own query), so its commit finds nothing it missed: no redo."""
+    a, b = (create_app(settings(tmp_path, db_url=db_url)) for _ in range(2))
+    feedback = {"Authorization": f"Bearer {ADMIN}"}
+
+    async def run() -> tuple[list[int], str]:
+        async with a.router.lifespan_context(a), b.router.lifespan_context(b):
+            clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                         headers=auth(DECIDE)) for app in (a, b)]
+            on_a, on_b = clients
+            statuses = [(await on_b.post("/v1/recommendations", json=order(1, customer="kept"))).status_code]
+            for i in range(2, 5):   # others' orders, so that B's tail has rows it does not keep too
+                statuses.append((await on_a.post("/v1/recommendations", json=order(i))).status_code)
+            statuses.append((await on_a.post("/v1/recommendations", json=order(5, customer="kept"))).status_code)
+            statuses.append((await on_a.post("/v1/outcomes", json={"order_id": "o-5", "type": "nps", "score": 1},
+                                             headers=feedback)).status_code)
+            statuses.append((await on_b.post("/v1/recommendations", json=order(6, customer="kept"))).status_code)
+            metrics = (await on_b.get("/metrics")).text
+            for client in clients:
+                await client.aclose()
+            known = b.state.service._known["kept"]   # B folded the answer in
+            return statuses + [known.last_outcome > 0], metrics
+
+    results, metrics = asyncio.run(run())
+    assert results == [200] * 7 + [True]
+    assert 'insertrec_decision_retries_total{reason="customer"}' not in metrics   # no redo
+    assert query(db_url, "SELECT count(*) FROM decisions WHERE customer_id = 'kept'") == [(3,)]
 
 
 def test_the_wal_is_emptied_once_it_passes_its_limit(tmp_path):

@@ -33,7 +33,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,8 +45,19 @@ from insertrec.serving.auth import AuthError, KeyRing
 from insertrec.serving.decisionlog import DecisionLog, LogUnavailable, OrderConflict, UnknownOrder
 from insertrec.serving.hotswap import ModelHolder
 from insertrec.serving.logs import uvicorn_log_config
-from insertrec.serving.metrics import MULTIPROC_ENV, Metrics, Stopwatch
-from insertrec.serving.middleware import BodyLimit, RequestMetrics
+from insertrec.serving.metrics import FLUSH_SECONDS, MULTIPROC_ENV, Metrics, Stopwatch
+from insertrec.serving.middleware import (
+    BodyLimit,
+    Failure,
+    Headers,
+    Lane,
+    Receive,
+    RequestMetrics,
+    Scope,
+    Send,
+    error_body,
+    header,
+)
 from insertrec.serving.service import DecisionService
 from insertrec.serving.settings import Settings, SettingsError
 from insertrec.serving.spool import Spool, default_directory
@@ -55,6 +66,7 @@ __all__ = ["BadInput", "app_from_env", "create_app", "run"]
 
 _log = logging.getLogger("insertrec.serving")
 _JSON = "application/json"
+_REPLAYED: Headers = [(b"idempotent-replayed", b"true")]
 _REPLAY_EVERY_S = 0.5   # how soon a worker retries the log, and adopts a dead worker's spool
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": p.ErrorOut, "description": text} for code, text in (
@@ -80,14 +92,28 @@ def _parse(model: type[BaseModel] | TypeAdapter, body: bytes, tagged: bool = Fal
         raise BadInput(p.first_error(err, tagged=tagged)) from None
 
 
-class _Direct(APIRoute):
-    """A route whose endpoint takes the Request and returns the Response itself: called directly,
-    without FastAPI's per-request dependency solving and response handling, which cost a
-    noticeable share of a decision's CPU. Its OpenAPI entry, exception handlers and middleware
-    are those of any route."""
+class _LaneRoute(APIRoute):
+    """The declaration of a route served by a `Lane`: its OpenAPI entry is a route's like any
+    other, and its ASGI app is the lane itself (`_Service` hands the lane its requests before
+    the middleware and the router)."""
 
-    def get_route_handler(self) -> Any:
-        return self.endpoint
+    def __init__(self, path: str, endpoint: Any, **kwargs: Any):
+        super().__init__(path, endpoint, **kwargs)
+        self.app = endpoint
+
+
+class _Service(FastAPI):
+    """The FastAPI app, with the decision routes' lanes served first (see `insertrec.serving.middleware`)."""
+
+    lanes: dict[str, Lane]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            lane = self.lanes.get(scope["path"])
+            if lane is not None:
+                await lane(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _body_doc(schema_name: str) -> dict[str, Any]:
@@ -116,12 +142,14 @@ def create_app(settings: Settings) -> FastAPI:
             loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(log, holder))
         follower = asyncio.create_task(_follow_reloads(log, holder, settings.reload_poll_seconds))
         replayer = asyncio.create_task(_replay_spool(service))
+        flusher = asyncio.create_task(_flush_metrics(metrics))
         watcher = _watch_alias(settings, holder)
         try:
             yield
         finally:
             follower.cancel()
             replayer.cancel()
+            flusher.cancel()
             if watcher is not None:
                 watcher.stop()
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -130,36 +158,42 @@ def create_app(settings: Settings) -> FastAPI:
             spool.close()
             metrics.close()
 
-    app = FastAPI(title="insertrec", version="1", lifespan=lifespan,
-                  description="Per-order decisions on packaging, insert and coupon.")
+    app = _Service(title="insertrec", version="1", lifespan=lifespan,
+                   description="Per-order decisions on packaging, insert and coupon.")
 
-    direct = APIRouter(route_class=_Direct)
-
-    @direct.post("/v1/recommendations", openapi_extra=_body_doc("OrderIn"), tags=["decide"],
-                 responses={200: {"model": p.DecisionOut, "description": "the box for this order"}, **_ERRORS,
-                            409: {"model": p.ErrorOut, "description": "the order_id was decided before for "
-                                                                      "another customer or body"}})
-    async def recommend(request: Request) -> Response:
+    async def recommend(scope: Scope, body: bytes) -> tuple[bytes, Headers]:
         watch = Stopwatch(metrics)
-        keys.check(request.headers.get("authorization"), "decide")
-        order = _parse(p.OrderIn, await request.body())
+        keys.check(header(scope, b"authorization"), "decide")
+        order = _parse(p.OrderIn, body)
         watch.lap("validation")
         text, replayed = await service.decide(order, watch)
-        return Response(text, media_type=_JSON, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        return text.encode(), _REPLAYED if replayed else []
 
-    @direct.post("/v1/recommendations:batch", openapi_extra=_body_doc("BatchIn"), tags=["decide"],
-              responses={200: {"model": p.BatchOut, "description": "one result per order, in order"},
-                         **_ERRORS})
-    async def recommend_batch(request: Request) -> Response:
-        keys.check(request.headers.get("authorization"), "decide")
+    async def recommend_batch(scope: Scope, body: bytes) -> tuple[bytes, Headers]:
+        keys.check(header(scope, b"authorization"), "decide")
         try:
-            items = p.parse_batch(await request.body())
+            items = p.parse_batch(body)
         except ValidationError as err:
             raise BadInput(p.first_error(err)) from None
         parts = await _decide_batch(service, metrics, items)
-        return Response(b'{"results":[' + b",".join(parts) + b"]}", media_type=_JSON)
+        return b'{"results":[' + b",".join(parts) + b"]}", []
 
-    @direct.post("/v1/outcomes", openapi_extra=_body_doc("OutcomeIn"), tags=["feedback"],
+    app.lanes = {path: Lane(path, limit, metrics, handle, _failure) for path, limit, handle in (
+        ("/v1/recommendations", settings.max_body_bytes, recommend),
+        ("/v1/recommendations:batch", settings.max_batch_body_bytes, recommend_batch))}
+    lanes = APIRouter(route_class=_LaneRoute)
+    lanes.add_api_route("/v1/recommendations", app.lanes["/v1/recommendations"], methods=["POST"],
+                        name="recommend", openapi_extra=_body_doc("OrderIn"), tags=["decide"],
+                        responses={200: {"model": p.DecisionOut, "description": "the box for this order"},
+                                   **_ERRORS, 409: {"model": p.ErrorOut, "description": "the order_id was decided "
+                                                    "before for another customer or body"}})
+    lanes.add_api_route("/v1/recommendations:batch", app.lanes["/v1/recommendations:batch"], methods=["POST"],
+                        name="recommend_batch", openapi_extra=_body_doc("BatchIn"), tags=["decide"],
+                        responses={200: {"model": p.BatchOut, "description": "one result per order, in order"},
+                                   **_ERRORS})
+    app.include_router(lanes)
+
+    @app.post("/v1/outcomes", openapi_extra=_body_doc("OutcomeIn"), tags=["feedback"],
               responses={200: {"model": p.OutcomeOut}, 404: {"model": p.ErrorOut,
                                                              "description": "no decision for this order"},
                          **_ERRORS})
@@ -167,8 +201,6 @@ def create_app(settings: Settings) -> FastAPI:
         keys.check(request.headers.get("authorization"), "feedback")
         outcome = _parse(p.OUTCOME, await request.body(), tagged=True)
         return Response(service.record_outcome(outcome).model_dump_json(), media_type=_JSON)
-
-    app.include_router(direct)
 
     @app.get("/v1/segments", response_model=p.SegmentsOut, tags=["decide"],
              responses={401: _ERRORS[401], 403: _ERRORS[403]}, openapi_extra={"security": [{"bearer": []}]})
@@ -233,8 +265,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     _install_errors(app)
     _install_openapi(app)
-    app.add_middleware(BodyLimit, default=settings.max_body_bytes,
-                       limits={"/v1/recommendations:batch": settings.max_batch_body_bytes})
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.state.service = service
     return app
@@ -340,6 +371,13 @@ async def _follow_reloads(log: DecisionLog, holder: ModelHolder, every: float) -
             await asyncio.to_thread(thread.join)
 
 
+async def _flush_metrics(metrics: Metrics) -> None:
+    """Histograms tallied in this worker reach the other workers' scrapes (`insertrec.serving.metrics`)."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        metrics.flush()
+
+
 async def _replay_spool(service: DecisionService) -> None:
     """Adopt dead workers' spools and replay spooled decisions whenever the log answers."""
     while True:
@@ -351,52 +389,45 @@ async def _replay_spool(service: DecisionService) -> None:
                                                      "error_type": type(exc).__name__}, exc_info=exc)
 
 
+def _failure(exc: Exception) -> Failure:
+    """The status, field, reason and headers a failed request is answered with, on every route.
+    Anything unforeseen is a bug: 500 with a generic reason, the details only in the server's log."""
+    if isinstance(exc, BadInput):
+        return 422, exc.detail.field, exc.detail.reason, []
+    if isinstance(exc, AuthError):
+        return exc.status, "Authorization", str(exc), [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
+    if isinstance(exc, UnknownOrder | OrderConflict):
+        return 404 if isinstance(exc, UnknownOrder) else 409, "order_id", str(exc), []
+    if isinstance(exc, LogUnavailable):
+        _log.error("decision log and spool unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
+        return 503, None, "decisions cannot be recorded right now; retry shortly", [(b"retry-after", b"1")]
+    if isinstance(exc, InsertrecError):
+        return 422, None, str(exc), []
+    _log.error("unexpected error", extra={"event": "internal_error", "error_type": type(exc).__name__}, exc_info=exc)
+    return 500, None, "internal error", []
+
+
 def _install_errors(app: FastAPI) -> None:
     def error(status: int, reason: str, field: str | None = None,
-              headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"field": field, "reason": reason}}, status_code=status, headers=headers)
+              headers: dict[str, str] | None = None) -> Response:
+        return Response(error_body(field, reason), status_code=status, headers=headers, media_type=_JSON)
 
-    @app.exception_handler(BadInput)
-    async def bad_input(_: Request, exc: BadInput) -> JSONResponse:
-        return error(422, exc.detail.reason, exc.detail.field)
+    async def failed(_: Request, exc: Exception) -> Response:
+        status, field, reason, headers = _failure(exc)
+        return error(status, reason, field, {k.decode(): v.decode() for k, v in headers})
 
-    @app.exception_handler(AuthError)
-    async def auth(_: Request, exc: AuthError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error(exc.status, str(exc), "Authorization", headers)
-
-    @app.exception_handler(UnknownOrder)
-    async def unknown_order(_: Request, exc: UnknownOrder) -> JSONResponse:
-        return error(404, str(exc), "order_id")
-
-    @app.exception_handler(OrderConflict)
-    async def conflict(_: Request, exc: OrderConflict) -> JSONResponse:
-        return error(409, str(exc), "order_id")
-
-    @app.exception_handler(LogUnavailable)
-    async def unavailable(_: Request, exc: LogUnavailable) -> JSONResponse:
-        _log.error("decision log and spool unavailable", extra={"event": "log_unavailable", "reason": str(exc)})
-        return error(503, "decisions cannot be recorded right now; retry shortly", headers={"Retry-After": "1"})
-
-    @app.exception_handler(InsertrecError)
-    async def refused(_: Request, exc: InsertrecError) -> JSONResponse:
-        return error(422, str(exc))
+    app.add_exception_handler(InsertrecError, failed)
+    app.add_exception_handler(Exception, failed)
 
     @app.exception_handler(RequestValidationError)
-    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation(_: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
         return error(422, str(first.get("msg")), ".".join(loc) or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def bug(_: Request, exc: Exception) -> JSONResponse:
-        _log.error("unexpected error", extra={"event": "internal_error", "error_type": type(exc).__name__},
-                   exc_info=exc)
-        return error(500, "internal error")
 
 
 def _install_openapi(app: FastAPI) -> None:

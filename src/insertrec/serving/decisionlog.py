@@ -23,9 +23,11 @@ model's training data. Three guarantees rest on it:
   isolation level.
 
 Decisions are committed in groups (`DecisionLog.record_many`): one
-transaction, each decision inside its own savepoint, so one decision's
-conflict (stock ran out, the customer moved, the order was decided before)
-undoes only that decision. Writers of one SQLite file take turns
+transaction, in which one decision's conflict (stock ran out, the customer
+moved, the order was decided before) undoes only that decision: a decision
+that moves a counter has a savepoint of its own; one that does not needs
+none on SQLite and PostgreSQL, whose insert of a reused ``order_id`` stores
+nothing (``ON CONFLICT DO NOTHING``) where it would fail. Writers of one SQLite file take turns
 (`insertrec.serving.writers`); the tables are `insertrec.logschema`'s, the
 statements `insertrec.serving.statements`', and training reads the log back
 through `insertrec.logged`.
@@ -276,6 +278,29 @@ class DecisionLog:
                                               "after_o": after_outcome})
         return [_event(row) for row in sorted(map(EventRow._make, rows), key=lambda r: (r.kind, r.row_id))]
 
+    def newest(self) -> tuple[int, int]:
+        """The newest decision and outcome row ids (0 for none): where a `tail` starts."""
+        (decision, outcome), = self._fetch(self._sql.newest, {})
+        return decision or 0, outcome or 0
+
+    def tail(self, since_ns: int, after_decision: int, after_outcome: int,
+             keep: Callable[[str, int, int], bool]) -> tuple[list[tuple[str, Event]], int, int]:
+        """Every customer's events as `events` gives one's, newer than the given row ids: those
+        ``keep(customer_id, kind, row_id)`` wants (kind 0 a decision, 1 an outcome), each with its
+        customer, in row order; and the newest row ids read, where the next tail starts. Only on
+        SQLite do row ids follow commit order (one writer at a time), so that no row committed
+        later can fall behind where a tail stopped."""
+        rows = sorted(map(EventRow._make, self._fetch(self._sql.tail, {
+            "since": since_ns, "after_d": after_decision, "after_o": after_outcome})),
+            key=lambda r: (r.kind, r.row_id))
+        for row in rows:
+            if row.kind == 0:
+                after_decision = max(after_decision, row.row_id)
+            else:
+                after_outcome = max(after_outcome, row.row_id)
+        kept = [(row.customer_id, _event(row)) for row in rows if keep(row.customer_id, row.kind, row.row_id)]
+        return kept, after_decision, after_outcome
+
     def exhausted(self) -> set[str]:
         """Actions whose stock or budget is used up."""
         return {action_id for action_id, in self._fetch(self._sql.exhausted, {})}
@@ -299,15 +324,25 @@ class DecisionLog:
             with self._transaction() as run:
                 self._lock(run, entries)
                 for entry in entries:
-                    run(self._sql.savepoint)
+                    # A savepoint only where a later statement can fail after the insert (a counter),
+                    # or the insert itself (without an upsert, on a reused order_id): the check
+                    # before the insert writes nothing, and an upsert of a reused order_id neither.
+                    # (Left to fail without one: a decision_id, a uuid4, drawn twice. SQLite undoes
+                    # just the statement; PostgreSQL fails the group, which is then spooled.)
+                    undoable = bool(entry.limited) or not self._sql.upsert
+                    if undoable:
+                        run(self._sql.savepoint)
                     try:
                         out.append(self._record(run, entry))
-                        run(self._sql.release)
+                        if undoable:
+                            run(self._sql.release)
                     except (CustomerMoved, OutOfStock) as failed:
-                        run(self._sql.undo)
+                        if undoable:
+                            run(self._sql.undo)
                         out.append(failed)
                     except self._dbapi.IntegrityError:
-                        run(self._sql.undo)
+                        if undoable:
+                            run(self._sql.undo)
                         out.append(retried(entry, run(self._sql.stored, oid=entry.order_id).fetchone()))
             return out
         except self._errors as exc:
@@ -326,13 +361,19 @@ class DecisionLog:
             for action_id in sorted({action_id for entry in entries for action_id in entry.limited}):
                 run(self._sql.lock_counter, aid=action_id)
 
-    def _record(self, run: _Run, entry: Entry) -> Recorded:
+    def _record(self, run: _Run, entry: Entry) -> Recorded | CustomerMoved | OrderConflict:
         if entry.customer_last_id is not None:
             last = run(self._sql.last_decision, cid=entry.customer_id, since=entry.since_ns).fetchone()[0] or 0
             if last != entry.customer_last_id:
                 raise CustomerMoved()
         cursor = run(self._sql.insert_decision, **_row(entry))
-        row_id = cursor.fetchone()[0] if self._sql.returning else cursor.lastrowid
+        if self._sql.upsert:
+            inserted = cursor.fetchone()
+            if inserted is None:   # decided before: nothing was written
+                return retried(entry, run(self._sql.stored, oid=entry.order_id).fetchone())
+            row_id = inserted[0]
+        else:
+            row_id = cursor.fetchone()[0] if self._sql.returning else cursor.lastrowid
         for action_id in entry.limited:
             if run(self._sql.take, aid=action_id).rowcount != 1:
                 raise OutOfStock(action_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from insertrec.logschema import control, decisions, inventory, outcomes
@@ -18,6 +19,7 @@ from insertrec.logschema import control, decisions, inventory, outcomes
 __all__ = ["CounterRow", "EventRow", "Prepared", "Raw", "Statements", "StoredRow"]
 
 _P = sa.bindparam
+_UPSERT: dict[str, Any] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 class Prepared:
@@ -56,6 +58,7 @@ class EventRow(NamedTuple):
     outcome_type: str | None   # an outcome's: "nps" or "returned"
     order_id: str | None       # an outcome's
     value: float | None        # an outcome's: the NPS score or the returned value
+    customer_id: str
 
 
 class StoredRow(NamedTuple):
@@ -82,18 +85,20 @@ OUTCOME_KEYS = ["outcome_key", "order_id", "customer_id", "type", "ts_ns", "scor
                 "logged_ns"]
 
 
-def _events() -> sa.CompoundSelect:
+def _events(of_customer: bool) -> sa.CompoundSelect:
     text_null, float_null = sa.cast(sa.null(), sa.Text), sa.cast(sa.null(), sa.Float)
+    customer = (decisions.c.customer_id == _P("cid"),) if of_customer else ()
+    outcome_customer = (outcomes.c.customer_id == _P("cid"),) if of_customer else ()
     return sa.union_all(
         sa.select(sa.literal(0).label("kind"), decisions.c.id.label("row_id"),
                   decisions.c.order_ts_ns.label("ts_ns"), decisions.c.order_json, decisions.c.box_json,
-                  text_null.label("outcome_type"), text_null.label("order_id"), float_null.label("value"))
-        .where(decisions.c.customer_id == _P("cid"), decisions.c.id > _P("after_d"),
-               decisions.c.order_ts_ns >= _P("since")),
+                  text_null.label("outcome_type"), text_null.label("order_id"), float_null.label("value"),
+                  decisions.c.customer_id)
+        .where(*customer, decisions.c.id > _P("after_d"), decisions.c.order_ts_ns >= _P("since")),
         sa.select(sa.literal(1), outcomes.c.id, outcomes.c.ts_ns, text_null, text_null, outcomes.c.type,
-                  outcomes.c.order_id, sa.func.coalesce(outcomes.c.value, outcomes.c.score))
-        .where(outcomes.c.customer_id == _P("cid"), outcomes.c.id > _P("after_o"),
-               outcomes.c.ts_ns >= _P("since"), sa.or_(outcomes.c.type == "nps", outcomes.c.type == "returned")),
+                  outcomes.c.order_id, sa.func.coalesce(outcomes.c.value, outcomes.c.score), outcomes.c.customer_id)
+        .where(*outcome_customer, outcomes.c.id > _P("after_o"), outcomes.c.ts_ns >= _P("since"),
+               sa.or_(outcomes.c.type == "nps", outcomes.c.type == "returned")),
     )
 
 
@@ -123,8 +128,18 @@ class Statements:
 
         self.returning = bool(dialect.insert_returning)
         insert = decisions.insert()
+        #: whether `insert_decision` stores nothing (and returns no row) for an order decided before,
+        #: instead of failing on its unique ``order_id``: no savepoint is needed to go on after it
+        self.upsert = dialect.name in _UPSERT and self.returning
+        if self.upsert:
+            insert = _UPSERT[dialect.name](decisions).on_conflict_do_nothing(index_elements=["order_id"])
         #: the customer's events (``EventRow``) at or after ``since``, newer than ``after_d``/``after_o``
-        self.events = prepare(_events())
+        self.events = prepare(_events(of_customer=True))
+        #: every customer's events (``EventRow``) at or after ``since``, newer than ``after_d``/``after_o``
+        self.tail = prepare(_events(of_customer=False))
+        #: the newest decision and outcome row ids
+        self.newest = prepare(sa.select(sa.select(sa.func.max(decisions.c.id)).scalar_subquery(),
+                                        sa.select(sa.func.max(outcomes.c.id)).scalar_subquery()))
         #: the customer's newest decision row of an order at or after ``since``
         self.last_decision = prepare(sa.select(sa.func.max(decisions.c.id))
                                      .where(decisions.c.customer_id == _P("cid"),
@@ -137,7 +152,7 @@ class Statements:
         #: what a retry of order ``oid`` is compared with, as a ``StoredRow``
         self.stored = prepare(sa.select(decisions.c.response_json, decisions.c.customer_id, decisions.c.body_sha256)
                               .where(decisions.c.order_id == _P("oid")))
-        #: a new decision (returns its row id where the dialect can)
+        #: a new decision (returns its row id where the dialect can; see ``upsert``)
         self.insert_decision = prepare(insert.returning(decisions.c.id) if self.returning else insert,
                                        DECISION_KEYS)
         #: the customer of order ``oid``
