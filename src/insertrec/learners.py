@@ -133,8 +133,8 @@ class BoxLearner(Learner):
         # the spline model tries a shorter grid: its solves are ~2.5x the incumbent's (a third more
         # features), and the incumbent's cross-validation picked the strongest baseline ridge and
         # action ridges of 1-10 on the default world at 5,000 and 30,000 customers
-        model = ValueModel(random_state=seed, **({"alphas": (1e-2, 1.0), "action_alphas": (1e-1, 1.0, 10.0)}
-                                                 if self.knots else {}))
+        model = ValueModel(alphas=(1e-2, 1.0), action_alphas=(1e-1, 1.0, 10.0), random_state=seed) \
+            if self.knots else ValueModel(random_state=seed)
         model = self.fit_value_model(model, enc.transform(feats), feedback.actions,
                                      feedback.rewards, policy.space, rules_actions(policy.catalog, feats),
                                      feedback.pscores.prod(axis=1))
