@@ -23,8 +23,6 @@ from insertrec.tournament import INCUMBENT, Tournament, choose
 from insertrec.training import TrainConfig, train
 from insertrec.world import World
 
-pytestmark = pytest.mark.slow
-
 
 @dataclass
 class Played:
@@ -71,6 +69,7 @@ def played() -> Played:
     return Played(tournament, candidates, truth, fresh.features, feats, judge)
 
 
+@pytest.mark.slow
 def test_the_chosen_learner_is_as_good_as_the_incumbent_and_the_boosted_peer(played: Played) -> None:
     truth, winner = played.truth, played.tournament.winner
     print(json.dumps(played.tournament.as_dict(), indent=1), truth)
@@ -80,6 +79,7 @@ def test_the_chosen_learner_is_as_good_as_the_incumbent_and_the_boosted_peer(pla
     assert truth[winner] > truth["control"], truth
 
 
+@pytest.mark.slow
 def test_every_candidate_is_reported_with_its_paired_difference_and_effective_sample(played: Played) -> None:
     metrics = played.tournament.metrics()
     for name in played.candidates:
@@ -89,6 +89,7 @@ def test_every_candidate_is_reported_with_its_paired_difference_and_effective_sa
     assert metrics[f"candidate_{played.tournament.winner}_won"] == 1.0
 
 
+@pytest.mark.slow
 def test_a_challenger_no_better_than_the_incumbent_does_not_win(played: Played) -> None:
     """The same policy under two names: the paired difference is exactly zero, so its lower
     bound is not above zero and the incumbent keeps its place."""
@@ -97,6 +98,7 @@ def test_a_challenger_no_better_than_the_incumbent_does_not_win(played: Played) 
     assert result.winner == INCUMBENT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["spline_box", "boosted"])
 def test_challengers_decide_one_order_as_the_batch_does_and_survive_pickling(played: Played, name: str) -> None:
     policy = pickle.loads(pickle.dumps(played.candidates[name].replace(epsilon=0.1)))
@@ -109,6 +111,7 @@ def test_challengers_decide_one_order_as_the_batch_does_and_survive_pickling(pla
         assert [one.slots[s].propensity for s in policy.slot_names] == batch.propensities[i].tolist()
 
 
+@pytest.mark.slow
 def test_training_reports_the_tournament_and_serves_its_winner(tmp_path) -> None:
     data = World.default().generate(customers=1500, seed=5).to_dataset()
     result = train(data, tmp_path / "m", TrainConfig(seed=5, min_logged_orders=100))
@@ -120,3 +123,41 @@ def test_training_reports_the_tournament_and_serves_its_winner(tmp_path) -> None
     assert engine.policy.value_model is not None
     won = ope["tournament"]["winner"]
     assert result.metrics[f"candidate_{won}_won"] == 1.0
+
+
+class _ScriptedJudge:
+    """Stands in for `evaluation.Judge` with scripted figures per candidate (in the order `choose`
+    judges them): the rule that picks a winner, alone."""
+
+    def __init__(self, n: int, figures: list[tuple[float, float, float]]):
+        from insertrec.evaluation import LoggedOrders
+        from insertrec.ope import LoggedFeedback
+        self.logged = LoggedOrders(np.arange(n), LoggedFeedback(np.zeros(n), np.zeros((n, 3), dtype=int),
+                                                                np.ones((n, 3))), "logged")
+        self.figures = iter(figures)   # (diff vs incumbent, its lower bound, ESS)
+        self.current = (0.0, 0.0, 0.0)
+
+    def judge(self, probs, seed=0):
+        from insertrec.ope import Estimate, PolicyEstimates
+        self.current = next(self.figures)
+        e = Estimate(1.0, 0.0, 2.0)
+        return PolicyEstimates(e, e, e, self.current[2], len(self.logged))
+
+    def judge_difference(self, a, b, seed=0, level=0.95):
+        from insertrec.ope import Estimate
+        diff, low, _ = self.current
+        return Estimate(diff, low, 2 * diff - low)
+
+
+@pytest.mark.parametrize("figures, winner", [
+    ([(0, 0, 500), (1.0, 0.4, 40), (0.2, -0.1, 900)], INCUMBENT),   # above zero, but on 40 orders
+    ([(0, 0, 500), (1.0, 0.4, 400), (0.2, -0.1, 900)], "a"),
+    ([(0, 0, 500), (1.0, 0.4, 400), (1.5, 0.9, 900)], "b"),           # the highest lower bound
+    ([(0, 0, 500), (1.0, 0.0, 400), (0.5, -0.2, 900)], INCUMBENT),  # a bound at zero is no evidence
+])
+def test_a_challenger_wins_on_a_lower_bound_above_zero_resting_on_enough_orders(figures, winner) -> None:
+    data = World.default().generate(customers=200, seed=3).to_dataset()
+    feats = order_features(data, FeatureParams.fit(data, catalog=data.catalog))
+    rules = Policy(data.catalog, epsilon=0.0)
+    result = choose({INCUMBENT: rules, "a": rules, "b": rules}, feats, _ScriptedJudge(len(feats), figures))
+    assert result.winner == winner
