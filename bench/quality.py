@@ -15,9 +15,11 @@ box's true value the world knows. Policies:
   small grid chosen on a time split of the log (fitted on the first 80%, the
   best DR lower bound on the latest 20%, judged with insertrec's cross-fitted
   judge), then refitted on all of it; as deployed (its own epsilon) and greedy;
-- a gradient-boosted direct model of the reward over features x box (greedy);
+- a gradient-boosted direct model of the reward over features x box (greedy;
+  `insertrec.learners.BoostedDirect`, the one the training tournament also fields);
 - the rules, the logging policy, the all-default box and the oracle.
 
+Each cell also records insertrec's learner tournament (ope.json's ``tournament``).
 Reported per cell (mean and sd over seeds): value per order, lift vs rules and
 vs all-default, and uplift captured = (v - control) / (oracle - control).
 

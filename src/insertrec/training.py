@@ -2,8 +2,9 @@
 
 The steps, each owned by its module: point-in-time features and rewards
 (`features`), repurchase propensity (`customers`), segments (`segments`), the
-box value model fitted off-policy on logged exposures (`valuemodel`), judged
-on a time-based holdout before it is refitted on everything (`evaluation`),
+box value model fitted off-policy on logged exposures by each learner family
+(`learners`), judged on a time-based holdout (`evaluation`), the winner
+(`tournament`) refitted on everything,
 the marketer's report (`report`), and a self-describing model directory
 (`modeldir`). Nothing after the cutoff is ever read.
 """
