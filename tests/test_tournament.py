@@ -161,3 +161,32 @@ def test_a_challenger_wins_on_a_lower_bound_above_zero_resting_on_enough_orders(
     rules = Policy(data.catalog, epsilon=0.0)
     result = choose({INCUMBENT: rules, "a": rules, "b": rules}, feats, _ScriptedJudge(len(feats), figures))
     assert result.winner == winner
+
+
+@pytest.mark.slow
+def test_a_winning_challenger_is_refitted_gated_saved_and_served(tmp_path, monkeypatch) -> None:
+    """The path a challenger's win takes (refit on every order, the holdout's gate, the signed
+    model directory, the engine), forced: on a small history none rests on enough orders to win."""
+    import dataclasses
+
+    import insertrec.training as training
+    from insertrec.learners import SplineEncoder
+
+    def boosted_wins(candidates, feats, judge, seed=0):
+        return dataclasses.replace(choose(candidates, feats, judge, seed), winner="boosted",
+                                   policy=candidates["boosted"])
+
+    monkeypatch.setattr(training, "choose", boosted_wins)
+    data = World.default().generate(customers=1500, seed=6).to_dataset()
+    result = train(data, tmp_path / "m", TrainConfig(seed=6, min_logged_orders=100))
+    assert any("boosted beat the ridge box model" in note for note in result.notes)
+    engine = Engine.load(tmp_path / "m")
+    assert isinstance(engine.policy.encoder, SplineEncoder)
+    ope = json.loads((tmp_path / "m" / "ope.json").read_text())
+    assert list(engine.policy.playbook_slots) == ope["slot_deciders"]["playbook_slots"]
+    assert list(engine.policy.default_slots) == ope["slot_deciders"]["default_slots"]
+    order = {"order_id": "t-1", "customer_id": data.orders["customer_id"].iloc[-1],
+             "order_ts": data.orders["order_ts"].max() + pd.Timedelta(days=1), "order_value": 80.0, "channel": "web"}
+    first, again = engine.decide(order), engine.decide(order)
+    assert first.as_dict() == again.as_dict() and first.model_version == engine.version
+    assert set(first.slots) == set(engine.policy.slot_names)
