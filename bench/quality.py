@@ -15,9 +15,11 @@ box's true value the world knows. Policies:
   small grid chosen on a time split of the log (fitted on the first 80%, the
   best DR lower bound on the latest 20%, judged with insertrec's cross-fitted
   judge), then refitted on all of it; as deployed (its own epsilon) and greedy;
-- a gradient-boosted direct model of the reward over features x box (greedy);
+- a gradient-boosted direct model of the reward over features x box (greedy;
+  `insertrec.learners.BoostedDirect`, the one the training tournament also fields);
 - the rules, the logging policy, the all-default box and the oracle.
 
+Each cell also records insertrec's learner tournament (ope.json's ``tournament``).
 Reported per cell (mean and sd over seeds): value per order, lift vs rules and
 vs all-default, and uplift captured = (v - control) / (oracle - control).
 
@@ -37,7 +39,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from threadpoolctl import threadpool_limits
 
 HERE = Path(__file__).resolve().parent
@@ -106,50 +107,16 @@ class JointBoxVW:
         return out
 
 
-# --------------------------------------------------------------------------- boosted direct model
-
-class BoostedDirect:
-    """Gradient-boosted model of the reward on [features, one-hot box]; the best eligible box per order."""
-
-    def __init__(self, sizes: tuple[int, ...], combos: np.ndarray, seed: int):
-        self.sizes, self.combos, self.seed = sizes, combos, seed
-        self._box = np.hstack([np.eye(n)[combos[:, s]] for s, n in enumerate(sizes)])
-
-    def fit(self, phi: np.ndarray, chosen: np.ndarray, rewards: np.ndarray) -> BoostedDirect:
-        from sklearn.ensemble import HistGradientBoostingRegressor
-        self.model_ = HistGradientBoostingRegressor(max_iter=400, learning_rate=0.05, max_leaf_nodes=31,
-                                                    min_samples_leaf=50, early_stopping=True,
-                                                    validation_fraction=0.15, random_state=self.seed)
-        self.model_.fit(np.hstack([phi, self._box[chosen]]), rewards)
-        return self
-
-    def best(self, phi: np.ndarray, eligible: np.ndarray) -> np.ndarray:
-        rows, cols = np.nonzero(eligible)
-        score = np.full(eligible.shape, -np.inf)
-        for lo in range(0, len(rows), 1 << 19):
-            r, c = rows[lo:lo + (1 << 19)], cols[lo:lo + (1 << 19)]
-            score[r, c] = self.model_.predict(np.hstack([phi[r], self._box[c]]))
-        return score.argmax(axis=1)
-
-
 # --------------------------------------------------------------------------- one cell
 
-def _combo_eligible(catalog, feats: pd.DataFrame, combos: np.ndarray) -> np.ndarray:
-    eligible, _ = catalog.assess(feats)
-    ok = np.ones((len(feats), len(combos)), dtype=bool)
-    for s, col in enumerate(catalog.columns):
-        ok &= eligible[:, col + combos[:, s]]
-    return ok
-
-
-def _select_vw(grid: list[str], combos, phi, ok, chosen, rewards, pscores, logged, feats, policy,
+def _select_vw(grid: list[str], combos, phi, ok, chosen, rewards, pscores, logged, feats, policy, encoder,
                seed: int) -> tuple[str, list[dict]]:
     """The VW settings whose greedy policy has the best DR lower bound (one-sided 90%) against the
     logging policy on the latest fifth of the log (the orders are in time order)."""
     from insertrec.evaluation import judge_for
     from insertrec.ope import onehot
     late = np.arange(len(chosen)) >= 0.8 * len(chosen)
-    judge = judge_for(policy, feats, logged.subset(late), policy.encoder, seed)
+    judge = judge_for(policy, feats, logged.subset(late), encoder, seed)
     tried = []
     for args in grid:
         vw = JointBoxVW(combos, args).fit(phi[~late], ok[~late], chosen[~late], rewards[~late], pscores[~late])
@@ -163,9 +130,11 @@ def _select_vw(grid: list[str], combos, phi, ok, chosen, rewards, pscores, logge
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_grid: list[str],
              evaluation_cache: dict) -> dict:
+    from insertrec.encoding import FeatureEncoder
     from insertrec.engine import Engine
     from insertrec.evaluation import logged_orders
     from insertrec.features import order_features, order_rewards
+    from insertrec.learners import BoostedDirect, box_eligible
     from insertrec.simulation import fresh_orders, policy_values
     from insertrec.training import TrainConfig, train
 
@@ -177,6 +146,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
     with tempfile.TemporaryDirectory() as tmp:
         train(data, Path(tmp) / "model", TrainConfig(seed=seed))
         engine = Engine.load(Path(tmp) / "model")
+        tournament = json.loads((Path(tmp) / "model" / "ope.json").read_text()).get("tournament")
     timings["insertrec_train_s"] = time.perf_counter() - t
     policy = engine.policy
     combos, sizes = policy.combos, policy.space.sizes
@@ -195,15 +165,16 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
     order = np.argsort(sub["order_ts"].to_numpy(), kind="stable")    # VW learns online, in time order
     logged = logged.subset(order)
     sub = feats.iloc[logged.rows]
-    phi = policy.encoder.transform(sub)
+    encoder = FeatureEncoder().fit(feats)   # insertrec's base encoding (train fits it so)
+    phi = encoder.transform(sub)
     f = logged.feedback
     chosen = np.ravel_multi_index(tuple(f.actions.T), sizes)
-    ok = _combo_eligible(policy.catalog, sub, combos)
+    ok = box_eligible(policy.catalog, sub, combos)
     ok[np.arange(len(ok)), chosen] = True          # what was logged was possible then
-    phi_eval = policy.encoder.transform(fresh.features)
+    phi_eval = encoder.transform(fresh.features)
     truth = fresh.truth
 
-    boosted = BoostedDirect(sizes, combos, seed).fit(phi, chosen, f.rewards)
+    boosted = BoostedDirect(policy.space, seed).fit(phi, f.actions, f.rewards)
     values["value_boosted"] = truth[np.arange(len(truth)), boosted.best(phi_eval, fresh.eligible)]
     timings["boosted_s"] = time.perf_counter() - t
 
@@ -211,7 +182,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
     best_args, tried = vw_grid[0], []
     if len(vw_grid) > 1:
         best_args, tried = _select_vw(vw_grid, combos, phi, ok, chosen, f.rewards, f.pscores.prod(axis=1),
-                                      logged, feats, policy, seed)
+                                      logged, feats, policy, encoder, seed)
     vw = JointBoxVW(combos, best_args).fit(phi, ok, chosen, f.rewards, f.pscores.prod(axis=1))
     pmf = vw.pmf(phi_eval, fresh.eligible)
     vw.vw_.finish()
@@ -227,7 +198,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
                         "uplift_captured": (v - control) / (oracle - control)}
     return {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
             "eval_orders": len(truth), "policies": report, "vw_selected": best_args, "vw_grid": tried,
-            "timings_s": timings}
+            "tournament": tournament, "timings_s": timings}
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
@@ -291,8 +262,9 @@ def main() -> None:
                     cell = run_cell(world, customers, seed, eval_orders, grid, cache)
                     cells.append(cell)
                     p = cell["policies"]
-                    print(f"{world} {customers} seed {seed} ({time.perf_counter() - t:.0f} s): capture "
-                          + ", ".join(f"{k} {p[k]['uplift_captured']:.3f}" for k in SHOWN), flush=True)
+                    winner = (cell["tournament"] or {}).get("winner", "-")
+                    print(f"{world} {customers} seed {seed} ({time.perf_counter() - t:.0f} s, learner {winner}): "
+                          "capture " + ", ".join(f"{k} {p[k]['uplift_captured']:.3f}" for k in SHOWN), flush=True)
                     Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells,
                                                            "table": aggregate(cells)}, indent=1))
     rows = aggregate(cells)

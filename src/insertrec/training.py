@@ -2,8 +2,9 @@
 
 The steps, each owned by its module: point-in-time features and rewards
 (`features`), repurchase propensity (`customers`), segments (`segments`), the
-box value model fitted off-policy on logged exposures (`valuemodel`), judged
-on a time-based holdout before it is refitted on everything (`evaluation`),
+box value model fitted off-policy on logged exposures by each learner family
+(`learners`), judged on a time-based holdout (`evaluation`), the winner
+(`tournament`) refitted on everything,
 the marketer's report (`report`), and a self-describing model directory
 (`modeldir`). Nothing after the cutoff is ever read.
 """
@@ -35,13 +36,14 @@ from insertrec.evaluation import (
     judge_for,
     logged_orders,
     playbook_gains,
-    rules_actions,
     slot_deciders,
 )
+from insertrec.learners import BoxLearner
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
+from insertrec.tournament import CHALLENGERS, FINAL_ORDERS, INCUMBENT, Tournament, choose, fit_candidate
 from insertrec.valuemodel import ActionSpace, ValueModel
 
 __all__ = ["GATE_ORDERS", "Computation", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
@@ -134,15 +136,24 @@ def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
 
 def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
                seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation()) -> Policy:
-    """The model's policy, its value model fitted on ``logged`` orders."""
-    sub = feats.iloc[logged.rows]
-    f = logged.feedback
-    model = computation.fit_value_model(ValueModel(random_state=seed), encoder.transform(sub), f.actions,
-                                        f.rewards, policy.space, rules_actions(policy.catalog, sub),
-                                        f.pscores.prod(axis=1))
-    fixed = {} if deciders is None else {"playbook_slots": deciders.playbook_slots,
-                                         "default_slots": deciders.default_slots}
-    return policy.replace(encoder=encoder, value_model=model, **fixed)
+    """The incumbent's policy (the ridge box model), its value model fitted on ``logged`` orders."""
+    fitted = BoxLearner(fit_value_model=computation.fit_value_model).fit(
+        feats.iloc[logged.rows], logged.feedback, encoder, policy, seed)
+    return fitted if deciders is None else _gated(fitted, deciders)
+
+
+def _gated(policy: Policy, deciders: SlotDeciders) -> Policy:
+    return policy.replace(playbook_slots=deciders.playbook_slots, default_slots=deciders.default_slots)
+
+
+def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
+                  seed: int, deciders: SlotDeciders, computation: Computation) -> Policy:
+    """The tournament's winner refitted on every logged order (a challenger on at most
+    `tournament.FINAL_ORDERS` of them), gated as the holdout decided."""
+    if winner == INCUMBENT:
+        return fit_policy(feats, logged, encoder, policy, seed, deciders, computation)
+    learner = next(c for c in CHALLENGERS if c.name == winner)
+    return _gated(fit_candidate(learner, feats, logged, encoder, policy, seed, FINAL_ORDERS), deciders)
 
 
 def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder,
@@ -157,17 +168,20 @@ def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders
     return playbook_gains(policy, feats, judge_for(policy, feats, logged, encoder, seed), seed=seed)
 
 
-def _judged_on_holdout(candidate: Policy, feats: pd.DataFrame, holdout: LoggedOrders, encoder: FeatureEncoder,
-                       seed: int, playbook: list[Estimate]) -> tuple[SlotDeciders, dict[str, float], dict]:
-    """Who decides each slot (`evaluation.slot_deciders`), and the OPE metrics and report of the
-    candidate so gated. A function of its own so that the judge (every box scored for every
-    holdout order, ~200 MB on a million orders) is freed before the final fit."""
-    judge = judge_for(candidate, feats, holdout, encoder, seed)
-    deciders = slot_deciders(candidate, feats, judge, playbook, seed=seed)
-    candidate = candidate.replace(playbook_slots=deciders.playbook_slots, default_slots=deciders.default_slots)
-    ope_metrics, ope_report = evaluate(candidate, feats, holdout, encoder, seed, judge)
+def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
+                       encoder: FeatureEncoder, seed: int,
+                       playbook: list[Estimate]) -> tuple[Tournament, SlotDeciders, dict[str, float], dict]:
+    """The learner the holdout chooses (`tournament.choose`), who decides each slot
+    (`evaluation.slot_deciders`), and the OPE metrics and report of the winner so gated. A
+    function of its own so that the judge (every box scored for every holdout order, ~200 MB on
+    a million orders) is freed before the final fit."""
+    judge = judge_for(candidates[INCUMBENT], feats, holdout, encoder, seed)
+    chosen = choose(candidates, feats, judge, seed)
+    deciders = slot_deciders(chosen.policy, feats, judge, playbook, seed=seed)
+    ope_metrics, ope_report = evaluate(_gated(chosen.policy, deciders), feats, holdout, encoder, seed, judge)
     ope_report["slot_deciders"] = deciders.as_dict()
-    return deciders, ope_metrics, ope_report
+    ope_report["tournament"] = chosen.as_dict()
+    return chosen, deciders, ope_metrics | chosen.metrics(), ope_report
 
 
 def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
@@ -244,10 +258,16 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
-        candidate = fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)
+        candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
+        for learner in CHALLENGERS:
+            candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
-        deciders, ope_metrics, ope_report = _judged_on_holdout(candidate, feats, holdout, encoder, config.seed,
-                                                               playbook)
+        chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(candidates, feats, holdout, encoder,
+                                                                       config.seed, playbook)
+        del candidates
+        if chosen.winner != INCUMBENT:
+            notes.append(f"learner: {chosen.winner} beat the ridge box model on the holdout "
+                         f"(see ope.json's tournament)")
         if deciders.playbook_slots:
             notes.append(f"on the holdout the model did worse than the playbook in "
                          f"{', '.join(deciders.playbook_slots)}; the playbook decides there")
@@ -256,7 +276,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                          f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
-        policy = fit_policy(feats, logged, encoder, policy, config.seed, deciders, computation)
+        policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
     ope_report["propensity_source"] = logged.propensity_source
     ope_report["notes"] = notes
 
