@@ -66,7 +66,7 @@ def generate(data: Path, customers: int, seed: int, parts: int) -> dict:
                             frame[key] = f"p{part}-" + frame[key]
                     (data / name).mkdir(parents=True, exist_ok=True)
                     frame.to_parquet(data / name / f"part-{part:05d}.parquet", index=False)
-                if part == 0:
+                if part == parts - 1:   # last: a directory with its catalog is a complete history
                     shutil.copy(Path(tmp) / "catalog.yaml", data / "catalog.yaml")
     return {"seconds": time.perf_counter() - start}
 

@@ -93,9 +93,11 @@ class Computation:
         return (features.order_features(history, params),
                 features.order_rewards(history, horizon_days=horizon_days, costs=costs))
 
-    def fit_value_model(self, model: ValueModel, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                        space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
-        return model.fit(phi, actions, rewards, space, rules, pscore)
+    def fit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                        rewards: np.ndarray, space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+        """``model`` fitted on the orders ``feats`` (rows of `features_and_rewards`' features) as
+        ``encoder`` encodes them; the design rows are built where the features are."""
+        return model.fit(encoder.transform(feats), actions, rewards, space, rules, pscore)
 
 
 def _cutoff(data: Dataset, config: TrainConfig) -> pd.Timestamp:
@@ -137,9 +139,8 @@ def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncode
     """The model's policy, its value model fitted on ``logged`` orders."""
     sub = feats.iloc[logged.rows]
     f = logged.feedback
-    model = computation.fit_value_model(ValueModel(random_state=seed), encoder.transform(sub), f.actions,
-                                        f.rewards, policy.space, rules_actions(policy.catalog, sub),
-                                        f.pscores.prod(axis=1))
+    model = computation.fit_value_model(ValueModel(random_state=seed), sub, encoder, f.actions, f.rewards,
+                                        policy.space, rules_actions(policy.catalog, sub), f.pscores.prod(axis=1))
     fixed = {} if deciders is None else {"playbook_slots": deciders.playbook_slots,
                                          "default_slots": deciders.default_slots}
     return policy.replace(encoder=encoder, value_model=model, **fixed)
