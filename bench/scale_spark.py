@@ -18,9 +18,10 @@ files (``orders/part-*.parquet``), one customer range at a time, never the whole
 memory at once.
 
 Usage: python bench/scale_spark.py [--customers 406000] [--master local[2]] [--data DIR] [--parts N]
-       [--work features|train] [--driver-memory 6g] [--timeout 7200] [--result NAME.json]
+       [--work features|train] [--driver-memory 6g] [--timeout 7200] [--max-rss-gib 16]
+       [--result NAME.json]
 Writes bench/results/scale_spark.json (``--work train``: scale_spark_train.json) or ``--result``;
-a side that fails (out of memory, timeout) is reported with the steps it reached and the memory
+a side that fails (out of memory, timeout, over ``--max-rss-gib``) is reported with the steps it reached and the memory
 sampled until then.
 """
 
@@ -31,6 +32,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -191,24 +193,31 @@ class _Watch(threading.Thread):
     """Samples the resident memory of a process and of everything below it every 2 s: the peak of
     each, and of their sum (what the machine had to hold at once), also when the run fails."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, limit_gib: float):
         super().__init__(daemon=True)
-        self.pid, self.stop = pid, threading.Event()
+        self.pid, self.limit, self.stop = pid, limit_gib, threading.Event()
         self.peaks: dict[str, float] = {}
         self.total = 0.0
+        self.stopped_at: float | None = None
 
     def run(self) -> None:
         while not self.stop.wait(2.0):
             now = [found for pid in [self.pid, *_tree(self.pid)] if (found := _status_gib(pid, "VmRSS"))]
             for key, gib in now:
                 self.peaks[key] = max(self.peaks.get(key, 0.0), gib)
-            self.total = max(self.total, sum(gib for _, gib in now))
+            total = sum(gib for _, gib in now)
+            self.total = max(self.total, total)
+            if total > self.limit and self.stopped_at is None:   # the machine is shared: stop before it swaps or kills
+                self.stopped_at = total
+                os.killpg(self.pid, signal.SIGKILL)
 
     def report(self) -> dict:
-        return {"sampled_peak_rss_gib": self.peaks, "sampled_peak_total_rss_gib": self.total}
+        out = {"sampled_peak_rss_gib": self.peaks, "sampled_peak_total_rss_gib": self.total}
+        return out | ({} if self.stopped_at is None else {"stopped_over_limit_gib": [self.stopped_at, self.limit]})
 
 
-def measure(side: str, data: Path, master: str, work: str, driver_memory: str, timeout: float) -> dict:
+def measure(side: str, data: Path, master: str, work: str, driver_memory: str, timeout: float,
+            limit_gib: float) -> dict:
     """One side in a fresh process; a failure (e.g. out of memory) is reported with the steps
     reached and the memory sampled until then."""
     cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master, "--work", work,
@@ -216,13 +225,13 @@ def measure(side: str, data: Path, master: str, work: str, driver_memory: str, t
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        watch = _Watch(child.pid)
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        watch = _Watch(child.pid, limit_gib)
         watch.start()
         try:
             out, _ = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            child.kill()
+            os.killpg(child.pid, signal.SIGKILL)
             out, _ = child.communicate()
         watch.stop.set()
         err.seek(0)
@@ -248,6 +257,8 @@ def main() -> None:
                     help="compare the checked read and features, or the whole of `insertrec train`")
     ap.add_argument("--driver-memory", default="6g", help="with --work train: the Spark driver's memory")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds a side may run before it is stopped")
+    ap.add_argument("--max-rss-gib", type=float, default=16.0,
+                    help="stop a side whose processes together hold more than this (the machine is shared)")
     ap.add_argument("--result", help="file name under bench/results (default scale_spark[_train].json)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,7 +274,8 @@ def main() -> None:
                         "work": args.work}
         if not (data / "catalog.yaml").is_file():
             report["generate"] = generate(data, args.customers, args.seed, args.parts)
-        sides = {side: measure(side, data, args.master, args.work, args.driver_memory, args.timeout)
+        sides = {side: measure(side, data, args.master, args.work, args.driver_memory, args.timeout,
+                              args.max_rss_gib)
                  for side in args.sides.split(",")}
         report |= sides
         if {"local", "spark"} <= set(sides) and not any("failed" in side for side in sides.values()):

@@ -66,7 +66,8 @@ def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *,
     orders = tables.orders
     totals = orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
     n_orders, last = (0, None) if totals is None else (totals["n"], totals["last"])
-    buckets = max(1, -(-int(n_orders) // orders_per_bucket))
+    # at least two buckets per core, so that a small history is not one task on one core
+    buckets = max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-int(n_orders) // orders_per_bucket))
     owner = orders.select("order_id", "customer_id")
     parts: dict[str, DataFrame] = {"orders": orders}
     if tables.exposures is not None:   # file order kept: the first reward given per order counts

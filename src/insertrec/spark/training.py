@@ -77,8 +77,11 @@ class SparkComputation(Computation):
         rows = (self.held["features"].drop(*REWARD_COLUMNS).join(spark.createDataFrame(known), "order_id")
                 .withColumn("actions", F.array(*(F.col(f"_a{s}") for s in slots)))
                 .withColumn("rules", F.array(*(F.col(f"_r{s}") for s in slots)))
-                .drop(*(f"_{k}{s}" for k in "ar" for s in slots)))
-        return fit_value_model(model, rows, space, (encoder, local_types))
+                .drop(*(f"_{k}{s}" for k in "ar" for s in slots))).cache()   # joined once, read three times
+        try:
+            return fit_value_model(model, rows, space, (encoder, local_types))
+        finally:
+            rows.unpersist()
 
 
 def _collected(frame: DataFrame | None) -> pd.DataFrame | None:
