@@ -241,6 +241,8 @@ def measure(side: str, data: Path, master: str, work: str, driver_memory: str, t
     if child.returncode != 0:
         return {"failed": {"returncode": child.returncode, "after_seconds": time.perf_counter() - start,
                            "steps": [line for line in lines if line.startswith("STEP")],
+                           "errors": list(dict.fromkeys(line.strip() for line in lines if not line.startswith("\t")
+                                                        and ("Error" in line or "Exception" in line)))[:12],
                            "stderr_tail": [line for line in lines if "WARN" not in line][-25:]}, **common}
     return {**json.loads(out.splitlines()[-1]), **common}
 

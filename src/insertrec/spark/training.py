@@ -2,8 +2,10 @@
 
 The orchestration is the local `train`'s own; what it computes on Spark (`SparkComputation`):
 the feature parameters from Spark aggregations, every order's features and reward from the
-project's feature code on buckets of whole customers (`spark.features`), and the ridge value
-model from per-partition sufficient statistics (`spark.statistics`). The rest runs on the
+project's feature code on buckets of whole customers (`spark.features`), kept on Spark, and the
+ridge value model from per-partition sufficient statistics (`spark.statistics`), each partition
+encoding its own orders' design rows from those features (the driver sends only each logged
+order's position, actions, reward and propensity). The rest runs on the
 driver as it does locally, on the samples the local path already bounds (the repurchase
 classifier, the boosted baseline's rows, the holdout judge) and on the checked tables collected
 there (the snapshot of every customer at the cutoff, the segments, the report). The model
@@ -101,6 +103,7 @@ def train_on_spark(data: str | Path, out: str | Path, config: TrainConfig | None
     spark = spark_session(master, conf)
     progress("reading the data on Spark")
     tables = read_tables(spark, data)
+    progress("collecting the tables to the driver")
     frames = {name: _collected(tables.table(name)) for name in ("orders", "nps", "exposures", "incidents")}
     history = to_dataset({n: f for n, f in frames.items() if f is not None}, tables.catalog, tables.ctx_numeric,
                          source=str(data))
