@@ -18,8 +18,11 @@ files (``orders/part-*.parquet``), one customer range at a time, never the whole
 memory at once.
 
 Usage: python bench/scale_spark.py [--customers 406000] [--master local[2]] [--data DIR] [--parts N]
-       [--work features|train] [--driver-memory 6g]
-Writes bench/results/scale_spark.json (``--work train``: scale_spark_train.json).
+       [--work features|train] [--driver-memory 6g] [--timeout 7200] [--max-rss-gib 16]
+       [--result NAME.json]
+Writes bench/results/scale_spark.json (``--work train``: scale_spark_train.json) or ``--result``;
+a side that fails (out of memory, timeout, over ``--max-rss-gib``) is reported with the steps it reached and the memory
+sampled until then.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,7 +71,7 @@ def generate(data: Path, customers: int, seed: int, parts: int) -> dict:
                             frame[key] = f"p{part}-" + frame[key]
                     (data / name).mkdir(parents=True, exist_ok=True)
                     frame.to_parquet(data / name / f"part-{part:05d}.parquet", index=False)
-                if part == 0:
+                if part == parts - 1:   # last: a directory with its catalog is a complete history
                     shutil.copy(Path(tmp) / "catalog.yaml", data / "catalog.yaml")
     return {"seconds": time.perf_counter() - start}
 
@@ -83,6 +88,8 @@ def run_train(side: str, data: Path, master: str, driver_memory: str) -> dict:
         nonlocal last
         now = time.perf_counter()
         steps[step[0]] = now - last
+        print(f"STEP {step[0]} done after {now - last:.1f} s; next: {name} (driver peak so far "
+              f"{_rss_gib(resource.RUSAGE_SELF):.2f} GiB)", file=sys.stderr, flush=True)
         step[0], last = name, now
 
     with tempfile.TemporaryDirectory(prefix="insertrec-scale-model-") as out:
@@ -149,9 +156,8 @@ def run_side(side: str, data: Path, master: str) -> dict:
             "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF)}
 
 
-def _descendants_peak_gib() -> dict[str, float]:
-    """Peak resident set (VmHWM) of each process below this one, by command: in local mode the
-    JVM holds the driver's and the executors' heaps, the Python workers run the pandas code."""
+def _tree(root: int) -> list[int]:
+    """``root``'s descendants (not itself)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -159,28 +165,86 @@ def _descendants_peak_gib() -> dict[str, float]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    peaks: dict[str, float] = {}
-    todo = list(children.get(os.getpid(), []))
+    found, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
+        found.append(pid)
         todo += children.get(pid, [])
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            name = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            continue
-        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-        key = f"{name}[{pid}]"
-        peaks[key] = hwm * 1024.0 / GIB
-    return peaks
+    return found
 
 
-def measure(side: str, data: Path, master: str, work: str, driver_memory: str) -> dict:
+def _status_gib(pid: int, field: str) -> tuple[str, float] | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")), 0)
+    return f"{name}[{pid}]", kib * 1024.0 / GIB
+
+
+def _descendants_peak_gib() -> dict[str, float]:
+    """Peak resident set (VmHWM) of each process below this one, by command: in local mode the
+    JVM holds the driver's and the executors' heaps, the Python workers run the pandas code."""
+    return dict(found for pid in _tree(os.getpid()) if (found := _status_gib(pid, "VmHWM")) is not None)
+
+
+class _Watch(threading.Thread):
+    """Samples the resident memory of a process and of everything below it every 2 s: the peak of
+    each, and of their sum (what the machine had to hold at once), also when the run fails."""
+
+    def __init__(self, pid: int, limit_gib: float):
+        super().__init__(daemon=True)
+        self.pid, self.limit, self.stop = pid, limit_gib, threading.Event()
+        self.peaks: dict[str, float] = {}
+        self.total = 0.0
+        self.stopped_at: float | None = None
+
+    def run(self) -> None:
+        while not self.stop.wait(2.0):
+            now = [found for pid in [self.pid, *_tree(self.pid)] if (found := _status_gib(pid, "VmRSS"))]
+            for key, gib in now:
+                self.peaks[key] = max(self.peaks.get(key, 0.0), gib)
+            total = sum(gib for _, gib in now)
+            self.total = max(self.total, total)
+            if total > self.limit and self.stopped_at is None:   # the machine is shared: stop before it swaps or kills
+                self.stopped_at = total
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def report(self) -> dict:
+        out = {"sampled_peak_rss_gib": self.peaks, "sampled_peak_total_rss_gib": self.total}
+        return out | ({} if self.stopped_at is None else {"stopped_over_limit_gib": [self.stopped_at, self.limit]})
+
+
+def measure(side: str, data: Path, master: str, work: str, driver_memory: str, timeout: float,
+            limit_gib: float) -> dict:
+    """One side in a fresh process; a failure (e.g. out of memory) is reported with the steps
+    reached and the memory sampled until then."""
     cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master, "--work", work,
            "--driver-memory", driver_memory]
     load = os.getloadavg()[0]
-    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    return {**json.loads(done.stdout.splitlines()[-1]), "loadavg_1m_before": load}
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        watch = _Watch(child.pid, limit_gib)
+        watch.start()
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, _ = child.communicate()
+        watch.stop.set()
+        err.seek(0)
+        lines = err.read().splitlines()
+    print("\n".join(line for line in lines if line.startswith("STEP")), file=sys.stderr)
+    common = {"loadavg_1m_before": load, **watch.report()}
+    if child.returncode != 0:
+        return {"failed": {"returncode": child.returncode, "after_seconds": time.perf_counter() - start,
+                           "steps": [line for line in lines if line.startswith("STEP")],
+                           "errors": list(dict.fromkeys(line.strip() for line in lines if not line.startswith("\t")
+                                                        and ("Error" in line or "Exception" in line)))[:12],
+                           "stderr_tail": [line for line in lines if "WARN" not in line][-25:]}, **common}
+    return {**json.loads(out.splitlines()[-1]), **common}
 
 
 def main() -> None:
@@ -194,6 +258,10 @@ def main() -> None:
     ap.add_argument("--work", choices=("features", "train"), default="features",
                     help="compare the checked read and features, or the whole of `insertrec train`")
     ap.add_argument("--driver-memory", default="6g", help="with --work train: the Spark driver's memory")
+    ap.add_argument("--timeout", type=float, default=7200, help="seconds a side may run before it is stopped")
+    ap.add_argument("--max-rss-gib", type=float, default=16.0,
+                    help="stop a side whose processes together hold more than this (the machine is shared)")
+    ap.add_argument("--result", help="file name under bench/results (default scale_spark[_train].json)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -208,13 +276,15 @@ def main() -> None:
                         "work": args.work}
         if not (data / "catalog.yaml").is_file():
             report["generate"] = generate(data, args.customers, args.seed, args.parts)
-        sides = {side: measure(side, data, args.master, args.work, args.driver_memory)
+        sides = {side: measure(side, data, args.master, args.work, args.driver_memory, args.timeout,
+                              args.max_rss_gib)
                  for side in args.sides.split(",")}
         report |= sides
-        if {"local", "spark"} <= set(sides):
+        if {"local", "spark"} <= set(sides) and not any("failed" in side for side in sides.values()):
             ratio = sides["spark"]["seconds"] / sides["local"]["seconds"]
             report["spark_over_local"] = {"ratio": ratio, "target": TARGET_RATIO, "within": ratio <= TARGET_RATIO}
-    out = ROOT / "bench" / "results" / ("scale_spark_train.json" if args.work == "train" else "scale_spark.json")
+    name = args.result or ("scale_spark_train.json" if args.work == "train" else "scale_spark.json")
+    out = ROOT / "bench" / "results" / name
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -45,16 +45,17 @@ __all__ = ["BoostedDirect", "BoostedLearner", "BoxLearner", "FitValueModel", "Le
            "box_eligible"]
 
 
-# How a `BoxLearner` fits its ridge (model, phi, actions, rewards, space, rules, pscore): in this
+# How a `BoxLearner` fits its ridge (model, feats, encoder, actions, rewards, space, rules, pscore; the
+# design rows are encoded where the features are): in this
 # process by default; training passes `Computation.fit_value_model`, so that the Spark engine
 # fits the incumbent on Spark.
-FitValueModel = Callable[[ValueModel, np.ndarray, np.ndarray, np.ndarray, ActionSpace, np.ndarray, np.ndarray],
-                         ValueModel]
+FitValueModel = Callable[[ValueModel, pd.DataFrame, Any, np.ndarray, np.ndarray, ActionSpace, np.ndarray,
+                          np.ndarray], ValueModel]
 
 
-def _fit_here(model: ValueModel, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray, space: ActionSpace,
-              rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
-    return model.fit(phi, actions, rewards, space, rules, pscore)
+def _fit_here(model: ValueModel, feats: pd.DataFrame, encoder: Any, actions: np.ndarray, rewards: np.ndarray,
+              space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+    return model.fit(encoder.transform(feats), actions, rewards, space, rules, pscore)
 
 
 class Learner(ABC):
@@ -135,7 +136,7 @@ class BoxLearner(Learner):
         # action ridges of 1-10 on the default world at 5,000 and 30,000 customers
         model = ValueModel(alphas=(1e-2, 1.0), action_alphas=(1e-1, 1.0, 10.0), random_state=seed) \
             if self.knots else ValueModel(random_state=seed)
-        model = self.fit_value_model(model, enc.transform(feats), feedback.actions,
+        model = self.fit_value_model(model, feats, enc, feedback.actions,
                                      feedback.rewards, policy.space, rules_actions(policy.catalog, feats),
                                      feedback.pscores.prod(axis=1))
         return policy.replace(encoder=enc, value_model=model)

@@ -95,9 +95,11 @@ class Computation:
         return (features.order_features(history, params),
                 features.order_rewards(history, horizon_days=horizon_days, costs=costs))
 
-    def fit_value_model(self, model: ValueModel, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                        space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
-        return model.fit(phi, actions, rewards, space, rules, pscore)
+    def fit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                        rewards: np.ndarray, space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+        """``model`` fitted on the orders ``feats`` (rows of `features_and_rewards`' features) as
+        ``encoder`` encodes them; the design rows are built where the features are."""
+        return model.fit(encoder.transform(feats), actions, rewards, space, rules, pscore)
 
 
 def _cutoff(data: Dataset, config: TrainConfig) -> pd.Timestamp:

@@ -27,9 +27,9 @@ from pyspark.sql import types as T
 from insertrec import features
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
-from insertrec.spark.tables import TIMESTAMPS, SparkTables, to_dataset
+from insertrec.spark.tables import POSITION, TIMESTAMPS, SparkTables, to_dataset
 
-__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "to_pandas"]
+__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "to_pandas"]
 
 REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
 ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
@@ -66,12 +66,12 @@ def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *,
     orders = tables.orders
     totals = orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
     n_orders, last = (0, None) if totals is None else (totals["n"], totals["last"])
-    buckets = max(1, -(-int(n_orders) // orders_per_bucket))
+    # at least two buckets per core, so that a small history is not one task on one core
+    buckets = max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-int(n_orders) // orders_per_bucket))
     owner = orders.select("order_id", "customer_id")
     parts: dict[str, DataFrame] = {"orders": orders}
     if tables.exposures is not None:   # file order kept: the first reward given per order counts
-        parts["exposures"] = (tables.exposures.withColumn("_row", F.monotonically_increasing_id())
-                              .join(owner, "order_id"))
+        parts["exposures"] = tables.exposures.join(owner, "order_id")
     for name in ("nps", "incidents"):
         side = tables.table(name)
         if side is not None:
@@ -118,7 +118,7 @@ def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_
     def run(bucket: pd.DataFrame) -> pd.DataFrame:
         frames = {str(name): part for name, part in bucket.groupby(_TAG, sort=False)}
         if "exposures" in frames:
-            frames["exposures"] = frames["exposures"].sort_values("_row", kind="stable")
+            frames["exposures"] = frames["exposures"].sort_values(POSITION, kind="stable")
         data = to_dataset(frames, catalog, ctx_numeric)
         feats = features.order_features(data, params)
         stand_in = pd.DataFrame({"order_id": [_LAST], "customer_id": [_LAST],
@@ -133,11 +133,16 @@ def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_
     return run
 
 
+def local_types(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a `features_and_rewards` result as pandas got them, with the local types (order
+    times as UTC timestamps)."""
+    return rows.assign(**{c: pd.to_datetime(rows[c].to_numpy(dtype=np.int64), unit="ns", utc=True)
+                          for c in TIMESTAMPS["orders"] if c in rows})
+
+
 def to_pandas(frame: DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A `features_and_rewards` result as the local ``(order_features, order_rewards)`` frames,
     rows in the local order (by order time, then order id)."""
-    out = frame.toPandas().sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True)
-    for c in TIMESTAMPS["orders"]:
-        out[c] = pd.to_datetime(out[c].to_numpy(dtype=np.int64), unit="ns", utc=True)
+    out = local_types(frame.toPandas().sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True))
     feats = out.drop(columns=list(REWARD_COLUMNS))
     return feats, out[["order_id", *REWARD_COLUMNS]]

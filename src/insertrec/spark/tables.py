@@ -33,6 +33,7 @@ from insertrec.errors import DataError, Problem
 from insertrec.schema import TABLES
 
 MAX_PROBLEMS = 200
+POSITION = "_pos"   # a row's place in its table, files in the order read: the local loader keeps that order
 TIMESTAMPS = {"orders": ("order_ts",), "nps": ("response_ts",), "incidents": ("ts",), "exposures": ()}
 _DTYPES = {"orders": ORDER_DTYPES, "nps": NPS_DTYPES, "exposures": EXPOSURE_DTYPES, "incidents": INCIDENT_DTYPES}
 _SPARK_TYPES = {"str": T.StringType(), "float64": T.DoubleType(), "int64": T.LongType(), "bool": T.BooleanType(),
@@ -96,36 +97,46 @@ def _read_text(spark: SparkSession, path: Path, fmt: str) -> DataFrame:
                  .option("multiLine", True).option("encoding", "UTF-8").csv(str(path)))
     else:
         frame = spark.read.parquet(str(path))
+    frame = frame.withColumn(POSITION, F.monotonically_increasing_id())
+    # a CSV read with multiLine is one task per file: spread the rows so that the parsers, the
+    # costly part, run on every core (their order is kept in POSITION)
+    cores = spark.sparkContext.defaultParallelism
+    if frame.rdd.getNumPartitions() < cores:
+        frame = frame.repartition(2 * cores)
     columns: list[Column] = []
     for field in frame.schema.fields:
+        if field.name == POSITION:
+            continue
         col = F.col(f"`{field.name}`")
         if isinstance(field.dataType, (T.FloatType, T.DoubleType)):  # NaN is how some writers say null
             col = F.when(F.isnan(col), F.lit(None)).otherwise(col)
         columns.append(F.coalesce(F.trim(col.cast("string")), F.lit("")).alias(field.name.strip()))
-    return frame.select(*columns, F.input_file_name().alias("_source"))
+    return frame.select(*columns, F.input_file_name().alias("_source"), POSITION)
 
 
 def _typed_schema(name: str, ctx: list[str]) -> T.StructType:
     fields = [T.StructField(c, _SPARK_TYPES[t]) for c, t in _DTYPES[name].items()]
-    fields += [T.StructField(c, T.StringType()) for c in ctx]
+    fields += [T.StructField(c, T.StringType()) for c in ctx] + [T.StructField(POSITION, T.LongType())]
     return T.StructType(fields + [T.StructField(c, t) for c, t in _PROBLEM])
 
 
 def _parser(name: str, catalog: Catalog | None, ctx: list[str]):
     """mapInPandas function: text batches -> typed good rows, then one row per problem."""
     dtypes = _DTYPES[name]
-    names = [*dtypes, *ctx, *(c for c, _ in _PROBLEM)]
+    names = [*dtypes, *ctx, POSITION, *(c for c, _ in _PROBLEM)]
 
     def parse(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
             for source, cells in batch.groupby("_source", sort=False):
                 file = Path(str(source)).name or name
-                frame, problems = parse_cells(name, cells.drop(columns="_source"), file, None, catalog)
+                frame, problems = parse_cells(name, cells.drop(columns=["_source", POSITION]), file, None, catalog)
                 out = pd.DataFrame({c: frame[c] for c in dtypes}).reset_index(drop=True)
                 for c in TIMESTAMPS[name]:
                     out[c] = out[c].dt.as_unit("ns").astype("int64")
+                kept = frame.index.to_numpy()
                 for c in ctx:   # the text as given: numeric or not is decided on the whole column
-                    out[c] = cells[c].to_numpy(dtype=object)[frame.index.to_numpy()]
+                    out[c] = cells[c].to_numpy(dtype=object)[kept]
+                out[POSITION] = cells[POSITION].to_numpy(dtype=np.int64)[kept]
                 for c, _ in _PROBLEM:
                     out[c] = None
                 yield out
@@ -183,14 +194,18 @@ def _checked(text: dict[str, tuple[DataFrame, str]], catalog: Catalog | None
     problems = [Problem(r["_pfile"], r["_prow"], r["_pcolumn"], r["_preason"], r["_pvalue"])
                 for name in parsed
                 for r in parsed[name].where(F.col("_preason").isNotNull()).limit(MAX_PROBLEMS).collect()]
-    problems += _across_rows(text)
-    if problems:
-        raise DataError(problems[:MAX_PROBLEMS])
     good = {name: frame.where(F.col("_preason").isNull()).drop(*(c for c, _ in _PROBLEM))
             for name, frame in parsed.items()}
-    orders = text["orders"][0]
-    ctx_numeric = {c: orders.where((F.col(c) != "") & F.col(c).try_cast("double").isNull()).limit(1).count() == 0
-                   for c in ctx}
+    # without a bad cell every row is good, and the checks across rows run on the parsed tables
+    # (cached) instead of reading the files again; with one, on the text, so that all are listed
+    problems += _across_rows(text if problems else {name: (good[name], file) for name, (_, file) in text.items()})
+    if problems:
+        raise DataError(problems[:MAX_PROBLEMS])
+    orders = good["orders"]
+    given = [F.col(c) != "" for c in ctx]
+    found = orders.agg(*(F.count(F.when(g & F.col(c).try_cast("double").isNull(), 1)).alias(c)
+                         for c, g in zip(ctx, given, strict=True))).first() if ctx else None
+    ctx_numeric = {c: found is not None and found[c] == 0 for c in ctx}
     return good, ctx_numeric
 
 
@@ -240,4 +255,4 @@ def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_num
     return Dataset(catalog=catalog, source=source, **tables)
 
 
-__all__ = ["MAX_PROBLEMS", "TIMESTAMPS", "SparkTables", "read_orders", "read_tables", "to_dataset"]
+__all__ = ["MAX_PROBLEMS", "POSITION", "TIMESTAMPS", "SparkTables", "read_orders", "read_tables", "to_dataset"]

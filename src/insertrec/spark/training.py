@@ -2,8 +2,10 @@
 
 The orchestration is the local `train`'s own; what it computes on Spark (`SparkComputation`):
 the feature parameters from Spark aggregations, every order's features and reward from the
-project's feature code on buckets of whole customers (`spark.features`), and the ridge value
-model from per-partition sufficient statistics (`spark.statistics`). The rest runs on the
+project's feature code on buckets of whole customers (`spark.features`), kept on Spark, and the
+ridge value model from per-partition sufficient statistics (`spark.statistics`), each partition
+encoding its own orders' design rows from those features (the driver sends only each logged
+order's position, actions, reward and propensity). The rest runs on the
 driver as it does locally, on the samples the local path already bounds (the repurchase
 classifier, the boosted baseline's rows, the holdout judge) and on the checked tables collected
 there (the snapshot of every customer at the cutoff, the segments, the report). The model
@@ -24,10 +26,11 @@ from pyspark.sql import functions as F
 from insertrec import features
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
-from insertrec.spark.features import feature_params, features_and_rewards, to_pandas
+from insertrec.encoding import FeatureEncoder
+from insertrec.spark.features import REWARD_COLUMNS, feature_params, features_and_rewards, local_types, to_pandas
 from insertrec.spark.session import spark_session
 from insertrec.spark.statistics import fit_value_model
-from insertrec.spark.tables import SparkTables, read_tables, to_dataset
+from insertrec.spark.tables import POSITION, SparkTables, read_tables, to_dataset
 from insertrec.training import Computation, TrainConfig, TrainResult, train
 from insertrec.valuemodel import ActionSpace, ValueModel
 
@@ -39,6 +42,7 @@ class SparkComputation(Computation):
     """`Computation` on Spark, from the checked ``tables`` of the data directory."""
 
     tables: SparkTables
+    held: dict[str, DataFrame] = dataclasses.field(default_factory=dict, compare=False)
 
     def _before(self, cutoff: pd.Timestamp) -> SparkTables:
         """The tables as known at ``cutoff`` (`training.history_before` on Spark)."""
@@ -57,23 +61,37 @@ class SparkComputation(Computation):
 
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return to_pandas(features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs))
+        rows = features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs).cache()
+        self.held["features"] = rows   # kept on Spark: the value model's design rows are built from them
+        return to_pandas(rows)
 
-    def fit_value_model(self, model: ValueModel, phi: np.ndarray, actions: np.ndarray, rewards: np.ndarray,
-                        space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
-        rows = pd.DataFrame({"_row": np.arange(len(rewards)), "phi": list(phi), "actions": list(actions),
-                             "rules": list(rules), "reward": np.asarray(rewards, dtype=np.float64),
-                             "pscore": np.asarray(pscore, dtype=np.float64)})
+    def fit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                        rewards: np.ndarray, space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+        """The orders' features are joined on Spark (by order id) to what the driver knows of each
+        logged order (its position, actions, reward and propensity: a few numbers), and encoded there."""
         spark = self.tables.orders.sparkSession
-        return fit_value_model(model, spark.createDataFrame(rows), space)
+        slots = range(actions.shape[1])
+        known = pd.DataFrame({"order_id": feats["order_id"].astype(str).to_numpy(), "_row": np.arange(len(feats)),
+                              "reward": np.asarray(rewards, dtype=np.float64),
+                              "pscore": np.asarray(pscore, dtype=np.float64)}
+                             | {f"_a{s}": actions[:, s].astype(np.int64) for s in slots}
+                             | {f"_r{s}": rules[:, s].astype(np.int64) for s in slots})
+        rows = (self.held["features"].drop(*REWARD_COLUMNS).join(spark.createDataFrame(known), "order_id")
+                .withColumn("actions", F.array(*(F.col(f"_a{s}") for s in slots)))
+                .withColumn("rules", F.array(*(F.col(f"_r{s}") for s in slots)))
+                .drop(*(f"_{k}{s}" for k in "ar" for s in slots))).cache()   # joined once, read three times
+        try:
+            return fit_value_model(model, rows, space, (encoder, local_types))
+        finally:
+            rows.unpersist()
 
 
 def _collected(frame: DataFrame | None) -> pd.DataFrame | None:
     """A checked table on the driver, its rows in file order (as the local loader keeps them)."""
     if frame is None:
         return None
-    out = frame.withColumn("_pos", F.monotonically_increasing_id()).toPandas()
-    return out.sort_values("_pos", kind="stable").drop(columns="_pos").reset_index(drop=True)
+    out = frame.toPandas()
+    return out.sort_values(POSITION, kind="stable").drop(columns=POSITION).reset_index(drop=True)
 
 
 def train_on_spark(data: str | Path, out: str | Path, config: TrainConfig | None = None, *,
@@ -85,6 +103,7 @@ def train_on_spark(data: str | Path, out: str | Path, config: TrainConfig | None
     spark = spark_session(master, conf)
     progress("reading the data on Spark")
     tables = read_tables(spark, data)
+    progress("collecting the tables to the driver")
     frames = {name: _collected(tables.table(name)) for name in ("orders", "nps", "exposures", "incidents")}
     history = to_dataset({n: f for n, f in frames.items() if f is not None}, tables.catalog, tables.ctx_numeric,
                          source=str(data))
