@@ -329,7 +329,7 @@ class Policy:
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
-        probs = explore_probabilities(scores, eligible, self._slices, self._tau)
+        probs = explore_probabilities(scores, eligible, self._slices, self._tau, greedy=greedy, fixed=self._playbook)
         actions = np.where(explored, draw(probs, u[:, :, 1], self._slices), greedy)
         drawn = probs[np.arange(len(actions))[:, None], actions + self._columns]
         props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon * drawn
