@@ -15,7 +15,7 @@ from insertrec.data import load_data
 from insertrec.engine import Engine
 from insertrec.exploration import FLOOR, draw, explore_probabilities
 from insertrec.features import features_for_orders
-from insertrec.policy import Policy, exploration_uniforms
+from insertrec.policy import Policy, _One, _uniform_one, exploration_uniforms
 from insertrec.training import TrainConfig, train
 from insertrec.world import World
 
@@ -115,6 +115,24 @@ def test_an_exploring_draw_gives_up_less_than_a_uniform_one_and_tries_every_acti
         axis=1, keepdims=True)).all()                           # no estimates: uniform, as the playbook explores
 
 
+def test_a_slot_the_gate_fixed_explores_only_at_the_floor(trained: tuple[Engine, pd.DataFrame]) -> None:
+    """Where training gave a slot to the default (or the playbook), the model's estimates there are
+    unproven: an exploring decision keeps the fixed action but for the floor, spread uniformly, so
+    every eligible action is still tried with probability epsilon * FLOOR / k and no more."""
+    engine, feats = trained
+    base = engine.policy.replace(playbook_slots=(), default_slots=(), epsilon=0.5)
+    slot = base.slot_names[2]
+    gated = base.replace(default_slots=(slot,))
+    p = gated.probabilities(gated.decide_frame(feats))[2]
+    elig = gated.decide_frame(feats).eligible[2]
+    k = elig.sum(axis=1, keepdims=True)
+    d = gated.space.defaults[2]
+    expected = np.where(elig, 0.5 * FLOOR / k, 0.0)
+    expected[:, d] += 1.0 - 0.5 * FLOOR
+    np.testing.assert_allclose(p, expected, atol=1e-12)
+    assert (base.probabilities(base.decide_frame(feats))[2][:, d] < expected[:, d] - 1e-6).any()  # ungated: more
+
+
 def test_a_slot_with_one_available_action_is_certain(trained: tuple[Engine, pd.DataFrame]) -> None:
     engine, feats = trained
     packaging = engine.catalog.slots["packaging"]
@@ -179,6 +197,7 @@ def test_uniforms_of_one_order_equal_its_row_in_a_batch() -> None:
     assert batch.shape == (len(ids), 3, 2) and ((batch >= 0) & (batch < 1)).all()
     for i, oid in enumerate(ids):
         np.testing.assert_array_equal(exploration_uniforms(np.array([oid]), "v1", 3)[0], batch[i])
+        assert [_uniform_one(oid, "v1", 3)(lane) for lane in range(6)] == batch[i].ravel().tolist()  # decide_one's
     assert len({tuple(row.ravel()) for row in batch}) == len(ids)   # every id draws its own numbers
     assert not np.array_equal(exploration_uniforms(ids, "v2", 3), batch)
 
@@ -293,3 +312,66 @@ def test_policy_survives_pickling_after_use(trained: tuple[Engine, pd.DataFrame]
 def test_an_empty_batch_decides_nothing(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
     batch = policy.decide_frame(trained[1].head(0))
     assert batch.actions.shape == batch.propensities.shape == (0, len(policy.slot_names))
+
+
+def test_one_order_is_decided_exactly_as_in_a_batch_on_random_orders_and_states(
+        trained: tuple[Engine, pd.DataFrame]) -> None:
+    """The service's path (`Engine.decide`: the customer's `CustomerState`, `Policy.decide_one`)
+    against the reference, `Policy._decide` over all orders at once on `features_for_orders`:
+    the same boxes, exploration flags and propensities to the bit, the same reasons, notes and
+    ranked alternatives, scores and uplift to 1e-12. Random orders of known and new customers
+    (one order per customer, so the batch's features see the same history), random order ids,
+    random stock-outs, and policies that explore often, never or always, with the playbook or
+    the slot default fixing some slots."""
+    engine, feats = trained
+    rng = np.random.default_rng(7)
+    known = feats.drop_duplicates("customer_id")
+    n = len(known)
+    orders = known[["customer_id", "order_ts", "order_value", "n_items", "channel", "region", "is_gift",
+                    "categories"]].reset_index(drop=True).assign(
+        order_id=[f"{rng.choice(['o', 'ördër-订单', 'x' * 40])}-{rng.integers(1 << 40)}" for _ in range(n)],
+        order_value=rng.lognormal(3.5, 1.0, n).round(2), n_items=rng.integers(1, 8, n),
+        is_gift=rng.random(n) < 0.3, channel=rng.choice(["web", "app", "marketplace", "kiosk"], n))
+    new = rng.random(n) < 0.2
+    orders.loc[new, "customer_id"] = [f"new-{i}" for i in np.flatnonzero(new)]
+    batch_feats = features_for_orders(engine.snapshot, orders)
+    singles = [engine.state(str(o["customer_id"])).features(o) for o in orders.to_dict("records")]
+    base = engine.policy
+    slots = base.slot_names
+    policies = [base, base.replace(epsilon=0.6), base.replace(epsilon=0.0), base.replace(epsilon=1.0),
+                base.replace(playbook_slots=(), default_slots=()),
+                base.replace(playbook_slots=(slots[1],), default_slots=(slots[2],), epsilon=0.5),
+                base.replace(playbook_slots=tuple(slots), default_slots=()),
+                Policy(base.catalog, epsilon=0.5, version=base.version)]
+    action_ids = sorted(base.catalog.action_ids)
+    explored = 0
+    for policy in policies:
+        unavailable = frozenset(rng.choice(action_ids, 3, replace=False)) if rng.random() < 0.5 else frozenset()
+        eligible, rules = policy.catalog.assess(batch_feats)
+        phi = None if policy.encoder is None else policy.encoder.transform(batch_feats)
+        batch = policy._decide(batch_feats["order_id"].astype(str).to_numpy(), phi, eligible, rules,
+                               unavailable, True, alternatives=True)
+        for i, row in enumerate(singles):
+            want = _One.of(batch, i)
+            one_eligible, one_rules = policy.catalog.assess_one(row)
+            if unavailable:
+                one_eligible = one_eligible & ~policy._out_of(unavailable)
+            one_phi = None if policy.encoder is None else policy.encoder.transform_one(row)
+            got = policy._decide_one(str(row["order_id"]), one_phi, one_eligible, one_rules)
+            where = (policy.epsilon, policy.playbook_slots, row["order_id"])
+            assert (got.order_id, got.actions, got.greedy, got.explored, got.eligible) == \
+                (want.order_id, want.actions, want.greedy, want.explored, want.eligible), where
+            assert got.propensities == want.propensities, where          # to the bit: they are logged
+            np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-12, err_msg=str(where))
+            assert (got.uplift is None) == (want.uplift is None), where
+            if want.uplift is not None:
+                assert got.uplift == pytest.approx(want.uplift, abs=1e-12), where
+            decision = policy.decide_one(row, unavailable).as_dict()
+            reference = policy._explain(want, None if phi is None else phi[i]).as_dict()
+            for name in slots:   # scores compared above; rounded for the answer, they may differ in the last digit
+                for body in (decision, reference):
+                    body["slots"][name]["alternatives"] = [a["action_id"] for a in body["slots"][name]["alternatives"]]
+            decision["expected_uplift"] = reference["expected_uplift"] = None
+            assert decision == reference, where
+            explored += any(got.explored)
+    assert explored > len(singles), "exploration must be exercised"

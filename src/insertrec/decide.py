@@ -15,7 +15,8 @@ last unit meanwhile) is redone by asking the `Decider` again with that action in
 the caller keeps the loop (state -> decide -> commit -> retry), this module keeps the rules.
 
 One order (`decide`, the service's path) and many (`decide_batch`, `recommend` and MLflow's pyfunc)
-go through the same fallback here and the same vectorised core in `Policy`.
+go through the same fallback here and the same decision rule in `Policy` (its one-order path
+specialised for speed, equal to the batch's to the bit).
 """
 
 from __future__ import annotations

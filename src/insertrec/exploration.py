@@ -33,11 +33,13 @@ only says what is drawn and with which exact probability.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from itertools import accumulate
 
 import numpy as np
 
-__all__ = ["FLOOR", "TEMPERATURE", "draw", "explore_probabilities"]
+__all__ = ["FLOOR", "TEMPERATURE", "draw", "draw_one", "explore_probabilities", "explore_probabilities_one"]
 
 FLOOR = 0.2          # share of the exploration spread uniformly over the eligible actions
 TEMPERATURE = 0.01   # softmax temperature, in units of the reward's standard deviation
@@ -83,3 +85,35 @@ def draw(probs: np.ndarray, u: np.ndarray, slices: list[slice]) -> np.ndarray:
         cum /= cum[:, -1:]                                      # the last step is exactly 1 > u
         out[:, s] = (cum <= u[:, s:s + 1]).sum(axis=1)
     return out
+
+
+def explore_probabilities_one(scores: list[float] | None, eligible: list[bool], slices: list[slice],
+                              tau: float, floor: float = FLOOR, greedy: list[int] | None = None,
+                              fixed: Sequence[int] = ()) -> list[float]:
+    """`explore_probabilities` for one order, as flat lists (the service's path): the same
+    numbers to the last bit, at a fraction of the cost (a dozen small NumPy calls cost more than
+    the arithmetic on 17 actions). Plain floats do what NumPy's elementwise operations do (IEEE
+    double, round half to even); the two steps whose bits depend on NumPy's own code, ``exp``
+    and the pairwise sum, are NumPy's."""
+    k = [sum(eligible[sl]) for sl in slices]
+    if scores is None:
+        return [e / k[s] for s, sl in enumerate(slices) for e in eligible[sl]]
+    s = [round(x * 1e6) / 1e6 if e else -math.inf for x, e in zip(scores, eligible)]   # np.round(x, 6)
+    top = [max(s[sl]) for sl in slices]
+    w = np.exp([(x - top[j]) / tau for j, sl in enumerate(slices) for x in s[sl]])
+    total = [float(w[sl].sum()) for sl in slices]
+    w = w.tolist()
+    if fixed:   # the floor alone around the fixed action (x + 0.0 is x: the batch's bits)
+        assert greedy is not None, "a fixed slot needs the action it was fixed to"
+        for j in fixed:
+            sl = slices[j]
+            w[sl] = [float(i == sl.start + greedy[j]) for i in range(sl.start, sl.stop)]
+            total[j] = 1.0
+    return [floor * (eligible[i] / k[j]) + (1.0 - floor) * w[i] / total[j]
+            for j, sl in enumerate(slices) for i in range(sl.start, sl.stop)]
+
+
+def draw_one(probs: list[float], u: float) -> int:
+    """`draw` for one slot of one order: ``probs`` that slot's distribution, ``u`` in [0, 1)."""
+    cum = list(accumulate(probs))          # NumPy's cumsum adds in the same order
+    return sum(c / cum[-1] <= u for c in cum)

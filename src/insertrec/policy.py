@@ -1,9 +1,13 @@
 """Deciding a whole box per order: joint argmax, exploration, reasons.
 
-One decision core (`Policy._decide`) serves both paths: a batch of orders as
-a DataFrame (`decide_frame`, for `recommend`, `evaluate`, `simulate`) and one
-order as a dict (`decide_one`, for the HTTP service). They differ only in how
-features are encoded and eligibility evaluated, never in how boxes are scored.
+One decision rule, two shapes: a batch of orders as a DataFrame
+(`decide_frame`, for `recommend`, `evaluate`, `simulate`) goes through the
+vectorised core (`Policy._decide`), the reference; one order as a dict
+(`decide_one`, for the HTTP service) through the same steps specialised for
+one row (`_decide_one`): its boxes scored by the same `BoxGrid`, and the
+per-slot steps (playbook, exploration draw, propensity) on plain floats,
+which for a handful of numbers cost less than NumPy calls. They give the same
+boxes and propensities to the bit, which the tests check on random orders.
 
 A share epsilon of each slot's decisions explores, decided by a hash of the
 order id and the model version, so a retried order gets the same answer and
@@ -21,6 +25,8 @@ by side, catalog order) with a fixed number of NumPy calls whatever n is.
 from __future__ import annotations
 
 import hashlib
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress
@@ -31,7 +37,7 @@ import pandas as pd
 
 from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
-from insertrec.exploration import TEMPERATURE, draw, explore_probabilities
+from insertrec.exploration import TEMPERATURE, draw, draw_one, explore_probabilities, explore_probabilities_one
 from insertrec.valuemodel import ActionSpace, ValueModel
 
 __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
@@ -82,7 +88,7 @@ class BatchDecisions:
     explored: np.ndarray         # (n, n_slots) bool
     greedy: np.ndarray           # (n, n_slots) the best eligible box before exploration
     eligible: list[np.ndarray] = field(repr=False, default_factory=list)
-    # per slot (n, n_actions): each action's best box value; only for one order's explanation
+    # per slot (n, n_actions): each action's best box value; only to explain an order (`_One.of`)
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
     # (n, n_actions) flat: the distribution an exploring slot draws from (None: uniform among eligible)
@@ -97,24 +103,47 @@ class _Best(NamedTuple):
     uplift: np.ndarray          # (n,) the box's value over the all-default box
 
 
+class _One(NamedTuple):
+    """One order's decision as plain lists, slots in catalog order: what `_explain` turns into a
+    `Decision` (from `Policy._decide_one`, or from row ``i`` of a batch by `_One.of`)."""
+
+    order_id: str
+    actions: list[int]
+    greedy: list[int]
+    propensities: list[float]
+    explored: list[bool]
+    eligible: list[bool]        # flat, ``Catalog.columns`` layout
+    scores: list[float]         # flat: each action's best eligible box value (rules: the playbook's ranking)
+    uplift: float | None
+
+    @classmethod
+    def of(cls, batch: BatchDecisions, i: int) -> _One:
+        """Order ``i`` of a batch decided with ``alternatives``."""
+        return cls(str(batch.order_ids[i]), batch.actions[i].tolist(), batch.greedy[i].tolist(),
+                   batch.propensities[i].tolist(), batch.explored[i].tolist(),
+                   [bool(e) for part in batch.eligible for e in part[i].tolist()],
+                   [float(x) for part in batch.alt_scores for x in part[i].tolist()],
+                   None if batch.uplift is None else float(batch.uplift[i]))
+
+
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots")
 _U64 = np.uint64
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
-_M1, _M2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
-_S11, _S27, _S30, _S31 = _U64(11), _U64(27), _U64(30), _U64(31)
+_MASK = (1 << 64) - 1
+_GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: every input bit moves every output bit (uint64 arrays wrap)."""
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
+def _mix64(z: Any) -> Any:
+    """SplitMix64's finaliser: every input bit moves every output bit. On uint64 arrays (which
+    wrap) and on Python ints below 2**64 alike, so one order's draw is the same arithmetic."""
+    z = ((z ^ (z >> 30)) * _M1) & _MASK
+    z = ((z ^ (z >> 27)) * _M2) & _MASK
+    return z ^ (z >> 31)
 
 
 @lru_cache(maxsize=64)
 def _position_keys(length: int) -> np.ndarray:
     """Odd 64-bit multipliers, one per character position of an order id."""
-    return _mix64(np.arange(1, length + 1, dtype=_U64) * _GOLDEN) | _U64(1)
+    return _mix64(np.arange(1, length + 1, dtype=_U64) * _GOLDEN) | 1
 
 
 @lru_cache(maxsize=64)
@@ -122,6 +151,16 @@ def _lanes(salt: str, n_slots: int) -> np.ndarray:
     """One 64-bit key per (slot, draw), derived from the salt (the model version)."""
     seed = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")
     return _mix64(np.arange(1, 2 * n_slots + 1, dtype=_U64) * _GOLDEN + _U64(seed))
+
+
+@lru_cache(maxsize=64)
+def _int_keys(length: int) -> tuple[int, ...]:
+    return tuple(_position_keys(length).tolist())
+
+
+@lru_cache(maxsize=64)
+def _int_lanes(salt: str, n_slots: int) -> tuple[int, ...]:
+    return tuple(_lanes(salt, n_slots).tolist())
 
 
 def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.ndarray:
@@ -137,7 +176,16 @@ def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.n
     points = ids.view(np.uint32).reshape(len(ids), ids.dtype.itemsize // 4)
     h = (points * _position_keys(points.shape[1])).sum(axis=1, dtype=_U64)
     z = _mix64(h[:, None] ^ _lanes(salt, n_slots))
-    return ((z >> _S11) * 2.0**-53).reshape(len(ids), n_slots, 2)
+    return ((z >> 11) * 2.0**-53).reshape(len(ids), n_slots, 2)
+
+
+def _uniform_one(order_id: str, salt: str, n_slots: int) -> Callable[[int], float]:
+    """``lane -> exploration_uniforms([order_id], salt, n_slots)[0].ravel()[lane]`` in Python
+    ints: the same hash (a character's code point is its UCS-4 unit) at a fraction of the cost
+    for one id, each lane computed only when asked for."""
+    h = sum(map(operator.mul, map(ord, order_id), _int_keys(len(order_id)))) & _MASK
+    lanes = _int_lanes(salt, n_slots)
+    return lambda lane: (_mix64(h ^ lanes[lane]) >> 11) * 2.0**-53
 
 
 class Policy:
@@ -192,8 +240,12 @@ class Policy:
         self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
         # slots whose action is fixed: to the playbook's, or to the default (its own "playbook" there)
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
-        self._silent = np.array([name in default_slots for name in self.slot_names])
+        self._silent_list = [name in default_slots for name in self.slot_names]
+        self._silent = np.array(self._silent_list)
         self._scorer = None if value_model is None else value_model.box_grid
+        # per action (flat), its weights less its slot default's: what each feature adds to its value
+        self._gains = None if self._scorer is None else np.ascontiguousarray(
+            (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)
         self._tau = 1.0 if value_model is None else TEMPERATURE * value_model.reward_scale_
 
     def __getstate__(self) -> dict[str, Any]:
@@ -241,12 +293,48 @@ class Policy:
     def decide_one(self, row: dict, unavailable: frozenset[str] = frozenset(),
                    segment: str | None = None) -> Decision:
         """Decide one order given its feature row as a dict (`CustomerState.features`): the
-        service's fast path."""
+        service's fast path, the decision `decide_frame` gives the order in a batch."""
         eligible, rules = self.catalog.assess_one(row)
-        phi = None if self.encoder is None else self.encoder.transform_one(row)[None, :]
-        batch = self._decide(np.array([str(row["order_id"])]), phi, eligible[None, :], rules[None, :],
-                             unavailable, True, alternatives=True)
-        return self._explain(batch, 0, None if phi is None else phi[0], segment)
+        if unavailable:
+            eligible = eligible & ~self._out_of(unavailable)
+        phi = None if self.encoder is None else self.encoder.transform_one(row)
+        return self._explain(self._decide_one(str(row["order_id"]), phi, eligible, rules), phi, segment)
+
+    def _decide_one(self, order_id: str, phi: np.ndarray | None, eligible: np.ndarray, rules: np.ndarray) -> _One:
+        """`_decide` for one order (``explore``, ``alternatives``) with ``unavailable`` already
+        applied to ``eligible``, specialised: the box grid and each action's best box
+        (`_best_one`) in NumPy, the per-slot steps, a handful of numbers each, in plain Python on
+        the same floats (a NumPy call on a tiny array costs more than its arithmetic). Equal to
+        the order's row of `_decide` over many orders, which the tests check on random orders."""
+        elig = eligible.tolist()
+        playbook = [r if elig[c + r] and not silent else d
+                    for r, c, silent, d in zip(rules.tolist(), self.catalog.columns, self._silent_list,
+                                               self.space.defaults)]
+        uplift = None
+        if self._scorer is None:
+            greedy, estimates = playbook, None
+            scores = [float(e) for e in elig]   # the playbook's pick first, then the other eligible actions
+            for c, g in zip(self.catalog.columns, greedy):
+                scores[c + g] += 1.0
+        else:
+            assert phi is not None   # a policy with a value model has an encoder
+            greedy, scores, uplift = self._best_one(phi, rules + self._columns, eligible, playbook)
+            estimates = scores
+        n = len(greedy)
+        if not self.epsilon > 0:
+            return _One(order_id, greedy, greedy, [1.0] * n, [False] * n, elig, scores, uplift)
+        u = _uniform_one(order_id, self.version, n)
+        probs = explore_probabilities_one(estimates, elig, self._slices, self._tau, greedy=greedy, fixed=self._playbook)
+        eps = self.epsilon
+        actions, explored, props = [], [], []
+        for s, sl in enumerate(self._slices):   # as `_explore`, one slot at a time
+            k, g = sum(elig[sl]), greedy[s]
+            explores = k > 1 and u(2 * s) < eps
+            a = draw_one(probs[sl], u(2 * s + 1)) if explores else g
+            actions.append(a)
+            explored.append(explores)
+            props.append((1.0 - eps if a == g else 0.0) + eps * probs[sl.start + a] if k > 1 else 1.0)
+        return _One(order_id, actions, greedy, props, explored, elig, scores, uplift)
 
     # -- core -----------------------------------------------------------------
     def _decide(self, order_ids: np.ndarray, phi: np.ndarray | None, eligible: np.ndarray,
@@ -317,6 +405,24 @@ class Policy:
         uplift = flat[np.arange(n), best] - flat[:, self._default_combo]
         return _Best(self.combos[best], alt, uplift)
 
+    def _best_one(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray,
+                  playbook: list[int]) -> tuple[list[int], list[float], float]:
+        """`_best` (with alternatives) of one order, on its grid of boxes (*slot sizes): the best
+        box's actions, each action's best box value (flat) and the uplift."""
+        scorer = self._scorer
+        assert scorer is not None   # only called for a policy with a value model
+        grid = scorer.grid(phi, rule_columns, eligible)
+        flat = grid.ravel()
+        if len(self._playbook) == len(self.slot_names):  # nothing left to choose
+            best = int(np.dot(playbook, self._strides))
+        else:
+            restricted = grid
+            for s in self._playbook:
+                restricted = restricted + self._fixed[s][playbook[s]].reshape(scorer.shapes[s])
+            best = int(restricted.argmax())
+        return (self.combos[best].tolist(), flat[self._holding].max(axis=1).tolist(),
+                float(flat[best]) - float(flat[self._default_combo]))
+
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray, greedy: np.ndarray,
                  scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """A share epsilon of each slot explores, drawing from `exploration.explore_probabilities`
@@ -336,21 +442,18 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0), probs
 
     # -- reasons --------------------------------------------------------------
-    def _explain(self, batch: BatchDecisions, i: int, phi: np.ndarray | None,
-                segment: str | None = None) -> Decision:
-        """Turn order ``i`` of a batch into a Decision with notes, reasons and alternatives;
+    def _explain(self, one: _One, phi: np.ndarray | None, segment: str | None = None) -> Decision:
+        """Turn one order's decision into a Decision with notes, reasons and alternatives;
         ``phi`` is its encoded features (None for a rules-only policy).
 
         The pick note is for the warehouse packer: it describes the item (the catalog's ``note``),
         never the customer. A slot says it explored only when the draw changed its action: an
         exploration draw that lands on the best action leaves the box as the model chose it."""
-        actions, greedy = batch.actions[i].tolist(), batch.greedy[i].tolist()
-        explored, propensities = batch.explored[i].tolist(), batch.propensities[i].tolist()
-        drivers = self._drivers(actions, phi)
+        actions, greedy = one.actions, one.greedy
         slots = {}
         for s, name in enumerate(self.slot_names):
-            a, d = actions[s], self.space.defaults[s]
-            scores, eligible = batch.alt_scores[s][i].tolist(), batch.eligible[s][i].tolist()
+            a, d, sl = actions[s], self.space.defaults[s], self._slices[s]
+            scores, eligible = one.scores[sl], one.eligible[sl]
             ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
             reasons = [f"exploring: drawn among {sum(eligible)} eligible actions" + (
@@ -362,23 +465,20 @@ class Policy:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
-                if a != d:
-                    reasons.extend(drivers[s])
-            slots[name] = SlotChoice(self._ids[s][a], propensities[s], self._notes[s][a], tuple(reasons),
+                if a != d and phi is not None:
+                    reasons.extend(self._drivers(self.catalog.columns[s] + a, phi))
+            slots[name] = SlotChoice(self._ids[s][a], one.propensities[s], self._notes[s][a], tuple(reasons),
                                      tuple((self._ids[s][j], scores[j]) for j in ranked))
-        label = "explore" if any(explored) else self.name
-        uplift = None if batch.uplift is None else round(float(batch.uplift[i]), 4)
-        return Decision(str(batch.order_ids[i]), label, self.version, slots, segment, uplift)
+        label = "explore" if any(one.explored) else self.name
+        uplift = None if one.uplift is None else round(one.uplift, 4)
+        return Decision(one.order_id, label, self.version, slots, segment, uplift)
 
-    def _drivers(self, actions: list[int], phi: np.ndarray | None) -> list[list[str]]:
-        """Per slot, the (at most three) features that moved the chosen action's value over the
-        slot default the most, as "name (+0.12)": all slots in one pass over the weights."""
-        if phi is None or self._scorer is None or self.encoder is None:
-            return [[] for _ in self.slot_names]
-        weights = self._scorer.weights
-        contrib = phi[:, None] * (weights[:, self._columns + actions] - weights[:, self._columns + self._defaults])
-        top = np.argsort(-np.abs(contrib), axis=0)[:3].T
-        values = contrib[top, np.arange(len(top))[:, None]].tolist()
+    def _drivers(self, column: int, phi: np.ndarray) -> list[str]:
+        """The (at most three) features that moved the value of the action in flat ``column`` over
+        its slot default's the most, as "name (+0.12)", largest first."""
+        assert self._gains is not None and self.encoder is not None   # a policy with a value model
+        contrib = phi * self._gains[column]
+        top = np.argsort(-np.abs(contrib))[:3].tolist()
         names = self.encoder.feature_names_
-        return [[f"{names[j]} ({v:+.2f})" for j, v in zip(js, vs) if abs(v) > 1e-3 and names[j] != "intercept"]
-                for js, vs in zip(top.tolist(), values)]
+        return [f"{names[j]} ({v:+.2f})" for j, v in zip(top, contrib[top].tolist())
+                if abs(v) > 1e-3 and names[j] != "intercept"]

@@ -199,9 +199,13 @@ class BoxGrid:
             self.pairs = self.pairs + table.reshape(shape)
 
     def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
-        """(n, n_actions): each action's value over its slot default, playbook bonus included."""
+        """(n, n_actions): each action's value over its slot default, playbook bonus included;
+        (n_actions,) for one order's phi (d,) and rule columns (n_slots,)."""
         out = phi @ self.weights
-        out[np.arange(len(phi))[:, None], rule_columns] += self.beta
+        if out.ndim == 1:
+            out[rule_columns] += self.beta
+        else:
+            out[np.arange(len(phi))[:, None], rule_columns] += self.beta
         return out
 
     def value(self, phi: np.ndarray, rule_columns: np.ndarray, actions: np.ndarray) -> np.ndarray:
@@ -211,13 +215,14 @@ class BoxGrid:
                 + self.pairs[tuple(actions.T)])
 
     def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
-        n = len(phi)
+        """(n, *slot sizes); (*slot sizes) for one order (phi (d,), the others one row too)."""
+        lead = phi.shape[:-1]
         per_action = self.per_action(phi, rule_columns)
         if eligible is not None:
             per_action = np.where(eligible, per_action, -np.inf)
-        grid = self.pairs + per_action[:, self.slices[0]].reshape((n, *self.shapes[0]))
+        grid = self.pairs + per_action[..., self.slices[0]].reshape(lead + self.shapes[0])
         for s in range(1, len(self.slices)):
-            grid += per_action[:, self.slices[s]].reshape((n, *self.shapes[s]))
+            grid += per_action[..., self.slices[s]].reshape(lead + self.shapes[s])
         return grid
 
 
