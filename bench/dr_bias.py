@@ -1,7 +1,7 @@
 """How far the holdout DR estimate is from the simulator's truth, and why.
 
-For the default world and the perturbed one (``World.default().perturbed(seed=2026)``)
-over several generation seeds, trains exactly as tests/test_quality.py does
+For the default world, the perturbed one (``World.default().perturbed(seed=2026)``) and the
+changed worlds of bench/worlds/ over several generation seeds, trains exactly as tests/test_quality.py does
 (30k customers, cutoff at the 0.8 quantile of order_ts, the last fifth the
 holdout), then on the holdout orders reports:
 
@@ -14,7 +14,9 @@ holdout), then on the holdout orders reports:
     expected to be given q (known here: the truth of every box, the logging
     policy's probabilities) and reward noise; and the clip's share of the weight mass
     (1 - sum min(w, c) / sum w) and the clip's bias given q,
-    -mean_x sum_a pi (1 - min(1, c mu / pi)) (T - q).
+    -mean_x sum_a pi (1 - min(1, c mu / pi)) (T - q);
+  - the lifts `evaluate` prints (DR of the policy over DR of the playbook, and over the
+    mean logged reward) minus the same lifts in truth, in points (#11.6: within 3).
 
 Trained models and the arrays the estimators need (the judge's q included, as
 the code of the run that built them fitted it) are cached per (world, seed)
@@ -39,9 +41,8 @@ CUSTOMERS = 30_000
 
 
 def _world(kind: str):
-    from insertrec.world import World
-    world = World.default()
-    return world if kind == "default" else world.perturbed(seed=2026)
+    from quality import load_world  # bench/quality.py: default, perturbed, or bench/worlds/<kind>.json
+    return load_world(kind)
 
 
 def build(kind: str, seed: int, cache: Path) -> dict[str, np.ndarray]:
@@ -107,9 +108,12 @@ def joint(probs: list[np.ndarray]) -> np.ndarray:
 
 def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = None) -> dict[str, float]:
     """The library's estimates of policy ``name`` and DR's error decomposed (see the module docstring);
-    ``clip`` is DR's (default: the library's DR_CLIP; IPS and SNIPS keep JOINT_CLIP)."""
-    from insertrec.ope import DR_CLIP, JOINT_CLIP, LoggedFeedback, estimate
+    ``clip`` is DR's (default: the library's DR_CLIP; IPS and SNIPS keep JOINT_CLIP). Also the lifts
+    `evaluate` reports (DR of ``name`` over DR of the playbook, and over the mean logged reward) against
+    the same lifts in truth, in points."""
+    from insertrec.ope import DR, DR_CLIP, IPS, SNIPS, LoggedFeedback, estimate
     clip = DR_CLIP if clip is None else clip
+    estimators = (IPS(), SNIPS(), DR(clip=clip))
     f = LoggedFeedback(a["rewards"], a["actions"], a["pscores"])
     probs = probs_of(a, name)
     n = len(f.rewards)
@@ -120,7 +124,11 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
     q_target = (pj * q_all).sum(1)
     w_exact = f.weights(probs, clip=None)
     w = np.minimum(w_exact, clip)
-    est = estimate(f, np.minimum(w_exact, JOINT_CLIP), a["q_logged"], q_target, dr_weights=w)
+    est = estimate(f, probs, a["q_logged"], q_target, estimators=estimators)
+    rules = probs_of(a, "playbook")
+    rules_dr = estimate(f, rules, a["q_logged"], (joint(rules) * q_all).sum(1), estimators=estimators).dr.value
+    rules_truth = float((joint(rules) * a["truth"]).sum(1).mean())
+    logging_truth = float((mj * a["truth"]).sum(1).mean())
     resid = f.rewards - a["q_logged"]
     t_logged = a["truth"][np.arange(n), box]
     ratio = np.divide(pj, mj, out=np.zeros_like(pj), where=mj > 0)
@@ -128,10 +136,14 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
     clip_bias = float(-(pj * (1 - kept) * (a["truth"] - q_all)).sum(1).mean())
     pct = lambda v: 100.0 * (v - truth_v) / abs(truth_v)
     return {
-        "n": n, "truth": truth_v, "logging_truth": float((mj * a["truth"]).sum(1).mean()),
+        "n": n, "truth": truth_v, "logging_truth": logging_truth, "rules_truth": rules_truth,
         "mean_reward": float(f.rewards.mean()), "mean_truth_logged_box": float(t_logged.mean()),
-        "ips": est.ips.value, "snips": est.snips.value, "dr": est.dr.value,
+        "ips": est.ips.value, "snips": est.snips.value, "dr": est.dr.value, "rules_dr": rules_dr,
         "ips_pct": pct(est.ips.value), "snips_pct": pct(est.snips.value), "dr_pct": pct(est.dr.value),
+        "lift_rules_err": 100.0 * (est.dr.value / rules_dr - truth_v / rules_truth),
+        "lift_logging_err": 100.0 * (est.dr.value / float(f.rewards.mean()) - truth_v / logging_truth),
+        "rules_dr_pct": 100.0 * (rules_dr - rules_truth) / abs(rules_truth),
+        "logging_pct": 100.0 * (float(f.rewards.mean()) - logging_truth) / abs(logging_truth),
         "dr_low": est.dr.low, "dr_high": est.dr.high, "ess": est.ess,
         "dm_pct": pct(float(q_target.mean())),
         "corr_pct": 100.0 * float((w * resid).mean()) / abs(truth_v),
@@ -146,6 +158,8 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
 
 
 COLUMNS = [("truth", "{:8.3f}"), ("ips_pct", "{:7.1f}"), ("snips_pct", "{:7.1f}"), ("dr_pct", "{:7.1f}"),
+           ("rules_dr_pct", "{:7.1f}"), ("logging_pct", "{:7.1f}"), ("lift_rules_err", "{:7.1f}"),
+           ("lift_logging_err", "{:7.1f}"),
            ("ess", "{:7.0f}"), ("dm_pct", "{:7.1f}"), ("corr_pct", "{:7.1f}"), ("corr_expected_pct", "{:7.1f}"),
            ("corr_noise_pct", "{:7.1f}"), ("clip_bias_pct", "{:7.1f}"), ("clipped_mass_pct", "{:7.1f}")]
 

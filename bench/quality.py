@@ -20,8 +20,9 @@ box's true value the world knows. Policies:
 - the rules, the logging policy, the all-default box and the oracle.
 
 Each cell also records insertrec's learner tournament (ope.json's ``tournament``).
-Reported per cell (mean and sd over seeds): value per order, lift vs rules and
-vs all-default, and uplift captured = (v - control) / (oracle - control).
+Reported per cell (mean and sd over seeds): value per order, lift vs rules,
+vs all-default and vs the better of the two ("safe": #11.2 asks for at least
+both), and uplift captured = (v - control) / (oracle - control).
 
 Usage:
   python bench/quality.py --quick          # 1 seed, 5k + 30k customers, 1 VW setting, 5,000 fresh orders
@@ -195,6 +196,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
     for k, v in means.items():
         name = k.removeprefix("value_")
         report[name] = {"value": v, "lift_vs_rules": v / rules - 1, "lift_vs_default": v / control - 1,
+                        "lift_vs_safe": v / max(rules, control) - 1,   # #11.2: never below either
                         "uplift_captured": (v - control) / (oracle - control)}
     return {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
             "eval_orders": len(truth), "policies": report, "vw_selected": best_args, "vw_grid": tried,
@@ -236,6 +238,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{'':>23} | capture " + " ".join(f"{cell(s, 'uplift_captured'):>13}" for s in SHOWN))
         print(f"{'':>23} | vs rules" + " ".join(f"{cell(s, 'lift_vs_rules'):>13}" for s in SHOWN))
         print(f"{'':>23} | vs dflt " + " ".join(f"{cell(s, 'lift_vs_default'):>13}" for s in SHOWN))
+        print(f"{'':>23} | vs safe " + " ".join(f"{cell(s, 'lift_vs_safe'):>13}" for s in SHOWN))
 
 
 def main() -> None:
@@ -264,7 +267,9 @@ def main() -> None:
                     p = cell["policies"]
                     winner = (cell["tournament"] or {}).get("winner", "-")
                     print(f"{world} {customers} seed {seed} ({time.perf_counter() - t:.0f} s, learner {winner}): "
-                          "capture " + ", ".join(f"{k} {p[k]['uplift_captured']:.3f}" for k in SHOWN), flush=True)
+                          "capture " + ", ".join(f"{k} {p[k]['uplift_captured']:.3f}" for k in SHOWN)
+                          + f"; model vs the better of rules and all-default {p['model']['lift_vs_safe']:+.2%} "
+                          f"(greedy {p['model_greedy']['lift_vs_safe']:+.2%})", flush=True)
                     Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells,
                                                            "table": aggregate(cells)}, indent=1))
     rows = aggregate(cells)

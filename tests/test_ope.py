@@ -5,7 +5,17 @@ import re
 import numpy as np
 import pytest
 
-from insertrec.ope import DR, IPS, JOINT_CLIP, SNIPS, Bootstrap, LoggedFeedback, difference, estimate
+from insertrec.ope import (
+    DR,
+    IPS,
+    JOINT_CLIP,
+    SNIPS,
+    Bootstrap,
+    LoggedFeedback,
+    clipped_share,
+    difference,
+    estimate,
+)
 
 EXACT = (IPS(clip=None), SNIPS(clip=None), DR(clip=None))   # no clip: the weights as they are
 
@@ -195,3 +205,14 @@ def test_estimate_refuses_a_target_or_value_model_of_the_wrong_shape():
         estimate(fb, target, q, q[:10])
     with pytest.raises(InsertrecError, match="q_logged.*finite"):
         estimate(fb, target, np.full(100, np.inf), q)
+
+
+def test_clipped_share_is_the_share_of_the_weight_mass_the_clip_takes():
+    """Three orders whose joint weights are 100, 1 and 1: a clip of 10 keeps 10 + 1 + 1 of 102, so
+    88% of the target's mass rests on the value model."""
+    f = LoggedFeedback(np.zeros(3), np.zeros((3, 2), dtype=int), np.array([[0.1, 0.1], [1.0, 1.0], [0.5, 0.5]]))
+    target = [np.array([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]])] * 2
+    assert clipped_share(f, target, clip=10.0) == pytest.approx(1 - 12 / 102)
+    assert clipped_share(f, target, clip=200.0) == 0.0
+    sure = [np.ones((3, 1)), np.ones((3, 1))]   # the logged boxes for certain: weights 100, 1 and 4
+    assert clipped_share(f, sure, clip=10.0) == pytest.approx(1 - 15 / 105)

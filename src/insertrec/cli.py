@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,8 +28,9 @@ __all__ = ["build_parser", "main"]
 
 
 def _print_json_or_table(metrics: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    if as_json:   # strict JSON: a withheld (NaN) figure is null
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                          for k, v in metrics.items()}, indent=2, sort_keys=True, default=float))
         return
     width = max(len(k) for k in metrics) if metrics else 0
     for key, value in metrics.items():
@@ -113,7 +115,7 @@ def cmd_init_catalog(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from insertrec.engine import Engine
-    from insertrec.evaluation import evaluate_on, training_cutoff
+    from insertrec.evaluation import MAX_CLIPPED_SHARE, evaluate_on, lifts_withheld, training_cutoff
     from insertrec.tracking import Progress
 
     progress = Progress()
@@ -125,6 +127,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     progress("features and off-policy evaluation")
     metrics, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
     print(f"[insertrec] {unseen.describe()}", file=sys.stderr)
+    if metrics["dr_clipped_share"] > MAX_CLIPPED_SHARE:
+        print(f"[insertrec] {lifts_withheld(metrics['dr_clipped_share'])}", file=sys.stderr)
     _print_json_or_table(metrics | {"orders_evaluated": len(unseen.logged), "evaluated_from": cutoff.isoformat(),
                                     "orders_left_out_inside_training": unseen.inside}, args.json)
 

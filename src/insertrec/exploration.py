@@ -16,6 +16,16 @@ the floor keeps every eligible action tried with probability at least
 ``epsilon * floor / k``, so a wrong estimate can still be corrected. Without
 estimates (a rules-only policy) the draw is uniform, as before.
 
+In a slot the evidence took from the model (training's gate fixed it to the
+playbook or the default: `evaluation.slot_deciders`) the model's estimates
+were shown wrong or unproven, so a softmax over them would spend exploration
+where it is least likely to pay: there the exploring draw is the floor alone,
+uniform for a share ``floor`` of the exploring decisions and the fixed action
+otherwise. Every action is still tried at the same floor; the slot just stops
+paying for the model's guesses (measured on a world where the playbook is
+wrong, 5,000 customers: exploration took the deployed policy from +0.01% to
+-0.68% against the all-default box, most of it in the two gated slots).
+
 How often a slot explores (``epsilon``) and the hash that makes a decision a
 pure function of the order id and model version stay in `policy`; this module
 only says what is drawn and with which exact probability.
@@ -24,6 +34,7 @@ only says what is drawn and with which exact probability.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import accumulate
 
 import numpy as np
@@ -35,24 +46,32 @@ TEMPERATURE = 0.01   # softmax temperature, in units of the reward's standard de
 
 
 def explore_probabilities(scores: np.ndarray | None, eligible: np.ndarray, slices: list[slice],
-                          tau: float, floor: float = FLOOR) -> np.ndarray:
+                          tau: float, floor: float = FLOOR, greedy: np.ndarray | None = None,
+                          fixed: Sequence[int] = ()) -> np.ndarray:
     """(n, n_actions) flat, per slot summing to 1: the distribution an exploring slot draws from.
 
     ``scores`` (n, n_actions): each action's best eligible box value (-inf where ineligible), or
-    None for uniform; ``eligible`` bool, same layout; ``slices`` each slot's columns.
+    None for uniform; ``eligible`` bool, same layout; ``slices`` each slot's columns. In the
+    slots ``fixed`` (indices) the draw is the floor alone around ``greedy`` (n, n_slots), the
+    action the slot was fixed to.
     """
     elig = eligible.astype(float)
     out = np.empty_like(elig)
-    for sl in slices:
+    for s, sl in enumerate(slices):
         e = elig[:, sl]
         uniform = e / e.sum(axis=1, keepdims=True)
         if scores is None:
             out[:, sl] = uniform
             continue
+        if s in fixed:
+            assert greedy is not None, "a fixed slot needs the action it was fixed to"
+            out[:, sl] = floor * uniform
+            out[np.arange(len(e)), sl.start + greedy[:, s]] += 1.0 - floor
+            continue
         # rounded: one order's scores and its row in a batch differ in the last bits (BLAS blocking),
         # and the logged propensity must not
-        s = np.where(eligible[:, sl], np.round(scores[:, sl], 6), -np.inf)
-        w = np.exp((s - s.max(axis=1, keepdims=True)) / tau)        # exp(-gap / tau), 0 where ineligible
+        v = np.where(eligible[:, sl], np.round(scores[:, sl], 6), -np.inf)
+        w = np.exp((v - v.max(axis=1, keepdims=True)) / tau)        # exp(-gap / tau), 0 where ineligible
         out[:, sl] = floor * uniform + (1.0 - floor) * w / w.sum(axis=1, keepdims=True)
     return out
 
@@ -69,7 +88,8 @@ def draw(probs: np.ndarray, u: np.ndarray, slices: list[slice]) -> np.ndarray:
 
 
 def explore_probabilities_one(scores: list[float] | None, eligible: list[bool], slices: list[slice],
-                              tau: float, floor: float = FLOOR) -> list[float]:
+                              tau: float, floor: float = FLOOR, greedy: list[int] | None = None,
+                              fixed: Sequence[int] = ()) -> list[float]:
     """`explore_probabilities` for one order, as flat lists (the service's path): the same
     numbers to the last bit, at a fraction of the cost (a dozen small NumPy calls cost more than
     the arithmetic on 17 actions). Plain floats do what NumPy's elementwise operations do (IEEE
@@ -83,6 +103,12 @@ def explore_probabilities_one(scores: list[float] | None, eligible: list[bool], 
     w = np.exp([(x - top[j]) / tau for j, sl in enumerate(slices) for x in s[sl]])
     total = [float(w[sl].sum()) for sl in slices]
     w = w.tolist()
+    if fixed:   # the floor alone around the fixed action (x + 0.0 is x: the batch's bits)
+        assert greedy is not None, "a fixed slot needs the action it was fixed to"
+        for j in fixed:
+            sl = slices[j]
+            w[sl] = [float(i == sl.start + greedy[j]) for i in range(sl.start, sl.stop)]
+            total[j] = 1.0
     return [floor * (eligible[i] / k[j]) + (1.0 - floor) * w[i] / total[j]
             for j, sl in enumerate(slices) for i in range(sl.start, sl.stop)]
 

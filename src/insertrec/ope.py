@@ -59,7 +59,8 @@ from insertrec.errors import InsertrecError
 
 __all__ = [
     "DR", "DR_CLIP", "IPS", "JOINT_CLIP", "SNIPS", "Bootstrap", "Estimate", "Estimator", "LoggedFeedback",
-    "PolicyEstimates", "difference", "effective_sample_size", "estimate", "expected_value", "onehot",
+    "PolicyEstimates", "clipped_share", "difference", "effective_sample_size", "estimate", "expected_value",
+    "onehot",
 ]
 
 JOINT_CLIP = 30.0   # IPS and SNIPS: their bias is the clipped mass, which a lower clip raises
@@ -131,6 +132,17 @@ def expected_value(box_values: np.ndarray, probs: list[np.ndarray]) -> np.ndarra
 def effective_sample_size(weights: np.ndarray) -> float:
     """(sum w)^2 / sum w^2: how many logged orders an estimate with these weights rests on."""
     return float(weights.sum() ** 2 / max(float((weights ** 2).sum()), 1e-12))
+
+
+def clipped_share(feedback: LoggedFeedback, target: list[np.ndarray], clip: float = DR_CLIP) -> float:
+    """1 - sum min(w, clip) / sum w over all slots' exact weights: the share of the target's weight
+    mass that the clip takes from the logged outcomes and leaves to the value model alone.
+
+    Where it is large the estimate is the value model's opinion, however narrow its interval
+    (`evaluation.MAX_CLIPPED_SHARE`)."""
+    w = feedback.weights(target, clip=None)
+    total = float(w.sum())
+    return 1.0 - float(np.minimum(w, clip).sum()) / total if total > 0 else 1.0
 
 
 @dataclass(frozen=True)

@@ -324,7 +324,7 @@ class Policy:
         if not self.epsilon > 0:
             return _One(order_id, greedy, greedy, [1.0] * n, [False] * n, elig, scores, uplift)
         u = _uniform_one(order_id, self.version, n)
-        probs = explore_probabilities_one(estimates, elig, self._slices, self._tau)
+        probs = explore_probabilities_one(estimates, elig, self._slices, self._tau, greedy=greedy, fixed=self._playbook)
         eps = self.epsilon
         actions, explored, props = [], [], []
         for s, sl in enumerate(self._slices):   # as `_explore`, one slot at a time
@@ -435,7 +435,7 @@ class Policy:
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
-        probs = explore_probabilities(scores, eligible, self._slices, self._tau)
+        probs = explore_probabilities(scores, eligible, self._slices, self._tau, greedy=greedy, fixed=self._playbook)
         actions = np.where(explored, draw(probs, u[:, :, 1], self._slices), greedy)
         drawn = probs[np.arange(len(actions))[:, None], actions + self._columns]
         props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon * drawn

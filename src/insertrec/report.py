@@ -194,6 +194,9 @@ def evidence_warnings(metrics: dict[str, float], ope: dict[str, Any] | None, pol
     if np.isfinite(ess) and ess < EVIDENCE["ess"]:
         out.append(f"Few holdout orders resemble what the engine would do (effective sample size {ess:,.0f}): "
                    "its holdout value is uncertain.")
+    lifts = ope.get("lifts") or {}
+    if lifts.get("withheld"):
+        out.append(f"The holdout cannot say how the engine compares with the playbook: {lifts.get('why')}.")
     diff = ope.get("model_minus_rules") or {}
     lift = metrics.get("lift_vs_rules", float("nan"))
     if (np.isfinite(lift) and lift < 0) or diff.get("high", 0.0) < 0:
