@@ -17,9 +17,10 @@ before the answer leaves. Until the spool is replayed into the log
 the outage costs each order no deadline and no spooled decision is overtaken
 by a logged one of the same order.
 
-Decisions are committed in groups (`GroupCommit`): a request, its box
-chosen, waits for the commit of every decision made in the same turn of the
-event loop, and is answered after it. Under load a worker's requests share
+Orders whose state is ready in the same turn of the event loop are decided
+together (`MicroBatch`), each as it would be alone, and decisions are committed
+in groups (`GroupCommit`): a request, its box chosen, waits for the commit of
+every decision made in the same turn of the event loop, and is answered after it. Under load a worker's requests share
 one transaction instead of queueing for one each; alone, a request commits
 at once.
 """
@@ -55,6 +56,7 @@ from insertrec.serving.decisionlog import (
 )
 from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
+from insertrec.serving.microbatch import MicroBatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
 from insertrec.serving.spool import Spool
 from insertrec.serving.statements import StoredRow
@@ -104,6 +106,7 @@ class DecisionService:
         self.log_down: str | None = None   # why the log failed; set until the spool is replayed
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
+        self.batch = MicroBatch()
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._exhausted: set[str] = set()
@@ -140,7 +143,7 @@ class DecisionService:
             known = self._state(loaded, order.customer_id, exact=attempt > 0)
             state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
-            decision = loaded.decider.decide(record, state, frozenset(unavailable))
+            decision = await self.batch.decide(loaded.decider, record, state, frozenset(unavailable))
             if decision.policy == "fallback":
                 self.metrics.fallbacks.inc()
             decision_id, text = _body(decision)
