@@ -17,6 +17,7 @@ from typing import Any
 from insertrec.decide import Decider
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
+from insertrec.serving.metrics import Metrics
 
 __all__ = ["MicroBatch"]
 
@@ -27,14 +28,20 @@ class MicroBatch:
     The first submission schedules the batch with ``call_soon``: it runs once every request that
     was ready in this turn has submitted its order too; each then gets its own decision, or its
     own exception. Orders submitted under different deciders (a model swapped in meanwhile) are
-    decided by their own.
+    decided by their own. The sizes are observed in ``metrics.decide_batch``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
         self._pending: list[tuple[Decider, dict[str, Any], CustomerState, frozenset[str], asyncio.Future]] = []
 
     async def decide(self, decider: Decider, order: dict[str, Any], state: CustomerState,
-                     unavailable: frozenset[str]) -> Decision:
+                     unavailable: frozenset[str], alone: bool = False) -> Decision:
+        """The order's decision; ``alone``: no other order is in flight in this worker, so none can
+        join it and it is decided at once, without a turn of the loop."""
+        if alone and not self._pending:
+            self.metrics.decide_batch.observe(1)
+            return decider.decide(order, state, unavailable)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
@@ -48,6 +55,7 @@ class MicroBatch:
         for item in pending:
             by_decider.setdefault(id(item[0]), []).append(item)
         for group in by_decider.values():
+            self.metrics.decide_batch.observe(len(group))
             decider = group[0][0]
             try:
                 results: list[Decision | Exception] = list(decider.decide_many(

@@ -106,7 +106,8 @@ class DecisionService:
         self.log_down: str | None = None   # why the log failed; set until the spool is replayed
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
-        self.batch = MicroBatch()
+        self.batch = MicroBatch(metrics)
+        self._in_flight = 0   # orders being decided: one alone is not batched (`MicroBatch.decide`)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._exhausted: set[str] = set()
@@ -121,19 +122,23 @@ class DecisionService:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
-        async with self._one_at_a_time(order.customer_id):
-            spooled = self.spool.get(order.order_id)
-            if spooled is not None:
-                return _repeated(spooled, order)
-            if self.log_down is None:
-                try:
-                    unavailable = self._exhausted_now() & loaded.limited
-                    return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
-                except LogUnavailable as exc:
-                    self.log_down = str(exc)
-                    _log.error("decision log unavailable; spooling decisions", extra={
-                        "event": "log_unavailable", "reason": str(exc)})
-            return self._spool(loaded, order, record, ts_ns, watch)
+        self._in_flight += 1
+        try:
+            async with self._one_at_a_time(order.customer_id):
+                spooled = self.spool.get(order.order_id)
+                if spooled is not None:
+                    return _repeated(spooled, order)
+                if self.log_down is None:
+                    try:
+                        unavailable = self._exhausted_now() & loaded.limited
+                        return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+                    except LogUnavailable as exc:
+                        self.log_down = str(exc)
+                        _log.error("decision log unavailable; spooling decisions", extra={
+                            "event": "log_unavailable", "reason": str(exc)})
+                return self._spool(loaded, order, record, ts_ns, watch)
+        finally:
+            self._in_flight -= 1
 
     async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
                       watch: Stopwatch) -> tuple[str, bool]:
@@ -143,7 +148,8 @@ class DecisionService:
             known = self._state(loaded, order.customer_id, exact=attempt > 0)
             state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
-            decision = await self.batch.decide(loaded.decider, record, state, frozenset(unavailable))
+            decision = await self.batch.decide(loaded.decider, record, state, frozenset(unavailable),
+                                               alone=self._in_flight == 1)
             if decision.policy == "fallback":
                 self.metrics.fallbacks.inc()
             decision_id, text = _body(decision)
