@@ -1,4 +1,5 @@
-"""Shared by the serving tests: keys, a small catalog with scarce stock, a real server process."""
+"""Shared by the serving tests: keys, a small catalog with scarce stock, a model that fails on some
+orders, a real server process."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
