@@ -94,7 +94,10 @@ def fixed_decision_app() -> FastAPI:
             made["decision"] = model_decide(self, order, state, unavailable)
         return replace(made["decision"], order_id=order["order_id"])
 
-    Decider.decide = decide
+    def decide_many(self, orders, states, unavailable):
+        return [decide(self, *args) for args in zip(orders, states, unavailable)]
+
+    Decider.decide, Decider.decide_many = decide, decide_many
     return app_from_env()
 
 

@@ -1,4 +1,5 @@
-"""Shared by the serving tests: keys, a small catalog with scarce stock, a real server process."""
+"""Shared by the serving tests: keys, a small catalog with scarce stock, a model that fails on some
+orders, a real server process."""
 
 from __future__ import annotations
 
@@ -8,16 +9,44 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
+from insertrec.engine import Engine
+from insertrec.policy import Decision
 from insertrec.serving.settings import Settings
 
 DECIDE, FEEDBACK, ADMIN = "decide-key-0123456789", "feedback-key-0123456789", "admin-key-01234567890"
 KEYS = f"{DECIDE}:decide,{FEEDBACK}:feedback,{ADMIN}:admin"
 EXAMPLE_CATALOG = Path(__file__).parent / "data" / "catalog_example.yaml"
+
+POISON = 13.0   # the order_value a `PickyModel` fails on
+
+
+class PickyModel(Engine):
+    """A model that fails on orders of value `POISON` only: raising (for a whole `decide_many` that
+    holds one), or with ``nan``, scoring them NaN."""
+
+    def __init__(self, *args: Any, nan: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.nan = nan
+
+    def decide(self, order: dict, *args: Any, **kwargs: Any) -> Decision:
+        return self._spoiled([order], [super().decide(order, *args, **kwargs)])[0]
+
+    def decide_many(self, orders: list[dict], *args: Any, **kwargs: Any) -> list[Decision]:
+        return self._spoiled(orders, super().decide_many(orders, *args, **kwargs))
+
+    def _spoiled(self, orders: list[dict], decisions: list[Decision]) -> list[Decision]:
+        poisoned = [o["order_value"] == POISON for o in orders]
+        if any(poisoned) and not self.nan:
+            raise RuntimeError("model exploded")
+        return [replace(d, expected_uplift=float("nan")) if bad else d for d, bad in zip(decisions, poisoned)]
+
 
 # Every order wants the sample (the playbook's only rule); there are 5.
 SCARCE_CATALOG = """

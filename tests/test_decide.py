@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
-from serving_helpers import EXAMPLE_CATALOG
+from serving_helpers import EXAMPLE_CATALOG, POISON, PickyModel
 
 from insertrec.catalog import Catalog
 from insertrec.decide import Decider
@@ -63,3 +63,20 @@ def test_the_redo_never_chooses_what_turned_out_unavailable(rules):
     assert decider.decide(GIFT).slots["packaging"].action_id == "gift_wrap"
     redone = decider.decide(GIFT, unavailable=frozenset({"gift_wrap"}))
     assert redone.slots["packaging"].action_id == "standard_box"   # the playbook's pick gone: the default
+
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_orders_decided_together_fall_back_one_by_one(rules, nan):
+    """`Decider.decide_many`: each order gets what `decide` gives it alone; an order the model
+    fails on (raising for the whole call, or a score that is not finite) is the only fallback."""
+    model = PickyModel(rules.policy, rules.params, nan=nan)
+    decider = Decider(model, rules)
+    orders = [GIFT | {"order_id": f"o-{i}", "customer_id": f"c-{i}", "is_gift": i % 2 == 0,
+                      "order_value": POISON if i == 3 else 20.0 + i} for i in range(6)]
+    states = [rules.state(o["customer_id"]) for o in orders]
+    gone = [frozenset({"gift_wrap"}) if i == 4 else frozenset() for i in range(6)]
+    together = decider.decide_many(orders, states, gone)
+    assert together == [decider.decide(*args) for args in zip(orders, states, gone)]
+    assert [d.policy for d in together] == ["rules"] * 3 + ["fallback"] + ["rules"] * 2
+    assert together[4].slots["packaging"].action_id != "gift_wrap"

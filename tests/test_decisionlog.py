@@ -20,10 +20,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from serving_helpers import ADMIN, DECIDE, KEYS, SCARCE_CATALOG, auth, order, query, settings
+from serving_helpers import ADMIN, DECIDE, KEYS, POISON, SCARCE_CATALOG, PickyModel, auth, order, query, settings
 
 from insertrec.catalog import Catalog
 from insertrec.cli import main
+from insertrec.engine import Engine
 from insertrec.serving.app import create_app
 from insertrec.serving.decisionlog import CustomerMoved, DecisionLog, Entry, OrderConflict, OutOfStock, Recorded
 from insertrec.serving.settings import Settings
@@ -395,3 +396,70 @@ def test_a_postgresql_that_stops_answering_costs_a_request_its_deadline(tmp_path
         assert spool_replayed(c)
         assert post(2).json()["policy"] != "fallback"
     assert sorted(query(db_url, "SELECT order_id FROM decisions")) == [("o-0",), ("o-1",), ("o-2",)]
+
+
+def _decide_each(app, bodies: list[dict], together: bool) -> tuple[list[httpx.Response], str]:
+    """``bodies`` posted all at once (``together``) or one after the other, and the metrics after."""
+    async def run() -> tuple[list[httpx.Response], str]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=auth(DECIDE)) as c:
+                post = lambda body: c.post("/v1/recommendations", json=body)
+                responses = list(await asyncio.gather(*map(post, bodies))) if together else \
+                    [await post(body) for body in bodies]
+                return responses, (await c.get("/metrics")).text
+    return asyncio.run(run())
+
+
+def _batches(metrics: str) -> tuple[float, float]:
+    """How many micro-batches the worker decided, and how many orders in them."""
+    count, total = (float(re.search(rf"^insertrec_decide_batch_size_{what} (\S+)$", metrics, re.M).group(1))
+                    for what in ("count", "sum"))
+    return count, total
+
+
+def test_orders_decided_together_get_the_answers_each_gets_alone(tmp_path, db_url, small_model):
+    """Orders in flight at once are decided in micro-batches; every answer (box, propensities,
+    reasons, alternatives and their scores) is the one the same order gets sent on its own. One
+    customer's three orders among them are still decided in turn, each knowing the one before."""
+    bodies = [order(i, customer=f"c{1 + (i if i < 25 else 0):06d}", order_ts=LATE_2025, order_value=20.0 + 7 * i,
+                    channel=("web", "app")[i % 2]) for i in range(27)]
+    answers = {}
+    for together in (True, False):
+        s = Settings.load(environ={}, model=str(small_model), api_keys=KEYS, spool_dir=str(tmp_path / f"spool{together}"),
+                          db_url=db_url if together else f"sqlite:///{tmp_path / 'alone.db'}")
+        responses, metrics = _decide_each(create_app(s), bodies, together)
+        assert [r.status_code for r in responses] == [200] * len(bodies)
+        answers[together] = [{k: v for k, v in r.json().items() if k != "decision_id"} for r in responses]
+        count, total = _batches(metrics)
+        assert total == len(bodies) and (count < total) == together
+    assert answers[True] == answers[False]
+    assert {a["policy"] for a in answers[True]} >= {"model"}
+    assert 'reason="customer"' not in metrics   # the same customer's orders were never decided side by side
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_model_failing_on_one_order_of_a_batch_fails_only_that_order(tmp_path, small_model, nan):
+    """One order the model fails on (raising, or a score that is not finite), decided together with
+    others: it alone is answered from the rules (``fallback``); the others are the model's."""
+    s = Settings.load(environ={}, model=str(small_model), db_url=f"sqlite:///{tmp_path / 'log.db'}",
+                      api_keys=KEYS, spool_dir=str(tmp_path / "spool"))
+    app = create_app(s)
+    engine = Engine.load(small_model)
+    bodies = [order(i, customer=f"c{1 + i:06d}", order_value=POISON if i == 5 else 30.0 + i) for i in range(12)]
+
+    async def run() -> tuple[list[httpx.Response], str]:
+        async with app.router.lifespan_context(app):
+            holder = app.state.service.holder
+            holder.current = replace(holder.current, engine=PickyModel(
+                engine.policy, engine.params, engine.snapshot, engine.segments, engine.manifest, nan=nan))
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=auth(DECIDE)) as c:
+                responses = await asyncio.gather(*(c.post("/v1/recommendations", json=b) for b in bodies))
+                return list(responses), (await c.get("/metrics")).text
+
+    responses, metrics = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    assert [r.json()["policy"] == "fallback" for r in responses] == [i == 5 for i in range(len(bodies))]
+    count, total = _batches(metrics)
+    assert count < total   # decided in batches, not one by one

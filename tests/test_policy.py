@@ -375,3 +375,25 @@ def test_one_order_is_decided_exactly_as_in_a_batch_on_random_orders_and_states(
             assert decision == reference, where
             explored += any(got.explored)
     assert explored > len(singles), "exploration must be exercised"
+
+
+def test_orders_decided_together_are_decided_exactly_as_each_alone(trained: tuple[Engine, pd.DataFrame]) -> None:
+    """The service's micro-batches (`Policy.decide_many`): each order with its own unavailable
+    actions and segment gets the very `Decision` of `decide_one`, unrounded scores and uplift
+    included, whatever the batch's size and the policy (a matrix product of many rows rounds
+    differently from one row's: the scores must not depend on the company an order keeps)."""
+    engine, feats = trained
+    rng = np.random.default_rng(11)
+    rows = records(feats)
+    base = engine.policy
+    action_ids = sorted(base.catalog.action_ids)
+    policies = [base, base.replace(playbook_slots=(), default_slots=(), epsilon=0.5), base.replace(epsilon=0.0),
+                Policy(base.catalog, epsilon=0.5, version=base.version)]
+    for policy in policies:
+        for size in (2, 7, 64, 100):
+            picked = [rows[i] for i in rng.choice(len(rows), size, replace=False)]
+            gone = [frozenset(rng.choice(action_ids, 2, replace=False)) if rng.random() < 0.3 else frozenset()
+                    for _ in picked]
+            segments = [str(rng.choice(["a", "b"])) if rng.random() < 0.5 else None for _ in picked]
+            alone = [policy.decide_one(row, u, seg) for row, u, seg in zip(picked, gone, segments)]
+            assert policy.decide_many(picked, gone, segments) == alone, (policy.version, size)

@@ -14,8 +14,9 @@ An action that turns out unavailable only when the decision is committed (anothe
 last unit meanwhile) is redone by asking the `Decider` again with that action in ``unavailable``:
 the caller keeps the loop (state -> decide -> commit -> retry), this module keeps the rules.
 
-One order (`decide`, the service's path) and many (`decide_batch`, `recommend` and MLflow's pyfunc)
-go through the same fallback here and the same decision rule in `Policy` (its one-order path
+One order (`decide`), several each with its own state (`decide_many`, the service's micro-batches)
+and many from the snapshot (`decide_batch`, `recommend` and MLflow's pyfunc) go through the same
+fallback here and the same decision rule in `Policy` (its one-order path
 specialised for speed, equal to the batch's to the bit).
 """
 
@@ -63,6 +64,35 @@ class Decider:
                 return _checked(self.model.decide(order, state, unavailable))
             except Exception as exc:
                 self._model_failed(exc, order_id=str(order["order_id"]))
+        return self._answer_for_model(order, state, unavailable)
+
+    def decide_many(self, orders: list[dict[str, Any]], states: list[CustomerState],
+                    unavailable: list[frozenset[str]]) -> list[Decision]:
+        """`decide` of each order (with its customer's state and its own unavailable actions), the
+        model asked once for them all (`Engine.decide_many`): the same boxes at less CPU per order.
+        Fallback stays per order: a score that is not finite sends that order alone to the rules,
+        and a model failing on the whole call is asked again one order at a time, so that only the
+        orders it fails on are answered by the rules (without rules, the failure is raised)."""
+        if len(orders) == 1 or self.model is None:
+            return [self.decide(*args) for args in zip(orders, states, unavailable)]
+        try:
+            decisions = self.model.decide_many(orders, states, unavailable)
+        except Exception:
+            if self.rules is None:
+                raise
+            return [self.decide(*args) for args in zip(orders, states, unavailable)]
+        out = []
+        for order, state, gone, decision in zip(orders, states, unavailable, decisions):
+            try:
+                out.append(_checked(decision))
+            except ValueError as exc:
+                self._model_failed(exc, order_id=str(order["order_id"]))
+                out.append(self._answer_for_model(order, state, gone))
+        return out
+
+    def _answer_for_model(self, order: dict[str, Any], state: CustomerState | None,
+                          unavailable: frozenset[str]) -> Decision:
+        """The rules' box for an order the model could not decide, labelled ``fallback``."""
         return replace(self._fallback.decide(order, state, unavailable), policy="fallback")
 
     def decide_batch(self, orders: pd.DataFrame, unavailable: frozenset[str] = frozenset()) -> pd.DataFrame:

@@ -38,7 +38,7 @@ import pandas as pd
 from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
 from insertrec.exploration import TEMPERATURE, draw, draw_one, explore_probabilities, explore_probabilities_one
-from insertrec.valuemodel import ActionSpace, ValueModel
+from insertrec.valuemodel import ROWWISE, ActionSpace, ValueModel
 
 __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
 
@@ -299,6 +299,30 @@ class Policy:
             eligible = eligible & ~self._out_of(unavailable)
         phi = None if self.encoder is None else self.encoder.transform_one(row)
         return self._explain(self._decide_one(str(row["order_id"]), phi, eligible, rules), phi, segment)
+
+    def decide_many(self, rows: list[dict], unavailable: list[frozenset[str]],
+                    segments: list[str | None]) -> list[Decision]:
+        """`decide_one` of each order (its feature row, its own unavailable actions and segment),
+        the orders decided together: the service's micro-batches. The same decisions, propensities
+        and reasons as each order alone, to the bit (the core is `_decide`, which `_decide_one`
+        equals; scores are products row by row, see `BoxGrid.per_action`), at less CPU per order
+        from a few orders on; one order goes `decide_one`'s way."""
+        if len(rows) == 1:
+            return [self.decide_one(rows[0], unavailable[0], segments[0])]
+        out: list[Decision] = []
+        for lo in range(0, len(rows), ROWWISE):
+            part = rows[lo:lo + ROWWISE]
+            assessed = [self.catalog.assess_one(row) for row in part]
+            eligible = np.array([a.eligible for a in assessed])
+            for i, gone in enumerate(unavailable[lo:lo + ROWWISE]):
+                if gone:
+                    eligible[i] &= ~self._out_of(gone)
+            phi = None if self.encoder is None else np.array([self.encoder.transform_one(row) for row in part])
+            batch = self._decide(np.array([str(row["order_id"]) for row in part], dtype=object), phi, eligible,
+                                 np.array([a.playbook for a in assessed]), frozenset(), True, alternatives=True)
+            out.extend(self._explain(_One.of(batch, i), None if phi is None else phi[i], segments[lo + i])
+                       for i in range(len(part)))
+        return out
 
     def _decide_one(self, order_id: str, phi: np.ndarray | None, eligible: np.ndarray, rules: np.ndarray) -> _One:
         """`_decide` for one order (``explore``, ``alternatives``) with ``unavailable`` already

@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
+__all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -50,6 +50,7 @@ __all__ = ["ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statis
 # left the judge's DR estimate on small holdouts further from the truth.
 _OFFSET_ROWS = 50_000
 _CHUNK = 65_536  # rows per block product in `box_statistics`: bounds the temporaries
+ROWWISE = 64     # orders scored one row at a time (`BoxGrid.per_action`)
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,15 @@ class BoxGrid:
 
     def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
         """(n, n_actions): each action's value over its slot default, playbook bonus included;
-        (n_actions,) for one order's phi (d,) and rule columns (n_slots,)."""
-        out = phi @ self.weights
+        (n_actions,) for one order's phi (d,) and rule columns (n_slots,).
+
+        Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
+        depends on its shape, and a few orders decided together (the service's micro-batches,
+        `Policy.decide_many`) must get their scores to the bit as each alone (~1 us a row)."""
+        if phi.ndim == 2 and len(phi) <= ROWWISE:
+            out = np.array([row @ self.weights for row in phi]).reshape(len(phi), self.weights.shape[1])
+        else:
+            out = phi @ self.weights
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:

@@ -97,6 +97,8 @@ class Metrics:
                                "the customer's history changed before commit", ["reason"], registry=registry)
         self.commit_group = self._tally(Histogram("insertrec_commit_group_size", "decisions committed in one "
                                                   "transaction", buckets=_GROUP, registry=registry))
+        self.decide_batch = self._tally(Histogram("insertrec_decide_batch_size", "orders decided together in "
+                                                  "one micro-batch", buckets=_GROUP, registry=registry))
         self.model_loads = Counter("insertrec_model_loads", "model loads by result", ["result"],
                                    registry=registry)
         self.degraded = Gauge("insertrec_degraded", "1 while a worker serves without its model",

@@ -17,9 +17,10 @@ before the answer leaves. Until the spool is replayed into the log
 the outage costs each order no deadline and no spooled decision is overtaken
 by a logged one of the same order.
 
-Decisions are committed in groups (`GroupCommit`): a request, its box
-chosen, waits for the commit of every decision made in the same turn of the
-event loop, and is answered after it. Under load a worker's requests share
+Orders whose state is ready in the same turn of the event loop are decided
+together (`MicroBatch`), each as it would be alone, and decisions are committed
+in groups (`GroupCommit`): a request, its box chosen, waits for the commit of
+every decision made in the same turn of the event loop, and is answered after it. Under load a worker's requests share
 one transaction instead of queueing for one each; alone, a request commits
 at once.
 """
@@ -55,6 +56,7 @@ from insertrec.serving.decisionlog import (
 )
 from insertrec.serving.hotswap import Loaded, ModelHolder
 from insertrec.serving.metrics import Metrics, Stopwatch
+from insertrec.serving.microbatch import MicroBatch
 from insertrec.serving.payloads import NpsAnswer, OrderIn, OutcomeOut, Redeemed, Reordered, Returned
 from insertrec.serving.spool import Spool
 from insertrec.serving.statements import StoredRow
@@ -104,6 +106,8 @@ class DecisionService:
         self.log_down: str | None = None   # why the log failed; set until the spool is replayed
         self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
+        self.batch = MicroBatch(metrics)
+        self._in_flight = 0   # orders being decided: one alone is not batched (`MicroBatch.decide`)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
         self._known: OrderedDict[str, _Known] = OrderedDict()
         self._exhausted: set[str] = set()
@@ -118,19 +122,23 @@ class DecisionService:
             raise LogUnavailable("the service is still starting")
         record = order.record(datetime.now(UTC))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
-        async with self._one_at_a_time(order.customer_id):
-            spooled = self.spool.get(order.order_id)
-            if spooled is not None:
-                return _repeated(spooled, order)
-            if self.log_down is None:
-                try:
-                    unavailable = self._exhausted_now() & loaded.limited
-                    return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
-                except LogUnavailable as exc:
-                    self.log_down = str(exc)
-                    _log.error("decision log unavailable; spooling decisions", extra={
-                        "event": "log_unavailable", "reason": str(exc)})
-            return self._spool(loaded, order, record, ts_ns, watch)
+        self._in_flight += 1
+        try:
+            async with self._one_at_a_time(order.customer_id):
+                spooled = self.spool.get(order.order_id)
+                if spooled is not None:
+                    return _repeated(spooled, order)
+                if self.log_down is None:
+                    try:
+                        unavailable = self._exhausted_now() & loaded.limited
+                        return await self._decide(loaded, order, record, ts_ns, unavailable, watch)
+                    except LogUnavailable as exc:
+                        self.log_down = str(exc)
+                        _log.error("decision log unavailable; spooling decisions", extra={
+                            "event": "log_unavailable", "reason": str(exc)})
+                return self._spool(loaded, order, record, ts_ns, watch)
+        finally:
+            self._in_flight -= 1
 
     async def _decide(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, unavailable: set[str],
                       watch: Stopwatch) -> tuple[str, bool]:
@@ -140,7 +148,8 @@ class DecisionService:
             known = self._state(loaded, order.customer_id, exact=attempt > 0)
             state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
-            decision = loaded.decider.decide(record, state, frozenset(unavailable))
+            decision = await self.batch.decide(loaded.decider, record, state, frozenset(unavailable),
+                                               alone=self._in_flight == 1)
             if decision.policy == "fallback":
                 self.metrics.fallbacks.inc()
             decision_id, text = _body(decision)
