@@ -62,7 +62,7 @@ import pandas as pd
 from insertrec.evaluation import Judge, SlotDeciders
 from insertrec.policy import Policy
 
-__all__ = ["HORIZON_MONTHS", "MAX_EPSILON", "MIN_EPSILON", "SlotAdvice", "exploration_advice", "orders_per_month"]
+__all__ = ["HORIZON_MONTHS", "MAX_EPSILON", "MIN_EPSILON", "SlotAdvice", "exploration_advice", "orders_per_month", "slot_advice"]
 
 MIN_EPSILON = 0.02     # never 0: every action keeps a positive propensity (module docstring)
 MAX_EPSILON = 0.5      # past half, exploring is the policy and the model's choice the exception
@@ -106,48 +106,55 @@ def _gaps(policy: Policy, feats: pd.DataFrame, judge: Judge) -> np.ndarray:
                      for s in range(len(greedy))])
 
 
-def _money(v: float) -> str:
-    return f"{v:+.2f}"
+def slot_advice(n: int, gain: float, half_width: float, gap: float, fallback: str, monthly_orders: float,
+                fixed_to: str | None = None, level: float = 0.8) -> SlotAdvice:
+    """One slot's share by the module's rule: ``gain`` the model's paired gain over ``fallback`` on
+    ``n`` holdout orders, its interval's ``half_width`` at ``level``, ``gap`` what one exploring
+    decision gives up, ``fixed_to`` the playbook or default where the gate fixed the slot."""
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    horizon = monthly_orders * HORIZON_MONTHS
+    d, h = gain, half_width
+    delta, sigma2 = max(abs(d), h), n * (h / z) ** 2
+    ratio = horizon * delta ** 2 / (4 * sigma2) if sigma2 > 0 else math.inf
+    m = 4 * sigma2 / delta ** 2 * math.log(ratio) if ratio > 1 and delta > 0 else 0.0
+    eps = min(max((m - n) / horizon, MIN_EPSILON), MAX_EPSILON)
+    figures = f"the model's gain over the {fallback} is {d:+.2f} per order, give or take {h:.2f}"
+    floor = f"Explore the minimum, {MIN_EPSILON:.0%} of orders, so that every option keeps being tried."
+    if fixed_to is not None:
+        eps, why = MIN_EPSILON, f"The evidence settled this slot: the {fixed_to} decides it. {floor}"
+    elif h == 0 and d == 0:
+        eps, why = MIN_EPSILON, f"The model sends what the {fallback} sends on every order judged. {floor}"
+    elif m <= n and (d - h > 0 or d + h < 0):
+        eps, why = MIN_EPSILON, f"Settled: {figures}. {floor}"
+    elif m <= n:
+        eps, why = MIN_EPSILON, (f"Undecided ({figures}), but {HORIZON_MONTHS} months of orders add too little "
+                                 f"to the {n:,} already judged for more exploring to pay. {floor}")
+    elif m - n > MAX_EPSILON * horizon:
+        eps, why = MIN_EPSILON, (f"Undecided ({figures}), and not to be settled within {HORIZON_MONTHS} "
+                                 f"months at any share. {floor}")
+    elif eps * max(gap, 0.0) >= delta:
+        eps, why = MIN_EPSILON, (f"Undecided ({figures}), but exploring would cost more per order than "
+                                 f"the choice is worth. {floor}")
+    else:
+        why = (f"Undecided: {figures}. Exploring {eps:.0%} of orders over the next {HORIZON_MONTHS} months "
+               f"would settle it, at about {eps * max(gap, 0.0):.2f} per order.")
+    return SlotAdvice(eps, eps * gap, gap, d, h, fallback, m, horizon, why)
 
 
 def exploration_advice(policy: Policy, feats: pd.DataFrame, judge: Judge, deciders: SlotDeciders,
                        monthly_orders: float, level: float = 0.8) -> dict[str, SlotAdvice]:
-    """Per slot the recommended exploration share (module docstring: the rule and why).
+    """Per slot the recommended exploration share (`slot_advice`; module docstring: the rule and why).
 
     ``policy`` is the gated policy as it will be served; ``judge`` holds the holdout orders the
     gate was decided on and ``deciders`` its per-slot gains (intervals at ``level``);
     ``monthly_orders`` the shop's orders per month (`orders_per_month`).
     """
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    n = len(judge.logged)
-    horizon = monthly_orders * HORIZON_MONTHS
     fixed = {**dict.fromkeys(deciders.playbook_slots, "playbook"), **dict.fromkeys(deciders.default_slots, "default")}
     out: dict[str, SlotAdvice] = {}
-    for s, (name, gap) in enumerate(zip(policy.slot_names, _gaps(policy, feats, judge), strict=True)):
+    for name, gap in zip(policy.slot_names, _gaps(policy, feats, judge), strict=True):
         gains = deciders.gains[name]
         fallback = "playbook" if gains["playbook_vs_default"]["value"] > 0 else "default"
         est = gains[f"model_vs_{fallback}"]
-        d, h = float(est["value"]), (float(est["high"]) - float(est["low"])) / 2
-        delta, sigma2 = max(abs(d), h), n * (h / z) ** 2
-        ratio = horizon * delta ** 2 / (4 * sigma2) if sigma2 > 0 else math.inf
-        m = 4 * sigma2 / delta ** 2 * math.log(ratio) if ratio > 1 and delta > 0 else 0.0
-        eps = min(max((m - n) / horizon, MIN_EPSILON), MAX_EPSILON)
-        figures = f"the model's gain over the {fallback} is {_money(d)} per order, give or take {h:.2f}"
-        floor = f"explore the minimum, {MIN_EPSILON:.0%} of orders, so that every option keeps being tried"
-        if name in fixed:
-            eps, why = MIN_EPSILON, (f"The evidence settled this slot: the {fixed[name]} decides it. {floor.capitalize()}.")
-        elif m <= n:
-            eps, why = MIN_EPSILON, (f"Settled: {figures}, and more orders would not change the choice. "
-                                     f"{floor.capitalize()}.")
-        elif m - n > MAX_EPSILON * horizon:
-            eps, why = MIN_EPSILON, (f"Undecided ({figures}), and not to be settled within {HORIZON_MONTHS} "
-                                     f"months at any share. {floor.capitalize()}.")
-        elif eps * max(gap, 0.0) >= delta:
-            eps, why = MIN_EPSILON, (f"Undecided ({figures}), but exploring would cost more per order than "
-                                     f"the choice is worth. {floor.capitalize()}.")
-        else:
-            months = (m - n) / (eps * monthly_orders)
-            why = (f"Undecided: {figures}. Exploring {eps:.0%} of orders settles it in about "
-                   f"{months:.0f} months, at about {eps * max(gap, 0.0):.2f} per order.")
-        out[name] = SlotAdvice(eps, eps * gap, float(gap), d, h, fallback, m, horizon, why)
+        out[name] = slot_advice(len(judge.logged), float(est["value"]), (float(est["high"]) - float(est["low"])) / 2,
+                                float(gap), fallback, monthly_orders, fixed.get(name), level)
     return out
