@@ -53,7 +53,7 @@ share for every slot while this is per slot.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -79,13 +79,13 @@ class SlotAdvice:
     gain: float                    # the model's paired gain over the fallback on the holdout
     half_width: float              # that gain's interval half-width
     fallback: str                  # playbook | default
-    orders_needed: float           # explore-then-commit's m (inf where unbounded)
+    orders_needed: float           # explore-then-commit's m, the judged orders included
+    judged_orders: int             # n, the holdout orders the gain was measured on
     horizon_orders: float
     reason: str                    # a sentence for the marketer
 
     def as_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 def orders_per_month(order_ts: pd.Series) -> float:
@@ -115,8 +115,8 @@ def slot_advice(n: int, gain: float, half_width: float, gap: float, fallback: st
     horizon = monthly_orders * HORIZON_MONTHS
     d, h = gain, half_width
     delta, sigma2 = max(abs(d), h), n * (h / z) ** 2
-    ratio = horizon * delta ** 2 / (4 * sigma2) if sigma2 > 0 else math.inf
-    m = 4 * sigma2 / delta ** 2 * math.log(ratio) if ratio > 1 and delta > 0 else 0.0
+    ratio = horizon * delta ** 2 / (4 * sigma2) if sigma2 > 0 else 0.0     # sigma2 > 0: h > 0, delta > 0
+    m = 4 * sigma2 / delta ** 2 * math.log(ratio) if ratio > 1 else 0.0
     eps = min(max((m - n) / horizon, MIN_EPSILON), MAX_EPSILON)
     figures = f"the model's gain over the {fallback} is {d:+.2f} per order, give or take {h:.2f}"
     floor = f"Explore the minimum, {MIN_EPSILON:.0%} of orders, so that every option keeps being tried."
@@ -138,7 +138,7 @@ def slot_advice(n: int, gain: float, half_width: float, gap: float, fallback: st
     else:
         why = (f"Undecided: {figures}. Exploring {eps:.0%} of orders over the next {HORIZON_MONTHS} months "
                f"would settle it, at about {eps * max(gap, 0.0):.2f} per order.")
-    return SlotAdvice(eps, eps * gap, gap, d, h, fallback, m, horizon, why)
+    return SlotAdvice(eps, eps * gap, gap, d, h, fallback, m, n, horizon, why)
 
 
 def exploration_advice(policy: Policy, feats: pd.DataFrame, judge: Judge, deciders: SlotDeciders,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from insertrec.explorationshare import HORIZON_MONTHS
 from insertrec.policy import Policy
 from insertrec.schema import JOURNEY_STAGES, NPS_TIERS
 from insertrec.valuemodel import BoxGrid
@@ -509,11 +510,11 @@ def _exploration(report: dict[str, Any], money: str) -> str:
         return ""
     items = []
     for slot, a in ex["slots"].items():
-        needed = "n/a" if a["orders_needed"] is None else _count(a["orders_needed"])
         figures = (f"recommended share {a['recommended_epsilon']:.0%}; cost {_money(a['cost_per_order'])} {money} "
                    f"per order (one exploring decision gives up {_money(a['gap'])}); model vs {a['fallback']} "
                    f"{_money(a['gain'], signed=True)} \u00b1 {_money(a['half_width'])} (80% interval); "
-                   f"orders to settle {needed} of {_count(a['horizon_orders'])} in the horizon")
+                   f"orders to settle it {_count(a['orders_needed'])} ({_count(a['judged_orders'])} judged so far, "
+                   f"{_count(a['horizon_orders'])} expected in the next {HORIZON_MONTHS} months)")
         items.append(f"<li><b>{escape(slot.capitalize())}</b>: {escape(a['reason'])}<br>"
                      f"<span class=\"note\">{escape(figures)}</span></li>")
     note = (f"A recommendation only: the engine still explores {ex['served_epsilon']:.0%} of decisions in every "
