@@ -71,3 +71,24 @@ def test_a_model_pickled_before_classes_moved_is_refused_with_a_reason(tmp_path)
     modeldir.save(tmp_path, {}, {"engine.joblib": old}, {})
     with pytest.raises(ModelError, match="Retrain the model with this version"):
         Engine.load(tmp_path)
+
+
+def test_the_run_recommends_an_exploration_share_per_slot_and_leaves_the_served_one(history, tmp_path):
+    import json
+
+    from insertrec.explorationshare import MAX_EPSILON, MIN_EPSILON
+
+    result = train(history, tmp_path / "m", TrainConfig(epsilon=0.1))
+    ope = json.loads((tmp_path / "m" / "ope.json").read_text())
+    slots = list(history.catalog.slots)
+    assert set(ope["exploration"]) == set(slots)
+    gated = set(ope["slot_deciders"]["playbook_slots"]) | set(ope["slot_deciders"]["default_slots"])
+    for slot, advice in ope["exploration"].items():
+        assert MIN_EPSILON <= advice["recommended_epsilon"] <= MAX_EPSILON
+        assert advice["reason"]
+        if slot in gated:
+            assert advice["recommended_epsilon"] == MIN_EPSILON
+        assert result.metrics[f"exploration_recommended_epsilon_{slot}"] == advice["recommended_epsilon"]
+    assert Engine.load(tmp_path / "m").policy.epsilon == 0.1        # a recommendation, not applied
+    page = (tmp_path / "m" / "report.html").read_text()
+    assert "How much to explore" in page and "train again with --epsilon" in page

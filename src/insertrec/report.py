@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from insertrec.explorationshare import HORIZON_MONTHS
 from insertrec.policy import Policy
 from insertrec.schema import JOURNEY_STAGES, NPS_TIERS
 from insertrec.valuemodel import BoxGrid
@@ -276,12 +277,15 @@ def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, 
         holdout = {"orders": ope.get("orders"), "model": (ope.get("model") or {}).get("dr"),
                    "rules": (ope.get("rules") or {}).get("dr"), "model_minus_rules": diff or None,
                    "lift_vs_rules": metrics.get("lift_vs_rules"), "ess": metrics.get("ess")}
+    exploration = None
+    if policy is not None and ope and ope.get("exploration"):
+        exploration = {"served_epsilon": policy.epsilon, "slots": ope["exploration"]}
     stamp = lambda k: None if pd.isna(period.get(k)) else pd.Timestamp(period[k]).date().isoformat()
     return _plain({"shop": shop, "version": version, "currency": currency, "policy": kind,
             "as_of": stamp("as_of"), "data_from": stamp("data_from"), "data_to": stamp("data_to"),
             "horizon_days": int(period.get("horizon_days", 60)), **_customer_figures(customers),
-            "repeat_auc": metrics.get("repeat_auc"), "holdout": holdout, "warnings": warnings,
-            "segments": segments})
+            "repeat_auc": metrics.get("repeat_auc"), "holdout": holdout, "exploration": exploration,
+            "warnings": warnings, "segments": segments})
 
 
 def _plain(value: Any) -> Any:
@@ -499,6 +503,26 @@ def _summary(report: dict[str, Any]) -> str:
     return f'<p class="summary">{text}</p><div class="kpis">{boxes}</div>'
 
 
+def _exploration(report: dict[str, Any], money: str) -> str:
+    """Per slot the recommended exploration share (`explorationshare`): the sentence, then the figures."""
+    ex = report.get("exploration")
+    if not ex:
+        return ""
+    items = []
+    for slot, a in ex["slots"].items():
+        figures = (f"recommended share {a['recommended_epsilon']:.0%}; cost {_money(a['cost_per_order'])} {money} "
+                   f"per order (one exploring decision gives up {_money(a['gap'])}); model vs {a['fallback']} "
+                   f"{_money(a['gain'], signed=True)} \u00b1 {_money(a['half_width'])} (80% interval); "
+                   f"orders to settle it {_count(a['orders_needed'])} ({_count(a['judged_orders'])} judged so far, "
+                   f"{_count(a['horizon_orders'])} expected in the next {HORIZON_MONTHS} months)")
+        items.append(f"<li><b>{escape(slot.capitalize())}</b>: {escape(a['reason'])}<br>"
+                     f"<span class=\"note\">{escape(figures)}</span></li>")
+    note = (f"A recommendation only: the engine still explores {ex['served_epsilon']:.0%} of decisions in every "
+            "slot; to change that, train again with --epsilon.")
+    return (f'<section class="exploration"><h2>How much to explore</h2><ul>{"".join(items)}</ul>'
+            f'<p class="note">{escape(note)}</p></section>')
+
+
 def _definitions(report: dict[str, Any], money: str) -> str:
     h = report["horizon_days"]
     items = [
@@ -551,6 +575,7 @@ def render_report(report: dict[str, Any], *, currency: str | None = None) -> str
         parts.append("<h2>Who the segments are</h2>")
     parts.extend(_segment(s, report, money) for s in report["segments"])
     parts += ["<h2>Segments at a glance</h2>", _charts(report, money),
-              "<h2>Segment table</h2>", _table(report, money), _definitions(report, money)]
+              "<h2>Segment table</h2>", _table(report, money), _exploration(report, money),
+              _definitions(report, money)]
     page = Template(files("insertrec").joinpath("templates/report.html").read_text(encoding="utf-8"))
     return page.substitute(title=escape(title), body="".join(parts))

@@ -38,6 +38,7 @@ from insertrec.evaluation import (
     playbook_gains,
     slot_deciders,
 )
+from insertrec.explorationshare import exploration_advice, orders_per_month
 from insertrec.learners import BoxLearner
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
@@ -171,18 +172,25 @@ def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders
 
 
 def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
-                       encoder: FeatureEncoder, seed: int,
-                       playbook: list[Estimate]) -> tuple[Tournament, SlotDeciders, dict[str, float], dict]:
+                       encoder: FeatureEncoder, seed: int, playbook: list[Estimate],
+                       monthly_orders: float) -> tuple[Tournament, SlotDeciders, dict[str, float], dict]:
     """The learner the holdout chooses (`tournament.choose`), who decides each slot
-    (`evaluation.slot_deciders`), and the OPE metrics and report of the winner so gated. A
+    (`evaluation.slot_deciders`), and the OPE metrics and report of the winner so gated, with the
+    recommended exploration share per slot (`explorationshare`). A
     function of its own so that the judge (every box scored for every holdout order, ~200 MB on
     a million orders) is freed before the final fit."""
     judge = judge_for(candidates[INCUMBENT], feats, holdout, encoder, seed)
     chosen = choose(candidates, feats, judge, seed)
     deciders = slot_deciders(chosen.policy, feats, judge, playbook, seed=seed)
-    ope_metrics, ope_report = evaluate(_gated(chosen.policy, deciders), feats, holdout, encoder, seed, judge)
+    gated = _gated(chosen.policy, deciders)
+    ope_metrics, ope_report = evaluate(gated, feats, holdout, encoder, seed, judge)
     ope_report["slot_deciders"] = deciders.as_dict()
     ope_report["tournament"] = chosen.as_dict()
+    advice = exploration_advice(gated, feats, judge, deciders, monthly_orders)
+    ope_report["exploration"] = {slot: a.as_dict() for slot, a in advice.items()}
+    for slot, a in advice.items():
+        ope_metrics[f"exploration_recommended_epsilon_{slot}"] = a.recommended_epsilon
+        ope_metrics[f"exploration_cost_per_order_{slot}"] = a.cost_per_order
     return chosen, deciders, ope_metrics | chosen.metrics(), ope_report
 
 
@@ -264,8 +272,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
-        chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(candidates, feats, holdout, encoder,
-                                                                       config.seed, playbook)
+        chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
+            candidates, feats, holdout, encoder, config.seed, playbook, orders_per_month(history.orders["order_ts"]))
         del candidates
         if chosen.winner != INCUMBENT:
             notes.append(f"learner: {chosen.winner} beat the ridge box model on the holdout "
