@@ -278,9 +278,10 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
       a coupon's discount outweighs the orders it brings back, sending nothing.
     - The model decides unless the holdout shows it worse than the fallback
       (the paired DR difference's upper bound below zero, interval at ``level``).
-    - Except where the fallback is the default: there the model must earn its
-      place, its estimated gain over the default positive, else the default
-      goes out. Estimated twice, with different noise, and both must agree:
+    - Except where the playbook is shown to lose against the default (its
+      gain's upper bound below zero): there the model must earn its place,
+      its estimated gain over the default positive, else the default goes
+      out. Estimated twice, with different noise, and both must agree:
       on the holdout directly, and through the playbook (the model's gain
       over the playbook on the holdout plus the playbook's over the default
       on the whole log, five times the orders). A model fitted on little data
@@ -293,12 +294,16 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
       like: seed 3, direct +1.23 [-0.80, 3.73], through the playbook -0.34;
       seed 2, direct -0.39, through +0.90 (the model's own coupons +2.19
       [-0.90, 4.64] over the playbook's); seed 11, direct -0.01 [-1.9, 1.9].
-      The price is paid where a playbook that does pay is estimated not to:
-      the default world's packaging (seed 1: truly +0.16 per order, estimated
-      -0.19 [-1.06, 0.50]) then goes out as the default, 0.6% of the value.
-      Requiring a lower bound above zero everywhere instead sent nothing in
-      most of the default world's slots at this size (their gains, +0.1 to
-      +0.9 per order, within intervals of +-0.7 to 1.7).
+      Required wherever the playbook's estimate was not positive (shown to
+      lose or not), it cost the default and perturbed worlds more than it
+      saved: a playbook that does pay, estimated not to (the default world's
+      packaging, seed 1: truly +0.16 per order, estimated -0.19 [-1.06,
+      0.50]), sent the default; the closed loop at 4,000 customers captured
+      0.03 of the uplift in its first rounds instead of 0.19, and a perturbed
+      world at 30,000 customers 0.04-0.20 instead of 0.45. Requiring a lower
+      bound above zero everywhere sent nothing in most of the default
+      world's slots at 5,000 customers (their gains, +0.1 to +0.9 per order,
+      within intervals of +-0.7 to 1.7).
 
     Not "unless it is shown better": the holdout's DR of the model's own
     choices is noisy and, on changed worlds, low (on a perturbed world at
@@ -327,8 +332,10 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
         if playbook[s].value > 0:
             if versus["playbook"].high < 0:      # shown worse than the playbook
                 to_playbook.append(name)
-        elif min(through, versus["default"].value) <= 0:   # not estimated to pay over sending nothing
+        elif versus["default"].high < 0:         # shown worse than the default
             to_default.append(name)
+        elif playbook[s].high < 0 and min(through, versus["default"].value) <= 0:
+            to_default.append(name)              # the playbook shown to lose, the model not estimated to pay
     return SlotDeciders(tuple(to_playbook), tuple(to_default), gains)
 
 
@@ -371,9 +378,9 @@ def evaluate(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders, encoder:
 def lifts_withheld(clipped: float) -> str:
     """Why `evaluate` printed no lift: the sentence for the CLI and the report."""
     return (f"lift_vs_rules and lift_vs_logging withheld: {clipped:.0%} of the model's importance weight is "
-            f"past DR's clip (more than {MAX_CLIPPED_SHARE:.0%}), so its estimate rests on the value model "
-            "where the logged orders rarely hold the boxes the model chooses; log more orders with "
-            "exploration before trusting a lift")
+            f"past DR's clip (more than {MAX_CLIPPED_SHARE:.0%}), so its estimate (policy_value_dr too) rests "
+            "on the value model where the logged orders rarely hold the boxes the model chooses; log more "
+            "orders with exploration before trusting a lift")
 
 
 def compare(challenger: Policy, champion: Policy, feats: pd.DataFrame, logged: LoggedOrders,

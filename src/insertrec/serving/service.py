@@ -146,6 +146,10 @@ class DecisionService:
         (it becomes unavailable) or the customer moved on (their newer order is folded in)."""
         for attempt in range(_MAX_ATTEMPTS):
             known = self._state(loaded, order.customer_id, exact=attempt > 0)
+            # the history this decision rests on, taken now: while it waits for its micro-batch, the
+            # log's tail may fold another worker's decision into ``known``, and the commit must then
+            # find the customer moved, not take that newer row for the one this box was chosen on
+            last_decision = known.last_decision
             state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
             decision = await self.batch.decide(loaded.decider, record, state, frozenset(unavailable),
@@ -155,7 +159,7 @@ class DecisionService:
             decision_id, text = _body(decision)
             watch.lap("scoring")
             actions = {slot: c.action_id for slot, c in decision.slots.items()}
-            entry = _entry(order, record, ts_ns, decision, decision_id, text, known.last_decision, loaded.as_of_ns,
+            entry = _entry(order, record, ts_ns, decision, decision_id, text, last_decision, loaded.as_of_ns,
                            tuple(a for a in actions.values() if a in loaded.limited))
             outcome = await self.commits.submit(entry)
             if isinstance(outcome, OutOfStock):
@@ -169,7 +173,9 @@ class DecisionService:
             watch.lap("logging")
             if outcome.row_id is None:
                 return outcome.response_json, True
-            if entry.in_history:  # as another worker would read it back from the log
+            # as another worker would read it back from the log, unless the log's tail, read while
+            # the commit was awaited, already folded it in (SQLite's row ids follow commit order)
+            if entry.in_history and known.last_decision < outcome.row_id:
                 known.state.add_order(record, actions)
                 known.last_decision = outcome.row_id
             self.metrics.decided(decision.policy)
