@@ -317,7 +317,7 @@ class Policy:
             for i, gone in enumerate(unavailable[lo:lo + ROWWISE]):
                 if gone:
                     eligible[i] &= ~self._out_of(gone)
-            phi = None if self.encoder is None else np.array([self.encoder.transform_one(row) for row in part])
+            phi = None if self.encoder is None else self.encoder.transform_many(part)
             batch = self._decide(np.array([str(row["order_id"]) for row in part], dtype=object), phi, eligible,
                                  np.array([a.playbook for a in assessed]), frozenset(), True, alternatives=True)
             out.extend(self._explain(_One.of(batch, i), None if phi is None else phi[i], segments[lo + i])
