@@ -117,8 +117,9 @@ def single(engine: Engine, recs: list[dict]) -> dict:
         "eligibility_rules": timed(lambda i: policy.catalog.assess_one(feats[i]), idx),
         "encode": timed(lambda i: policy.encoder.transform_one(feats[i]) if policy.encoder else None, idx),
         "score": timed(score, idx),
-        "explain": timed(lambda i: policy._explain(ones[i], phis[i], engine.segments.get(str(recs[i]["customer_id"]))),
-                         idx),
+        "explain": timed(lambda i: policy._explain(
+            ones[i], policy._drivers(None if phis[i] is None else phis[i][None], [ones[i].actions])[0],
+            engine.segments.get(str(recs[i]["customer_id"]))), idx),
     }
     cpu = time.process_time()
     decide = timed(engine.decide, recs)

@@ -351,8 +351,7 @@ def test_one_order_is_decided_exactly_as_in_a_batch_on_random_orders_and_states(
         phi = None if policy.encoder is None else policy.encoder.transform(batch_feats)
         batch = policy._decide(batch_feats["order_id"].astype(str).to_numpy(), phi, eligible, rules,
                                unavailable, True, alternatives=True)
-        for i, row in enumerate(singles):
-            want = _One.of(batch, i)
+        for i, (row, want) in enumerate(zip(singles, _One.rows(batch))):
             one_eligible, one_rules = policy.catalog.assess_one(row)
             if unavailable:
                 one_eligible = one_eligible & ~policy._out_of(unavailable)
@@ -367,7 +366,8 @@ def test_one_order_is_decided_exactly_as_in_a_batch_on_random_orders_and_states(
             if want.uplift is not None:
                 assert got.uplift == pytest.approx(want.uplift, abs=1e-12), where
             decision = policy.decide_one(row, unavailable).as_dict()
-            reference = policy._explain(want, None if phi is None else phi[i]).as_dict()
+            reference = policy._explain(want, policy._drivers(None if phi is None else phi[i:i + 1],
+                                                              [want.actions])[0]).as_dict()
             for name in slots:   # scores compared above; rounded for the answer, they may differ in the last digit
                 for body in (decision, reference):
                     body["slots"][name]["alternatives"] = [a["action_id"] for a in body["slots"][name]["alternatives"]]
