@@ -320,14 +320,13 @@ class Policy:
         out: list[Decision] = []
         for lo in range(0, len(rows), ROWWISE):
             part = rows[lo:lo + ROWWISE]
-            assessed = [self.catalog.assess_one(row) for row in part]
-            eligible = np.array([a.eligible for a in assessed])
+            eligible, rules = self.catalog.assess_many(part)
             for i, gone in enumerate(unavailable[lo:lo + ROWWISE]):
                 if gone:
                     eligible[i] &= ~self._out_of(gone)
             phi = None if self.encoder is None else self.encoder.transform_many(part)
             batch = self._decide(np.array([str(row["order_id"]) for row in part], dtype=object), phi, eligible,
-                                 np.array([a.playbook for a in assessed]), frozenset(), True, alternatives=True)
+                                 rules, frozenset(), True, alternatives=True)
             out.extend(map(self._explain, _One.rows(batch), self._drivers(phi, batch.actions.tolist()),
                            segments[lo:lo + ROWWISE]))
         return out
