@@ -253,6 +253,8 @@ class Policy:
                                 for name in self.slot_names]
         self._explaining = list(zip(self.slot_names, self.space.defaults, self._slices, self._ids,
                                     self._silent_list, self._explained_list))
+        self._explained_slots = [(s, self.space.defaults[s], catalog.columns[s])
+                                 for s, explained in enumerate(self._explained_list) if explained]
         self._exploring_note = "" if self._scorer is None else ", those estimated close to the best likelier"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -473,7 +475,7 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0), probs
 
     # -- reasons --------------------------------------------------------------
-    def _explain(self, one: _One, drivers: list[list[str]], segment: str | None = None) -> Decision:
+    def _explain(self, one: _One, drivers: dict[int, list[str]], segment: str | None = None) -> Decision:
         """Turn one order's decision into a Decision with notes, reasons and alternatives;
         ``drivers`` is its row of `_drivers`.
 
@@ -495,25 +497,23 @@ class Policy:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {ids[d]}")
-                reasons.extend(drivers[s])
+                reasons.extend(drivers.get(s, ()))
             slots[name] = SlotChoice(ids[a], one.propensities[s], self._notes[s][a], tuple(reasons),
                                      tuple((ids[j], scores[j]) for j in ranked))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)
 
-    def _drivers(self, phi: np.ndarray | None, actions: list[list[int]]) -> list[list[list[str]]]:
-        """Per order and slot, the (at most three) features that moved the value of its action
-        over the slot default's the most, as "name (+0.12)", largest first; empty where the
-        reasons name none (the model does not decide the slot, or its default went out).
+    def _drivers(self, phi: np.ndarray | None, actions: list[list[int]]) -> list[dict[int, list[str]]]:
+        """Per order, slot -> the (at most three) features that moved the value of its action over
+        the slot default's the most, as "name (+0.12)", largest first; only the slots whose reasons
+        name drivers (the model decides the slot, and its default did not go out).
         ``phi`` (n, n_features), None for a rules-only policy; ``actions`` per order and slot.
         All orders' explained slots in one product and one sort (row by row, the same bits)."""
-        out: list[list[list[str]]] = [[[] for _ in row] for row in actions]
+        out: list[dict[int, list[str]]] = [{} for _ in actions]
         if phi is None or self._gains is None or self.encoder is None:
             return out
-        picks = [(i, s, a + c) for i, row in enumerate(actions)
-                 for s, (a, d, c, explained) in enumerate(zip(row, self.space.defaults, self.catalog.columns,
-                                                               self._explained_list)) if explained and a != d]
+        picks = [(i, s, row[s] + c) for i, row in enumerate(actions) for s, d, c in self._explained_slots if row[s] != d]
         if not picks:
             return out
         rows, slots, columns = zip(*picks)
