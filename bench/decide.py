@@ -9,11 +9,14 @@ run, side by side on the same orders:
     encoding (`FeatureEncoder.transform_one`), scoring (the policy's decision
     core on one row: every box of every slot scored, exploration), explanation
     (notes, reasons, ranked alternatives);
+  - `Decider.decide_many` (the service's micro-batches) at batch sizes 1, 7 and 32: CPU
+    microseconds per order, customer state and features included, and `Policy.decide_many`
+    alone on the same feature rows;
   - `Engine.decide_batch` in orders per second, and its parts.
 Writes bench/results/decide.json. Wall times on a shared machine vary: read
 the figures side by side, and never gate CI on them.
 
-Usage: python bench/decide.py [--model DIR --data DIR] [--orders 5000] [--batch 100000]
+Usage: python bench/decide.py [--model DIR --data DIR] [--orders 5000] [--batch 100000] [--sizes 1,7,32]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from insertrec.data import load_data
+from insertrec.decide import Decider
 from insertrec.engine import Engine
 from insertrec.features import features_for_orders
 from insertrec.training import TrainConfig, train
@@ -113,8 +117,9 @@ def single(engine: Engine, recs: list[dict]) -> dict:
         "eligibility_rules": timed(lambda i: policy.catalog.assess_one(feats[i]), idx),
         "encode": timed(lambda i: policy.encoder.transform_one(feats[i]) if policy.encoder else None, idx),
         "score": timed(score, idx),
-        "explain": timed(lambda i: policy._explain(ones[i], phis[i], engine.segments.get(str(recs[i]["customer_id"]))),
-                         idx),
+        "explain": timed(lambda i: policy._explain(
+            ones[i], policy._drivers(None if phis[i] is None else phis[i][None], [ones[i].actions])[0],
+            engine.segments.get(str(recs[i]["customer_id"]))), idx),
     }
     cpu = time.process_time()
     decide = timed(engine.decide, recs)
@@ -124,6 +129,37 @@ def single(engine: Engine, recs: list[dict]) -> dict:
             "decision_without_features": summary(decision),
             "stages": {k: summary(v) for k, v in stages.items()},
             "stage_p50_sum_us": round(sum(float(np.percentile(v, 50)) for v in stages.values()), 1)}
+
+
+def cpu_per_order(fn, groups: list[list[int]], repeats: int) -> float:
+    """CPU microseconds per order of ``fn(group)`` over all groups, best of ``repeats``."""
+    best = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for group in groups:
+            fn(group)
+        best.append(time.process_time() - t0)
+    return round(min(best) / sum(map(len, groups)) * 1e6, 1)
+
+
+def micro_batches(engine: Engine, recs: list[dict], sizes: list[int], repeats: int) -> dict:
+    """`Decider.decide_many` (model, rules behind it) per micro-batch size, and `Policy.decide_many`
+    on the same orders' feature rows: CPU microseconds per order."""
+    decider = Decider(engine, Engine.rules_only(engine.catalog))
+    states = [engine.state(str(r["customer_id"])) for r in recs]
+    feats = [s.features(r) for s, r in zip(states, recs)]
+    segments = [engine.segments.get(str(r["customer_id"])) for r in recs]
+    none = frozenset[str]()
+    out = {}
+    for size in sizes:
+        groups = [list(range(lo, min(lo + size, len(recs)))) for lo in range(0, len(recs), size)]
+        decider.decide_many([recs[i] for i in groups[0]], [states[i] for i in groups[0]], [none] * len(groups[0]))
+        out[str(size)] = {
+            "decider_decide_many_cpu_us": cpu_per_order(lambda g: decider.decide_many(
+                [recs[i] for i in g], [states[i] for i in g], [none] * len(g)), groups, repeats),
+            "policy_decide_many_cpu_us": cpu_per_order(lambda g: engine.policy.decide_many(
+                [feats[i] for i in g], [none] * len(g), [segments[i] for i in g]), groups, repeats)}
+    return out
 
 
 def batch(engine: Engine, orders: pd.DataFrame, repeats: int) -> dict:
@@ -153,6 +189,7 @@ def main() -> None:
     ap.add_argument("--orders", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="1,7,32", help="micro-batch sizes for Decider.decide_many")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "decide.json"))
     args = ap.parse_args()
     if bool(args.model) != bool(args.data):
@@ -164,11 +201,14 @@ def main() -> None:
         load_before = os.getloadavg()
         reference = numpy_call_us()
         one = single(engine, records(orders.head(args.orders)))
+        micro = micro_batches(engine, records(orders.head(args.orders)), [int(x) for x in args.sizes.split(",")],
+                     args.repeats)
         many = batch(engine, orders.head(args.batch), args.repeats)
         reference = min(reference, numpy_call_us())
     result = {"model": str(model_dir), "policy": engine.policy.name,
               "playbook_slots": list(engine.policy.playbook_slots), "boxes_scored": len(engine.policy.combos),
-              "cpus": os.cpu_count(), "loadavg_before": load_before, "numpy_call_us": reference, "single": one, "batch": many,
+              "cpus": os.cpu_count(), "loadavg_before": load_before, "numpy_call_us": reference,
+              "single": one, "micro_batches": micro, "batch": many,
               "targets": TARGETS,
               "met": {"decide_p99_us": one["engine_decide"]["p99_us"] < TARGETS["decide_p99_us"],
                       "decision_p50_us": one["decision_without_features"]["p50_us"] < TARGETS["decision_p50_us"],
@@ -178,6 +218,8 @@ def main() -> None:
     print(f"Engine.decide      p50 {d['p50_us']:.0f} us  p99 {d['p99_us']:.0f} us  CPU {one['engine_decide_cpu_us']:.0f} us "
           f"per order ({one['orders']} orders)")
     print("  stages p50 (us): " + ", ".join(f"{k} {v['p50_us']:.0f}" for k, v in s.items()))
+    print("decide_many CPU us per order (Decider / Policy alone): " + ", ".join(
+        f"{k}: {v['decider_decide_many_cpu_us']:.0f} / {v['policy_decide_many_cpu_us']:.0f}" for k, v in micro.items()))
     print(f"Engine.decide_batch {many['orders_per_s']:,} orders/s ({many['orders']:,} orders, "
           + ", ".join(f"{k} {v:.2f}s" for k, v in many["parts_s"].items()) + ")")
     out = Path(args.out)

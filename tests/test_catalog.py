@@ -545,6 +545,9 @@ ORDER = st.fixed_dictionaries({
 def test_one_order_paths_match_the_frame_paths(example: Catalog, rows: list[dict]) -> None:
     frame = pd.DataFrame.from_records(rows)
     eligible, choice, assessed = example.eligible(frame), example.rules_choice(frame), example.assess(frame)
+    together = example.assess_many(rows)   # the service's micro-batches
+    assert together.eligible.dtype == bool and together.eligible.tolist() == assessed.eligible.tolist()
+    assert together.playbook.tolist() == assessed.playbook.tolist()
     for i, record in enumerate(rows):
         one = example.assess_one(record)
         assert one.eligible.tolist() == assessed.eligible[i].tolist()

@@ -767,6 +767,17 @@ class Catalog:
 
     def assess_one(self, row: Mapping[str, Any]) -> Assessment:
         """``assess`` for one order's feature row: bool (n_actions,) and int (n_slots,)."""
+        ok, choice = self._assess_row(row)
+        return Assessment(np.array(ok, dtype=bool), np.array(choice))
+
+    def assess_many(self, rows: Sequence[Mapping[str, Any]]) -> Assessment:
+        """`assess_one` of each feature row, stacked ((n, n_actions), (n, n_slots)): the service's
+        micro-batches, without building a frame for a handful of orders."""
+        assessed = [self._assess_row(row) for row in rows]
+        return Assessment(np.array([ok for ok, _ in assessed], dtype=bool).reshape(len(rows), len(self._flat_actions)),
+                          np.array([choice for _, choice in assessed], dtype=np.intp).reshape(len(rows), len(self.slots)))
+
+    def _assess_row(self, row: Mapping[str, Any]) -> tuple[list[bool], list[int]]:
         compiled = self._compiled
         ok = [check(row) for check in compiled.actions]
         choice = [slot.default_index for slot in self.slots.values()]
@@ -776,7 +787,7 @@ class Catalog:
                     if ok[column]:
                         choice[s] = index
                 break
-        return Assessment(np.array(ok, dtype=bool), np.array(choice))
+        return ok, choice
 
     def eligible(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Slot -> bool (n_orders, n_actions): ``when`` and contact cap; the default always."""

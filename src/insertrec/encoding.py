@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -160,26 +161,39 @@ class FeatureEncoder:
 
     def transform_one(self, record: dict[str, Any]) -> np.ndarray:
         """Encode one order given as a dict: the serving path, no pandas."""
-        out = np.zeros(self.n_features_)
-        out[0] = 1.0
-        i = 1
-        for spec in self.numerics_:
-            raw = record.get(spec.name)
+        return np.array(self._row(record))
+
+    def transform_many(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """(n, n_features): `transform_one` of each order, row for row to the bit, in one array."""
+        return np.array([self._row(record) for record in records]).reshape(len(records), self.n_features_)
+
+    @cached_property
+    def _plan(self) -> tuple[tuple[tuple[str, bool, float, float, float, bool], ...],
+                             tuple[tuple[str, dict[str, int], int], ...]]:
+        """The fitted specs as plain tuples: `_row` runs per request, attribute look-ups add up."""
+        return (tuple((n.name, n.log, n.fill, n.mean, n.scale, n.has_missing) for n in self.numerics_),
+                tuple((c.name, self._index[c.name], len(c.values) + 1) for c in self.categoricals_))
+
+    def _row(self, record: dict[str, Any]) -> list[float]:
+        """One order's encoding as Python floats (the same IEEE arithmetic `transform` does)."""
+        numerics, categoricals = self._plan
+        out = [1.0]
+        for name, log, fill, mean, scale, has_missing in numerics:
+            raw = record.get(name)
             try:
                 v = float(raw)  # type: ignore[arg-type]  # None and junk fall to NaN below
             except (TypeError, ValueError):
                 v = math.nan
-            if spec.log and math.isfinite(v):
+            if log and math.isfinite(v):
                 v = math.copysign(math.log1p(abs(v)), v)
             missing = not math.isfinite(v)
-            out[i] = ((spec.fill if missing else v) - spec.mean) / spec.scale
-            i += 1
-            if spec.has_missing:
-                out[i] = 1.0 if missing else 0.0
-                i += 1
-        for cat in self.categoricals_:
-            raw = record.get(cat.name)
+            out.append(((fill if missing else v) - mean) / scale)
+            if has_missing:
+                out.append(1.0 if missing else 0.0)
+        for name, index, width in categoricals:
+            raw = record.get(name)
             key = "unknown" if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
-            out[i + self._index[cat.name].get(key, len(cat.values))] = 1.0
-            i += len(cat.values) + 1
+            hot = [0.0] * width
+            hot[index.get(key, width - 1)] = 1.0
+            out.extend(hot)
         return out

@@ -51,29 +51,34 @@ def explore_probabilities(scores: np.ndarray | None, eligible: np.ndarray, slice
     """(n, n_actions) flat, per slot summing to 1: the distribution an exploring slot draws from.
 
     ``scores`` (n, n_actions): each action's best eligible box value (-inf where ineligible), or
-    None for uniform; ``eligible`` bool, same layout; ``slices`` each slot's columns. In the
-    slots ``fixed`` (indices) the draw is the floor alone around ``greedy`` (n, n_slots), the
-    action the slot was fixed to.
+    None for uniform; ``eligible`` bool, same layout; ``slices`` each slot's columns, side by side
+    from column 0 (`Catalog.columns`). In the slots ``fixed`` (indices) the draw is the floor alone
+    around ``greedy`` (n, n_slots), the action the slot was fixed to.
+
+    All slots in one pass (a micro-batch pays a fixed number of NumPy calls, not a dozen per
+    slot), with the arithmetic of one order's path: elementwise steps on the flat row, the
+    exact per-slot counts and maxima by ``reduceat``, and each slot's sum of weights NumPy's
+    own pairwise sum over that slot, as `explore_probabilities_one` takes it.
     """
+    starts = [sl.start for sl in slices]
+    sizes = [sl.stop - sl.start for sl in slices]
     elig = eligible.astype(float)
-    out = np.empty_like(elig)
+    uniform = elig / np.repeat(np.add.reduceat(elig, starts, axis=1), sizes, axis=1)   # counts: exact
+    if scores is None:
+        return uniform
+    # rounded: one order's scores and its row in a batch differ in the last bits (BLAS blocking),
+    # and the logged propensity must not
+    v = np.where(eligible, np.round(scores, 6), -np.inf)
+    w = np.exp((v - np.repeat(np.maximum.reduceat(v, starts, axis=1), sizes, axis=1)) / tau)   # exp(-gap / tau)
+    total = np.ones((len(w), len(slices)))
     for s, sl in enumerate(slices):
-        e = elig[:, sl]
-        uniform = e / e.sum(axis=1, keepdims=True)
-        if scores is None:
-            out[:, sl] = uniform
-            continue
-        if s in fixed:
+        if s in fixed:   # the floor alone around the fixed action (x + 0.0 is x: the bits of adding 1 - floor)
             assert greedy is not None, "a fixed slot needs the action it was fixed to"
-            out[:, sl] = floor * uniform
-            out[np.arange(len(e)), sl.start + greedy[:, s]] += 1.0 - floor
-            continue
-        # rounded: one order's scores and its row in a batch differ in the last bits (BLAS blocking),
-        # and the logged propensity must not
-        v = np.where(eligible[:, sl], np.round(scores[:, sl], 6), -np.inf)
-        w = np.exp((v - v.max(axis=1, keepdims=True)) / tau)        # exp(-gap / tau), 0 where ineligible
-        out[:, sl] = floor * uniform + (1.0 - floor) * w / w.sum(axis=1, keepdims=True)
-    return out
+            w[:, sl] = 0.0
+            w[np.arange(len(w)), sl.start + greedy[:, s]] = 1.0
+        else:
+            total[:, s] = w[:, sl].sum(axis=1)
+    return floor * uniform + (1.0 - floor) * w / np.repeat(total, sizes, axis=1)
 
 
 def draw(probs: np.ndarray, u: np.ndarray, slices: list[slice]) -> np.ndarray:

@@ -118,6 +118,10 @@ class SplineEncoder:
     def transform_one(self, record: dict[str, Any]) -> np.ndarray:
         return self.expand(self.base.transform_one(record)[None, :])[0]
 
+    def transform_many(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """`transform_one` of each order, row for row to the bit (the hinges are elementwise)."""
+        return self.expand(self.base.transform_many(records))
+
 
 class BoxLearner(Learner):
     """The ridge box model (`ValueModel`), over the encoder's features (``knots=0``) or over

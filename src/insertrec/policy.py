@@ -88,7 +88,7 @@ class BatchDecisions:
     explored: np.ndarray         # (n, n_slots) bool
     greedy: np.ndarray           # (n, n_slots) the best eligible box before exploration
     eligible: list[np.ndarray] = field(repr=False, default_factory=list)
-    # per slot (n, n_actions): each action's best box value; only to explain an order (`_One.of`)
+    # per slot (n, n_actions): each action's best box value; only to explain an order (`_One.rows`)
     alt_scores: list[np.ndarray] = field(repr=False, default_factory=list)
     uplift: np.ndarray | None = None
     # (n, n_actions) flat: the distribution an exploring slot draws from (None: uniform among eligible)
@@ -105,7 +105,7 @@ class _Best(NamedTuple):
 
 class _One(NamedTuple):
     """One order's decision as plain lists, slots in catalog order: what `_explain` turns into a
-    `Decision` (from `Policy._decide_one`, or from row ``i`` of a batch by `_One.of`)."""
+    `Decision` (from `Policy._decide_one`, or from each row of a batch by `_One.rows`)."""
 
     order_id: str
     actions: list[int]
@@ -117,13 +117,14 @@ class _One(NamedTuple):
     uplift: float | None
 
     @classmethod
-    def of(cls, batch: BatchDecisions, i: int) -> _One:
-        """Order ``i`` of a batch decided with ``alternatives``."""
-        return cls(str(batch.order_ids[i]), batch.actions[i].tolist(), batch.greedy[i].tolist(),
-                   batch.propensities[i].tolist(), batch.explored[i].tolist(),
-                   [bool(e) for part in batch.eligible for e in part[i].tolist()],
-                   [float(x) for part in batch.alt_scores for x in part[i].tolist()],
-                   None if batch.uplift is None else float(batch.uplift[i]))
+    def rows(cls, batch: BatchDecisions) -> list[_One]:
+        """Every order of a batch decided with ``alternatives``, each array converted once."""
+        n = len(batch.order_ids)
+        uplift = [None] * n if batch.uplift is None else batch.uplift.tolist()
+        return [cls(*row) for row in zip(map(str, batch.order_ids.tolist()), batch.actions.tolist(),
+                                          batch.greedy.tolist(), batch.propensities.tolist(),
+                                          batch.explored.tolist(), np.hstack(batch.eligible).tolist(),
+                                          np.hstack(batch.alt_scores).tolist(), uplift)]
 
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots")
@@ -247,6 +248,14 @@ class Policy:
         self._gains = None if self._scorer is None else np.ascontiguousarray(
             (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)
         self._tau = 1.0 if value_model is None else TEMPERATURE * value_model.reward_scale_
+        # for the reasons: slots where the model decides (its estimate and the drivers explain them)
+        self._explained_list = [value_model is not None and name not in (*playbook_slots, *default_slots)
+                                for name in self.slot_names]
+        self._explaining = list(zip(self.slot_names, self.space.defaults, self._slices, self._ids,
+                                    self._silent_list, self._explained_list))
+        self._explained_slots = [(s, self.space.defaults[s], catalog.columns[s])
+                                 for s, explained in enumerate(self._explained_list) if explained]
+        self._exploring_note = "" if self._scorer is None else ", those estimated close to the best likelier"
 
     def __getstate__(self) -> dict[str, Any]:
         """Only the constructor's parameters: the derived constants are rebuilt on load."""
@@ -298,7 +307,8 @@ class Policy:
         if unavailable:
             eligible = eligible & ~self._out_of(unavailable)
         phi = None if self.encoder is None else self.encoder.transform_one(row)
-        return self._explain(self._decide_one(str(row["order_id"]), phi, eligible, rules), phi, segment)
+        one = self._decide_one(str(row["order_id"]), phi, eligible, rules)
+        return self._explain(one, self._drivers(None if phi is None else phi[None], [one.actions])[0], segment)
 
     def decide_many(self, rows: list[dict], unavailable: list[frozenset[str]],
                     segments: list[str | None]) -> list[Decision]:
@@ -312,16 +322,15 @@ class Policy:
         out: list[Decision] = []
         for lo in range(0, len(rows), ROWWISE):
             part = rows[lo:lo + ROWWISE]
-            assessed = [self.catalog.assess_one(row) for row in part]
-            eligible = np.array([a.eligible for a in assessed])
+            eligible, rules = self.catalog.assess_many(part)
             for i, gone in enumerate(unavailable[lo:lo + ROWWISE]):
                 if gone:
                     eligible[i] &= ~self._out_of(gone)
-            phi = None if self.encoder is None else np.array([self.encoder.transform_one(row) for row in part])
+            phi = None if self.encoder is None else self.encoder.transform_many(part)
             batch = self._decide(np.array([str(row["order_id"]) for row in part], dtype=object), phi, eligible,
-                                 np.array([a.playbook for a in assessed]), frozenset(), True, alternatives=True)
-            out.extend(self._explain(_One.of(batch, i), None if phi is None else phi[i], segments[lo + i])
-                       for i in range(len(part)))
+                                 rules, frozenset(), True, alternatives=True)
+            out.extend(map(self._explain, _One.rows(batch), self._drivers(phi, batch.actions.tolist()),
+                           segments[lo:lo + ROWWISE]))
         return out
 
     def _decide_one(self, order_id: str, phi: np.ndarray | None, eligible: np.ndarray, rules: np.ndarray) -> _One:
@@ -466,43 +475,51 @@ class Policy:
         return actions, explored, np.where(k > 1, props, 1.0), probs
 
     # -- reasons --------------------------------------------------------------
-    def _explain(self, one: _One, phi: np.ndarray | None, segment: str | None = None) -> Decision:
+    def _explain(self, one: _One, drivers: dict[int, list[str]], segment: str | None = None) -> Decision:
         """Turn one order's decision into a Decision with notes, reasons and alternatives;
-        ``phi`` is its encoded features (None for a rules-only policy).
+        ``drivers`` is its row of `_drivers`.
 
         The pick note is for the warehouse packer: it describes the item (the catalog's ``note``),
         never the customer. A slot says it explored only when the draw changed its action: an
         exploration draw that lands on the best action leaves the box as the model chose it."""
         actions, greedy = one.actions, one.greedy
         slots = {}
-        for s, name in enumerate(self.slot_names):
-            a, d, sl = actions[s], self.space.defaults[s], self._slices[s]
+        for s, (name, d, sl, ids, silent, explained) in enumerate(self._explaining):
+            a = actions[s]
             scores, eligible = one.scores[sl], one.eligible[sl]
             ranked = sorted(compress(range(len(scores)), eligible),
                             key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
-            reasons = [f"exploring: drawn among {sum(eligible)} eligible actions" + (
-                "" if self._scorer is None else ", those estimated close to the best likelier")] \
+            reasons = [f"exploring: drawn among {sum(eligible)} eligible actions{self._exploring_note}"] \
                 if a != greedy[s] else []
-            if name in self.default_slots:
+            if silent:
                 reasons.append("slot default: the evidence did not show the model or the playbook paying here")
-            elif self.value_model is None or name in self.playbook_slots:
+            elif not explained:
                 reasons.append("marketer's playbook rule" if a != d else "slot default")
             else:
-                reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {self._ids[s][d]}")
-                if a != d and phi is not None:
-                    reasons.extend(self._drivers(self.catalog.columns[s] + a, phi))
-            slots[name] = SlotChoice(self._ids[s][a], one.propensities[s], self._notes[s][a], tuple(reasons),
-                                     tuple((self._ids[s][j], scores[j]) for j in ranked))
+                reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {ids[d]}")
+                reasons.extend(drivers.get(s, ()))
+            slots[name] = SlotChoice(ids[a], one.propensities[s], self._notes[s][a], tuple(reasons),
+                                     tuple((ids[j], scores[j]) for j in ranked))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)
 
-    def _drivers(self, column: int, phi: np.ndarray) -> list[str]:
-        """The (at most three) features that moved the value of the action in flat ``column`` over
-        its slot default's the most, as "name (+0.12)", largest first."""
-        assert self._gains is not None and self.encoder is not None   # a policy with a value model
-        contrib = phi * self._gains[column]
-        top = np.argsort(-np.abs(contrib))[:3].tolist()
+    def _drivers(self, phi: np.ndarray | None, actions: list[list[int]]) -> list[dict[int, list[str]]]:
+        """Per order, slot -> the (at most three) features that moved the value of its action over
+        the slot default's the most, as "name (+0.12)", largest first; only the slots whose reasons
+        name drivers (the model decides the slot, and its default did not go out).
+        ``phi`` (n, n_features), None for a rules-only policy; ``actions`` per order and slot.
+        All orders' explained slots in one product and one sort (row by row, the same bits)."""
+        out: list[dict[int, list[str]]] = [{} for _ in actions]
+        if phi is None or self._gains is None or self.encoder is None:
+            return out
+        picks = [(i, s, row[s] + c) for i, row in enumerate(actions) for s, d, c in self._explained_slots if row[s] != d]
+        if not picks:
+            return out
+        rows, slots, columns = zip(*picks)
+        contrib = (phi if len(phi) == 1 else phi[list(rows)]) * self._gains[list(columns)]   # one order: broadcast
+        top = np.argsort(-np.abs(contrib), axis=1)[:, :3].tolist()
         names = self.encoder.feature_names_
-        return [f"{names[j]} ({v:+.2f})" for j, v in zip(top, contrib[top].tolist())
-                if abs(v) > 1e-3 and names[j] != "intercept"]
+        for i, s, js, vs in zip(rows, slots, top, contrib.tolist()):
+            out[i][s] = [f"{names[j]} ({vs[j]:+.2f})" for j in js if abs(vs[j]) > 1e-3 and names[j] != "intercept"]
+        return out
