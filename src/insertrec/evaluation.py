@@ -330,10 +330,6 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
                   "default": judge.judge_difference(ours, default, seed, slot=s, level=level)}
         gains[name] = {"playbook_vs_default": playbook[s].as_dict(),
                        **{f"model_vs_{k}": e.as_dict() for k, e in versus.items()}}
-        # the model's gain over the default through the playbook: its departures from the playbook
-        # (rare where it stays near it: a narrow interval) on the holdout, the playbook's own on the log
-        through = versus["playbook"].value + playbook[s].value
-        gains[name]["model_vs_default_through_playbook"] = through
         if playbook[s].value > 0:
             if versus["playbook"].high < 0:      # shown worse than the playbook
                 to_playbook.append(name)

@@ -282,8 +282,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
             notes.append(f"on the holdout the model did worse than the playbook in "
                          f"{', '.join(deciders.playbook_slots)}; the playbook decides there")
         if deciders.default_slots:
-            notes.append(f"neither the playbook nor, on the holdout, the model was estimated to beat the slot "
-                         f"default in {', '.join(deciders.default_slots)}; the default goes out there")
+            notes.append(f"the playbook was not estimated to beat the slot default, and on the holdout the model "
+                         f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
