@@ -121,7 +121,8 @@ class CustomerState:
             self.chans[chan] += 1
         for a in actions:
             self.recv[a] += 1
-            self.recv_last[a] = ts
+            last = self.recv_last[a]
+            self.recv_last[a] = ts if last is None else max(last, ts)   # folded in any order, like last_ts
             if a in self.recv_ts:
                 insort(self.recv_ts[a], ts)
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
