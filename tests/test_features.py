@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import textwrap
+from types import SimpleNamespace
 from typing import Any
 
 import joblib
@@ -476,6 +478,21 @@ def test_reward_horizon_boundaries_censoring_override_and_costs() -> None:
     assert list(rewards.index) == list(data.orders["order_id"])
     plain = order_rewards(data, horizon_days=30).set_index("order_id")
     assert plain.loc["o1", "reward"] == 0.0 and plain.loc["o4", "revenue"] == 5.0  # o5 exactly 30 days later
+
+
+def test_params_saved_with_an_older_column_layout_get_the_current_one() -> None:
+    """Model directories pickled the params with their derived layout; one saved by an older
+    version must not hand the online path a layout without what it now reads."""
+    stale = dict(PARAMS.__dict__, _layout=SimpleNamespace())   # a layout of an older version
+
+    class SavedByAnOlderVersion:
+        def __reduce__(self) -> tuple:
+            return object.__new__, (FeatureParams,), stale
+
+    loaded = pickle.loads(pickle.dumps(SavedByAnOlderVersion()))
+    assert loaded == PARAMS and "_layout" not in pickle.loads(pickle.dumps(PARAMS)).__dict__
+    order = {"order_id": "n", "customer_id": "a", "order_ts": at(1), "order_value": 5.0}
+    assert_same(CustomerState.empty(loaded).features(order), CustomerState.empty(PARAMS).features(order))
 
 
 def test_a_copied_state_takes_events_without_changing_the_original() -> None:
