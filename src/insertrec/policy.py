@@ -45,9 +45,9 @@ __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_un
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
 
 
-@dataclass(frozen=True)
-class SlotChoice:
-    """What goes into one slot of the box, and why."""
+class SlotChoice(NamedTuple):
+    """What goes into one slot of the box, and why (a named tuple: one is built per slot of every
+    decision, at a third of a frozen dataclass's cost)."""
 
     action_id: str
     propensity: float
@@ -251,7 +251,7 @@ class Policy:
         # for the reasons: slots where the model decides (its estimate and the drivers explain them)
         self._explained_list = [value_model is not None and name not in (*playbook_slots, *default_slots)
                                 for name in self.slot_names]
-        self._explaining = list(zip(self.slot_names, self.space.defaults, self._slices, self._ids,
+        self._explaining = list(zip(self.slot_names, self.space.defaults, self._slices, self._ids, self._notes,
                                     self._silent_list, self._explained_list))
         self._explained_slots = [(s, self.space.defaults[s], catalog.columns[s])
                                  for s, explained in enumerate(self._explained_list) if explained]
@@ -482,9 +482,9 @@ class Policy:
         The pick note is for the warehouse packer: it describes the item (the catalog's ``note``),
         never the customer. A slot says it explored only when the draw changed its action: an
         exploration draw that lands on the best action leaves the box as the model chose it."""
-        actions, greedy = one.actions, one.greedy
+        actions, greedy, propensities = one.actions, one.greedy, one.propensities
         slots = {}
-        for s, (name, d, sl, ids, silent, explained) in enumerate(self._explaining):
+        for s, (name, d, sl, ids, notes, silent, explained) in enumerate(self._explaining):
             a = actions[s]
             scores, eligible = one.scores[sl], one.eligible[sl]
             ranked = sorted(compress(range(len(scores)), eligible),
@@ -498,8 +498,8 @@ class Policy:
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {ids[d]}")
                 reasons.extend(drivers.get(s, ()))
-            slots[name] = SlotChoice(ids[a], one.propensities[s], self._notes[s][a], tuple(reasons),
-                                     tuple((ids[j], scores[j]) for j in ranked))
+            slots[name] = SlotChoice(ids[a], propensities[s], notes[a], tuple(reasons),
+                                     tuple(zip(map(ids.__getitem__, ranked), map(scores.__getitem__, ranked))))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)
