@@ -154,6 +154,32 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
         "clipped_mass_pct": 100.0 * (1.0 - float(w.sum() / w_exact.sum())),
         "mean_w_exact": float(w_exact.mean()), "mean_w": float(w.mean()),
         "pscore_check": float(np.abs(mj[np.arange(n), box] - f.pscores.prod(1)).max()),
+        **pseudo_inverse(a, f, probs, rules, q_all, truth_v, rules_truth, logging_truth),
+    }
+
+
+def pseudo_inverse(a: dict[str, np.ndarray], f, probs: list[np.ndarray], rules: list[np.ndarray],
+                   q_all: np.ndarray, truth_v: float, rules_truth: float, logging_truth: float) -> dict[str, float]:
+    """DR with the slates' pseudo-inverse weight (`ope.DRPI`): its value and lifts against the truth, the
+    half-widths of its paired 95% intervals of the lifts (points), and its weights' effective sample."""
+    from insertrec.ope import DRPI, Bootstrap, effective_sample_size
+    est, boot = DRPI(), Bootstrap(len(f.rewards))
+    q_pi, q_rules = (joint(probs) * q_all).sum(1), (joint(rules) * q_all).sum(1)
+    value = est.estimate(f, probs, a["q_logged"], q_pi, bootstrap=boot)
+    rules_v = est.estimate(f, rules, a["q_logged"], q_rules, bootstrap=boot)
+    diff = est.difference(f, probs, q_pi, rules, q_rules, a["q_logged"], bootstrap=boot)
+    terms = est.terms(est.weigh(f, probs, None), f.rewards, a["q_logged"], q_pi)[:, 0] - f.rewards
+    reps = boot.sums(terms[:, None])[:, 0] / boot.totals
+    mean_r = float(f.rewards.mean())
+    return {
+        "drpi": value.value, "drpi_pct": 100.0 * (value.value - truth_v) / abs(truth_v),
+        "drpi_rules_pct": 100.0 * (rules_v.value - rules_truth) / abs(rules_truth),
+        "drpi_lift_rules_err": 100.0 * (value.value / rules_v.value - truth_v / rules_truth),
+        "drpi_lift_logging_err": 100.0 * (value.value / mean_r - truth_v / logging_truth),
+        "drpi_lift_rules_hw": 100.0 * (diff.high - diff.low) / 2 / abs(rules_v.value),
+        "drpi_lift_logging_hw": 100.0 * float(np.diff(np.quantile(reps, [0.025, 0.975]))[0]) / 2 / abs(mean_r),
+        "drpi_ess": effective_sample_size(est.weigh(f, probs, None)),
+        "drpi_negative_share": 100.0 * float((est.weigh(f, probs, None) < 0).mean()),
     }
 
 
@@ -161,7 +187,10 @@ COLUMNS = [("truth", "{:8.3f}"), ("ips_pct", "{:7.1f}"), ("snips_pct", "{:7.1f}"
            ("rules_dr_pct", "{:7.1f}"), ("logging_pct", "{:7.1f}"), ("lift_rules_err", "{:7.1f}"),
            ("lift_logging_err", "{:7.1f}"),
            ("ess", "{:7.0f}"), ("dm_pct", "{:7.1f}"), ("corr_pct", "{:7.1f}"), ("corr_expected_pct", "{:7.1f}"),
-           ("corr_noise_pct", "{:7.1f}"), ("clip_bias_pct", "{:7.1f}"), ("clipped_mass_pct", "{:7.1f}")]
+           ("corr_noise_pct", "{:7.1f}"), ("clip_bias_pct", "{:7.1f}"), ("clipped_mass_pct", "{:7.1f}"),
+           ("drpi_pct", "{:7.1f}"), ("drpi_rules_pct", "{:7.1f}"), ("drpi_lift_rules_err", "{:7.1f}"),
+           ("drpi_lift_logging_err", "{:7.1f}"), ("drpi_lift_rules_hw", "{:7.1f}"),
+           ("drpi_lift_logging_hw", "{:7.1f}"), ("drpi_ess", "{:7.0f}")]
 
 
 def table(rows: list[tuple[str, int, dict]]) -> str:
