@@ -51,6 +51,7 @@ many logged orders an estimate really rests on.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +59,9 @@ import numpy as np
 from insertrec.errors import InsertrecError
 
 __all__ = [
-    "DR", "DRPI", "DR_CLIP", "IPS", "JOINT_CLIP", "SNIPS", "Bootstrap", "Estimate", "Estimator", "LoggedFeedback",
-    "PolicyEstimates", "clipped_share", "difference", "effective_sample_size", "estimate", "expected_value",
-    "onehot",
+    "DEFAULT_ESTIMATORS", "DR", "DRPI", "DR_CLIP", "IPS", "JOINT_CLIP", "SNIPS", "Bootstrap", "Estimate",
+    "Estimator", "LoggedFeedback", "PolicyEstimates", "clipped_share", "difference", "effective_sample_size",
+    "estimate", "expected_value", "onehot",
 ]
 
 JOINT_CLIP = 30.0   # IPS and SNIPS: their bias is the clipped mass, which a lower clip raises
@@ -272,15 +273,32 @@ class Estimator(ABC):
         _check(feedback, target_b, q_logged, q_target_b, level)
         a = self._terms(feedback, target_a, q_logged, q_target_a, slots)
         b = self._terms(feedback, target_b, q_logged, q_target_b, slots)
-        m = a.shape[1]
-        both = np.hstack([a, b])
-        boot = Bootstrap(len(feedback.rewards)) if bootstrap is None else bootstrap
-        sums, reps = both.sum(axis=0), boot.sums(both)
-        n = np.asarray(float(len(both)))
-        point = self.combine(sums[:m], n) - self.combine(sums[m:], n)
-        totals = boot.totals
-        low, high = _interval(self.combine(reps[:, :m], totals) - self.combine(reps[:, m:], totals), level)
-        return Estimate(float(point), float(low), float(high))
+        return _paired(a, self.combine, b, self.combine, bootstrap, level)
+
+    def versus_logged(self, feedback: LoggedFeedback, target: list[np.ndarray], q_logged: np.ndarray,
+                      q_target: np.ndarray, bootstrap: Bootstrap | None = None, level: float = 0.95) -> Estimate:
+        """value(target) - the mean logged reward (the logging policy's value, observed) on the same
+        orders, with a paired bootstrap interval: the lift over the logging policy needs no model
+        of that policy's probabilities beyond the logged ones."""
+        _check(feedback, target, q_logged, q_target, level)
+        a = self._terms(feedback, target, q_logged, q_target, None)
+        return _paired(a, self.combine, feedback.rewards[:, None], lambda sums, totals: sums[..., 0] / totals,
+                       bootstrap, level)
+
+
+def _paired(a: np.ndarray, combine_a: Callable[[np.ndarray, np.ndarray], np.ndarray], b: np.ndarray,
+            combine_b: Callable[[np.ndarray, np.ndarray], np.ndarray], bootstrap: Bootstrap | None,
+            level: float) -> Estimate:
+    """combine_a(terms a) - combine_b(terms b) over the same orders and replicates."""
+    m = a.shape[1]
+    both = np.hstack([a, b])
+    boot = Bootstrap(len(both)) if bootstrap is None else bootstrap
+    sums, reps = both.sum(axis=0), boot.sums(both)
+    n = np.asarray(float(len(both)))
+    point = combine_a(sums[:m], n) - combine_b(sums[m:], n)
+    totals = boot.totals
+    low, high = _interval(combine_a(reps[:, :m], totals) - combine_b(reps[:, m:], totals), level)
+    return Estimate(float(point), float(low), float(high))
 
 
 @dataclass(frozen=True)
