@@ -73,18 +73,20 @@ MIN_PROPENSITY = 0.01  # estimated propensities are floored here: a weight of 10
 # (+-2% where the truth said +4.5..7%), and left DR's clipped correction to find the whole gain.
 JUDGE_ACTION_ALPHAS = (1e-3, 1e-2)
 # What `evaluate` judges the model, the playbook and their lifts with: DR with the slates'
-# pseudo-inverse weight (`ope.DRPI`), not the clipped joint weight of DR. Measured with
-# bench/dr_bias.py (30,000 customers, the latest fifth unseen, five worlds, seeds 1 and 2;
-# bench/results/dr_bias_pseudo_inverse.json): clipped DR's lift vs rules missed the truth by up to
-# -9.2 points where 70-80% of the weight mass was past its clip, and its bootstrap interval, blind to
-# the clip's bias, did not cover the truth; DR-PI's errors were as large (its variance, not a bias)
-# but its 95% interval covered the truth in every case, so its interval can decide what is printed.
+# pseudo-inverse weight (`ope.DRPI`), not DR's clipped joint weight. Measured with bench/dr_bias.py
+# (30,000 customers, the latest fifth unseen, five worlds, seeds 1 and 2;
+# bench/results/dr_bias_pseudo_inverse.json): clipped DR's lift vs rules missed the truth by -9.2 to
+# +5.8 points (rms 4.9) and its 95% interval, blind to the clip's bias, held the truth in 4 of 10;
+# DR-PI missed by -7.8 to +9.9 (rms 5.4; mostly the holdout's reward noise, shared by both) and its
+# interval held the truth in 10 of 10, so its interval can decide what is printed.
 EVALUATE_ESTIMATORS: tuple[Estimator, Estimator, Estimator] = (IPS(), SNIPS(), DRPI())
 # A lift is printed only when its paired 95% interval (DR-PI) is within this many points either
 # side (#11.6: "within 3 points of the simulator's"); otherwise it is withheld with the interval and
 # the orders it would take. On 30,000-customer histories the latest fifth (11-15k orders) gave
-# half-widths of 6-16 points: the reward's own noise (sd 43 per order on a mean of 35) over the
-# pseudo-inverse weights' effective sample of 400-1,300 orders.
+# half-widths of 6.6-15.5 points (all ten withheld; the old rule, half the weight mass past DR's
+# clip, printed 2 of 10): the reward's own noise (sd 43 per order on a mean of 35) over the
+# pseudo-inverse weights' effective sample of 350-1,260 orders. The default world's +-6.6 would
+# take about 70,000 unseen orders to reach +-3.
 MAX_LIFT_HALFWIDTH = 0.03
 # A slot's importance ratios pi_s / mu_s average 1 over logged orders when every action the model
 # takes is one the log could hold; further from 1 than this many standard errors, the model takes
