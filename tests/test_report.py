@@ -85,6 +85,12 @@ def test_warnings_name_weak_or_bad_evidence() -> None:
     withheld = evidence_warnings(GOOD_METRICS | {"lift_vs_rules": float("nan")},
                                  GOOD_OPE | {"lifts": {"withheld": True, "why": why}}, "model")
     assert withheld == [f"The holdout cannot say how the engine compares with the playbook: {why}."]
+    # Withheld (its interval too wide to size it) yet wholly below zero: the loss is said, with no figure.
+    lost = evidence_warnings(GOOD_METRICS | {"lift_vs_rules": float("nan")},
+                             GOOD_OPE | {"lifts": {"withheld": True, "why": why},
+                                         "model_minus_rules": {"value": -3.0, "low": -5.5, "high": -0.5}}, "model")
+    assert lost[1] == ("On the holdout the engine did worse than the playbook (the whole 95% interval is below "
+                       "zero). Keep the playbook until a retrained engine beats it.")
     assert "no learnt engine" in evidence_warnings({}, None, "rules")[0]
 
 
