@@ -47,8 +47,9 @@ interval (+-6.6..15.5) holding the truth in 10 of 10, and its value's
 interval the true value in 10 of 10. The two errors move together (-6.0
 and -5.9 on one history): most of either is the holdout's reward noise
 (sd 43 per order on a mean of 35), which no estimator removes; DR-PI's
-is the one its interval owns, so `evaluation.evaluate` reports DR-PI and
-prints a lift only where that interval is narrow. With 11-15k holdout
+interval accounts for all of its error (no clip's bias hides outside it),
+so `evaluation.evaluate` reports DR-PI and prints a lift only where that
+interval is narrow. With 11-15k holdout
 orders its effective sample was 350-1,260.
 
 Each estimator (`IPS`, `SNIPS`, `DR`, `DRPI`) is a small frozen dataclass holding its
@@ -135,8 +136,7 @@ class LoggedFeedback:
         slots = list(range(self.actions.shape[1])) if slots is None else list(slots)
         n = len(self.rewards)
         rows = np.arange(n)
-        return np.column_stack([target[s][rows, self.actions[:, s]] / self.pscores[:, s] for s in slots]) \
-            if slots else np.ones((n, 0))
+        return np.column_stack([target[s][rows, self.actions[:, s]] / self.pscores[:, s] for s in slots])
 
     def pseudo_inverse_weights(self, target: list[np.ndarray], slots: list[int] | None = None) -> np.ndarray:
         """sum_s pi_s(a_s|x) / mu_s(a_s|x) - (K - 1) over the K weighted slots (`DRPI`)."""
