@@ -115,7 +115,7 @@ def cmd_init_catalog(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from insertrec.engine import Engine
-    from insertrec.evaluation import MAX_CLIPPED_SHARE, evaluate_on, lifts_withheld, training_cutoff
+    from insertrec.evaluation import evaluate_on, training_cutoff
     from insertrec.tracking import Progress
 
     progress = Progress()
@@ -125,10 +125,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     cutoff = training_cutoff(engine.manifest, args.model)
     data = _load(args)
     progress("features and off-policy evaluation")
-    metrics, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
+    metrics, report, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
     print(f"[insertrec] {unseen.describe()}", file=sys.stderr)
-    if metrics["dr_clipped_share"] > MAX_CLIPPED_SHARE:
-        print(f"[insertrec] {lifts_withheld(metrics['dr_clipped_share'])}", file=sys.stderr)
+    if report["lifts"]["withheld"]:
+        print(f"[insertrec] {report['lifts']['why']}", file=sys.stderr)
     _print_json_or_table(metrics | {"orders_evaluated": len(unseen.logged), "evaluated_from": cutoff.isoformat(),
                                     "orders_left_out_inside_training": unseen.inside}, args.json)
 
