@@ -243,7 +243,7 @@ class Policy:
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
         self._silent_list = [name in default_slots for name in self.slot_names]
         self._silent = np.array(self._silent_list)
-        self._scorer = None if value_model is None else value_model.box_grid
+        self._scorer = None if value_model is None else value_model.decision_grid
         # per action (flat), its weights less its slot default's: what each feature adds to its value
         self._gains = None if self._scorer is None else np.ascontiguousarray(
             (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)

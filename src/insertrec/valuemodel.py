@@ -51,6 +51,7 @@ __all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", 
 _OFFSET_ROWS = 50_000
 _CHUNK = 65_536  # rows per block product in `box_statistics`: bounds the temporaries
 ROWWISE = 64     # orders scored one row at a time (`BoxGrid.per_action`)
+PESSIMISM = 1.0  # z of the decisions' lower confidence bound (`ValueModel.decision_grid`)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class BoxGrid:
     evaluation both go through it.
     """
 
-    def __init__(self, model: ValueModel):
+    def __init__(self, model: ValueModel, pessimism: float = 0.0):
         sizes = model.space_.sizes
         k = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -192,6 +193,9 @@ class BoxGrid:
         self.slices = [slice(int(c), int(c) + size) for c, size in zip(starts, sizes)]
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
+        factor = getattr(model, "gain_factor_", None)
+        # (n_features, n_actions * n_features): each action's factor of its gain's covariance, scaled by z
+        self.spread = None if not pessimism or factor is None else pessimism * factor
         self.beta = np.asarray(model.beta_, dtype=float)
         self.pairs = np.zeros(sizes)
         for (s, t), table in model.P_.items():
@@ -206,15 +210,21 @@ class BoxGrid:
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
         `Policy.decide_many`) must get their scores to the bit as each alone (~1 us a row)."""
-        if phi.ndim == 2 and len(phi) <= ROWWISE:
-            out = np.array([row @ self.weights for row in phi]).reshape(len(phi), self.weights.shape[1])
-        else:
-            out = phi @ self.weights
+        out = self._product(phi, self.weights)
+        if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
+            spread = self._product(phi, self.spread)
+            out -= np.sqrt(np.square(spread).reshape(*out.shape, -1).sum(axis=-1))
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:
             out[np.arange(len(phi))[:, None], rule_columns] += self.beta
         return out
+
+    @staticmethod
+    def _product(phi: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        if phi.ndim == 2 and len(phi) <= ROWWISE:
+            return np.array([row @ matrix for row in phi]).reshape(len(phi), matrix.shape[1])
+        return phi @ matrix
 
     def value(self, phi: np.ndarray, rule_columns: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """(n,): each order's own box (n, n_slots) over the all-default box, baseline excluded."""
@@ -275,12 +285,15 @@ class ValueModel:
     rule_prior : prior mean of each playbook coefficient, in units of the
         reward's standard deviation.
     folds : cross-validation folds for ``alphas``.
+    pessimism : z of the decisions' lower confidence bound: an action is chosen on its
+        estimated gain over the slot default less z standard errors of that gain
+        (`decision_grid`), so that a gain the data do not show beyond their noise buys nothing.
     """
 
     def __init__(self, alphas: tuple[float, ...] = (1e-4, 1e-2, 1.0),
                  action_alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
                  max_weight: float | None = None, boosted_baseline: bool = True,
-                 rule_prior: float = 0.01, folds: int = 3, random_state: int = 0):
+                 rule_prior: float = 0.01, folds: int = 3, random_state: int = 0, pessimism: float = PESSIMISM):
         self.alphas = alphas
         self.action_alphas = action_alphas
         self.max_weight = max_weight
@@ -288,6 +301,7 @@ class ValueModel:
         self.rule_prior = rule_prior
         self.folds = folds
         self.random_state = random_state
+        self.pessimism = pessimism
 
     # -- parameters -----------------------------------------------------------
     def _unpack(self, theta: np.ndarray) -> None:
@@ -393,11 +407,15 @@ class ValueModel:
         gram, moment, square = stats.gram, stats.moment, stats.square
         is_action = np.arange(layout.size) >= d
 
-        def solve(g: np.ndarray, m: np.ndarray, alphas: tuple[float, float], rows: float) -> np.ndarray:
+        def penalised(g: np.ndarray, alphas: tuple[float, float], rows: float) -> tuple[np.ndarray, np.ndarray]:
             lam = rows * np.where(is_action, alphas[1], alphas[0])
             lam[0] = 0.0  # the intercept is not shrunk
             a = g.copy()
             a[np.diag_indices_from(a)] += lam + 1e-9
+            return a, lam
+
+        def solve(g: np.ndarray, m: np.ndarray, alphas: tuple[float, float], rows: float) -> np.ndarray:
+            a, lam = penalised(g, alphas, rows)
             return scipy.linalg.solve(a, m + lam * prior, assume_a="pos")
 
         with threadpool_limits(1):
@@ -412,9 +430,35 @@ class ValueModel:
                 errors.append(err)
             self.alpha_ = grid[int(np.argmin(errors))]
             self.theta_ = solve(gram.sum(0), moment.sum(0), self.alpha_, n)
+            g, m = gram.sum(0), moment.sum(0)
+            residual = float(square.sum() - 2 * self.theta_ @ m + self.theta_ @ g @ self.theta_)
+            self.noise_ = max(residual, 0.0) / max(n - d, 1)
+            self.gain_factor_ = self._gain_factor(penalised(g, self.alpha_, n)[0], layout)
         self._unpack(self.theta_)
         self._box_grid: BoxGrid | None = None
+        self._decision_grid: BoxGrid | None = None
         return self
+
+    def _gain_factor(self, penalised_gram: np.ndarray, layout: _ThetaLayout) -> np.ndarray:
+        """(d, n_actions * d): per action (flat, catalog order), a factor L of the posterior
+        covariance sigma^2 (G + Lambda)^-1 of its W block, so that the standard error of its gain
+        over the slot default for an order is |phi L| (zero for the defaults, whose gain is 0 by
+        construction). Only the W block: the playbook and pair terms are shared by many boxes
+        and well determined. Why a posterior and not a sandwich: it is the larger of the two,
+        and where an action was rarely logged it is the prior's, which is what should stop it."""
+        d, space = self.n_features_, self.space_
+        inverse = scipy.linalg.cho_solve(scipy.linalg.cho_factor(penalised_gram), np.eye(layout.size))
+        feat = np.arange(d)
+        factors = []
+        for s, size in enumerate(space.sizes):
+            for a in range(size):
+                if a == space.defaults[s]:
+                    factors.append(np.zeros((d, d)))
+                    continue
+                cols = layout.block[s] + feat * (size - 1) + a - (a > space.defaults[s])
+                cov = self.noise_ * inverse[np.ix_(cols, cols)]
+                factors.append(scipy.linalg.cholesky(cov + 1e-12 * np.eye(d), lower=True))
+        return np.hstack(factors)
 
     # -- predict --------------------------------------------------------------
     @property
@@ -423,6 +467,19 @@ class ValueModel:
         grid = getattr(self, "_box_grid", None)
         if grid is None:
             grid = self._box_grid = BoxGrid(self)
+        return grid
+
+    @property
+    def decision_grid(self) -> BoxGrid:
+        """The scorer the policy decides with: `box_grid` with each action's gain less
+        ``pessimism`` standard errors (the same grid when there is no pessimism, or a model
+        fitted before it was kept). Estimates (`predict`, off-policy evaluation) use `box_grid`."""
+        z = getattr(self, "pessimism", 0.0)
+        if not z or getattr(self, "gain_factor_", None) is None:
+            return self.box_grid
+        grid = getattr(self, "_decision_grid", None)
+        if grid is None:
+            grid = self._decision_grid = BoxGrid(self, z)
         return grid
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
