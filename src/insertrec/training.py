@@ -268,10 +268,13 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
+        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
+        # where the log estimates the playbook to pay, its action is the prior every learner departs from
+        policy = policy.replace(prior_slots=tuple(name for name, gain in zip(policy.slot_names, playbook)
+                                                  if gain.value > 0))
         candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
-        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
         chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, orders_per_month(history.orders["order_ts"]))
         del candidates

@@ -203,17 +203,23 @@ class BoxGrid:
             shape[s], shape[t] = sizes[s], sizes[t]
             self.pairs = self.pairs + table.reshape(shape)
 
-    def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
+    def per_action(self, phi: np.ndarray, rule_columns: np.ndarray, exempt: np.ndarray | None = None) -> np.ndarray:
         """(n, n_actions): each action's value over its slot default, playbook bonus included;
-        (n_actions,) for one order's phi (d,) and rule columns (n_slots,).
+        (n_actions,) for one order's phi (d,) and rule columns (n_slots,). On a pessimistic grid,
+        less z standard errors of that value, except in the columns ``exempt`` ((n, m) or (m,)):
+        the playbook's actions where it is the prior the model departs from (`Policy`).
 
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
         `Policy.decide_many`) must get their scores to the bit as each alone (~1 us a row)."""
         out = self._product(phi, self.weights)
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
-            spread = self._product(phi, self.spread)
-            out -= np.sqrt(np.square(spread).reshape(*out.shape, -1).sum(axis=-1))
+            spread = np.sqrt(np.square(self._product(phi, self.spread)).reshape(*out.shape, -1).sum(axis=-1))
+            if exempt is not None and spread.ndim == 1:
+                spread[exempt] = 0.0
+            elif exempt is not None:
+                spread[np.arange(len(phi))[:, None], exempt] = 0.0
+            out -= spread
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:
@@ -232,10 +238,11 @@ class BoxGrid:
         return (np.take_along_axis(per_action, actions + self.columns, axis=1).sum(axis=1)
                 + self.pairs[tuple(actions.T)])
 
-    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
+    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray | None = None,
+             exempt: np.ndarray | None = None) -> np.ndarray:
         """(n, *slot sizes); (*slot sizes) for one order (phi (d,), the others one row too)."""
         lead = phi.shape[:-1]
-        per_action = self.per_action(phi, rule_columns)
+        per_action = self.per_action(phi, rule_columns, exempt)
         if eligible is not None:
             per_action = np.where(eligible, per_action, -np.inf)
         grid = self.pairs + per_action[..., self.slices[0]].reshape(lead + self.shapes[0])
