@@ -214,7 +214,8 @@ class BoxGrid:
         `Policy.decide_many`) must get their scores to the bit as each alone (~1 us a row)."""
         out = self._product(phi, self.weights)
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
-            spread = np.sqrt(np.square(self._product(phi, self.spread)).reshape(*out.shape, -1).sum(axis=-1))
+            factors = np.square(self._product(phi, self.spread)).reshape(*out.shape, self.spread.shape[0])
+            spread = np.sqrt(factors.sum(axis=-1))
             if exempt is not None and spread.ndim == 1:
                 spread[exempt] = 0.0
             elif exempt is not None:
