@@ -465,7 +465,8 @@ class ValueModel:
                     continue
                 cols = layout.block[s] + feat * (size - 1) + a - (a > space.defaults[s])
                 cov = self.noise_ * inverse[np.ix_(cols, cols)]
-                factors.append(scipy.linalg.cholesky(cov + 1e-12 * np.eye(d), lower=True))
+                values, vectors = np.linalg.eigh(cov)   # positive semi-definite: a feature the log never varies
+                factors.append(vectors * np.sqrt(np.clip(values, 0.0, None)))
         return np.hstack(factors)
 
     # -- predict --------------------------------------------------------------
