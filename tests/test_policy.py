@@ -4,7 +4,6 @@ decision explains itself in valid JSON."""
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 
@@ -41,12 +40,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFr
 
 
 def variants(engine: Engine) -> dict[str, Policy]:
-    """The policy as trained, the model deciding every slot (the playbook its prior in each), and the
-    playbook alone. As trained on this small log, which does not show the playbook paying, every action
-    must show its gain over the slot default beyond its uncertainty, and few or none do."""
+    """The policy as trained, the model deciding every slot, and the playbook alone."""
     policy = engine.policy
-    return {"as_trained": policy,
-            "model": policy.replace(playbook_slots=(), default_slots=(), prior_slots=tuple(policy.slot_names)),
+    return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
@@ -153,8 +149,6 @@ def test_unavailable_actions_are_never_chosen_and_the_default_stands_in(
     feats = trained[1]
     before = policy.decide_frame(feats, explore=False)
     taken = policy.action_ids(before.greedy)
-    if (before.greedy == policy.space.defaults).all():   # nothing shown to pay: what the model would send
-        taken = policy.action_ids(variants(trained[0])["model"].decide_frame(feats, explore=False).greedy)
     # the most chosen non-default action of each slot runs out
     out = set()
     for s, slot in enumerate(policy.catalog.slots.values()):
@@ -269,7 +263,7 @@ def test_only_a_slot_whose_action_exploration_changed_says_exploring(policy: Pol
 def test_reasons_name_the_features_that_moved_the_choice_most(trained: tuple[Engine, pd.DataFrame]) -> None:
     """A driver is "feature (+0.12)": the feature's value times the chosen action's weight over the
     slot default's, the largest of those in size, best first."""
-    policy = variants(trained[0])["model"]
+    policy = trained[0].policy
     names = policy.encoder.feature_names_
     checked = 0
     for record in records(trained[1])[:150]:
@@ -292,12 +286,10 @@ def test_reasons_name_the_features_that_moved_the_choice_most(trained: tuple[Eng
 def test_the_chosen_box_is_the_best_eligible_one_by_the_value_models_own_design(
         trained: tuple[Engine, pd.DataFrame]) -> None:
     """Checked through `ValueModel.predict` (the design matrix), not the grid the policy scores with;
-    without pessimism, so that the best box is the best estimated one (`test_valuemodel` checks the
-    pessimistic scores against the design)."""
+    with no slot on trial, so that the best box is the best estimated one (`test_valuemodel` checks
+    the pessimistic scores against the design)."""
     engine, feats = trained
-    model = copy.copy(engine.policy.value_model)
-    model.pessimism = 0.0
-    policy = engine.policy.replace(epsilon=0.0, playbook_slots=(), default_slots=(), value_model=model)
+    policy = engine.policy.replace(epsilon=0.0, playbook_slots=(), default_slots=(), trial_slots=())
     sample = feats.iloc[:40].reset_index(drop=True)
     batch = policy.decide_frame(sample)
     phi = policy.encoder.transform(sample)

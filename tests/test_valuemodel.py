@@ -130,7 +130,7 @@ def test_fit_refuses_bad_inputs_naming_the_field(field, change):
 
 
 def _best_boxes(model, phi, rules, pessimistic: bool):
-    grid = model.decision_grid if pessimistic else model.box_grid
+    grid = model.decision_grid(np.ones(sum(SPACE.sizes), dtype=bool)) if pessimistic else model.box_grid
     return SPACE.combos[grid.grid(phi, rules + grid.columns).reshape(len(phi), -1).argmax(axis=1)]
 
 
@@ -168,7 +168,7 @@ def test_the_pessimistic_score_is_the_gain_less_z_standard_errors_of_the_posteri
     inverse = np.linalg.inv(X.T @ X + np.diag(lam + 1e-9))
     columns = model.box_grid.columns
     penalty = model.box_grid.per_action(phi[:20], rules[:20] + columns) \
-        - model.decision_grid.per_action(phi[:20], rules[:20] + columns)
+        - model.decision_grid(np.ones(sum(SPACE.sizes), dtype=bool)).per_action(phi[:20], rules[:20] + columns)
     start = d
     for s, size in enumerate(SPACE.sizes):
         for a in range(size):

@@ -128,7 +128,7 @@ class _One(NamedTuple):
 
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots",
-           "prior_slots")
+           "trial_slots")
 _U64 = np.uint64
 _MASK = (1 << 64) - 1
 _GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -207,20 +207,19 @@ class Policy:
     default_slots : slots where the slot default goes out, because the
         evidence did not show the model or the playbook paying there: an
         action is not paid for without evidence it pays.
-    prior_slots : slots where the playbook's action is the prior the model departs from:
-        there it is scored on its estimated value, every other action on that value less
-        the value model's ``pessimism`` standard errors of its gain over the slot default
-        (`ValueModel.decision_grid`). Elsewhere (training leaves out the slots whose playbook
-        the log did not estimate to pay) the playbook's action too must show its gain beyond
-        its uncertainty, so that with little evidence the default goes out.
+    trial_slots : slots whose actions must show their gain over the slot default beyond its
+        uncertainty: each is scored on its estimated gain less the value model's
+        ``pessimism`` standard errors of it (`ValueModel.decision_grid`). Training puts on
+        trial the slots where the log shows the playbook's actions losing money against the
+        default: there, spending needs evidence; elsewhere the estimates decide.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
                  value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
                  playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = (),
-                 prior_slots: tuple[str, ...] = ()):
+                 trial_slots: tuple[str, ...] = ()):
         self.catalog = catalog
-        self.prior_slots = prior_slots
+        self.trial_slots = trial_slots
         self.playbook_slots = playbook_slots
         self.default_slots = default_slots
         self.encoder = encoder
@@ -252,8 +251,8 @@ class Policy:
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
         self._silent_list = [name in default_slots for name in self.slot_names]
         self._silent = np.array(self._silent_list)
-        self._prior = [s for s, name in enumerate(self.slot_names) if name in prior_slots] or None
-        self._scorer = None if value_model is None else value_model.decision_grid
+        on_trial = np.repeat([name in trial_slots for name in self.slot_names], self.space.sizes)
+        self._scorer = None if value_model is None else value_model.decision_grid(on_trial)
         # per action (flat), its weights less its slot default's: what each feature adds to its value
         self._gains = None if self._scorer is None else np.ascontiguousarray(
             (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)
@@ -434,7 +433,7 @@ class Policy:
         box's value over the all-default box."""
         scorer = self._scorer
         assert scorer is not None   # only called for a policy with a value model
-        grid = scorer.grid(phi, rule_columns, eligible, None if self._prior is None else rule_columns[:, self._prior])
+        grid = scorer.grid(phi, rule_columns, eligible)
         n = len(grid)
         flat = grid.reshape(n, len(self.combos))
         alt = flat[:, self._holding].max(axis=2) if alternatives else None
@@ -454,7 +453,7 @@ class Policy:
         box's actions, each action's best box value (flat) and the uplift."""
         scorer = self._scorer
         assert scorer is not None   # only called for a policy with a value model
-        grid = scorer.grid(phi, rule_columns, eligible, None if self._prior is None else rule_columns[self._prior])
+        grid = scorer.grid(phi, rule_columns, eligible)
         flat = grid.ravel()
         if len(self._playbook) == len(self.slot_names):  # nothing left to choose
             best = int(np.dot(playbook, self._strides))

@@ -269,9 +269,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
         playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
-        # where the log estimates the playbook to pay, its action is the prior every learner departs from
-        policy = policy.replace(prior_slots=tuple(name for name, gain in zip(policy.slot_names, playbook)
-                                                  if gain.value > 0))
+        # where the log shows the playbook's actions losing money, every learner's must show their gain
+        policy = policy.replace(trial_slots=tuple(name for name, gain in zip(policy.slot_names, playbook)
+                                                  if gain.high < 0))
         candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)

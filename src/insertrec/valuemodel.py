@@ -185,7 +185,7 @@ class BoxGrid:
     evaluation both go through it.
     """
 
-    def __init__(self, model: ValueModel, pessimism: float = 0.0):
+    def __init__(self, model: ValueModel, pessimism: float = 0.0, penalised: np.ndarray | None = None):
         sizes = model.space_.sizes
         k = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -194,8 +194,10 @@ class BoxGrid:
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
         factor = getattr(model, "gain_factor_", None)
-        # (n_features, n_actions * n_features): each action's factor of its gain's covariance, scaled by z
-        self.spread = None if not pessimism or factor is None else pessimism * factor
+        # (n_features, n_actions * n_features): each penalised action's factor of its gain's covariance
+        # times z, zero for the others
+        self.spread = None if not pessimism or factor is None or penalised is None or not penalised.any() \
+            else pessimism * factor * np.repeat(penalised, self.weights.shape[0])
         self.beta = np.asarray(model.beta_, dtype=float)
         self.pairs = np.zeros(sizes)
         for (s, t), table in model.P_.items():
@@ -203,11 +205,10 @@ class BoxGrid:
             shape[s], shape[t] = sizes[s], sizes[t]
             self.pairs = self.pairs + table.reshape(shape)
 
-    def per_action(self, phi: np.ndarray, rule_columns: np.ndarray, exempt: np.ndarray | None = None) -> np.ndarray:
+    def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
         """(n, n_actions): each action's value over its slot default, playbook bonus included;
         (n_actions,) for one order's phi (d,) and rule columns (n_slots,). On a pessimistic grid,
-        less z standard errors of that value, except in the columns ``exempt`` ((n, m) or (m,)):
-        the playbook's actions where it is the prior the model departs from (`Policy`).
+        less z standard errors of that value in the columns it penalises.
 
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
@@ -215,12 +216,7 @@ class BoxGrid:
         out = self._product(phi, self.weights)
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
             factors = np.square(self._product(phi, self.spread)).reshape(*out.shape, self.spread.shape[0])
-            spread = np.sqrt(factors.sum(axis=-1))
-            if exempt is not None and spread.ndim == 1:
-                spread[exempt] = 0.0
-            elif exempt is not None:
-                spread[np.arange(len(phi))[:, None], exempt] = 0.0
-            out -= spread
+            out -= np.sqrt(factors.sum(axis=-1))
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:
@@ -239,11 +235,10 @@ class BoxGrid:
         return (np.take_along_axis(per_action, actions + self.columns, axis=1).sum(axis=1)
                 + self.pairs[tuple(actions.T)])
 
-    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray | None = None,
-             exempt: np.ndarray | None = None) -> np.ndarray:
+    def grid(self, phi: np.ndarray, rule_columns: np.ndarray, eligible: np.ndarray | None = None) -> np.ndarray:
         """(n, *slot sizes); (*slot sizes) for one order (phi (d,), the others one row too)."""
         lead = phi.shape[:-1]
-        per_action = self.per_action(phi, rule_columns, exempt)
+        per_action = self.per_action(phi, rule_columns)
         if eligible is not None:
             per_action = np.where(eligible, per_action, -np.inf)
         grid = self.pairs + per_action[..., self.slices[0]].reshape(lead + self.shapes[0])
@@ -293,9 +288,10 @@ class ValueModel:
     rule_prior : prior mean of each playbook coefficient, in units of the
         reward's standard deviation.
     folds : cross-validation folds for ``alphas``.
-    pessimism : z of the decisions' lower confidence bound: an action is chosen on its
-        estimated gain over the slot default less z standard errors of that gain
-        (`decision_grid`), so that a gain the data do not show beyond their noise buys nothing.
+    pessimism : z of the decisions' lower confidence bound: in the slots a policy puts on
+        trial, an action is chosen on its estimated gain over the slot default less z standard
+        errors of that gain (`decision_grid`), so that a gain the data do not show beyond their
+        noise buys nothing.
     """
 
     def __init__(self, alphas: tuple[float, ...] = (1e-4, 1e-2, 1.0),
@@ -444,7 +440,6 @@ class ValueModel:
             self.gain_factor_ = self._gain_factor(penalised(g, self.alpha_, n)[0], layout)
         self._unpack(self.theta_)
         self._box_grid: BoxGrid | None = None
-        self._decision_grid: BoxGrid | None = None
         return self
 
     def _gain_factor(self, penalised_gram: np.ndarray, layout: _ThetaLayout) -> np.ndarray:
@@ -478,18 +473,15 @@ class ValueModel:
             grid = self._box_grid = BoxGrid(self)
         return grid
 
-    @property
-    def decision_grid(self) -> BoxGrid:
-        """The scorer the policy decides with: `box_grid` with each action's gain less
-        ``pessimism`` standard errors (the same grid when there is no pessimism, or a model
-        fitted before it was kept). Estimates (`predict`, off-policy evaluation) use `box_grid`."""
+    def decision_grid(self, penalised: np.ndarray) -> BoxGrid:
+        """The scorer a policy decides with: `box_grid` with the gain of each action in
+        ``penalised`` (bool, flat over all slots' actions) less ``pessimism`` standard errors
+        (`box_grid` itself without pessimism, or for a model fitted before it was kept).
+        Estimates (`predict`, off-policy evaluation) use `box_grid`."""
         z = getattr(self, "pessimism", 0.0)
-        if not z or getattr(self, "gain_factor_", None) is None:
+        if not z or getattr(self, "gain_factor_", None) is None or not penalised.any():
             return self.box_grid
-        grid = getattr(self, "_decision_grid", None)
-        if grid is None:
-            grid = self._decision_grid = BoxGrid(self, z)
-        return grid
+        return BoxGrid(self, z, penalised)
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""
