@@ -194,10 +194,12 @@ class BoxGrid:
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
         factor = getattr(model, "gain_factor_", None)
-        # (n_features, n_actions * n_features): each penalised action's factor of its gain's covariance
-        # times z, zero for the others
-        self.spread = None if not pessimism or factor is None or penalised is None or not penalised.any() \
-            else pessimism * factor * np.repeat(penalised, self.weights.shape[0])
+        # the penalised actions' columns, and (n_features, their number * n_features) their factors of
+        # their gains' covariance times z: only those, since a spline model's factor is ~10^5 numbers
+        self.penalised = np.flatnonzero(penalised) if penalised is not None else np.zeros(0, dtype=int)
+        d = self.weights.shape[0]
+        self.spread = None if not pessimism or factor is None or not len(self.penalised) else \
+            pessimism * factor.reshape(d, -1, d)[:, self.penalised].reshape(d, -1)
         self.beta = np.asarray(model.beta_, dtype=float)
         self.pairs = np.zeros(sizes)
         for (s, t), table in model.P_.items():
@@ -215,8 +217,9 @@ class BoxGrid:
         `Policy.decide_many`) must get their scores to the bit as each alone (~1 us a row)."""
         out = self._product(phi, self.weights)
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
-            factors = np.square(self._product(phi, self.spread)).reshape(*out.shape, self.spread.shape[0])
-            out -= np.sqrt(factors.sum(axis=-1))
+            factors = np.square(self._product(phi, self.spread)).reshape(*phi.shape[:-1], len(self.penalised),
+                                                                         self.weights.shape[0])
+            out[..., self.penalised] -= np.sqrt(factors.sum(axis=-1))
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:
