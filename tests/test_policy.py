@@ -4,6 +4,7 @@ decision explains itself in valid JSON."""
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -40,13 +41,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFr
 
 
 def variants(engine: Engine) -> dict[str, Policy]:
-    """The policy as trained, the model deciding every slot, and the playbook alone."""
+    """The policy as trained, the model deciding every slot, the same deciding on lower confidence
+    bounds in some slots (`Policy.trial_slots`), and the playbook alone."""
     policy = engine.policy
+    pessimist = copy.copy(policy.value_model)
+    pessimist.pessimism = 1.0
     return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
+            "pessimistic": policy.replace(playbook_slots=(), default_slots=(), value_model=pessimist,
+                                          trial_slots=tuple(policy.slot_names[1:])),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
-@pytest.fixture(scope="module", params=["as_trained", "model", "rules"])
+@pytest.fixture(scope="module", params=["as_trained", "model", "pessimistic", "rules"])
 def policy(request: pytest.FixtureRequest, trained: tuple[Engine, pd.DataFrame]) -> Policy:
     return variants(trained[0])[request.param]
 

@@ -145,13 +145,13 @@ def test_pessimism_keeps_actions_whose_gain_is_noise_out_and_lets_real_gains_thr
     acts = np.stack([rng.integers(0, k, n) for k in SPACE.sizes], axis=1)
     y = 10 + 2 * phi[:, 1] + rng.normal(scale=3.0, size=n)     # no action has any effect
     rules = np.zeros_like(acts)
-    model = ValueModel(alphas=(1e-4,), action_alphas=(1e-3,), boosted_baseline=False).fit(phi, acts, y, SPACE, rules)
-    assert model.pessimism > 0
+    model = ValueModel(alphas=(1e-4,), action_alphas=(1e-3,), boosted_baseline=False, pessimism=1.0).fit(
+        phi, acts, y, SPACE, rules)
     assert (_best_boxes(model, phi, rules, False) != 0).any(axis=1).mean() > 0.5   # noise, taken for gains
     assert (_best_boxes(model, phi, rules, True) != 0).any(axis=1).mean() < 0.05
 
     phi, acts, y, ps, rules, truth, g, v = _world(30_000, 0)
-    model = ValueModel().fit(phi, acts, y, SPACE, rules, ps)
+    model = ValueModel(pessimism=1.0).fit(phi, acts, y, SPACE, rules, ps)
     best = _best_boxes(model, phi, rules, True)
     assert (best[g == 0, 1] == 2).mean() > 0.8 and (best[g == 1, 1] == 2).mean() < 0.05
 
