@@ -32,13 +32,15 @@ prior decides.
 The fit is Gaussian in theta, so it also gives each action's gain over the
 slot default a posterior standard error, sqrt(phi' C_a phi) with C_a the W
 block of sigma^2 (G + Lambda)^-1. A policy can decide on a lower confidence
-bound, gain less ``pessimism`` standard errors (`ValueModel.decision_grid`;
-Jin, Yang & Wang 2021, "Is pessimism provably efficient for offline RL?"),
-so that an action whose gain is not positive beyond its uncertainty is not
-chosen. The posterior, not the sandwich sigma^2 A^-1 G A^-1: under the strong
-action ridge that cross-validation picks on small logs, the sandwich's errors
-are those of estimates already shrunk, and no z up to 3 kept the small-effects
-world's noise coupons out (bench/worlds/small_effects.json, 5,000 customers,
+bound, gain less z standard errors (`ValueModel.decision_grid`; Jin, Yang &
+Wang 2021, "Is pessimism provably efficient for offline RL?"), so that an
+action whose gain is not positive beyond its uncertainty is not chosen; the
+user chooses z (`insertrec train --pessimism Z`, 0 by default: it holds
+small effects but costs the worlds whose gains are real, README). The
+posterior, not the sandwich sigma^2 A^-1 G A^-1: under the strong action ridge
+that cross-validation picks on small logs, the sandwich's errors are those of
+estimates already shrunk, and no z up to 3 kept the small-effects world's
+noise coupons out (bench/worlds/small_effects.json, 5,000 customers,
 seed 1: -0.99% against the all-default box at z=3).
 """
 
@@ -63,19 +65,6 @@ __all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", 
 _OFFSET_ROWS = 50_000
 _CHUNK = 65_536  # rows per block product in `box_statistics`: bounds the temporaries
 ROWWISE = 64     # orders scored one row at a time (`BoxGrid.per_action`)
-# z of the decisions' lower confidence bound (`ValueModel.decision_grid`), in the slots a policy puts on
-# trial. Chosen across worlds at seed 1 with every slot penalised (bench/quality.py's worlds, greedy uplift
-# captured; trained once, z varied on the fitted model): small effects at 5,000 customers needs about 0.9
-# (z 0 / 0.6 / 0.8 / 0.9 / 1: -2.68 / -2.07 / -0.50 / +0.23 / +0.23% against the all-default box; seed 2:
-# +0.20% from 0.6 on), while every slot penalised cost the worlds whose gains are real: coupons_waste 5,000
-# 0.40 -> 0.27 at z=1, perturbed 30,000 0.27 -> 0.14, default 5,000 0.24 -> 0.23 (penalised relative to
-# the playbook where the log estimates it to pay; relative to the default, 0.18). Trial slots only (those
-# where the log shows the playbook losing) at z=1, trained so (bench/results/quality_pessimism_*): small
-# effects at 5,000 held (+0.23% greedy, -0.24% deployed, was -2.68 / -3.04%), the default world unchanged,
-# but small effects at 30,000 not (-1.36% greedy), and the closed loop (default, 4,000 customers, seed 1)
-# fell from round 4 (-0.03 of the uplift where it had 0.24): the slot-level DR that puts the insert slot on
-# trial there is the biased one that broke the slot gate. So off by default until a trial rule holds all.
-PESSIMISM = 0.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +198,7 @@ class BoxGrid:
     evaluation both go through it.
     """
 
-    def __init__(self, model: ValueModel, pessimism: float = 0.0, penalised: np.ndarray | None = None):
+    def __init__(self, model: ValueModel, pessimism: float = 0.0):
         sizes = model.space_.sizes
         k = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -217,13 +206,13 @@ class BoxGrid:
         self.slices = [slice(int(c), int(c) + size) for c, size in zip(starts, sizes)]
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
-        factor = getattr(model, "gain_factor_", None)
-        # the penalised actions' columns, and (n_features, their number * n_features) their factors of
-        # their gains' covariance times z: only those, since a spline model's factor is ~10^5 numbers
-        self.penalised = np.flatnonzero(penalised) if penalised is not None else np.zeros(0, dtype=int)
+        # every action but the slot defaults (whose gain is 0 by construction), and (n_features,
+        # their number * n_features) their factors of their gains' covariance times z: only those,
+        # since a spline model's factor is ~10^5 numbers
+        self.penalised = np.setdiff1d(np.arange(self.weights.shape[1]), self.columns + np.array(model.space_.defaults))
         d = self.weights.shape[0]
-        self.spread = None if not pessimism or factor is None or not len(self.penalised) else \
-            pessimism * factor.reshape(d, -1, d)[:, self.penalised].reshape(d, -1)
+        self.spread = None if not pessimism else \
+            pessimism * model.gain_factor_.reshape(d, -1, d)[:, self.penalised].reshape(d, -1)
         self.beta = np.asarray(model.beta_, dtype=float)
         self.pairs = np.zeros(sizes)
         for (s, t), table in model.P_.items():
@@ -315,16 +304,12 @@ class ValueModel:
     rule_prior : prior mean of each playbook coefficient, in units of the
         reward's standard deviation.
     folds : cross-validation folds for ``alphas``.
-    pessimism : z of the decisions' lower confidence bound: in the slots a policy puts on
-        trial, an action is chosen on its estimated gain over the slot default less z standard
-        errors of that gain (`decision_grid`), so that a gain the data do not show beyond their
-        noise buys nothing.
     """
 
     def __init__(self, alphas: tuple[float, ...] = (1e-4, 1e-2, 1.0),
                  action_alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
                  max_weight: float | None = None, boosted_baseline: bool = True,
-                 rule_prior: float = 0.01, folds: int = 3, random_state: int = 0, pessimism: float = PESSIMISM):
+                 rule_prior: float = 0.01, folds: int = 3, random_state: int = 0):
         self.alphas = alphas
         self.action_alphas = action_alphas
         self.max_weight = max_weight
@@ -332,7 +317,6 @@ class ValueModel:
         self.rule_prior = rule_prior
         self.folds = folds
         self.random_state = random_state
-        self.pessimism = pessimism
 
     # -- parameters -----------------------------------------------------------
     def _unpack(self, theta: np.ndarray) -> None:
@@ -500,15 +484,15 @@ class ValueModel:
             grid = self._box_grid = BoxGrid(self)
         return grid
 
-    def decision_grid(self, penalised: np.ndarray) -> BoxGrid:
-        """The scorer a policy decides with: `box_grid` with the gain of each action in
-        ``penalised`` (bool, flat over all slots' actions) less ``pessimism`` standard errors
-        (`box_grid` itself without pessimism, or for a model fitted before it was kept).
-        Estimates (`predict`, off-policy evaluation) use `box_grid`."""
-        z = getattr(self, "pessimism", 0.0)
-        if not z or getattr(self, "gain_factor_", None) is None or not penalised.any():
+    def decision_grid(self, pessimism: float) -> BoxGrid:
+        """The scorer a policy decides with: `box_grid` with every action's gain over its slot
+        default less ``pessimism`` (z) posterior standard errors of it, so that a gain the data
+        do not show beyond their noise buys nothing (`box_grid` itself at z = 0, or for a model
+        fitted before the errors were kept). Estimates (`predict`, off-policy evaluation) use
+        `box_grid`."""
+        if not pessimism or getattr(self, "gain_factor_", None) is None:
             return self.box_grid
-        return BoxGrid(self, z, penalised)
+        return BoxGrid(self, pessimism)
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""
