@@ -154,6 +154,16 @@ def test_bad_input_exits_2_with_a_one_line_reason_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_train_refuses_a_pessimism_that_is_not_a_finite_number_not_below_zero(shop, tmp_path, capsys, value):
+    _, data, _ = shop
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--no-mlflow",
+                 "--pessimism", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pessimism" in err and "finite number >= 0" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_an_orders_only_history_trains_segments_and_logs_to_mlflow(shop, tmp_path, monkeypatch, capsys):
     """SPEC: only orders is required. Without a catalog there is no policy, but segments,
     repurchase propensity, the report and the MLflow run are there, and every command that
