@@ -71,6 +71,10 @@ def test_simulate_and_evaluate_report_spec_metric_names(shop, capsys):
     out = capsys.readouterr()
     metrics = json.loads(out.out)
     assert set(metrics) >= SPEC_EVALUATE_KEYS
+    for lift in ("lift_vs_rules", "lift_vs_logging"):   # the interval, printed or not, and the lift inside it
+        low, high = metrics[f"{lift}_low"], metrics[f"{lift}_high"]
+        assert low < high
+        assert (low <= metrics[lift] <= high) if metrics[lift] is not None else f"{lift} withheld" in out.err
     # judged only on the orders after the training cutoff, and it says so
     orders = pd.read_csv(data / "orders.csv", parse_dates=["order_ts"])
     after = orders["order_ts"] >= pd.Timestamp(SHOP_CUTOFF, tz="UTC")

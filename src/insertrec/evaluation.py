@@ -385,6 +385,8 @@ def evaluate(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders, encoder:
         "policy_value_snips": model.snips.value, "logging_policy_value": logging_value,
         "rules_policy_value": rules_est.dr.value,
         **{name: float("nan") if why[name] else lift.value for name, lift in lifts.items()},
+        # the interval itself, printed or not: runs stay comparable in MLflow where a lift is withheld
+        **{f"{name}_{end}": getattr(lift, end) for name, lift in lifts.items() for end in ("low", "high")},
         "ess": model.ess,
     }
     reasons = [w for w in why.values() if w]
