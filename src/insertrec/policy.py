@@ -43,6 +43,7 @@ from insertrec.valuemodel import ROWWISE, ActionSpace, ValueModel
 __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
 
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
+_SCORE = operator.itemgetter(1)   # of an (action_id, score) alternative
 
 
 class SlotChoice(NamedTuple):
@@ -416,8 +417,9 @@ class Policy:
             assert phi is not None   # a policy with a value model has an encoder
             scored = alternatives or exploring   # each action's best box: explanations and exploring draws
             step = max(1, _ROW_CHUNK // len(self.combos))
-            parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
-                                playbook[lo:lo + step], scored) for lo in range(0, max(n, 1), step)]
+            parts = [self._best(phi, rule_columns, eligible, playbook, scored)] if n <= step else \
+                [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
+                            playbook[lo:lo + step], scored) for lo in range(0, n, step)]
             greedy, alt, uplift = parts[0] if len(parts) == 1 else _Best(
                 np.concatenate([part.greedy for part in parts]),
                 np.concatenate([part.alt for part in parts if part.alt is not None]) if scored else None,
@@ -509,8 +511,7 @@ class Policy:
         for s, (name, d, sl, ids, notes, silent, explained) in enumerate(self._explaining):
             a = actions[s]
             scores, eligible = one.scores[sl], one.eligible[sl]
-            ranked = sorted(compress(range(len(scores)), eligible),
-                            key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
+            ranked = sorted(compress(zip(ids, scores), eligible), key=_SCORE, reverse=True)   # stable: ties in catalog order
             reasons = [f"exploring: drawn among {sum(eligible)} eligible actions{self._exploring_note}"] \
                 if a != greedy[s] else []
             if silent:
@@ -520,8 +521,7 @@ class Policy:
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {ids[d]}")
                 reasons.extend(drivers.get(s, ()))
-            slots[name] = SlotChoice(ids[a], propensities[s], notes[a], tuple(reasons),
-                                     tuple(zip(map(ids.__getitem__, ranked), map(scores.__getitem__, ranked))))
+            slots[name] = SlotChoice(ids[a], propensities[s], notes[a], tuple(reasons), tuple(ranked))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)
@@ -540,8 +540,9 @@ class Policy:
             return out
         rows, slots, columns = zip(*picks)
         contrib = (phi if len(phi) == 1 else phi[list(rows)]) * self._gains[list(columns)]   # one order: broadcast
-        top = np.argsort(-np.abs(contrib), axis=1)[:, :3].tolist()
+        top = np.argsort(-np.abs(contrib), axis=1)[:, :3]
         names = self.encoder.feature_names_
-        for i, s, js, vs in zip(rows, slots, top, contrib.tolist()):
-            out[i][s] = [f"{names[j]} ({vs[j]:+.2f})" for j in js if abs(vs[j]) > 1e-3 and names[j] != "intercept"]
+        values = contrib[np.arange(len(contrib))[:, None], top].tolist()   # only the three each row names
+        for i, s, js, vs in zip(rows, slots, top.tolist(), values):
+            out[i][s] = [f"{names[j]} ({v:+.2f})" for j, v in zip(js, vs) if abs(v) > 1e-3 and names[j] != "intercept"]
         return out
