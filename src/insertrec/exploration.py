@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import accumulate
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,16 +62,15 @@ def explore_probabilities(scores: np.ndarray | None, eligible: np.ndarray, slice
     exact per-slot counts and maxima by ``reduceat``, and each slot's sum of weights NumPy's
     own pairwise sum over that slot, as `explore_probabilities_one` takes it.
     """
-    starts = [sl.start for sl in slices]
-    sizes = [sl.stop - sl.start for sl in slices]
+    layout = _layout(tuple((sl.start, sl.stop) for sl in slices))
     elig = eligible.astype(float)
-    uniform = elig / np.repeat(np.add.reduceat(elig, starts, axis=1), sizes, axis=1)   # counts: exact
+    uniform = elig / np.add.reduceat(elig, layout.starts, axis=1).take(layout.slot_of, axis=1)   # counts: exact
     if scores is None:
         return uniform
     # rounded: one order's scores and its row in a batch differ in the last bits (BLAS blocking),
     # and the logged propensity must not
-    v = np.where(eligible, np.round(scores, 6), -np.inf)
-    w = np.exp((v - np.repeat(np.maximum.reduceat(v, starts, axis=1), sizes, axis=1)) / tau)   # exp(-gap / tau)
+    v = np.where(eligible, scores.round(6), -np.inf)
+    w = np.exp((v - np.maximum.reduceat(v, layout.starts, axis=1).take(layout.slot_of, axis=1)) / tau)  # exp(-gap/tau)
     total = np.ones((len(w), len(slices)))
     for s, sl in enumerate(slices):
         if s in fixed:   # the floor alone around the fixed action (x + 0.0 is x: the bits of adding 1 - floor)
@@ -78,18 +79,41 @@ def explore_probabilities(scores: np.ndarray | None, eligible: np.ndarray, slice
             w[np.arange(len(w)), sl.start + greedy[:, s]] = 1.0
         else:
             total[:, s] = w[:, sl].sum(axis=1)
-    return floor * uniform + (1.0 - floor) * w / np.repeat(total, sizes, axis=1)
+    return floor * uniform + (1.0 - floor) * w / total.take(layout.slot_of, axis=1)
 
 
 def draw(probs: np.ndarray, u: np.ndarray, slices: list[slice]) -> np.ndarray:
     """(n, n_slots) action indices drawn from ``probs`` (flat, per slot) by inverse CDF with
-    uniforms ``u`` (n, n_slots) in [0, 1): an action of probability 0 is never drawn."""
-    out = np.empty(u.shape, dtype=np.intp)
-    for s, sl in enumerate(slices):
-        cum = np.cumsum(probs[:, sl], axis=1)
-        cum /= cum[:, -1:]                                      # the last step is exactly 1 > u
-        out[:, s] = (cum <= u[:, s:s + 1]).sum(axis=1)
-    return out
+    uniforms ``u`` (n, n_slots) in [0, 1): an action of probability 0 is never drawn.
+
+    All slots at once, each padded with zeros to the widest: a cumulative sum adds in the same
+    order, and past a slot's end it stays at the slot's total, which is exactly 1 after the
+    division and so never counted below ``u``."""
+    layout = _layout(tuple((sl.start, sl.stop) for sl in slices))
+    cum = probs.take(layout.padded, axis=1)                     # (n, n_slots, widest)
+    cum[:, layout.padding] = 0.0
+    np.cumsum(cum, axis=2, out=cum)
+    cum /= cum[:, :, -1:]                                       # the last step is exactly 1 > u
+    return (cum <= u[:, :, None]).sum(axis=2)
+
+
+class _Layout(NamedTuple):
+    """Index arrays of a flat action layout (slots side by side), computed once per layout."""
+
+    starts: list[int]        # each slot's first column
+    slot_of: np.ndarray      # (n_actions,) each column's slot
+    padded: np.ndarray       # (n_slots, widest) each slot's columns, padded with its last column
+    padding: np.ndarray      # (n_slots, widest) bool: where the padding is
+
+
+@lru_cache(maxsize=16)
+def _layout(bounds: tuple[tuple[int, int], ...]) -> _Layout:
+    widest = max(stop - start for start, stop in bounds)
+    offsets = np.arange(widest)
+    padded = np.array([np.minimum(start + offsets, stop - 1) for start, stop in bounds], dtype=np.intp)
+    padding = np.array([start + offsets >= stop for start, stop in bounds])
+    slot_of = np.repeat(np.arange(len(bounds)), [stop - start for start, stop in bounds])
+    return _Layout([start for start, _ in bounds], slot_of, padded, padding)
 
 
 def explore_probabilities_one(scores: list[float] | None, eligible: list[bool], slices: list[slice],

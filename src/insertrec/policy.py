@@ -43,6 +43,11 @@ from insertrec.valuemodel import ROWWISE, ActionSpace, ValueModel
 __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_uniforms"]
 
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
+_SCORE = operator.itemgetter(1)   # of an (action_id, score) alternative
+# micro-batches smaller than this are decided one order at a time: the core's NumPy calls cost
+# ~90 us per batch, one order's path ~95 us in all (measured: 2 orders 108-117 us each
+# together, 97-101 alone; 3 orders 88 together, 100-109 alone)
+_BATCH_FROM = 3
 
 
 class SlotChoice(NamedTuple):
@@ -134,25 +139,38 @@ _MASK = (1 << 64) - 1
 _GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def _mix64(z: Any) -> Any:
-    """SplitMix64's finaliser: every input bit moves every output bit. On uint64 arrays (which
-    wrap) and on Python ints below 2**64 alike, so one order's draw is the same arithmetic."""
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: every input bit moves every output bit (Python ints below 2**64)."""
     z = ((z ^ (z >> 30)) * _M1) & _MASK
     z = ((z ^ (z >> 27)) * _M2) & _MASK
     return z ^ (z >> 31)
 
 
+_A30, _A27, _A31, _AM1, _AM2 = (_U64(c) for c in (30, 27, 31, _M1, _M2))
+
+
+def _mix64_array(z: np.ndarray) -> np.ndarray:
+    """`_mix64` of each element of a uint64 array (which wraps, so no mask), in place after the
+    first step: a micro-batch's few dozen lanes cost the number of NumPy calls, not their size."""
+    z = z ^ (z >> _A30)
+    z *= _AM1
+    z ^= z >> _A27
+    z *= _AM2
+    z ^= z >> _A31
+    return z
+
+
 @lru_cache(maxsize=64)
 def _position_keys(length: int) -> np.ndarray:
     """Odd 64-bit multipliers, one per character position of an order id."""
-    return _mix64(np.arange(1, length + 1, dtype=_U64) * _GOLDEN) | 1
+    return _mix64_array(np.arange(1, length + 1, dtype=_U64) * _GOLDEN) | 1
 
 
 @lru_cache(maxsize=64)
 def _lanes(salt: str, n_slots: int) -> np.ndarray:
     """One 64-bit key per (slot, draw), derived from the salt (the model version)."""
     seed = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")
-    return _mix64(np.arange(1, 2 * n_slots + 1, dtype=_U64) * _GOLDEN + _U64(seed))
+    return _mix64_array(np.arange(1, 2 * n_slots + 1, dtype=_U64) * _GOLDEN + _U64(seed))
 
 
 @lru_cache(maxsize=64)
@@ -177,7 +195,7 @@ def exploration_uniforms(order_ids: np.ndarray, salt: str, n_slots: int) -> np.n
     ids = np.ascontiguousarray(order_ids, dtype=str)   # fixed-width UCS-4: one uint32 per character
     points = ids.view(np.uint32).reshape(len(ids), ids.dtype.itemsize // 4)
     h = (points * _position_keys(points.shape[1])).sum(axis=1, dtype=_U64)
-    z = _mix64(h[:, None] ^ _lanes(salt, n_slots))
+    z = _mix64_array(h[:, None] ^ _lanes(salt, n_slots))
     return ((z >> 11) * 2.0**-53).reshape(len(ids), n_slots, 2)
 
 
@@ -239,11 +257,13 @@ class Policy:
         self._default_combo = int(np.ravel_multi_index(self.space.defaults, self.space.sizes))
         self._slices = [slice(c, c + size) for c, size in zip(catalog.columns, self.space.sizes)]
         self._strides = np.array([int(np.prod(self.space.sizes[s + 1:])) for s in range(len(self._sizes))])
-        # per action (flat), the boxes holding it; rows padded with their own first box (max is unchanged)
+        # per action (flat), the boxes holding it, padded with its own first box (max is unchanged);
+        # laid out (width, n_actions): each action's best box is a maximum over axis 0, elementwise
+        # over contiguous rows, which for a few orders costs a fifth of a maximum along the last axis
         holding = [np.flatnonzero(self.combos[:, s] == a) for s, size in enumerate(self.space.sizes)
                    for a in range(size)]
         width = max(len(h) for h in holding)
-        self._holding = np.array([np.resize(h, width) for h in holding])
+        self._holding = np.ascontiguousarray(np.array([np.resize(h, width) for h in holding]).T)
         # per slot, row a: 0 for action a, -inf for the others (fixes the slot to a playbook choice)
         self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
         # slots whose action is fixed: to the playbook's, or to the default (its own "playbook" there)
@@ -323,9 +343,9 @@ class Policy:
         the orders decided together: the service's micro-batches. The same decisions, propensities
         and reasons as each order alone, to the bit (the core is `_decide`, which `_decide_one`
         equals; scores are products row by row, see `BoxGrid.per_action`), at less CPU per order
-        from a few orders on; one order goes `decide_one`'s way."""
-        if len(rows) == 1:
-            return [self.decide_one(rows[0], unavailable[0], segments[0])]
+        from `_BATCH_FROM` orders on; fewer go `decide_one`'s way, one at a time."""
+        if len(rows) < _BATCH_FROM:
+            return list(map(self.decide_one, rows, unavailable, segments))
         out: list[Decision] = []
         for lo in range(0, len(rows), ROWWISE):
             part = rows[lo:lo + ROWWISE]
@@ -401,8 +421,9 @@ class Policy:
             assert phi is not None   # a policy with a value model has an encoder
             scored = alternatives or exploring   # each action's best box: explanations and exploring draws
             step = max(1, _ROW_CHUNK // len(self.combos))
-            parts = [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
-                                playbook[lo:lo + step], scored) for lo in range(0, max(n, 1), step)]
+            parts = [self._best(phi, rule_columns, eligible, playbook, scored)] if n <= step else \
+                [self._best(phi[lo:lo + step], rule_columns[lo:lo + step], eligible[lo:lo + step],
+                            playbook[lo:lo + step], scored) for lo in range(0, n, step)]
             greedy, alt, uplift = parts[0] if len(parts) == 1 else _Best(
                 np.concatenate([part.greedy for part in parts]),
                 np.concatenate([part.alt for part in parts if part.alt is not None]) if scored else None,
@@ -434,7 +455,7 @@ class Policy:
         grid = scorer.grid(phi, rule_columns, eligible)
         n = len(grid)
         flat = grid.reshape(n, len(self.combos))
-        alt = flat[:, self._holding].max(axis=2) if alternatives else None
+        alt = flat.T.take(self._holding, axis=0).max(axis=0).T if alternatives else None
         if len(self._playbook) == len(self.slot_names):  # nothing left to choose
             best = playbook @ self._strides
         else:
@@ -460,7 +481,7 @@ class Policy:
             for s in self._playbook:
                 restricted = restricted + self._fixed[s][playbook[s]].reshape(scorer.shapes[s])
             best = int(restricted.argmax())
-        return (self.combos[best].tolist(), flat[self._holding].max(axis=1).tolist(),
+        return (self.combos[best].tolist(), flat.take(self._holding).max(axis=0).tolist(),
                 float(flat[best]) - float(flat[self._default_combo]))
 
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray, greedy: np.ndarray,
@@ -494,8 +515,7 @@ class Policy:
         for s, (name, d, sl, ids, notes, silent, explained) in enumerate(self._explaining):
             a = actions[s]
             scores, eligible = one.scores[sl], one.eligible[sl]
-            ranked = sorted(compress(range(len(scores)), eligible),
-                            key=scores.__getitem__, reverse=True)   # stable: ties in catalog order
+            ranked = sorted(compress(zip(ids, scores), eligible), key=_SCORE, reverse=True)   # stable: ties in catalog order
             reasons = [f"exploring: drawn among {sum(eligible)} eligible actions{self._exploring_note}"] \
                 if a != greedy[s] else []
             if silent:
@@ -505,8 +525,7 @@ class Policy:
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {ids[d]}")
                 reasons.extend(drivers.get(s, ()))
-            slots[name] = SlotChoice(ids[a], propensities[s], notes[a], tuple(reasons),
-                                     tuple(zip(map(ids.__getitem__, ranked), map(scores.__getitem__, ranked))))
+            slots[name] = SlotChoice(ids[a], propensities[s], notes[a], tuple(reasons), tuple(ranked))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)
@@ -525,8 +544,9 @@ class Policy:
             return out
         rows, slots, columns = zip(*picks)
         contrib = (phi if len(phi) == 1 else phi[list(rows)]) * self._gains[list(columns)]   # one order: broadcast
-        top = np.argsort(-np.abs(contrib), axis=1)[:, :3].tolist()
+        top = np.argsort(-np.abs(contrib), axis=1)[:, :3]
         names = self.encoder.feature_names_
-        for i, s, js, vs in zip(rows, slots, top, contrib.tolist()):
-            out[i][s] = [f"{names[j]} ({vs[j]:+.2f})" for j in js if abs(vs[j]) > 1e-3 and names[j] != "intercept"]
+        values = contrib[np.arange(len(contrib))[:, None], top].tolist()   # only the three each row names
+        for i, s, js, vs in zip(rows, slots, top.tolist(), values):
+            out[i][s] = [f"{names[j]} ({v:+.2f})" for j, v in zip(js, vs) if abs(v) > 1e-3 and names[j] != "intercept"]
         return out

@@ -227,7 +227,8 @@ class BoxGrid:
 
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
-        `Policy.decide_many`) must get their scores to the bit as each alone (~1 us a row)."""
+        `Policy.decide_many`) must get their scores to the bit as each alone: one stacked `matmul`
+        of (n, 1, d) rows, which NumPy computes row by row with the one-row kernel."""
         out = self._product(phi, self.weights)
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
             factors = np.square(self._product(phi, self.spread)).reshape(*phi.shape[:-1], len(self.penalised),
@@ -241,8 +242,8 @@ class BoxGrid:
 
     @staticmethod
     def _product(phi: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        if phi.ndim == 2 and len(phi) <= ROWWISE:
-            return np.array([row @ matrix for row in phi]).reshape(len(phi), matrix.shape[1])
+        if phi.ndim == 2 and len(phi) <= ROWWISE:   # a stack of one-row products: each row as alone
+            return np.matmul(phi[:, None, :], matrix).reshape(len(phi), matrix.shape[1])
         return phi @ matrix
 
     def value(self, phi: np.ndarray, rule_columns: np.ndarray, actions: np.ndarray) -> np.ndarray:
