@@ -296,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "next order counts as its reward")
     c.add_argument("--epsilon", type=float, default=0.1, help="share of decisions that explore, per slot")
     c.add_argument("--seed", type=int, default=0, help="random seed of the learners")
-    c.add_argument("--pessimism", type=float, default=0.0, metavar="Z",
-                   help="spend on an action only where its estimated gain exceeds Z standard errors of it "
-                        "(default 0: the estimates decide; see the README on the trade-off)")
+    c.add_argument("--pessimism", type=float, default=None, metavar="Z",
+                   help="in every slot, spend on an action only where its estimated gain exceeds Z standard "
+                        "errors of it (0: the estimates decide; default: 1 in the slots where the history does "
+                        "not show the playbook paying, 0 elsewhere; see the README)")
     c.add_argument("--experiment", default="insertrec", help="MLflow experiment name")
     c.add_argument("--register-as", default="insertrec", help="MLflow registered model name ('' to skip)")
     c.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")

@@ -47,13 +47,20 @@ from insertrec.segments import SegmentModel
 from insertrec.tournament import CHALLENGERS, FINAL_ORDERS, INCUMBENT, Tournament, choose, fit_candidate
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["GATE_ORDERS", "Computation", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
+__all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "Computation", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
 
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
 # orders on a loaded host (load 10.6), so a million-order run, already near its 180 s budget, pays
 # for 100,000 orders and no more.
 GATE_ORDERS = 100_000
+# z where the log does not show the playbook paying (`TrainConfig.pessimism` None, the default): an
+# action goes out there only where its estimated gain over the slot default clears one standard
+# error of it. Measured on five worlds at 5,000 and 30,000 customers (bench/results/safe_default.md):
+# z=1 there holds the small-effects world at or above the all-default box where z=0 lost 2.7% (5,000
+# customers) and 0.9% (30,000), at -0.27% of the default world's value against its playbook; 1.5
+# held small effects by more and cost the default world 0.56%, 0.5 did not hold them.
+AUTO_PESSIMISM = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,14 @@ class TrainConfig:
     holdout_share: float = 0.2         # latest logged orders kept out of training for OPE
     min_logged_orders: int = 300       # below this, serve the playbook (cold start)
     seed: int = 0
-    # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`); 0 = off
-    pessimism: float = 0.0
+    # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`), in every
+    # slot; 0 = off; None (the default): AUTO_PESSIMISM where the log does not show the playbook paying
+    pessimism: float | None = None
 
     def __post_init__(self) -> None:
         z = self.pessimism
+        if z is None:
+            return
         if isinstance(z, bool) or not isinstance(z, (int, float)) or not np.isfinite(z) or z < 0:
             raise InsertrecError(f"--pessimism: {z!r} is not a finite number >= 0 (standard errors of a gain; "
                                  "0 turns it off)")
@@ -180,6 +190,17 @@ def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders
     return playbook_gains(policy, feats, judge_for(policy, feats, logged, encoder, seed), seed=seed)
 
 
+def _pessimistic_slots(policy: Policy, playbook: list[Estimate]) -> tuple[str, ...]:
+    """The slots where the whole log does not show the playbook paying (its estimated gain over the
+    slot default not positive): there the fallback is to send nothing (`evaluation.slot_deciders`),
+    and the model's own gains must clear `AUTO_PESSIMISM` standard errors. Elsewhere the playbook is
+    a prior the log supports, and the estimates decide. Why not every slot: with the penalty in
+    every slot the default world at 5,000 customers fell 1.0% below its playbook and the coupons-waste
+    world kept 0.11 of the uplift instead of 0.40; where the playbook pays, its actions' gains sit
+    within a standard error on small histories and the penalty sends nothing in their place."""
+    return tuple(name for name, gain in zip(policy.slot_names, playbook) if not gain.value > 0)
+
+
 def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
                        encoder: FeatureEncoder, seed: int, playbook: list[Estimate],
                        monthly_orders: float) -> tuple[Tournament, SlotDeciders, dict[str, float], dict]:
@@ -261,7 +282,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     progress("policy")
     costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
     feats, rewards = computation.features_and_rewards(history, cutoff, params, config.horizon_days, costs)
-    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=config.pessimism)
+    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=config.pessimism or 0.0)
     ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
     if logged.propensity_source != "logged" and len(logged):
@@ -277,10 +298,16 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
+        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
+        if config.pessimism is None:
+            policy = policy.replace(pessimism=AUTO_PESSIMISM, pessimism_slots=_pessimistic_slots(policy, playbook))
+            if policy.pessimism_slots:
+                notes.append(f"the log does not show the playbook paying in {', '.join(policy.pessimism_slots)}: "
+                             f"an action goes out there only where its estimated gain clears "
+                             f"{AUTO_PESSIMISM:g} standard error(s) of it")
         candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
-        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
         chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, orders_per_month(history.orders["order_ts"]))
         del candidates
@@ -294,6 +321,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
             notes.append(f"the playbook was not estimated to beat the slot default, and on the holdout the model "
                          f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
+        metrics["pessimism_z"] = policy.pessimism
+        ope_report["pessimism"] = {"z": policy.pessimism, "slots": list(policy.pessimism_slots)
+                                   if policy.pessimism_slots is not None else list(policy.slot_names),
+                                   "chosen": config.pessimism is None}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
     ope_report["propensity_source"] = logged.propensity_source
@@ -323,7 +354,8 @@ def _no_catalog_note(data: Dataset) -> str:
 
 def _version(fingerprint: str, catalog_sha: str, config: TrainConfig) -> str:
     """Deterministic: the same data, catalog and settings give the same version (and decisions).
-    Without pessimism, the version (the exploration's hash) a run had before the setting existed."""
-    settings = {k: v for k, v in asdict(config).items() if not (k == "pessimism" and v == 0)}
+    With the default pessimism (chosen from the evidence), the version (the exploration's hash) a run
+    had before the setting existed."""
+    settings = {k: v for k, v in asdict(config).items() if not (k == "pessimism" and v is None)}
     h = hashlib.sha256(f"{fingerprint}|{catalog_sha}|{sorted(settings.items())}".encode())
     return h.hexdigest()[:12]

@@ -198,7 +198,7 @@ class BoxGrid:
     evaluation both go through it.
     """
 
-    def __init__(self, model: ValueModel, pessimism: float = 0.0):
+    def __init__(self, model: ValueModel, pessimism: float = 0.0, slots: tuple[int, ...] | None = None):
         sizes = model.space_.sizes
         k = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -206,12 +206,14 @@ class BoxGrid:
         self.slices = [slice(int(c), int(c) + size) for c, size in zip(starts, sizes)]
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
-        # every action but the slot defaults (whose gain is 0 by construction), and (n_features,
-        # their number * n_features) their factors of their gains' covariance times z: only those,
-        # since a spline model's factor is ~10^5 numbers
-        self.penalised = np.setdiff1d(np.arange(self.weights.shape[1]), self.columns + np.array(model.space_.defaults))
+        # every action but the slot defaults (whose gain is 0 by construction) of the pessimistic
+        # ``slots`` (all of them by default), and (n_features, their number * n_features) their factors
+        # of their gains' covariance times z: only those, since a spline model's factor is ~10^5 numbers
+        penalised = np.isin(np.repeat(np.arange(k), sizes), range(k) if slots is None else slots)
+        penalised[self.columns + np.array(model.space_.defaults)] = False
+        self.penalised = np.flatnonzero(penalised)
         d = self.weights.shape[0]
-        self.spread = None if not pessimism else \
+        self.spread = None if not pessimism or not len(self.penalised) else \
             pessimism * model.gain_factor_.reshape(d, -1, d)[:, self.penalised].reshape(d, -1)
         self.beta = np.asarray(model.beta_, dtype=float)
         self.pairs = np.zeros(sizes)
@@ -484,15 +486,15 @@ class ValueModel:
             grid = self._box_grid = BoxGrid(self)
         return grid
 
-    def decision_grid(self, pessimism: float) -> BoxGrid:
+    def decision_grid(self, pessimism: float, slots: tuple[int, ...] | None = None) -> BoxGrid:
         """The scorer a policy decides with: `box_grid` with every action's gain over its slot
-        default less ``pessimism`` (z) posterior standard errors of it, so that a gain the data
-        do not show beyond their noise buys nothing (`box_grid` itself at z = 0, or for a model
-        fitted before the errors were kept). Estimates (`predict`, off-policy evaluation) use
-        `box_grid`."""
-        if not pessimism or getattr(self, "gain_factor_", None) is None:
+        default less ``pessimism`` (z) posterior standard errors of it, in the ``slots`` given
+        (indices, catalog order; None: every slot), so that a gain the data do not show beyond
+        their noise buys nothing (`box_grid` itself at z = 0, with no slot, or for a model fitted
+        before the errors were kept). Estimates (`predict`, off-policy evaluation) use `box_grid`."""
+        if not pessimism or slots == () or getattr(self, "gain_factor_", None) is None:
             return self.box_grid
-        return BoxGrid(self, pessimism)
+        return BoxGrid(self, pessimism, slots)
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""
