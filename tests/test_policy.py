@@ -42,14 +42,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFr
 def variants(engine: Engine) -> dict[str, Policy]:
     """The policy as trained, the model deciding every slot, the same deciding on lower confidence
     bounds (`Policy.pessimism`; z=0.3, at which this small fixture still spends in every slot, on
-    about half the orders it does at 0: at 1 it spends nowhere), and the playbook alone."""
+    about half the orders it does at 0: at 1 it spends nowhere), the same at z=1 on the playbook's
+    action alone in every slot (training's default, `Policy.doubted_slots`), and the playbook alone."""
     policy = engine.policy
     return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
             "pessimistic": policy.replace(playbook_slots=(), default_slots=(), pessimism=0.3),
+            "doubted": policy.replace(playbook_slots=(), default_slots=(), pessimism=1.0,
+                                      doubted_slots=tuple(policy.slot_names)),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
-@pytest.fixture(scope="module", params=["as_trained", "model", "pessimistic", "rules"])
+@pytest.fixture(scope="module", params=["as_trained", "model", "pessimistic", "doubted", "rules"])
 def policy(request: pytest.FixtureRequest, trained: tuple[Engine, pd.DataFrame]) -> Policy:
     return variants(trained[0])[request.param]
 

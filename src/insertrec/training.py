@@ -54,12 +54,9 @@ __all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "Computation", "TrainConfig", "Train
 # orders on a loaded host (load 10.6), so a million-order run, already near its 180 s budget, pays
 # for 100,000 orders and no more.
 GATE_ORDERS = 100_000
-# z where the log does not show the playbook paying (`TrainConfig.pessimism` None, the default): an
-# action goes out there only where its estimated gain over the slot default clears one standard
-# error of it. Measured on five worlds at 5,000 and 30,000 customers (bench/results/safe_default.md):
-# z=1 there holds the small-effects world at or above the all-default box where z=0 lost 2.7% (5,000
-# customers) and 0.9% (30,000), at -0.27% of the default world's value against its playbook; 1.5
-# held small effects by more and cost the default world 0.56%, 0.5 did not hold them.
+# z for the playbook's action where the log does not show the playbook paying (`TrainConfig.pessimism`
+# None, the default; `_doubted_slots`). Measured against the simulator's truth in
+# bench/results/safe_default.md (five worlds, 5,000 and 30,000 customers).
 AUTO_PESSIMISM = 1.0
 
 
@@ -190,14 +187,17 @@ def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders
     return playbook_gains(policy, feats, judge_for(policy, feats, logged, encoder, seed), seed=seed)
 
 
-def _pessimistic_slots(policy: Policy, playbook: list[Estimate]) -> tuple[str, ...]:
+def _doubted_slots(policy: Policy, playbook: list[Estimate]) -> tuple[str, ...]:
     """The slots where the whole log does not show the playbook paying (its estimated gain over the
-    slot default not positive): there the fallback is to send nothing (`evaluation.slot_deciders`),
-    and the model's own gains must clear `AUTO_PESSIMISM` standard errors. Elsewhere the playbook is
-    a prior the log supports, and the estimates decide. Why not every slot: with the penalty in
-    every slot the default world at 5,000 customers fell 1.0% below its playbook and the coupons-waste
-    world kept 0.11 of the uplift instead of 0.40; where the playbook pays, its actions' gains sit
-    within a standard error on small histories and the penalty sends nothing in their place."""
+    slot default not positive; there `evaluation.slot_deciders` falls back to the default). There
+    the playbook's action must show its gain beyond `AUTO_PESSIMISM` standard errors, order by order:
+    it is what the logging policy sent most and what the value model's playbook prior pulls towards,
+    so where effects are small the model follows a playbook that loses money (a coupon on a third of
+    the orders). The model's other actions, and the slots where the log shows the playbook paying,
+    are decided on the estimates: the same penalty on every action of every slot (`--pessimism 1`)
+    cost the default world 1.0% against its playbook at 5,000 customers and the coupons-waste world
+    0.29 of the 0.40 of the uplift it captured; on every action of these slots, the perturbed world at
+    30,000 customers half its uplift."""
     return tuple(name for name, gain in zip(policy.slot_names, playbook) if not gain.value > 0)
 
 
@@ -300,11 +300,11 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         progress("off-policy evaluation")
         playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
         if config.pessimism is None:
-            policy = policy.replace(pessimism=AUTO_PESSIMISM, pessimism_slots=_pessimistic_slots(policy, playbook))
-            if policy.pessimism_slots:
-                notes.append(f"the log does not show the playbook paying in {', '.join(policy.pessimism_slots)}: "
-                             f"an action goes out there only where its estimated gain clears "
-                             f"{AUTO_PESSIMISM:g} standard error(s) of it")
+            policy = policy.replace(pessimism=AUTO_PESSIMISM, doubted_slots=_doubted_slots(policy, playbook))
+            if policy.doubted_slots:
+                notes.append(f"the log does not show the playbook paying in {', '.join(policy.doubted_slots)}: "
+                             f"the playbook's action goes out there only where its estimated gain clears "
+                             f"{AUTO_PESSIMISM:g} standard error of it")
         candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
@@ -322,9 +322,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                          f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
         metrics["pessimism_z"] = policy.pessimism
-        ope_report["pessimism"] = {"z": policy.pessimism, "slots": list(policy.pessimism_slots)
-                                   if policy.pessimism_slots is not None else list(policy.slot_names),
-                                   "chosen": config.pessimism is None}
+        ope_report["pessimism"] = {"z": policy.pessimism, "chosen": config.pessimism is None,
+                                   "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
     ope_report["propensity_source"] = logged.propensity_source

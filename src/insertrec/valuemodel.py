@@ -198,7 +198,7 @@ class BoxGrid:
     evaluation both go through it.
     """
 
-    def __init__(self, model: ValueModel, pessimism: float = 0.0, slots: tuple[int, ...] | None = None):
+    def __init__(self, model: ValueModel, pessimism: float = 0.0, doubted: tuple[int, ...] | None = None):
         sizes = model.space_.sizes
         k = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -206,12 +206,15 @@ class BoxGrid:
         self.slices = [slice(int(c), int(c) + size) for c, size in zip(starts, sizes)]
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
-        # every action but the slot defaults (whose gain is 0 by construction) of the pessimistic
-        # ``slots`` (all of them by default), and (n_features, their number * n_features) their factors
-        # of their gains' covariance times z: only those, since a spline model's factor is ~10^5 numbers
-        penalised = np.isin(np.repeat(np.arange(k), sizes), range(k) if slots is None else slots)
+        # every action but the slot defaults (whose gain is 0 by construction) of every slot, or of the
+        # ``doubted`` slots, and (n_features, their number * n_features) their factors of their gains'
+        # covariance times z: only those, since a spline model's factor is ~10^5 numbers
+        slot_of = np.repeat(np.arange(k), sizes)
+        penalised = np.isin(slot_of, range(k) if doubted is None else doubted)
         penalised[self.columns + np.array(model.space_.defaults)] = False
         self.penalised = np.flatnonzero(penalised)
+        # in the doubted slots only the playbook's own action is penalised: its slot per penalised column
+        self.doubted_slot = None if doubted is None else slot_of[self.penalised]
         d = self.weights.shape[0]
         self.spread = None if not pessimism or not len(self.penalised) else \
             pessimism * model.gain_factor_.reshape(d, -1, d)[:, self.penalised].reshape(d, -1)
@@ -225,7 +228,8 @@ class BoxGrid:
     def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
         """(n, n_actions): each action's value over its slot default, playbook bonus included;
         (n_actions,) for one order's phi (d,) and rule columns (n_slots,). On a pessimistic grid,
-        less z standard errors of that value in the columns it penalises.
+        less z standard errors of that value in the columns it penalises (in a doubted slot, only
+        the playbook's action for the order).
 
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
@@ -234,7 +238,10 @@ class BoxGrid:
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
             factors = np.square(self._product(phi, self.spread)).reshape(*phi.shape[:-1], len(self.penalised),
                                                                          self.weights.shape[0])
-            out[..., self.penalised] -= np.sqrt(factors.sum(axis=-1))
+            penalty = np.sqrt(factors.sum(axis=-1))
+            if self.doubted_slot is not None:   # only where the action is the order's playbook choice
+                penalty = np.where(rule_columns[..., self.doubted_slot] == self.penalised, penalty, 0.0)
+            out[..., self.penalised] -= penalty
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:
@@ -486,15 +493,16 @@ class ValueModel:
             grid = self._box_grid = BoxGrid(self)
         return grid
 
-    def decision_grid(self, pessimism: float, slots: tuple[int, ...] | None = None) -> BoxGrid:
+    def decision_grid(self, pessimism: float, doubted: tuple[int, ...] | None = None) -> BoxGrid:
         """The scorer a policy decides with: `box_grid` with every action's gain over its slot
-        default less ``pessimism`` (z) posterior standard errors of it, in the ``slots`` given
-        (indices, catalog order; None: every slot), so that a gain the data do not show beyond
-        their noise buys nothing (`box_grid` itself at z = 0, with no slot, or for a model fitted
-        before the errors were kept). Estimates (`predict`, off-policy evaluation) use `box_grid`."""
-        if not pessimism or slots == () or getattr(self, "gain_factor_", None) is None:
+        default less ``pessimism`` (z) posterior standard errors of it, so that a gain the data
+        do not show beyond their noise buys nothing; with ``doubted`` slots (indices, catalog
+        order), only the playbook's action in those slots, order by order (`box_grid` itself at
+        z = 0, with no doubted slot, or for a model fitted before the errors were kept).
+        Estimates (`predict`, off-policy evaluation) use `box_grid`."""
+        if not pessimism or doubted == () or getattr(self, "gain_factor_", None) is None:
             return self.box_grid
-        return BoxGrid(self, pessimism, slots)
+        return BoxGrid(self, pessimism, doubted)
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""
