@@ -210,10 +210,11 @@ class Policy:
     pessimism : z >= 0: an action is scored on its estimated gain over its slot default less z
         standard errors of it (`ValueModel.decision_grid`), so that nothing is spent where the
         evidence is thin; 0, the estimates themselves. Every action of every slot (the user's
-        `insertrec train --pessimism Z`), or, with ``doubted_slots``, only the playbook's action there.
+        `insertrec train --pessimism Z`), or, with ``doubted_slots``, only the actions of those.
     doubted_slots : None, or the slots where the log does not show the playbook paying (training's
         default): there the playbook's action for an order must show its gain beyond z standard
-        errors, and the other actions and slots are scored on the estimates.
+        errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, and the other
+        slots are scored on the estimates.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,

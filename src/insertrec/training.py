@@ -189,15 +189,15 @@ def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders
 
 def _doubted_slots(policy: Policy, playbook: list[Estimate]) -> tuple[str, ...]:
     """The slots where the whole log does not show the playbook paying (its estimated gain over the
-    slot default not positive; there `evaluation.slot_deciders` falls back to the default). There
-    the playbook's action must show its gain beyond `AUTO_PESSIMISM` standard errors, order by order:
-    it is what the logging policy sent most and what the value model's playbook prior pulls towards,
-    so where effects are small the model follows a playbook that loses money (a coupon on a third of
-    the orders). The model's other actions, and the slots where the log shows the playbook paying,
-    are decided on the estimates: the same penalty on every action of every slot (`--pessimism 1`)
-    cost the default world 1.0% against its playbook at 5,000 customers and the coupons-waste world
-    0.29 of the 0.40 of the uplift it captured; on every action of these slots, the perturbed world at
-    30,000 customers half its uplift."""
+    slot default not positive; there `evaluation.slot_deciders` falls back to the default). There an
+    action goes out only where its estimated gain clears a share of `AUTO_PESSIMISM` standard errors,
+    and the playbook's own action all of them (`valuemodel.DOUBTED_SHARE`): it is what the logging
+    policy sent most and what the value model's playbook prior pulls towards, so where effects are
+    small the model follows a playbook that loses money (a coupon on a third of the orders), and
+    where the history is short its other actions' gains are noise as often as not. In the slots
+    where the log shows the playbook paying, the estimates decide: the same penalty in every slot
+    (`--pessimism 1`) cost the default world 1.0% against its playbook at 5,000 customers and the
+    coupons-waste world 0.29 of the 0.40 of the uplift it captured."""
     return tuple(name for name, gain in zip(policy.slot_names, playbook) if not gain.value > 0)
 
 

@@ -55,7 +55,7 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
+__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -65,6 +65,11 @@ __all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", 
 _OFFSET_ROWS = 50_000
 _CHUNK = 65_536  # rows per block product in `box_statistics`: bounds the temporaries
 ROWWISE = 64     # orders scored one row at a time (`BoxGrid.per_action`)
+# In a doubted slot (`BoxGrid`), the share of z that the actions other than the playbook's pay. At 1
+# (all of z) the perturbed world at 30,000 customers kept 0.14 of its 0.27 uplift, and at 0 the
+# model's own coupons on the small-effects world lost 0.6% against sending nothing (seed 2, 5,000
+# customers); half held it (bench/results/safe_default.md).
+DOUBTED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,8 @@ class BoxGrid:
         penalised = np.isin(slot_of, range(k) if doubted is None else doubted)
         penalised[self.columns + np.array(model.space_.defaults)] = False
         self.penalised = np.flatnonzero(penalised)
-        # in the doubted slots only the playbook's own action is penalised: its slot per penalised column
+        # in the doubted slots the playbook's own action pays all of z, the others DOUBTED_SHARE of it:
+        # the slot of each penalised column
         self.doubted_slot = None if doubted is None else slot_of[self.penalised]
         d = self.weights.shape[0]
         self.spread = None if not pessimism or not len(self.penalised) else \
@@ -228,8 +234,8 @@ class BoxGrid:
     def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
         """(n, n_actions): each action's value over its slot default, playbook bonus included;
         (n_actions,) for one order's phi (d,) and rule columns (n_slots,). On a pessimistic grid,
-        less z standard errors of that value in the columns it penalises (in a doubted slot, only
-        the playbook's action for the order).
+        less z standard errors of that value in the columns it penalises (in a doubted slot, the
+        playbook's action for the order; its other actions less `DOUBTED_SHARE` of that).
 
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
@@ -239,8 +245,9 @@ class BoxGrid:
             factors = np.square(self._product(phi, self.spread)).reshape(*phi.shape[:-1], len(self.penalised),
                                                                          self.weights.shape[0])
             penalty = np.sqrt(factors.sum(axis=-1))
-            if self.doubted_slot is not None:   # only where the action is the order's playbook choice
-                penalty = np.where(rule_columns[..., self.doubted_slot] == self.penalised, penalty, 0.0)
+            if self.doubted_slot is not None:   # all of it for the order's playbook choice
+                penalty = penalty * np.where(rule_columns[..., self.doubted_slot] == self.penalised, 1.0,
+                                             DOUBTED_SHARE)
             out[..., self.penalised] -= penalty
         if out.ndim == 1:
             out[rule_columns] += self.beta
@@ -497,7 +504,8 @@ class ValueModel:
         """The scorer a policy decides with: `box_grid` with every action's gain over its slot
         default less ``pessimism`` (z) posterior standard errors of it, so that a gain the data
         do not show beyond their noise buys nothing; with ``doubted`` slots (indices, catalog
-        order), only the playbook's action in those slots, order by order (`box_grid` itself at
+        order), only the actions of those slots, and all of z only for the playbook's action of
+        each order, `DOUBTED_SHARE` of it for the others (`box_grid` itself at
         z = 0, with no doubted slot, or for a model fitted before the errors were kept).
         Estimates (`predict`, off-policy evaluation) use `box_grid`."""
         if not pessimism or doubted == () or getattr(self, "gain_factor_", None) is None:
