@@ -24,11 +24,13 @@ N_ORDERS = 400
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFrame]:
-    """A model trained on a small demo shop, and feature rows of new orders placed after it."""
+    """A model trained on a small demo shop, and feature rows of new orders placed after it; the
+    estimates decide (pessimism 0: by default a shop this small spends in no slot), so that every
+    path of a decision is taken."""
     tmp = tmp_path_factory.mktemp("policy")
     World.default().write_demo_data(tmp / "data", customers=1200, seed=3)
     data = load_data(tmp / "data")
-    train(data, tmp / "model", TrainConfig(min_logged_orders=100))
+    train(data, tmp / "model", TrainConfig(min_logged_orders=100, pessimism=0.0))
     engine = Engine.load(tmp / "model")
     assert engine.policy.value_model is not None, "the fixture must train a model, not fall back to rules"
     rng = np.random.default_rng(0)
@@ -42,14 +44,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFr
 def variants(engine: Engine) -> dict[str, Policy]:
     """The policy as trained, the model deciding every slot, the same deciding on lower confidence
     bounds (`Policy.pessimism`; z=0.3, at which this small fixture still spends in every slot, on
-    about half the orders it does at 0: at 1 it spends nowhere), and the playbook alone."""
+    about half the orders it does at 0: at 1 it spends nowhere), the same with every slot doubted
+    (training's default where the log does not show the playbook paying, `Policy.doubted_slots`), and
+    the playbook alone."""
     policy = engine.policy
     return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
             "pessimistic": policy.replace(playbook_slots=(), default_slots=(), pessimism=0.3),
+            "doubted": policy.replace(playbook_slots=(), default_slots=(), pessimism=0.3,
+                                      doubted_slots=tuple(policy.slot_names)),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
-@pytest.fixture(scope="module", params=["as_trained", "model", "pessimistic", "rules"])
+@pytest.fixture(scope="module", params=["as_trained", "model", "pessimistic", "doubted", "rules"])
 def policy(request: pytest.FixtureRequest, trained: tuple[Engine, pd.DataFrame]) -> Policy:
     return variants(trained[0])[request.param]
 

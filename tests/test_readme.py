@@ -158,17 +158,18 @@ def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_pessimism_block_runs_as_written_and_the_run_records_its_z(tmp_path, monkeypatch):
-    """The model and its MLflow run say how it was trained, and it decides with that z."""
+    """The model and its MLflow run say how it was trained, and it decides with the z chosen."""
     commands = readme_block("## Never spend where the evidence is thin")
-    assert any(c.startswith("insertrec train") and "--pessimism 1" in c for c in commands), commands
+    assert any(c.startswith("insertrec train") and "--pessimism auto" in c for c in commands), commands
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}   # MLflow's defaults
     simulated = run_block(commands, tmp_path, env)[-1]
     assert "uplift_capture" in simulated.stdout
     model = tmp_path / "models" / "careful"
-    assert json.loads((model / "manifest.json").read_text())["params"]["pessimism"] == 1.0
+    assert json.loads((model / "manifest.json").read_text())["params"]["pessimism"] == "auto"
     from insertrec.engine import Engine
 
-    assert Engine.load(model).policy.pessimism == 1.0
+    policy = Engine.load(model).policy
+    assert policy.pessimism == 1.0 and policy.doubted_slots is not None   # z = AUTO_PESSIMISM where doubted
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -176,7 +177,7 @@ def test_the_pessimism_block_runs_as_written_and_the_run_records_its_z(tmp_path,
 
     c = client()
     runs = c.search_runs([c.get_experiment_by_name("insertrec").experiment_id])
-    assert [r.data.params["pessimism"] for r in runs] == ["1.0"]
+    assert [r.data.params["pessimism"] for r in runs] == ["auto"]
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_one_slot_derived_rewards_and_estimated_propensities(history, tmp_path):
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "1", True])
 def test_pessimism_must_be_a_finite_number_of_standard_errors_not_below_zero(value):
-    with pytest.raises(InsertrecError, match="--pessimism: .* is not a finite number >= 0"):
+    with pytest.raises(InsertrecError, match="--pessimism: .* is neither 'auto' nor a finite number >= 0"):
         TrainConfig(pessimism=value)
 
 

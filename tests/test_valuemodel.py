@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from insertrec.valuemodel import ActionSpace, ValueModel, box_statistics
+from insertrec.valuemodel import DOUBTED_SHARE, ActionSpace, ValueModel, box_statistics
 
 SPACE = ActionSpace(sizes=(3, 4, 3), defaults=(0, 0, 0))
 
@@ -181,3 +181,27 @@ def test_the_pessimistic_score_is_the_gain_less_z_standard_errors_of_the_posteri
             expected = 1.5 * np.sqrt(np.einsum("ni,ij,nj->n", phi[:20], cov, phi[:20]))
             np.testing.assert_allclose(penalty[:, col], expected, rtol=1e-6)
         start += d * (size - 1)
+
+
+def test_in_a_doubted_slot_the_playbooks_action_pays_the_full_penalty_and_the_others_a_share():
+    """Training's default (`Policy.doubted_slots`): where the log does not show the playbook paying,
+    the playbook's action for an order pays the full penalty of `decision_grid(z)`, the slot's other
+    actions `DOUBTED_SHARE` of theirs; every action of the other slots is scored on its estimate."""
+    phi, acts, y, ps, _, *_ = _world(3_000, 5)
+    rules = np.stack([np.random.default_rng(1).integers(0, k, len(y)) for k in SPACE.sizes], axis=1)
+    model = ValueModel(boosted_baseline=False).fit(phi, acts, y, SPACE, rules)
+    columns = model.box_grid.columns
+    rule_columns = rules[:50] + columns
+    plain = model.box_grid.per_action(phi[:50], rule_columns)
+    full = plain - model.decision_grid(1.0).per_action(phi[:50], rule_columns)
+    doubted = plain - model.decision_grid(1.0, doubted=(1,)).per_action(phi[:50], rule_columns)
+    expected = np.zeros_like(full)
+    rows = np.arange(50)
+    insert = model.box_grid.slices[1]
+    expected[:, insert] = DOUBTED_SHARE * full[:, insert]
+    expected[rows, rule_columns[:, 1]] = full[rows, rule_columns[:, 1]]
+    assert (expected[rows, rule_columns[:, 1]] > 0).any() and (full[:, insert] > 0).any()
+    np.testing.assert_allclose(doubted, expected, atol=1e-12)
+    one = plain[7] - model.decision_grid(1.0, doubted=(1,)).per_action(phi[7], rule_columns[7])
+    np.testing.assert_allclose(one, expected[7], atol=1e-12)
+    assert model.decision_grid(1.0, doubted=()) is model.box_grid

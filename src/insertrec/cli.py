@@ -260,6 +260,16 @@ class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The top-level help: the description and the examples kept as written."""
 
 
+def _pessimism(text: str) -> float | str:
+    """``--pessimism``: 'auto' or a number (TrainConfig checks its range and names the flag)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number") from None
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -296,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "next order counts as its reward")
     c.add_argument("--epsilon", type=float, default=0.1, help="share of decisions that explore, per slot")
     c.add_argument("--seed", type=int, default=0, help="random seed of the learners")
-    c.add_argument("--pessimism", type=float, default=0.0, metavar="Z",
-                   help="spend on an action only where its estimated gain exceeds Z standard errors of it "
-                        "(default 0: the estimates decide; see the README on the trade-off)")
+    c.add_argument("--pessimism", type=_pessimism, default=0.0, metavar="Z|auto",
+                   help="in every slot, spend on an action only where its estimated gain exceeds Z standard "
+                        "errors of it (default 0: the estimates decide); 'auto': 1 in the slots where the "
+                        "history does not show the playbook paying, 0 elsewhere (see the README)")
     c.add_argument("--experiment", default="insertrec", help="MLflow experiment name")
     c.add_argument("--register-as", default="insertrec", help="MLflow registered model name ('' to skip)")
     c.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")

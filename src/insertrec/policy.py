@@ -133,7 +133,7 @@ class _One(NamedTuple):
 
 
 _PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots",
-           "pessimism")
+           "pessimism", "doubted_slots")
 _U64 = np.uint64
 _MASK = (1 << 64) - 1
 _GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -225,18 +225,23 @@ class Policy:
     default_slots : slots where the slot default goes out, because the
         evidence did not show the model or the playbook paying there: an
         action is not paid for without evidence it pays.
-    pessimism : z >= 0, the user's choice (`insertrec train --pessimism`): every action is
-        scored on its estimated gain over its slot default less z standard errors of it
-        (`ValueModel.decision_grid`), so that nothing is spent where the evidence is thin;
-        0, the estimates themselves.
+    pessimism : z >= 0: an action is scored on its estimated gain over its slot default less z
+        standard errors of it (`ValueModel.decision_grid`), so that nothing is spent where the
+        evidence is thin; 0, the estimates themselves. Every action of every slot (the user's
+        `insertrec train --pessimism Z`), or, with ``doubted_slots``, only the actions of those.
+    doubted_slots : None, or the slots where the log does not show the playbook paying (training's
+        default): there the playbook's action for an order must show its gain beyond z standard
+        errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, and the other
+        slots are scored on the estimates.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
                  value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
                  playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = (),
-                 pessimism: float = 0.0):
+                 pessimism: float = 0.0, doubted_slots: tuple[str, ...] | None = None):
         self.catalog = catalog
         self.pessimism = pessimism
+        self.doubted_slots = doubted_slots
         self.playbook_slots = playbook_slots
         self.default_slots = default_slots
         self.encoder = encoder
@@ -270,7 +275,9 @@ class Policy:
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
         self._silent_list = [name in default_slots for name in self.slot_names]
         self._silent = np.array(self._silent_list)
-        self._scorer = None if value_model is None else value_model.decision_grid(pessimism)
+        self._scorer = None if value_model is None else value_model.decision_grid(
+            pessimism, None if doubted_slots is None else
+            tuple(s for s, name in enumerate(self.slot_names) if name in doubted_slots))
         # per action (flat), its weights less its slot default's: what each feature adds to its value
         self._gains = None if self._scorer is None else np.ascontiguousarray(
             (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)

@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -47,13 +47,17 @@ from insertrec.segments import SegmentModel
 from insertrec.tournament import CHALLENGERS, FINAL_ORDERS, INCUMBENT, Tournament, choose, fit_candidate
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["GATE_ORDERS", "Computation", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
+__all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "Computation", "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
 
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
 # orders on a loaded host (load 10.6), so a million-order run, already near its 180 s budget, pays
 # for 100,000 orders and no more.
 GATE_ORDERS = 100_000
+# z for the playbook's action where the log does not show the playbook paying (`TrainConfig.pessimism`
+# "auto", the user's choice; `_doubted_slots`). Measured against the simulator's truth in
+# bench/results/safe_default.md (five worlds, 5,000 and 30,000 customers).
+AUTO_PESSIMISM = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,14 +72,17 @@ class TrainConfig:
     holdout_share: float = 0.2         # latest logged orders kept out of training for OPE
     min_logged_orders: int = 300       # below this, serve the playbook (cold start)
     seed: int = 0
-    # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`); 0 = off
-    pessimism: float = 0.0
+    # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`), in every
+    # slot; 0 = off (the default); "auto": AUTO_PESSIMISM where the log does not show the playbook paying
+    pessimism: float | Literal["auto"] = 0.0
 
     def __post_init__(self) -> None:
         z = self.pessimism
+        if z == "auto":
+            return
         if isinstance(z, bool) or not isinstance(z, (int, float)) or not np.isfinite(z) or z < 0:
-            raise InsertrecError(f"--pessimism: {z!r} is not a finite number >= 0 (standard errors of a gain; "
-                                 "0 turns it off)")
+            raise InsertrecError(f"--pessimism: {z!r} is neither 'auto' nor a finite number >= 0 (standard errors "
+                                 "of a gain; 0 turns it off)")
         object.__setattr__(self, "pessimism", float(z))   # 1 and 1.0 are one setting (and one version)
 
 
@@ -180,6 +187,20 @@ def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders
     return playbook_gains(policy, feats, judge_for(policy, feats, logged, encoder, seed), seed=seed)
 
 
+def _doubted_slots(policy: Policy, playbook: list[Estimate]) -> tuple[str, ...]:
+    """The slots where the whole log does not show the playbook paying (its estimated gain over the
+    slot default not positive; there `evaluation.slot_deciders` falls back to the default). There an
+    action goes out only where its estimated gain clears a share of `AUTO_PESSIMISM` standard errors,
+    and the playbook's own action all of them (`valuemodel.DOUBTED_SHARE`): it is what the logging
+    policy sent most and what the value model's playbook prior pulls towards, so where effects are
+    small the model follows a playbook that loses money (a coupon on a third of the orders), and
+    where the history is short its other actions' gains are noise as often as not. In the slots
+    where the log shows the playbook paying, the estimates decide: the same penalty in every slot
+    (`--pessimism 1`) cost the default world 1.0% against its playbook at 5,000 customers and the
+    coupons-waste world 0.29 of the 0.40 of the uplift it captured."""
+    return tuple(name for name, gain in zip(policy.slot_names, playbook) if not gain.value > 0)
+
+
 def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
                        encoder: FeatureEncoder, seed: int, playbook: list[Estimate],
                        monthly_orders: float) -> tuple[Tournament, SlotDeciders, dict[str, float], dict]:
@@ -261,7 +282,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     progress("policy")
     costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
     feats, rewards = computation.features_and_rewards(history, cutoff, params, config.horizon_days, costs)
-    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=config.pessimism)
+    z = 0.0 if config.pessimism == "auto" else config.pessimism   # "auto": chosen below, from the evidence
+    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=z)
     ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
     if logged.propensity_source != "logged" and len(logged):
@@ -277,10 +299,16 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
+        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
+        if config.pessimism == "auto":
+            policy = policy.replace(pessimism=AUTO_PESSIMISM, doubted_slots=_doubted_slots(policy, playbook))
+            if policy.doubted_slots:
+                notes.append(f"the log does not show the playbook paying in {', '.join(policy.doubted_slots)}: "
+                             f"the playbook's action goes out there only where its estimated gain clears "
+                             f"{AUTO_PESSIMISM:g} standard error of it")
         candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
-        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
         chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, orders_per_month(history.orders["order_ts"]))
         del candidates
@@ -294,6 +322,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
             notes.append(f"the playbook was not estimated to beat the slot default, and on the holdout the model "
                          f"did worse than it, in {', '.join(deciders.default_slots)}; the default goes out there")
         metrics.update(ope_metrics)
+        metrics["pessimism_z"] = policy.pessimism
+        ope_report["pessimism"] = {"z": policy.pessimism, "chosen": config.pessimism == "auto",
+                                   "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
     ope_report["propensity_source"] = logged.propensity_source

@@ -35,8 +35,10 @@ block of sigma^2 (G + Lambda)^-1. A policy can decide on a lower confidence
 bound, gain less z standard errors (`ValueModel.decision_grid`; Jin, Yang &
 Wang 2021, "Is pessimism provably efficient for offline RL?"), so that an
 action whose gain is not positive beyond its uncertainty is not chosen; the
-user chooses z (`insertrec train --pessimism Z`, 0 by default: it holds
-small effects but costs the worlds whose gains are real, README). The
+user may choose z for every slot (`insertrec train --pessimism Z`: it holds
+small effects but costs the worlds whose gains are real, README), or
+`--pessimism auto`: training doubts only the slots where the log does not show
+the playbook paying (`BoxGrid`'s ``doubted``, `DOUBTED_SHARE`). The
 posterior, not the sandwich sigma^2 A^-1 G A^-1: under the strong action ridge
 that cross-validation picks on small logs, the sandwich's errors are those of
 estimates already shrunk, and no z up to 3 kept the small-effects world's
@@ -55,7 +57,7 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
+__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -65,6 +67,12 @@ __all__ = ["ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", 
 _OFFSET_ROWS = 50_000
 _CHUNK = 65_536  # rows per block product in `box_statistics`: bounds the temporaries
 ROWWISE = 64     # orders scored one row at a time (`BoxGrid.per_action`)
+# In a doubted slot (`BoxGrid`), the share of z that the actions other than the playbook's pay. At 0
+# the model's own coupons on the small-effects world lost 0.57% against sending nothing (seed 2,
+# 5,000 customers, greedy); 0.25 held it (+0.20%), as 0.5 and 1 did, and cost the perturbed world
+# least of those: 0.091 / 0.077 / 0.060 / 0.061 of the uplift at 5,000 customers (0.118 at 0), 0.450 /
+# 0.428 / 0.346 at 30,000 (0.464 at 0); bench/results/safe_default.md.
+DOUBTED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,7 @@ class BoxGrid:
     evaluation both go through it.
     """
 
-    def __init__(self, model: ValueModel, pessimism: float = 0.0):
+    def __init__(self, model: ValueModel, pessimism: float = 0.0, doubted: tuple[int, ...] | None = None):
         sizes = model.space_.sizes
         k = len(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -206,12 +214,18 @@ class BoxGrid:
         self.slices = [slice(int(c), int(c) + size) for c, size in zip(starts, sizes)]
         self.shapes = [tuple(sizes[s] if j == s else 1 for j in range(k)) for s in range(k)]
         self.weights = np.hstack(model.W_)                         # (n_features, n_actions)
-        # every action but the slot defaults (whose gain is 0 by construction), and (n_features,
-        # their number * n_features) their factors of their gains' covariance times z: only those,
-        # since a spline model's factor is ~10^5 numbers
-        self.penalised = np.setdiff1d(np.arange(self.weights.shape[1]), self.columns + np.array(model.space_.defaults))
+        # every action but the slot defaults (whose gain is 0 by construction) of every slot, or of the
+        # ``doubted`` slots, and (n_features, their number * n_features) their factors of their gains'
+        # covariance times z: only those, since a spline model's factor is ~10^5 numbers
+        slot_of = np.repeat(np.arange(k), sizes)
+        penalised = np.isin(slot_of, range(k) if doubted is None else doubted)
+        penalised[self.columns + np.array(model.space_.defaults)] = False
+        self.penalised = np.flatnonzero(penalised)
+        # in the doubted slots the playbook's own action pays all of z, the others DOUBTED_SHARE of it:
+        # the slot of each penalised column
+        self.doubted_slot = None if doubted is None else slot_of[self.penalised]
         d = self.weights.shape[0]
-        self.spread = None if not pessimism else \
+        self.spread = None if not pessimism or not len(self.penalised) else \
             pessimism * model.gain_factor_.reshape(d, -1, d)[:, self.penalised].reshape(d, -1)
         self.beta = np.asarray(model.beta_, dtype=float)
         self.pairs = np.zeros(sizes)
@@ -223,7 +237,8 @@ class BoxGrid:
     def per_action(self, phi: np.ndarray, rule_columns: np.ndarray) -> np.ndarray:
         """(n, n_actions): each action's value over its slot default, playbook bonus included;
         (n_actions,) for one order's phi (d,) and rule columns (n_slots,). On a pessimistic grid,
-        less z standard errors of that value in the columns it penalises.
+        less z standard errors of that value in the columns it penalises (in a doubted slot, the
+        playbook's action for the order; its other actions less `DOUBTED_SHARE` of that).
 
         Up to `ROWWISE` orders are multiplied one row at a time: a matrix product's rounding
         depends on its shape, and a few orders decided together (the service's micro-batches,
@@ -233,7 +248,11 @@ class BoxGrid:
         if self.spread is not None:   # a pessimistic grid: each gain less z of its standard errors
             factors = np.square(self._product(phi, self.spread)).reshape(*phi.shape[:-1], len(self.penalised),
                                                                          self.weights.shape[0])
-            out[..., self.penalised] -= np.sqrt(factors.sum(axis=-1))
+            penalty = np.sqrt(factors.sum(axis=-1))
+            if self.doubted_slot is not None:   # all of it for the order's playbook choice
+                penalty = penalty * np.where(rule_columns[..., self.doubted_slot] == self.penalised, 1.0,
+                                             DOUBTED_SHARE)
+            out[..., self.penalised] -= penalty
         if out.ndim == 1:
             out[rule_columns] += self.beta
         else:
@@ -485,15 +504,17 @@ class ValueModel:
             grid = self._box_grid = BoxGrid(self)
         return grid
 
-    def decision_grid(self, pessimism: float) -> BoxGrid:
+    def decision_grid(self, pessimism: float, doubted: tuple[int, ...] | None = None) -> BoxGrid:
         """The scorer a policy decides with: `box_grid` with every action's gain over its slot
         default less ``pessimism`` (z) posterior standard errors of it, so that a gain the data
-        do not show beyond their noise buys nothing (`box_grid` itself at z = 0, or for a model
-        fitted before the errors were kept). Estimates (`predict`, off-policy evaluation) use
-        `box_grid`."""
-        if not pessimism or getattr(self, "gain_factor_", None) is None:
+        do not show beyond their noise buys nothing; with ``doubted`` slots (indices, catalog
+        order), only the actions of those slots, and all of z only for the playbook's action of
+        each order, `DOUBTED_SHARE` of it for the others (`box_grid` itself at
+        z = 0, with no doubted slot, or for a model fitted before the errors were kept).
+        Estimates (`predict`, off-policy evaluation) use `box_grid`."""
+        if not pessimism or doubted == () or getattr(self, "gain_factor_", None) is None:
             return self.box_grid
-        return BoxGrid(self, pessimism)
+        return BoxGrid(self, pessimism, doubted)
 
     def slot_scores(self, phi: np.ndarray, rules: np.ndarray) -> list[np.ndarray]:
         """Per slot, (n, n_actions): each action's value over the slot default."""
