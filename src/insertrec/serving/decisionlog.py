@@ -36,6 +36,7 @@ through `insertrec.logged`.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -630,10 +631,20 @@ def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: float)
         cursor = dbapi_connection.cursor()
         # Turning a fresh file to WAL needs it to itself: workers starting together (and anything
         # reading it then) wait for each other within the setup deadline, not the request path's.
-        # Once in WAL, which is persistent, this is a read that waits for no writer.
+        # Once in WAL, which is persistent, this is a read that waits for no writer. SQLite can say
+        # "locked" here without calling its busy handler (a neighbour switching the same fresh file:
+        # 2 of 120 starts of eight workers), so the switch is retried until the deadline.
         cursor.execute(f"PRAGMA busy_timeout={int(SETUP_DEADLINE_S * 1000)}")
-        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            cursor.execute("PRAGMA journal_mode=WAL")
+        deadline = time.monotonic() + SETUP_DEADLINE_S
+        while True:
+            try:
+                if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in start_checkpoints' thread
