@@ -125,6 +125,26 @@ def test_spark_features_and_rewards_equal_the_local_ones(spark, shop, tmp_path) 
     pd.testing.assert_frame_equal(rewards, expected, check_dtype=False)
 
 
+def test_spark_snapshot_and_fingerprint_equal_the_local_ones(spark, shop) -> None:
+    """The model's snapshot built per customer bucket and joined on the driver, and the data
+    fingerprint (the model version) hashed partition by partition: the local ones."""
+    from insertrec.features import Snapshot, customer_frame, features_for_orders
+    from insertrec.spark.features import snapshot
+    from insertrec.spark.tables import fingerprint, read_tables
+
+    local = load_data(shop)
+    tables = read_tables(spark, shop)
+    assert fingerprint(tables) == local.fingerprint()
+    params = FeatureParams.fit(local)
+    as_of = local.orders["order_ts"].max() + pd.Timedelta(days=3)
+    whole = Snapshot.build(local, params, as_of=as_of)
+    joined = snapshot(tables, params, as_of, orders_per_bucket=100)
+    assert len(whole.customer_ids) > 100 and list(joined.customer_ids) == list(whole.customer_ids)
+    pd.testing.assert_frame_equal(customer_frame(joined, as_of), customer_frame(whole, as_of))
+    new = local.orders.tail(80).assign(order_ts=as_of, order_id=lambda f: "new-" + f["order_id"])
+    pd.testing.assert_frame_equal(features_for_orders(joined, new), features_for_orders(whole, new))
+
+
 @pytest.mark.parametrize("make", [lambda: ValueModel(random_state=3),
                                   lambda: ValueModel(boosted_baseline=False, max_weight=5.0)])
 def test_value_model_from_spark_statistics_equals_the_local_fit(spark, make) -> None:

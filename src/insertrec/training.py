@@ -90,6 +90,14 @@ class Computation:
         return features.FeatureParams.fit(history, catalog=catalog, nps_ttl_days=nps_ttl_days,
                                           lapse_days=lapse_days)
 
+    def snapshot(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams) -> features.Snapshot:
+        """Every customer's state at ``cutoff`` (the model's snapshot)."""
+        return features.Snapshot.build(history, params, as_of=cutoff)
+
+    def fingerprint(self, history: Dataset, cutoff: pd.Timestamp) -> str:
+        """`Dataset.fingerprint` of the history before ``cutoff`` (the model version depends on it)."""
+        return history.fingerprint()
+
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(order_features, order_rewards)`` of the history, rows in its order."""
@@ -213,7 +221,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     params = computation.feature_params(history, cutoff, catalog, config.nps_ttl_days, config.lapse_days)
 
     progress("repurchase propensity")
-    snapshot = features.Snapshot.build(history, params, as_of=cutoff)
+    snapshot = computation.snapshot(history, cutoff, params)
     customers = features.customer_frame(snapshot, cutoff)
     repeat = fit_repeat(history, params, cutoff, config.horizon_days, current=customers)
     customers = customers.merge(repeat.scores, on="customer_id", how="left")
@@ -224,7 +232,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     names = dict(enumerate(seg_model.names_))
     segment_of = customers.set_index(customers["customer_id"].astype(str))["segment_id"]
 
-    fingerprint = history.fingerprint()
+    fingerprint = computation.fingerprint(history, cutoff)
     catalog_sha = catalog.sha256 if catalog is not None else None
     version = _version(fingerprint, catalog_sha or "", config)
     metrics: dict[str, float] = {**repeat.metrics, "segments_k": float(seg_model.k_),

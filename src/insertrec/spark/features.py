@@ -15,6 +15,7 @@ Rows come back with ``order_ts`` as int64 UTC nanoseconds, as `tables` keeps it;
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.spark.tables import POSITION, TIMESTAMPS, SparkTables, to_dataset
 
-__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "to_pandas"]
+__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "snapshot", "to_pandas"]
 
 REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
 ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
@@ -63,11 +64,40 @@ def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *,
                          orders_per_bucket: int = ORDERS_PER_BUCKET) -> DataFrame:
     """One row per order: `features.order_features` columns and `REWARD_COLUMNS`, each computed
     by the local code on a bucket of whole customers (see the module docstring)."""
-    orders = tables.orders
-    totals = orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
+    totals = tables.orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
     n_orders, last = (0, None) if totals is None else (totals["n"], totals["last"])
+    schema = _schema(params, tables)
+    run = _bucket_runner(params, tables.catalog, tables.ctx_numeric, int(last or 0), horizon_days,
+                         dict(costs or {}), [f.name for f in schema.fields])
+    return _bucketed(tables, int(n_orders), orders_per_bucket).groupBy("_bucket").applyInPandas(run, schema)
+
+
+def snapshot(tables: SparkTables, params: features.FeatureParams, as_of: pd.Timestamp,
+             orders_per_bucket: int = ORDERS_PER_BUCKET) -> features.Snapshot:
+    """`features.Snapshot.build(history, params, as_of)`: one snapshot per bucket of whole
+    customers, built by the local code, brought to the driver one partition at a time and
+    joined (`Snapshot.concat`); the driver holds the snapshot (the model's), never the history."""
+    catalog, ctx_numeric = tables.catalog, tables.ctx_numeric   # the closure must not hold a DataFrame
+
+    def run(bucket: pd.DataFrame) -> pd.DataFrame:
+        part = features.Snapshot.build(_bucket_data(bucket, catalog, ctx_numeric), params, as_of=as_of)
+        return pd.DataFrame({"snapshot": [pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)]})
+
+    parts = (_bucketed(tables, tables.orders.count(), orders_per_bucket).groupBy("_bucket")
+             .applyInPandas(run, T.StructType([T.StructField("snapshot", T.BinaryType())])))
+    found = [pickle.loads(r["snapshot"]) for r in parts.toLocalIterator()]
+    if not found:   # no events at all: the empty shop's snapshot
+        return features.Snapshot.build(to_dataset({}, tables.catalog, tables.ctx_numeric), params, as_of=as_of)
+    return features.Snapshot.concat(found)
+
+
+def _bucketed(tables: SparkTables, n_orders: int, orders_per_bucket: int) -> DataFrame:
+    """The tables' rows side by side (``_TAG`` names the table), each with its customer's bucket
+    (``_bucket``): every event of a customer in the same bucket, about ``orders_per_bucket``
+    orders in each."""
+    orders = tables.orders
     # at least two buckets per core, so that a small history is not one task on one core
-    buckets = max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-int(n_orders) // orders_per_bucket))
+    buckets = max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-n_orders // orders_per_bucket))
     owner = orders.select("order_id", "customer_id")
     parts: dict[str, DataFrame] = {"orders": orders}
     if tables.exposures is not None:   # file order kept: the first reward given per order counts
@@ -84,12 +114,15 @@ def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *,
     # no nulls in whole-number columns: Arrow would hand them over as float64, losing nanoseconds
     fill: dict[str, bool | float | int | str] = {f.name: 0 for f in wide.schema.fields if isinstance(f.dataType, T.LongType)}
     fill |= {f.name: False for f in wide.schema.fields if isinstance(f.dataType, T.BooleanType)}
-    wide = wide.fillna(fill)
-    wide = wide.withColumn("_bucket", F.pmod(F.xxhash64("customer_id"), F.lit(buckets)))
-    schema = _schema(params, tables)
-    run = _bucket_runner(params, tables.catalog, tables.ctx_numeric, int(last or 0), horizon_days,
-                         dict(costs or {}), [f.name for f in schema.fields])
-    return wide.groupBy("_bucket").applyInPandas(run, schema)
+    return wide.fillna(fill).withColumn("_bucket", F.pmod(F.xxhash64("customer_id"), F.lit(buckets)))
+
+
+def _bucket_data(bucket: pd.DataFrame, catalog: Catalog | None, ctx_numeric: dict[str, bool]) -> Dataset:
+    """One bucket of `_bucketed` rows as the local ``Dataset`` of its customers."""
+    frames = {str(name): part for name, part in bucket.groupby(_TAG, sort=False)}
+    if "exposures" in frames:
+        frames["exposures"] = frames["exposures"].sort_values(POSITION, kind="stable")
+    return to_dataset(frames, catalog, ctx_numeric)
 
 
 def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType:
@@ -116,10 +149,7 @@ def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType
 def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_numeric: dict[str, bool],
                    last_ns: int, horizon_days: float, costs: dict[str, float], columns: list[str]):
     def run(bucket: pd.DataFrame) -> pd.DataFrame:
-        frames = {str(name): part for name, part in bucket.groupby(_TAG, sort=False)}
-        if "exposures" in frames:
-            frames["exposures"] = frames["exposures"].sort_values(POSITION, kind="stable")
-        data = to_dataset(frames, catalog, ctx_numeric)
+        data = _bucket_data(bucket, catalog, ctx_numeric)
         feats = features.order_features(data, params)
         stand_in = pd.DataFrame({"order_id": [_LAST], "customer_id": [_LAST],
                                  "order_ts": [pd.Timestamp(last_ns, unit="ns", tz="UTC")],

@@ -27,10 +27,17 @@ from insertrec import features
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
-from insertrec.spark.features import REWARD_COLUMNS, feature_params, features_and_rewards, local_types, to_pandas
+from insertrec.spark.features import (
+    REWARD_COLUMNS,
+    feature_params,
+    features_and_rewards,
+    local_types,
+    snapshot,
+    to_pandas,
+)
 from insertrec.spark.session import spark_session
 from insertrec.spark.statistics import fit_value_model
-from insertrec.spark.tables import POSITION, SparkTables, read_tables, to_dataset
+from insertrec.spark.tables import POSITION, SparkTables, fingerprint, read_tables, to_dataset
 from insertrec.training import Computation, TrainConfig, TrainResult, train
 from insertrec.valuemodel import ActionSpace, ValueModel
 
@@ -58,6 +65,12 @@ class SparkComputation(Computation):
     def feature_params(self, history: Dataset, cutoff: pd.Timestamp, catalog: Catalog | None,
                        nps_ttl_days: int, lapse_days: int) -> features.FeatureParams:
         return feature_params(self._before(cutoff), catalog, nps_ttl_days=nps_ttl_days, lapse_days=lapse_days)
+
+    def snapshot(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams) -> features.Snapshot:
+        return snapshot(self._before(cutoff), params, cutoff)
+
+    def fingerprint(self, history: Dataset, cutoff: pd.Timestamp) -> str:
+        return fingerprint(self._before(cutoff))
 
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
