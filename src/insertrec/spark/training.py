@@ -2,14 +2,17 @@
 
 The orchestration is the local `train`'s own; what it computes on Spark (`SparkComputation`):
 the feature parameters from Spark aggregations, every order's features and reward from the
-project's feature code on buckets of whole customers (`spark.features`), kept on Spark, and the
-ridge value model from per-partition sufficient statistics (`spark.statistics`), each partition
-encoding its own orders' design rows from those features (the driver sends only each logged
-order's position, actions, reward and propensity). The rest runs on the
-driver as it does locally, on the samples the local path already bounds (the repurchase
-classifier, the boosted baseline's rows, the holdout judge) and on the checked tables collected
-there (the snapshot of every customer at the cutoff, the segments, the report). The model
-directory is the local one's format, so serving, MLflow and ``promote`` do not change.
+project's feature code on buckets of whole customers (`spark.features`), kept on Spark, the
+model's snapshot of every customer at the cutoff (one per bucket, joined on the driver), the
+data fingerprint (hashed by partition), and the ridge value model from per-partition sufficient
+statistics (`spark.statistics`), each partition encoding its own orders' design rows from those
+features (the driver sends only each logged order's position, actions, reward and propensity).
+The rest runs on the driver as it does locally, on the samples the local path already bounds
+(the repurchase classifier, the boosted baseline's rows, the holdout judge) and on the checked
+tables collected there (the repurchase frames, the logged orders, the segments, the report):
+so the driver still holds the whole history, which bounds the history this path can train on
+(issue 13: a 10M-order history does not fit). The model directory is the local one's format,
+so serving, MLflow and ``promote`` do not change.
 """
 
 from __future__ import annotations
