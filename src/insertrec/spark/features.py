@@ -83,8 +83,13 @@ def snapshot(tables: SparkTables, params: features.FeatureParams, as_of: pd.Time
         part = features.Snapshot.build(_bucket_data(bucket, catalog, ctx_numeric), params, as_of=as_of)
         return pd.DataFrame({"snapshot": [pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)]})
 
-    parts = (_bucketed(tables, tables.orders.count(), orders_per_bucket).groupBy("_bucket")
-             .applyInPandas(run, T.StructType([T.StructField("snapshot", T.BinaryType())])))
+    n_orders = tables.orders.count()
+    # one bucket's snapshot per partition (not spark.sql.shuffle.partitions' few): the driver's
+    # JVM materialises a whole partition when it serves it to Python (a 10M-order history's eight
+    # partitions of snapshots ran it out of heap)
+    parts = (_bucketed(tables, n_orders, orders_per_bucket)
+             .repartition(_bucket_count(tables.orders, n_orders, orders_per_bucket), "_bucket")
+             .groupBy("_bucket").applyInPandas(run, T.StructType([T.StructField("snapshot", T.BinaryType())])))
     found = [pickle.loads(r["snapshot"]) for r in parts.toLocalIterator()]
     if not found:   # no events at all: the empty shop's snapshot
         return features.Snapshot.build(to_dataset({}, tables.catalog, tables.ctx_numeric), params, as_of=as_of)
@@ -96,8 +101,7 @@ def _bucketed(tables: SparkTables, n_orders: int, orders_per_bucket: int) -> Dat
     (``_bucket``): every event of a customer in the same bucket, about ``orders_per_bucket``
     orders in each."""
     orders = tables.orders
-    # at least two buckets per core, so that a small history is not one task on one core
-    buckets = max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-n_orders // orders_per_bucket))
+    buckets = _bucket_count(orders, n_orders, orders_per_bucket)
     owner = orders.select("order_id", "customer_id")
     parts: dict[str, DataFrame] = {"orders": orders}
     if tables.exposures is not None:   # file order kept: the first reward given per order counts
@@ -115,6 +119,11 @@ def _bucketed(tables: SparkTables, n_orders: int, orders_per_bucket: int) -> Dat
     fill: dict[str, bool | float | int | str] = {f.name: 0 for f in wide.schema.fields if isinstance(f.dataType, T.LongType)}
     fill |= {f.name: False for f in wide.schema.fields if isinstance(f.dataType, T.BooleanType)}
     return wide.fillna(fill).withColumn("_bucket", F.pmod(F.xxhash64("customer_id"), F.lit(buckets)))
+
+
+def _bucket_count(orders: DataFrame, n_orders: int, orders_per_bucket: int) -> int:
+    # at least two buckets per core, so that a small history is not one task on one core
+    return max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-n_orders // orders_per_bucket))
 
 
 def _bucket_data(bucket: pd.DataFrame, catalog: Catalog | None, ctx_numeric: dict[str, bool]) -> Dataset:
