@@ -15,15 +15,19 @@ holdout), then on the holdout orders reports:
     policy's probabilities) and reward noise; and the clip's share of the weight mass
     (1 - sum min(w, c) / sum w) and the clip's bias given q,
     -mean_x sum_a pi (1 - min(1, c mu / pi)) (T - q);
-  - the lifts `evaluate` prints (DR of the policy over DR of the playbook, and over the
-    mean logged reward) minus the same lifts in truth, in points (#11.6: within 3).
+  - the lifts (DR of the policy over DR of the playbook, and over the mean logged reward)
+    minus the same lifts in truth, in points (#11.6: within 3), and the half-width of the
+    lift's paired 95% interval;
+  - the same for DR with the slates' pseudo-inverse weight (`ope.DRPI`, what `evaluate` reports;
+    columns drpi_*), with the half-widths of its lifts' intervals (what decides whether
+    `evaluate` prints them) and its weights' effective sample.
 
 Trained models and the arrays the estimators need (the judge's q included, as
 the code of the run that built them fitted it) are cached per (world, seed)
 under /tmp/dr_cache (override with --cache; use a fresh one after changing the
 judge or training), so estimator variants are tried without retraining.
 
-Usage: python bench/dr_bias.py [--seeds 4242 1 2 3] [--worlds default perturbed]
+Usage: python bench/dr_bias.py [--seeds 4242 1 2 3] [--worlds default perturbed small_effects ...]
                                [--json bench/results/dr_bias.json]
 """
 
@@ -141,6 +145,8 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
         "ips": est.ips.value, "snips": est.snips.value, "dr": est.dr.value, "rules_dr": rules_dr,
         "ips_pct": pct(est.ips.value), "snips_pct": pct(est.snips.value), "dr_pct": pct(est.dr.value),
         "lift_rules_err": 100.0 * (est.dr.value / rules_dr - truth_v / rules_truth),
+        "lift_rules_hw": 100.0 * _half(estimators[2].difference(f, probs, q_target, rules, (joint(rules) * q_all).sum(1),
+                                                                 a["q_logged"])) / abs(rules_dr),
         "lift_logging_err": 100.0 * (est.dr.value / float(f.rewards.mean()) - truth_v / logging_truth),
         "rules_dr_pct": 100.0 * (rules_dr - rules_truth) / abs(rules_truth),
         "logging_pct": 100.0 * (float(f.rewards.mean()) - logging_truth) / abs(logging_truth),
@@ -154,14 +160,47 @@ def diagnose(a: dict[str, np.ndarray], name: str = "pi", clip: float | None = No
         "clipped_mass_pct": 100.0 * (1.0 - float(w.sum() / w_exact.sum())),
         "mean_w_exact": float(w_exact.mean()), "mean_w": float(w.mean()),
         "pscore_check": float(np.abs(mj[np.arange(n), box] - f.pscores.prod(1)).max()),
+        **pseudo_inverse(a, f, probs, rules, q_all, truth_v, rules_truth, logging_truth),
+    }
+
+
+def _half(e) -> float:
+    return (e.high - e.low) / 2
+
+
+def pseudo_inverse(a: dict[str, np.ndarray], f, probs: list[np.ndarray], rules: list[np.ndarray],
+                   q_all: np.ndarray, truth_v: float, rules_truth: float, logging_truth: float) -> dict[str, float]:
+    """DR with the slates' pseudo-inverse weight (`ope.DRPI`): its value and lifts against the truth, the
+    half-widths of its paired 95% intervals of the lifts (points), and its weights' effective sample."""
+    from insertrec.ope import DRPI, Bootstrap, effective_sample_size
+    est, boot = DRPI(), Bootstrap(len(f.rewards))
+    q_pi, q_rules = (joint(probs) * q_all).sum(1), (joint(rules) * q_all).sum(1)
+    value = est.estimate(f, probs, a["q_logged"], q_pi, bootstrap=boot)
+    rules_v = est.estimate(f, rules, a["q_logged"], q_rules, bootstrap=boot)
+    diff = est.difference(f, probs, q_pi, rules, q_rules, a["q_logged"], bootstrap=boot)
+    terms = est.terms(est.weigh(f, probs, None), f.rewards, a["q_logged"], q_pi)[:, 0] - f.rewards
+    reps = boot.sums(terms[:, None])[:, 0] / boot.totals
+    mean_r = float(f.rewards.mean())
+    return {
+        "drpi": value.value, "drpi_pct": 100.0 * (value.value - truth_v) / abs(truth_v),
+        "drpi_rules_pct": 100.0 * (rules_v.value - rules_truth) / abs(rules_truth),
+        "drpi_lift_rules_err": 100.0 * (value.value / rules_v.value - truth_v / rules_truth),
+        "drpi_lift_logging_err": 100.0 * (value.value / mean_r - truth_v / logging_truth),
+        "drpi_lift_rules_hw": 100.0 * _half(diff) / abs(rules_v.value),
+        "drpi_lift_logging_hw": 100.0 * float(np.diff(np.quantile(reps, [0.025, 0.975]))[0]) / 2 / abs(mean_r),
+        "drpi_ess": effective_sample_size(est.weigh(f, probs, None)),
+        "drpi_negative_share": 100.0 * float((est.weigh(f, probs, None) < 0).mean()),
     }
 
 
 COLUMNS = [("truth", "{:8.3f}"), ("ips_pct", "{:7.1f}"), ("snips_pct", "{:7.1f}"), ("dr_pct", "{:7.1f}"),
            ("rules_dr_pct", "{:7.1f}"), ("logging_pct", "{:7.1f}"), ("lift_rules_err", "{:7.1f}"),
-           ("lift_logging_err", "{:7.1f}"),
+           ("lift_logging_err", "{:7.1f}"), ("lift_rules_hw", "{:7.1f}"),
            ("ess", "{:7.0f}"), ("dm_pct", "{:7.1f}"), ("corr_pct", "{:7.1f}"), ("corr_expected_pct", "{:7.1f}"),
-           ("corr_noise_pct", "{:7.1f}"), ("clip_bias_pct", "{:7.1f}"), ("clipped_mass_pct", "{:7.1f}")]
+           ("corr_noise_pct", "{:7.1f}"), ("clip_bias_pct", "{:7.1f}"), ("clipped_mass_pct", "{:7.1f}"),
+           ("drpi_pct", "{:7.1f}"), ("drpi_rules_pct", "{:7.1f}"), ("drpi_lift_rules_err", "{:7.1f}"),
+           ("drpi_lift_logging_err", "{:7.1f}"), ("drpi_lift_rules_hw", "{:7.1f}"),
+           ("drpi_lift_logging_hw", "{:7.1f}"), ("drpi_ess", "{:7.0f}")]
 
 
 def table(rows: list[tuple[str, int, dict]]) -> str:

@@ -71,6 +71,10 @@ def test_simulate_and_evaluate_report_spec_metric_names(shop, capsys):
     out = capsys.readouterr()
     metrics = json.loads(out.out)
     assert set(metrics) >= SPEC_EVALUATE_KEYS
+    for lift in ("lift_vs_rules", "lift_vs_logging"):   # the interval, printed or not, and the lift inside it
+        low, high = metrics[f"{lift}_low"], metrics[f"{lift}_high"]
+        assert low < high
+        assert (low <= metrics[lift] <= high) if metrics[lift] is not None else f"{lift} withheld" in out.err
     # judged only on the orders after the training cutoff, and it says so
     orders = pd.read_csv(data / "orders.csv", parse_dates=["order_ts"])
     after = orders["order_ts"] >= pd.Timestamp(SHOP_CUTOFF, tz="UTC")
@@ -152,6 +156,16 @@ def test_bad_input_exits_2_with_a_one_line_reason_and_no_traceback(tmp_path):
     assert first.startswith("insertrec: invalid data:") and "line 3" in first
     assert "order_ts" in proc.stderr and "order_value" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_train_refuses_a_pessimism_that_is_not_a_finite_number_not_below_zero(shop, tmp_path, capsys, value):
+    _, data, _ = shop
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--no-mlflow",
+                 "--pessimism", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--pessimism" in err and "finite number >= 0" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_an_orders_only_history_trains_segments_and_logs_to_mlflow(shop, tmp_path, monkeypatch, capsys):

@@ -240,6 +240,34 @@ def test_workers_starting_together_on_a_fresh_database_all_start(tmp_path, db_ur
     assert sorted(query(db_url, "SELECT action_id, used FROM inventory")) == [("sample", 0), ("ten_off", 0)]
 
 
+def test_a_fresh_sqlite_file_briefly_held_by_another_reader_still_starts(tmp_path):
+    """Turning a fresh SQLite file to WAL needs it to itself. A worker whose neighbour (or a
+    backup, or a person with the sqlite3 shell) held it for longer than the request deadline
+    failed to start with "cannot create tables"; it now waits within the setup deadline."""
+    path, ready = tmp_path / "log.db", threading.Event()
+
+    def hold() -> None:
+        holder = sqlite3.connect(path, isolation_level=None)   # a rollback journal, as a fresh file has
+        holder.execute("CREATE TABLE other (x)")
+        holder.execute("BEGIN")
+        holder.execute("SELECT * FROM other").fetchall()        # a shared lock, for 0.3 s
+        ready.set()
+        time.sleep(0.3)
+        holder.execute("COMMIT")
+        holder.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    ready.wait(timeout=10)
+    log = DecisionLog(f"sqlite:///{path}", deadline_ms=50)
+    try:
+        log.create()
+    finally:
+        log.close()
+        holder.join(timeout=10)
+    assert query(f"sqlite:///{path}", "PRAGMA journal_mode") == [("wal",)]
+
+
 def test_a_reused_order_id_with_another_customer_or_body_is_a_conflict(tmp_path, db_url):
     """A retry (the same body) gets the stored decision; the same order_id with another customer or
     body is 409 naming the conflict, single or in a batch. Before, it got the other order's decision."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import textwrap
+from types import SimpleNamespace
+from typing import Any
 
 import joblib
 import numpy as np
@@ -363,6 +366,27 @@ def test_folding_events_into_a_state_equals_the_offline_rows(history: dict) -> N
 
 
 @SETTINGS
+@given(histories(max_orders=8), st.randoms(use_true_random=False), st.integers(0, 200))
+def test_orders_folded_in_any_order_give_the_offline_row(history: dict, rng: Any, gap: int) -> None:
+    """The service folds orders as their commits arrive, not by order_ts (another worker's, a
+    late import): the state kept as they fold in (sorted receipt instants for the contact-cap
+    windows) must give a later order the offline row whatever the folding order."""
+    orders = [o | {"customer_id": "a"} for o in history["orders"]]
+    data = dataset(orders, exposures=history["exposures"])
+    probe = {"order_id": "zz", "customer_id": "a", "order_ts": data.orders["order_ts"].max() + gap * DAY}
+    offline = order_features(dataset([*orders, probe], exposures=history["exposures"]), RANDOM_PARAMS)
+    state = CustomerState.empty(RANDOM_PARAMS)
+    exposures = data.exposures.groupby("order_id")
+    shuffled = list(data.orders.to_dict("records"))
+    rng.shuffle(shuffled)
+    for order in shuffled:
+        received = exposures.get_group(order["order_id"]) if order["order_id"] in exposures.groups \
+            else data.exposures.iloc[:0]
+        state.add_order(order, dict(zip(received["slot"], received["action_id"])))
+    assert_same(state.features(dataset([probe]).orders.iloc[0].to_dict()), offline.iloc[-1], where="zz")
+
+
+@SETTINGS
 @given(histories(), histories(max_orders=5), st.integers(0, 30))
 def test_batch_features_equal_offline_for_new_orders(history: dict, batch: dict, gap: int) -> None:
     data = dataset(**history)
@@ -497,6 +521,21 @@ def test_reward_horizon_boundaries_censoring_override_and_costs() -> None:
     assert list(rewards.index) == list(data.orders["order_id"])
     plain = order_rewards(data, horizon_days=30).set_index("order_id")
     assert plain.loc["o1", "reward"] == 0.0 and plain.loc["o4", "revenue"] == 5.0  # o5 exactly 30 days later
+
+
+def test_params_saved_with_an_older_column_layout_get_the_current_one() -> None:
+    """Model directories pickled the params with their derived layout; one saved by an older
+    version must not hand the online path a layout without what it now reads."""
+    stale = dict(PARAMS.__dict__, _layout=SimpleNamespace())   # a layout of an older version
+
+    class SavedByAnOlderVersion:
+        def __reduce__(self) -> tuple:
+            return object.__new__, (FeatureParams,), stale
+
+    loaded = pickle.loads(pickle.dumps(SavedByAnOlderVersion()))
+    assert loaded == PARAMS and "_layout" not in pickle.loads(pickle.dumps(PARAMS)).__dict__
+    order = {"order_id": "n", "customer_id": "a", "order_ts": at(1), "order_value": 5.0}
+    assert_same(CustomerState.empty(loaded).features(order), CustomerState.empty(PARAMS).features(order))
 
 
 def test_a_copied_state_takes_events_without_changing_the_original() -> None:

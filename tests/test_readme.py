@@ -108,6 +108,23 @@ def readme_block(heading: str) -> list[str]:
     return [line for line in lines if line]
 
 
+def run_block(commands: list[str], cwd: Path, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """Each command but the long-running servers, in ``cwd``, as a reader would; each must succeed
+    without a traceback."""
+    outputs = []
+    for command in commands:
+        if command.startswith(SKIPPED):
+            continue
+        began = time.perf_counter()
+        done = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+        print(f"{time.perf_counter() - began:6.1f}s  {command}")
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-3000:]}"
+        outputs.append(done)
+    return outputs
+
+
 @pytest.mark.slow
 def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
     commands = readme_block("## For data scientists")
@@ -118,17 +135,7 @@ def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
                     "--seed", "2"], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
     shutil.copytree(tmp_path / "shop", tmp_path / "recent")
     (tmp_path / "training").symlink_to(README.parent / "training")
-    outputs = []
-    for command in commands:
-        if command.startswith(SKIPPED):
-            continue
-        began = time.perf_counter()
-        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
-        print(f"{time.perf_counter() - began:6.1f}s  {command}")
-        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-3000:]}"
-        outputs.append(done)
+    outputs = run_block(commands, tmp_path, env)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -145,6 +152,29 @@ def test_the_data_scientists_block_runs_as_written(tmp_path, monkeypatch):
     assert "version 1: now champion (no champion yet)" in first
     assert "judged_from: 2024-06-01T00:00:00+00:00" in second and "orders_left_out_inside_training" in second
     assert "at or after 2024-06-01T00:00:00+00:00, the later of the two training cutoffs; warning:" in second
+
+
+@pytest.mark.slow
+def test_the_pessimism_block_runs_as_written_and_the_run_records_its_z(tmp_path, monkeypatch):
+    """The model and its MLflow run say how it was trained, and it decides with that z."""
+    commands = readme_block("## Never spend where the evidence is thin")
+    assert any(c.startswith("insertrec train") and "--pessimism 1" in c for c in commands), commands
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}   # MLflow's defaults
+    simulated = run_block(commands, tmp_path, env)[-1]
+    assert "uplift_capture" in simulated.stdout
+    model = tmp_path / "models" / "careful"
+    assert json.loads((model / "manifest.json").read_text())["params"]["pessimism"] == 1.0
+    from insertrec.engine import Engine
+
+    assert Engine.load(model).policy.pessimism == 1.0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from insertrec.tracking import client
+
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name("insertrec").experiment_id])
+    assert [r.data.params["pessimism"] for r in runs] == ["1.0"]
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ import pytest
 from test_segments import planted
 
 from insertrec.cli import main
-from insertrec.evaluation import lifts_withheld
+from insertrec.evaluation import lift_withheld
+from insertrec.ope import Estimate
 from insertrec.report import EVIDENCE, MATERIAL_SHARE, build_report, evidence_warnings, recommendation, render_report
 from insertrec.segments import SegmentModel
 from insertrec.training import TrainConfig, train
@@ -79,11 +80,17 @@ def test_warnings_name_weak_or_bad_evidence() -> None:
     # A model that lost on the point estimate only is still named as losing.
     assert any("did worse" in w for w in evidence_warnings(GOOD_METRICS | {"lift_vs_rules": -0.01}, GOOD_OPE, "model"))
     assert evidence_warnings({"repeat_auc": EVIDENCE["repeat_auc"]}, None, None) == []
-    # When evaluate withheld the lifts (too much of the weight past DR's clip) the report says why.
-    why = lifts_withheld(0.7)
+    # When evaluate withheld the lifts (an interval wider than +-3 points) the report says why.
+    why = lift_withheld("lift_vs_rules", Estimate(0.05, -0.02, 0.12), 14_000, {})
     withheld = evidence_warnings(GOOD_METRICS | {"lift_vs_rules": float("nan")},
                                  GOOD_OPE | {"lifts": {"withheld": True, "why": why}}, "model")
     assert withheld == [f"The holdout cannot say how the engine compares with the playbook: {why}."]
+    # Withheld (its interval too wide to size it) yet wholly below zero: the loss is said, with no figure.
+    lost = evidence_warnings(GOOD_METRICS | {"lift_vs_rules": float("nan")},
+                             GOOD_OPE | {"lifts": {"withheld": True, "why": why},
+                                         "model_minus_rules": {"value": -3.0, "low": -5.5, "high": -0.5}}, "model")
+    assert lost[1] == ("On the holdout the engine did worse than the playbook (the whole 95% interval is below "
+                       "zero). Keep the playbook until a retrained engine beats it.")
     assert "no learnt engine" in evidence_warnings({}, None, "rules")[0]
 
 

@@ -9,7 +9,7 @@ import yaml
 from insertrec import modeldir
 from insertrec.catalog import Catalog
 from insertrec.engine import Engine
-from insertrec.errors import ModelError
+from insertrec.errors import InsertrecError, ModelError
 from insertrec.training import TrainConfig, history_before, train
 from insertrec.world import World
 
@@ -62,6 +62,12 @@ def test_one_slot_derived_rewards_and_estimated_propensities(history, tmp_path):
                               "order_value": 80.0, "channel": "web"})
     assert list(decision.slots) == ["coupon"]
     assert decision.slots["coupon"].action_id in catalog.slots["coupon"].action_ids
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "1", True])
+def test_pessimism_must_be_a_finite_number_of_standard_errors_not_below_zero(value):
+    with pytest.raises(InsertrecError, match="--pessimism: .* is not a finite number >= 0"):
+        TrainConfig(pessimism=value)
 
 
 def test_a_model_pickled_before_classes_moved_is_refused_with_a_reason(tmp_path):

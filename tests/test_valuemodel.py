@@ -127,3 +127,57 @@ def test_fit_refuses_bad_inputs_naming_the_field(field, change):
             "pscore": np.full(n, 0.5)}
     with pytest.raises(InsertrecError, match=field):
         ValueModel(boosted_baseline=False).fit(**change(args))
+
+
+def _best_boxes(model, phi, rules, pessimistic: bool):
+    grid = model.decision_grid(1.0) if pessimistic else model.box_grid
+    return SPACE.combos[grid.grid(phi, rules + grid.columns).reshape(len(phi), -1).argmax(axis=1)]
+
+
+def test_pessimism_keeps_actions_whose_gain_is_noise_out_and_lets_real_gains_through():
+    """#11.2: an action whose estimated gain over the slot default is not positive beyond its
+    uncertainty is not chosen. Where no action matters, the estimated best box is mostly some
+    action's noise and the pessimistic one the all-default box; where one truly pays (insert 2 for
+    group 0, +1.5 against a noise sd of 3), it is still chosen."""
+    rng = np.random.default_rng(4)
+    n = 3000
+    phi = np.column_stack([np.ones(n), rng.normal(size=(n, 3))])
+    acts = np.stack([rng.integers(0, k, n) for k in SPACE.sizes], axis=1)
+    y = 10 + 2 * phi[:, 1] + rng.normal(scale=3.0, size=n)     # no action has any effect
+    rules = np.zeros_like(acts)
+    model = ValueModel(alphas=(1e-4,), action_alphas=(1e-3,), boosted_baseline=False).fit(
+        phi, acts, y, SPACE, rules)
+    assert (_best_boxes(model, phi, rules, False) != 0).any(axis=1).mean() > 0.5   # noise, taken for gains
+    assert (_best_boxes(model, phi, rules, True) != 0).any(axis=1).mean() < 0.05
+
+    phi, acts, y, ps, rules, truth, g, v = _world(30_000, 0)
+    model = ValueModel().fit(phi, acts, y, SPACE, rules, ps)
+    best = _best_boxes(model, phi, rules, True)
+    assert (best[g == 0, 1] == 2).mean() > 0.8 and (best[g == 1, 1] == 2).mean() < 0.05
+
+
+def test_the_pessimistic_score_is_the_gain_less_z_standard_errors_of_the_posterior():
+    """The penalty of action a in slot s for an order is z sqrt(sigma^2 x' (G + Lambda)^-1 x), x the
+    order's phi in the columns of a's W block, G the dense design's Gram, Lambda the chosen ridge."""
+    phi, acts, y, ps, rules, *_ = _world(3_000, 5)
+    model = ValueModel(boosted_baseline=False).fit(phi, acts, y, SPACE, rules)
+    X = _dense_design(phi, acts, rules, SPACE)
+    d, n = phi.shape[1], len(y)
+    lam = n * np.where(np.arange(X.shape[1]) >= d, model.alpha_[1], model.alpha_[0])
+    lam[0] = 0.0
+    inverse = np.linalg.inv(X.T @ X + np.diag(lam + 1e-9))
+    columns = model.box_grid.columns
+    penalty = model.box_grid.per_action(phi[:20], rules[:20] + columns) \
+        - model.decision_grid(1.5).per_action(phi[:20], rules[:20] + columns)
+    start = d
+    for s, size in enumerate(SPACE.sizes):
+        for a in range(size):
+            col = columns[s] + a
+            if a == SPACE.defaults[s]:
+                np.testing.assert_array_equal(penalty[:, col], 0.0)
+                continue
+            cells = start + np.arange(d) * (size - 1) + a - (a > SPACE.defaults[s])
+            cov = model.noise_ * inverse[np.ix_(cells, cells)]
+            expected = 1.5 * np.sqrt(np.einsum("ni,ij,nj->n", phi[:20], cov, phi[:20]))
+            np.testing.assert_allclose(penalty[:, col], expected, rtol=1e-6)
+        start += d * (size - 1)

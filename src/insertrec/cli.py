@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from insertrec.training import TrainConfig, train
 
     config = TrainConfig(cutoff=args.cutoff, horizon_days=args.horizon_days, epsilon=args.epsilon,
-                         seed=args.seed)
+                         seed=args.seed, pessimism=args.pessimism)
     progress = Progress()
     if args.engine == "spark":   # the same model directory, its heavy steps computed on Spark
         for given, flag in ((args.decisions, "--decisions"), (args.skip_bad_rows, "--skip-bad-rows")):
@@ -115,7 +115,7 @@ def cmd_init_catalog(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from insertrec.engine import Engine
-    from insertrec.evaluation import MAX_CLIPPED_SHARE, evaluate_on, lifts_withheld, training_cutoff
+    from insertrec.evaluation import evaluate_on, training_cutoff
     from insertrec.tracking import Progress
 
     progress = Progress()
@@ -125,10 +125,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     cutoff = training_cutoff(engine.manifest, args.model)
     data = _load(args)
     progress("features and off-policy evaluation")
-    metrics, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
+    metrics, report, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
     print(f"[insertrec] {unseen.describe()}", file=sys.stderr)
-    if metrics["dr_clipped_share"] > MAX_CLIPPED_SHARE:
-        print(f"[insertrec] {lifts_withheld(metrics['dr_clipped_share'])}", file=sys.stderr)
+    if report["lifts"]["withheld"]:
+        print(f"[insertrec] {report['lifts']['why']}", file=sys.stderr)
     _print_json_or_table(metrics | {"orders_evaluated": len(unseen.logged), "evaluated_from": cutoff.isoformat(),
                                     "orders_left_out_inside_training": unseen.inside}, args.json)
 
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "next order counts as its reward")
     c.add_argument("--epsilon", type=float, default=0.1, help="share of decisions that explore, per slot")
     c.add_argument("--seed", type=int, default=0, help="random seed of the learners")
+    c.add_argument("--pessimism", type=float, default=0.0, metavar="Z",
+                   help="spend on an action only where its estimated gain exceeds Z standard errors of it "
+                        "(default 0: the estimates decide; see the README on the trade-off)")
     c.add_argument("--experiment", default="insertrec", help="MLflow experiment name")
     c.add_argument("--register-as", default="insertrec", help="MLflow registered model name ('' to skip)")
     c.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")

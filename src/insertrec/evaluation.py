@@ -25,11 +25,15 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError, ModelError
 from insertrec.features import FeatureParams, order_features, order_rewards
 from insertrec.ope import (
+    DEFAULT_ESTIMATORS,
+    DRPI,
+    IPS,
+    SNIPS,
     Bootstrap,
     Estimate,
+    Estimator,
     LoggedFeedback,
     PolicyEstimates,
-    clipped_share,
     difference,
     estimate,
     expected_value,
@@ -39,8 +43,9 @@ from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, ValueModel
 
 __all__ = [
+    "EVALUATE_ESTIMATORS",
     "JUDGE_ACTION_ALPHAS",
-    "MAX_CLIPPED_SHARE",
+    "MAX_LIFT_HALFWIDTH",
     "MIN_PROPENSITY",
     "Judge",
     "LoggedOrders",
@@ -50,8 +55,9 @@ __all__ = [
     "evaluate",
     "evaluate_on",
     "judge_for",
-    "lifts_withheld",
+    "lift_withheld",
     "logged_orders",
+    "overlap",
     "playbook_gains",
     "policy_probabilities",
     "rules_actions",
@@ -66,19 +72,27 @@ MIN_PROPENSITY = 0.01  # estimated propensities are floored here: a weight of 10
 # q held every action effect near zero, judged a learned policy worth what the logging policy is
 # (+-2% where the truth said +4.5..7%), and left DR's clipped correction to find the whole gain.
 JUDGE_ACTION_ALPHAS = (1e-3, 1e-2)
-# Past this share of the model's importance weight mass clipped (`ope.clipped_share`), DR's value
-# is more its value model's opinion of boxes the log rarely holds than the logged outcomes', and
-# the lifts are withheld rather than printed. Measured on 18 histories (bench/dr_bias.py and
-# tests/test_quality.py, 30,000 customers, the latest fifth unseen; errors in % of the value, close
-# to points of lift since the playbook's DR was within 0-1.6% of its truth): with more than half
-# clipped 7 of 11 missed by more than 3 (58%: +3.6 points of lift on the perturbed world; 60-77%:
-# 3.3-9.2, the lift vs rules -9.2 points where coupons mostly waste); with half or less 4 of 7 were
-# within 3, the misses (+5.8 at 17%, -3.5 at 42%, -8.2 at 47%) reward noise and a value model wrong
-# where the clip is small, which no share tells apart. So a withheld lift says the estimate cannot
-# be trusted; a printed one is no guarantee. Neither a boosted value model (-6.4% and -5.1% on the
-# two changed worlds) nor another clip (30: -5.2 and +7.4%; none: +20.6 and +13.5%) brought those
-# two within 3.
-MAX_CLIPPED_SHARE = 0.5
+# What `evaluate` judges the model, the playbook and their lifts with: DR with the slates'
+# pseudo-inverse weight (`ope.DRPI`), not DR's clipped joint weight. Measured with bench/dr_bias.py
+# (30,000 customers, the latest fifth unseen, five worlds, seeds 1 and 2;
+# bench/results/dr_bias_pseudo_inverse.json): clipped DR's lift vs rules missed the truth by -9.2 to
+# +5.8 points (rms 4.9) and its 95% interval, blind to the clip's bias, held the truth in 4 of 10;
+# DR-PI missed by -7.8 to +9.9 (rms 5.4; mostly the holdout's reward noise, shared by both) and its
+# interval held the truth in 10 of 10, so its interval can decide what is printed.
+EVALUATE_ESTIMATORS: tuple[Estimator, Estimator, Estimator] = (IPS(), SNIPS(), DRPI())
+# A lift is printed only when its paired 95% interval (DR-PI) is within this many points either
+# side (#11.6: "within 3 points of the simulator's"); otherwise it is withheld with the interval and
+# the orders it would take. On 30,000-customer histories the latest fifth (11-15k orders) gave
+# half-widths of 6.6-15.5 points (all ten withheld; the old rule, half the weight mass past DR's
+# clip, printed 2 of 10): the reward's own noise (sd 43 per order on a mean of 35) over the
+# pseudo-inverse weights' effective sample of 350-1,260 orders. The default world's +-6.6 would
+# take about 70,000 unseen orders to reach +-3.
+MAX_LIFT_HALFWIDTH = 0.03
+# A slot's importance ratios pi_s / mu_s average 1 over logged orders when every action the model
+# takes is one the log could hold; further from 1 than this many standard errors, the model takes
+# actions the log (nearly) never tried there, or the propensities are wrong, and no weight can
+# find their outcome: the lifts are withheld.
+OVERLAP_SE = 3.0
 
 
 @dataclass
@@ -200,10 +214,11 @@ class Judge:
         """E over a product-form policy of q(x, box), for every logged order."""
         return self.q_baseline + expected_value(self.q_boxes, probs)
 
-    def judge(self, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
+    def judge(self, probs: list[np.ndarray], seed: int = 0,
+              estimators: tuple[Estimator, Estimator, Estimator] = DEFAULT_ESTIMATORS) -> PolicyEstimates:
         """IPS/SNIPS/DR of a policy given as per-slot action probabilities (n, n_actions)."""
         return estimate(self.logged.feedback, probs, self.q_logged, self.expected_q(probs),
-                        bootstrap=self.bootstrap(seed))
+                        bootstrap=self.bootstrap(seed), estimators=estimators)
 
     def judge_slot(self, s: int, probs: list[np.ndarray], seed: int = 0) -> PolicyEstimates:
         """The policy in slot ``s`` only, the other slots as logged."""
@@ -213,7 +228,8 @@ class Judge:
         return estimate(f, mixed, self.q_logged, self.expected_q(mixed), [s], bootstrap=self.bootstrap(seed))
 
     def judge_difference(self, probs_a: list[np.ndarray], probs_b: list[np.ndarray], seed: int = 0,
-                         slot: int | None = None, level: float = 0.95) -> Estimate:
+                         slot: int | None = None, level: float = 0.95,
+                         estimator: Estimator = DEFAULT_ESTIMATORS[2]) -> Estimate:
         """DR value of a minus b with a paired interval; with ``slot``, only that slot differs."""
         f = self.logged.feedback
         if slot is not None:
@@ -222,7 +238,12 @@ class Judge:
             probs_b = [p if t == slot else logged[t] for t, p in enumerate(probs_b)]
         slots = None if slot is None else [slot]
         return difference(f, probs_a, self.expected_q(probs_a), probs_b, self.expected_q(probs_b),
-                          self.q_logged, slots, level=level, bootstrap=self.bootstrap(seed))
+                          self.q_logged, slots, level=level, bootstrap=self.bootstrap(seed), estimator=estimator)
+
+    def judge_versus_logged(self, probs: list[np.ndarray], estimator: Estimator, seed: int = 0) -> Estimate:
+        """``estimator``'s value of a policy minus the mean logged reward, with a paired interval."""
+        return estimator.versus_logged(self.logged.feedback, probs, self.q_logged, self.expected_q(probs),
+                                       self.bootstrap(seed))
 
 
 def policy_probabilities(policy: Policy, feats: pd.DataFrame) -> list[np.ndarray]:
@@ -340,33 +361,45 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
 
 def evaluate(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder,
              seed: int = 0, judge: Judge | None = None) -> tuple[dict[str, float], dict]:
-    """SPEC's OPE metrics for ``policy`` on ``logged`` orders, and the full report (per slot, intervals)."""
+    """SPEC's OPE metrics for ``policy`` on ``logged`` orders, and the full report (per slot, intervals).
+
+    Values and lifts are DR-PI's (`EVALUATE_ESTIMATORS`); a lift is NaN, and the report's
+    ``lifts.why`` says why, where its interval is wider than `MAX_LIFT_HALFWIDTH` or the model's
+    actions lie outside what the log tried (`overlap`)."""
     sub = feats.iloc[logged.rows]
     judge = judge_for(policy, feats, logged, encoder, seed) if judge is None else judge
     ours = policy_probabilities(policy, sub)
     playbook = policy_probabilities(Policy(policy.catalog, epsilon=0.0), sub)
-    model = judge.judge(ours, seed)
-    rules_est = judge.judge(playbook, seed)
+    model = judge.judge(ours, seed, EVALUATE_ESTIMATORS)
+    rules_est = judge.judge(playbook, seed, EVALUATE_ESTIMATORS)
     r = logged.feedback.rewards
     logging_value = float(r.mean())
-    clipped = clipped_share(logged.feedback, ours)
-    withheld = clipped > MAX_CLIPPED_SHARE
+    dr = EVALUATE_ESTIMATORS[2]
+    vs_rules = judge.judge_difference(ours, playbook, seed, estimator=dr)
+    lifts = {"lift_vs_rules": _relative(vs_rules, rules_est.dr.value),
+             "lift_vs_logging": _relative(judge.judge_versus_logged(ours, dr, seed), logging_value)}
+    ratios = overlap(logged.feedback, ours, policy.slot_names)
+    why = {name: lift_withheld(name, lift, len(logged), ratios) for name, lift in lifts.items()}
     metrics = {
         "policy_value_dr": model.dr.value, "policy_value_ips": model.ips.value,
         "policy_value_snips": model.snips.value, "logging_policy_value": logging_value,
         "rules_policy_value": rules_est.dr.value,
-        "lift_vs_logging": float("nan") if withheld else _lift(model.dr.value, logging_value),
-        "lift_vs_rules": float("nan") if withheld else _lift(model.dr.value, rules_est.dr.value),
-        "ess": model.ess, "dr_clipped_share": clipped,
+        **{name: float("nan") if why[name] else lift.value for name, lift in lifts.items()},
+        # the interval itself, printed or not: runs stay comparable in MLflow where a lift is withheld
+        **{f"{name}_{end}": getattr(lift, end) for name, lift in lifts.items() for end in ("low", "high")},
+        "ess": model.ess,
     }
+    reasons = [w for w in why.values() if w]
     report = {
         "orders": len(logged), "propensity_source": logged.propensity_source,
-        "lifts": {"clipped_share": clipped, "max_clipped_share": MAX_CLIPPED_SHARE,
-                  "withheld": withheld, "why": lifts_withheld(clipped) if withheld else None},
+        "lifts": {"estimator": "DR-PI", "max_halfwidth": MAX_LIFT_HALFWIDTH,
+                  **{name: lift.as_dict() for name, lift in lifts.items()},
+                  "slot_mean_ratio": {slot: e.as_dict() for slot, e in ratios.items()},
+                  "withheld": bool(reasons), "why": "; ".join(reasons) if reasons else None},
         "playbook_slots": list(policy.playbook_slots), "default_slots": list(policy.default_slots),
         "model": model.as_dict(), "rules": rules_est.as_dict(),
         "logging": {"value": logging_value, "sd": float(r.std())},
-        "model_minus_rules": judge.judge_difference(ours, playbook, seed).as_dict(),
+        "model_minus_rules": vs_rules.as_dict(),
         "per_slot": {slot: {"model": judge.judge_slot(s, ours, seed).as_dict(),
                             "rules": judge.judge_slot(s, playbook, seed).as_dict()}
                      for s, slot in enumerate(policy.slot_names)},
@@ -374,12 +407,37 @@ def evaluate(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders, encoder:
     return metrics, report
 
 
-def lifts_withheld(clipped: float) -> str:
-    """Why `evaluate` printed no lift: the sentence for the CLI and the report."""
-    return (f"lift_vs_rules and lift_vs_logging withheld: {clipped:.0%} of the model's importance weight is "
-            f"past DR's clip (more than {MAX_CLIPPED_SHARE:.0%}), so its estimate (policy_value_dr too) rests "
-            "on the value model where the logged orders rarely hold the boxes the model chooses; log more "
-            "orders with exploration before trusting a lift")
+def _relative(diff: Estimate, base: float) -> Estimate:
+    """A paired difference a - b as a lift a / b - 1 (b's own noise, second order, left out)."""
+    if not base:
+        return Estimate(float("nan"), float("nan"), float("nan"))
+    return Estimate(diff.value / base, diff.low / base, diff.high / base)
+
+
+def overlap(feedback: LoggedFeedback, probs: list[np.ndarray], slots: list[str]) -> dict[str, Estimate]:
+    """Per slot, the mean over logged orders of the ratio pi_s(a_s|x) / mu_s(a_s|x), +-`OVERLAP_SE`
+    standard errors: 1 in expectation wherever the log could hold every action the policy takes."""
+    ratios = feedback.slot_ratios(probs)
+    mean = ratios.mean(axis=0)
+    se = OVERLAP_SE * ratios.std(axis=0) / np.sqrt(max(len(ratios), 1))
+    return {slot: Estimate(float(m), float(m - e), float(m + e)) for slot, m, e in zip(slots, mean, se)}
+
+
+def lift_withheld(name: str, lift: Estimate, orders: int, ratios: dict[str, Estimate]) -> str | None:
+    """Why `evaluate` prints no ``name``, or None where it can: the sentence for the CLI and the report."""
+    for slot, ratio in ratios.items():
+        if not ratio.low <= 1.0 <= ratio.high:
+            return (f"{name} withheld: in {slot} the model's importance ratios average {ratio.value:.2f} over "
+                    f"the logged orders where 1 is expected when the log could hold every action it takes: "
+                    f"it takes actions the log (nearly) never tried there, or the logged propensities are "
+                    f"wrong, so no logged outcome can show what they are worth; log them with exploration")
+    half = (lift.high - lift.low) / 2
+    if np.isfinite(half) and half <= MAX_LIFT_HALFWIDTH:
+        return None
+    needed = f"about {int(np.ceil(orders * (half / MAX_LIFT_HALFWIDTH) ** 2)):,}" if np.isfinite(half) else "more"
+    return (f"{name} withheld: DR-PI puts it at {lift.value:+.1%} but its 95% interval, "
+            f"[{lift.low:+.1%}, {lift.high:+.1%}] on {orders:,} orders, is wider than "
+            f"+-{MAX_LIFT_HALFWIDTH * 100:.0f} points; {needed} unseen orders would narrow it to that")
 
 
 def compare(challenger: Policy, champion: Policy, feats: pd.DataFrame, logged: LoggedOrders,
@@ -391,10 +449,6 @@ def compare(challenger: Policy, champion: Policy, feats: pd.DataFrame, logged: L
     return {"orders": len(logged),
             "challenger": judge.judge(a, seed).as_dict(), "champion": judge.judge(b, seed).as_dict(),
             "diff": judge.judge_difference(a, b, seed).as_dict()}
-
-
-def _lift(value: float, base: float) -> float:
-    return float(value / base - 1.0) if base else float("nan")
 
 
 @dataclass
@@ -445,9 +499,10 @@ def unseen_orders(data: Dataset, params: FeatureParams, catalog: Catalog, horizo
 
 
 def evaluate_on(policy: Policy, params: FeatureParams, data: Dataset, horizon_days: int,
-                cutoff: pd.Timestamp, seed: int = 0) -> tuple[dict[str, float], UnseenOrders]:
-    """`insertrec evaluate`: a trained policy on the logged orders after its training cutoff."""
+                cutoff: pd.Timestamp, seed: int = 0) -> tuple[dict[str, float], dict, UnseenOrders]:
+    """`insertrec evaluate`: a trained policy on the logged orders after its training cutoff (metrics,
+    `evaluate`'s report, the orders judged)."""
     unseen = unseen_orders(data, params, policy.catalog, horizon_days, cutoff, policy.encoder)
     encoder = policy.encoder if policy.encoder is not None else FeatureEncoder().fit(unseen.feats)
-    metrics, _ = evaluate(policy, unseen.feats, unseen.logged, encoder, seed=seed)
-    return metrics, unseen
+    metrics, report = evaluate(policy, unseen.feats, unseen.logged, encoder, seed=seed)
+    return metrics, report, unseen

@@ -45,9 +45,9 @@ __all__ = ["BatchDecisions", "Decision", "Policy", "SlotChoice", "exploration_un
 _ROW_CHUNK = 1 << 18  # orders x boxes scored at once: a chunk's grid (2 MB) stays in cache
 
 
-@dataclass(frozen=True)
-class SlotChoice:
-    """What goes into one slot of the box, and why."""
+class SlotChoice(NamedTuple):
+    """What goes into one slot of the box, and why (a named tuple: one is built per slot of every
+    decision, at a third of a frozen dataclass's cost)."""
 
     action_id: str
     propensity: float
@@ -127,7 +127,8 @@ class _One(NamedTuple):
                                           np.hstack(batch.alt_scores).tolist(), uplift)]
 
 
-_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots")
+_PARAMS = ("catalog", "encoder", "value_model", "epsilon", "version", "playbook_slots", "default_slots",
+           "pessimism")
 _U64 = np.uint64
 _MASK = (1 << 64) - 1
 _GOLDEN, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -206,12 +207,18 @@ class Policy:
     default_slots : slots where the slot default goes out, because the
         evidence did not show the model or the playbook paying there: an
         action is not paid for without evidence it pays.
+    pessimism : z >= 0, the user's choice (`insertrec train --pessimism`): every action is
+        scored on its estimated gain over its slot default less z standard errors of it
+        (`ValueModel.decision_grid`), so that nothing is spent where the evidence is thin;
+        0, the estimates themselves.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
                  value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
-                 playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = ()):
+                 playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = (),
+                 pessimism: float = 0.0):
         self.catalog = catalog
+        self.pessimism = pessimism
         self.playbook_slots = playbook_slots
         self.default_slots = default_slots
         self.encoder = encoder
@@ -243,7 +250,7 @@ class Policy:
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
         self._silent_list = [name in default_slots for name in self.slot_names]
         self._silent = np.array(self._silent_list)
-        self._scorer = None if value_model is None else value_model.box_grid
+        self._scorer = None if value_model is None else value_model.decision_grid(pessimism)
         # per action (flat), its weights less its slot default's: what each feature adds to its value
         self._gains = None if self._scorer is None else np.ascontiguousarray(
             (self._scorer.weights - self._scorer.weights[:, np.repeat(self._columns + self._defaults, self._sizes)]).T)
@@ -251,7 +258,7 @@ class Policy:
         # for the reasons: slots where the model decides (its estimate and the drivers explain them)
         self._explained_list = [value_model is not None and name not in (*playbook_slots, *default_slots)
                                 for name in self.slot_names]
-        self._explaining = list(zip(self.slot_names, self.space.defaults, self._slices, self._ids,
+        self._explaining = list(zip(self.slot_names, self.space.defaults, self._slices, self._ids, self._notes,
                                     self._silent_list, self._explained_list))
         self._explained_slots = [(s, self.space.defaults[s], catalog.columns[s])
                                  for s, explained in enumerate(self._explained_list) if explained]
@@ -482,9 +489,9 @@ class Policy:
         The pick note is for the warehouse packer: it describes the item (the catalog's ``note``),
         never the customer. A slot says it explored only when the draw changed its action: an
         exploration draw that lands on the best action leaves the box as the model chose it."""
-        actions, greedy = one.actions, one.greedy
+        actions, greedy, propensities = one.actions, one.greedy, one.propensities
         slots = {}
-        for s, (name, d, sl, ids, silent, explained) in enumerate(self._explaining):
+        for s, (name, d, sl, ids, notes, silent, explained) in enumerate(self._explaining):
             a = actions[s]
             scores, eligible = one.scores[sl], one.eligible[sl]
             ranked = sorted(compress(range(len(scores)), eligible),
@@ -498,8 +505,8 @@ class Policy:
             else:
                 reasons.append(f"estimated value {scores[a] - scores[d]:+.2f} over {ids[d]}")
                 reasons.extend(drivers.get(s, ()))
-            slots[name] = SlotChoice(ids[a], one.propensities[s], self._notes[s][a], tuple(reasons),
-                                     tuple((ids[j], scores[j]) for j in ranked))
+            slots[name] = SlotChoice(ids[a], propensities[s], notes[a], tuple(reasons),
+                                     tuple(zip(map(ids.__getitem__, ranked), map(scores.__getitem__, ranked))))
         label = "explore" if any(one.explored) else self.name
         uplift = None if one.uplift is None else round(one.uplift, 4)
         return Decision(one.order_id, label, self.version, slots, segment, uplift)

@@ -202,7 +202,8 @@ def evidence_warnings(metrics: dict[str, float], ope: dict[str, Any] | None, pol
     lift = metrics.get("lift_vs_rules", float("nan"))
     if (np.isfinite(lift) and lift < 0) or diff.get("high", 0.0) < 0:
         sure = " (the whole 95% interval is below zero)" if diff.get("high", 0.0) < 0 else ""
-        out.append(f"On the holdout the engine did worse than the playbook: {lift:+.1%} per order{sure}. "
+        size = f": {lift:+.1%} per order" if np.isfinite(lift) else ""   # a withheld lift has no figure
+        out.append(f"On the holdout the engine did worse than the playbook{size}{sure}. "
                    "Keep the playbook until a retrained engine beats it.")
     slots = ope.get("playbook_slots") or []
     if slots:

@@ -68,6 +68,15 @@ class TrainConfig:
     holdout_share: float = 0.2         # latest logged orders kept out of training for OPE
     min_logged_orders: int = 300       # below this, serve the playbook (cold start)
     seed: int = 0
+    # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`); 0 = off
+    pessimism: float = 0.0
+
+    def __post_init__(self) -> None:
+        z = self.pessimism
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not np.isfinite(z) or z < 0:
+            raise InsertrecError(f"--pessimism: {z!r} is not a finite number >= 0 (standard errors of a gain; "
+                                 "0 turns it off)")
+        object.__setattr__(self, "pessimism", float(z))   # 1 and 1.0 are one setting (and one version)
 
 
 @dataclass
@@ -260,7 +269,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     progress("policy")
     costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
     feats, rewards = computation.features_and_rewards(history, cutoff, params, config.horizon_days, costs)
-    policy = Policy(catalog, epsilon=config.epsilon, version=version)
+    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=config.pessimism)
     ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
     if logged.propensity_source != "logged" and len(logged):
@@ -321,6 +330,8 @@ def _no_catalog_note(data: Dataset) -> str:
 
 
 def _version(fingerprint: str, catalog_sha: str, config: TrainConfig) -> str:
-    """Deterministic: the same data, catalog and settings give the same version (and decisions)."""
-    h = hashlib.sha256(f"{fingerprint}|{catalog_sha}|{sorted(asdict(config).items())}".encode())
+    """Deterministic: the same data, catalog and settings give the same version (and decisions).
+    Without pessimism, the version (the exploration's hash) a run had before the setting existed."""
+    settings = {k: v for k, v in asdict(config).items() if not (k == "pessimism" and v == 0)}
+    h = hashlib.sha256(f"{fingerprint}|{catalog_sha}|{sorted(settings.items())}".encode())
     return h.hexdigest()[:12]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -46,7 +47,8 @@ class CustomerState:
     """One customer's history in plain Python: the service's features path, no pandas on it.
 
     Holds running totals (orders, spend, gifts, category/channel/action counts,
-    first/last order and last receipt of each action), the returned value of
+    first/last order and last receipt of each action, the sorted receipt instants
+    of each action a contact cap counts in windows), the returned value of
     orders already past the return window, the younger orders one by one (for
     the return and contact-cap windows), the last two NPS answers (the latest,
     and the one an order at exactly the latest's instant sees) and the
@@ -69,6 +71,7 @@ class CustomerState:
         "recent",
         "recv",
         "recv_last",
+        "recv_ts",
         "spend",
     )
 
@@ -79,6 +82,9 @@ class CustomerState:
         self.cats, self.chans = [0] * len(p.categories), [0] * len(p.channels)
         self.recv = [0] * len(p.action_ids)
         self.recv_last: list[int | None] = [None] * len(p.action_ids)
+        # per action counted in windows (contact caps), its receipt instants sorted
+        self.recv_ts: dict[int, list[int]] = {a: [] for a, (_, _, windowed) in enumerate(layout.received_columns)
+                                               if windowed}
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.matured_value, self.matured_returned = 0.0, 0.0
@@ -99,6 +105,7 @@ class CustomerState:
             setattr(twin, name, getattr(self, name))
         twin.cats, twin.chans = [*self.cats], [*self.chans]
         twin.recv, twin.recv_last = [*self.recv], [*self.recv_last]
+        twin.recv_ts = {a: [*times] for a, times in self.recv_ts.items()}
         twin.recent = [[*row] for row in self.recent]
         twin.nps, twin.incidents = [*self.nps], [*self.incidents]
         return twin
@@ -114,7 +121,10 @@ class CustomerState:
             self.chans[chan] += 1
         for a in actions:
             self.recv[a] += 1
-            self.recv_last[a] = ts
+            last = self.recv_last[a]
+            self.recv_last[a] = ts if last is None else max(last, ts)   # folded in any order, like last_ts
+            if a in self.recv_ts:
+                insort(self.recv_ts[a], ts)
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
         self.recent.append([ts, value, returned, actions, order_id])
@@ -150,6 +160,23 @@ class CustomerState:
                 row[2] = float(returned_value)
                 return
         self.matured_returned += float(returned_value)
+
+    def _received(self, row: dict[str, Any], t: int) -> None:
+        """The per-action columns of the actions this customer has received, over the layout's
+        never-received values (`_ColumnLayout.never_received`, already in ``row``): times received,
+        days since the last receipt, and the receipts in each of its windows before ``t``, counted
+        on the receipt instants kept sorted as orders fold in (a binary search, not a pass over
+        the customer's recent orders)."""
+        columns = self._layout.received_columns
+        for a, got_at in enumerate(self.recv_last):
+            if got_at is not None:
+                received, days_since, windowed = columns[a]
+                row[received] = float(self.recv[a])
+                row[days_since] = float(t - got_at) / DAY_NS
+                if windowed:
+                    times = self.recv_ts[a]
+                    for name, days in windowed:
+                        row[name] = float(len(times) - bisect_left(times, t - days * DAY_NS))
 
     def features(self, order: Mapping[str, Any]) -> dict[str, Any]:
         """The order's feature row, equal to the one :func:`order_features` would give it."""
@@ -204,17 +231,9 @@ class CustomerState:
         for c in p.ctx_columns:
             value = order.get(c)
             row[c] = math.nan if value is None else value
-        for name, count in zip(L.cat_columns, self.cats):
-            row[name] = count / n if n else math.nan
-        for name, count in zip(L.chan_columns, self.chans):
-            row[name] = count / n if n else math.nan
-        for a, (received, days_since, windowed) in enumerate(L.action_columns):
-            got_at = self.recv_last[a]
-            row[received] = float(self.recv[a])
-            row[days_since] = float(t - got_at) / DAY_NS if got_at is not None else math.nan
-            for name, w in windowed:
-                start = t - L.windows[w] * DAY_NS
-                row[name] = float(sum(1 for r in self.recent if r[0] >= start and a in r[3]))
+        row.update(zip(L.share_columns, [k / n for k in (*self.cats, *self.chans)]) if n else L.no_shares)
+        row.update(L.never_received)
+        self._received(row, t)
         return row
 
 

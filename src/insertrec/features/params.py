@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,14 @@ class FeatureParams:
             found["cap_windows"] = catalog.cap_windows()
         return cls(**(found | overrides))
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_layout"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """The layout is derived, so rebuilt on first use: a model saved with an older layout
+        (pickled with its params) gets the current one."""
+        self.__dict__.update({k: v for k, v in state.items() if k != "_layout"})
+
     @cached_property
     def _layout(self) -> _ColumnLayout:
         return _ColumnLayout(self)
@@ -112,6 +121,14 @@ class _ColumnLayout:
              tuple((f"received_{a}_{d}d", window_pos[d]) for d in p.cap_windows.get(a, ())))
             for a in p.action_ids)
         per_action = [c for r, s, ws in self.action_columns for c in (r, s, *(w for w, _ in ws))]
+        # for the online path (`CustomerState.features`): names and windows in the row's order
+        self.share_columns = (*self.cat_columns, *self.chan_columns)
+        self.no_shares = dict.fromkeys(self.share_columns, float("nan"))   # a customer with no order yet
+        # per action: (received column, days_since column, ((window column, days), ...))
+        self.received_columns = tuple((r, d, tuple((name, self.windows[w]) for name, w in ws))
+                                      for r, d, ws in self.action_columns)
+        self.never_received = {c: v for r, d, ws in self.action_columns
+                               for c, v in ((r, 0.0), (d, math.nan), *((w, 0.0) for w, _ in ws))}
         self.columns = ("order_id", "customer_id", "order_ts", *FEATURES, *p.ctx_columns,
                         *self.cat_columns, *self.chan_columns, *per_action)
         # an order older than this is past every window: only its totals still matter

@@ -628,8 +628,13 @@ def _sqlite_pragmas(engine: sa.Engine, synchronous: str, busy_timeout_ms: float)
         # with BEGIN IMMEDIATE (below) and reads run in autocommit.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        # Turning a fresh file to WAL needs it to itself: workers starting together (and anything
+        # reading it then) wait for each other within the setup deadline, not the request path's.
+        # Once in WAL, which is persistent, this is a read that waits for no writer.
+        cursor.execute(f"PRAGMA busy_timeout={int(SETUP_DEADLINE_S * 1000)}")
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in start_checkpoints' thread
         cursor.close()

@@ -1,0 +1,124 @@
+"""What caps the uplift captured: the learners' form, their estimates' noise, or exploration.
+
+For each world, history size and seed: one logged history; each learner
+family (`insertrec.learners`) fitted on all its logged orders as the
+tournament's final fit would be, once on the logged rewards and once on the
+simulator's noise-free expected reward of each logged box (``world.json``'s
+truth, which only a benchmark may read: the ceiling of the form on that
+history). Every fit decides the same fresh orders, judged by their true
+values: greedy, and with exploration at a few shares (as `Policy` serves it,
+without training's playbook gate, which `bench/quality.py` measures).
+
+Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
+A form that captures much more on the noise-free reward than on the logged
+one is capped by its estimates' variance at that size, not by its form.
+
+Usage:
+  python bench/uplift_limits.py --worlds default --sizes 30000 --seeds 1 2 3
+Results go to bench/results/uplift_limits.json (--json to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from quality import load_world
+from threadpoolctl import threadpool_limits
+
+HERE = Path(__file__).resolve().parent
+EPSILONS = (0.1, 0.05, 0.02)
+
+
+def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str]) -> dict:
+    from insertrec import features
+    from insertrec.encoding import FeatureEncoder
+    from insertrec.evaluation import logged_orders
+    from insertrec.learners import BoostedLearner, BoxLearner, box_eligible
+    from insertrec.ope import LoggedFeedback, expected_value, onehot
+    from insertrec.policy import Policy
+    from insertrec.training import TrainConfig
+
+    world = load_world(world_name)
+    generated = world.generate(customers=customers, seed=seed)
+    data = generated.to_dataset()
+    catalog, config = data.catalog, TrainConfig(seed=seed)
+    params = features.FeatureParams.fit(data, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
+                                        lapse_days=config.lapse_days)
+    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+    feats = features.order_features(data, params)
+    logged = logged_orders(data, feats, features.order_rewards(data, horizon_days=config.horizon_days, costs=costs),
+                           catalog)
+    sub = feats.iloc[logged.rows]
+    encoder = FeatureEncoder().fit(feats)
+    policy = Policy(catalog, epsilon=0.0, version="uplift-limits")
+    combos, sizes = policy.combos, policy.space.sizes
+
+    # the noise-free reward: each logged order's expected value of the box it received
+    position = dict(zip(data.orders["order_id"].astype(str), range(len(data.orders))))
+    hidden = generated.hidden.iloc[[position[o] for o in sub["order_id"].astype(str)]].reset_index(drop=True)
+    chosen = np.ravel_multi_index(tuple(logged.feedback.actions.T), sizes)
+    f = logged.feedback
+    noise_free = LoggedFeedback(world.expected_reward(hidden, combos)[np.arange(len(chosen)), chosen],
+                                f.actions, f.pscores)
+
+    evaluation = world.evaluation_set(eval_orders, seed=10_000 + seed)
+    fresh = features.order_features(evaluation.data, params)
+    fresh = fresh.set_index(fresh["order_id"].astype(str)).loc[list(map(str, evaluation.order_ids))]
+    fresh = fresh.reset_index(drop=True)
+    truth = world.expected_reward(evaluation.hidden, combos)
+    oracle = float(np.where(box_eligible(catalog, fresh, combos), truth, -np.inf).max(axis=1).mean())
+    control = float(expected_value(truth, onehot(np.tile(np.array(policy.space.defaults), (len(fresh), 1)),
+                                                 sizes)).mean())
+
+    def capture(value: float) -> float:
+        return (value - control) / (oracle - control)
+
+    learners = {"ridge_box": BoxLearner(), "spline_box": BoxLearner(knots=4), "boosted": BoostedLearner()}
+    out: dict = {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
+                 "reward_sd": float(f.rewards.std()), "noise_free_reward_sd": float(noise_free.rewards.std()),
+                 "families": {}}
+    for name in families:
+        for reward, feedback in (("logged", f), ("noise_free", noise_free)):
+            t = time.perf_counter()
+            fitted = learners[name].fit(sub, feedback, encoder, policy, seed)
+            greedy = fitted.decide_frame(fresh).greedy
+            row = {"greedy": capture(float(expected_value(truth, onehot(greedy, sizes)).mean()))}
+            for eps in EPSILONS:
+                served = fitted.replace(epsilon=eps)
+                row[f"epsilon_{eps}"] = capture(float(expected_value(
+                    truth, served.probabilities(served.decide_frame(fresh))).mean()))
+            alpha = getattr(fitted.value_model, "alpha_", None)
+            row |= {"alpha": list(alpha) if alpha is not None else None, "fit_s": time.perf_counter() - t}
+            out["families"].setdefault(name, {})[reward] = row
+            print(f"{world_name} {customers} seed {seed} {name} on {reward} rewards: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("greedy", "epsilon"))),
+                  flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", nargs="+", default=["default"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[30000])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--families", nargs="+", default=["ridge_box", "spline_box", "boosted"])
+    ap.add_argument("--eval-orders", type=int, default=10_000)
+    ap.add_argument("--json", default=str(HERE / "results" / "uplift_limits.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cells = []
+    with threadpool_limits(1):
+        for world in args.worlds:
+            for customers in args.sizes:
+                for seed in args.seeds:
+                    cells.append(run_cell(world, customers, seed, args.eval_orders, args.families))
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
