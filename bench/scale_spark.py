@@ -15,14 +15,16 @@ customer bucket and joined on the driver, the customer frame from it, and the da
 
 With ``--work train`` the whole of ``insertrec train`` is compared instead: ``load_data`` +
 ``training.train`` against ``spark.training.train_on_spark`` (the driver given
-``--driver-memory``, since it holds the collected tables as the local process does). The history is the
+``--driver-memory``; it holds the tables of a sample of about ``--sample-orders`` orders of whole
+customers, all of them on a history that small). The history is the
 default simulated world's (``World.write_demo_data``, ~2.4 orders per customer), generated
 into ``--data`` unless it is there; ``--parts`` writes the orders as that many Parquet part
 files (``orders/part-*.parquet``), one customer range at a time, never the whole history in
 memory at once.
 
 Usage: python bench/scale_spark.py [--customers 406000] [--master local[2]] [--data DIR] [--parts N]
-       [--work features|snapshot|train] [--driver-memory 6g] [--timeout 7200] [--max-rss-gib 16]
+       [--work features|snapshot|train] [--driver-memory 6g] [--sample-orders 1000000] [--timeout 7200]
+       [--max-rss-gib 16]
        [--result NAME.json]
 Writes bench/results/scale_spark.json (``--work train``: scale_spark_train.json) or ``--result``;
 a side that fails (out of memory, timeout, over ``--max-rss-gib``) is reported with the steps it reached and the memory
@@ -80,7 +82,7 @@ def generate(data: Path, customers: int, seed: int, parts: int) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def run_train(side: str, data: Path, master: str, driver_memory: str) -> dict:
+def run_train(side: str, data: Path, master: str, driver_memory: str, sample_orders: int) -> dict:
     """`insertrec train` on one side, timed per step, in this process."""
     from insertrec.training import TrainConfig
 
@@ -107,7 +109,7 @@ def run_train(side: str, data: Path, master: str, driver_memory: str) -> dict:
             from insertrec.spark.training import train_on_spark
 
             result = train_on_spark(data, out, master=master, conf={"spark.driver.memory": driver_memory},
-                                    progress=progress)
+                                    progress=progress, sample_orders=sample_orders)
         progress("end")
     report = {"seconds": time.perf_counter() - start, "steps_seconds": steps, "version": result.manifest["version"],
               "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF)}
@@ -260,11 +262,11 @@ class _Watch(threading.Thread):
 
 
 def measure(side: str, data: Path, master: str, work: str, driver_memory: str, timeout: float,
-            limit_gib: float) -> dict:
+            limit_gib: float, sample_orders: int) -> dict:
     """One side in a fresh process; a failure (e.g. out of memory) is reported with the steps
     reached and the memory sampled until then."""
     cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master, "--work", work,
-           "--driver-memory", driver_memory]
+           "--driver-memory", driver_memory, "--sample-orders", str(sample_orders)]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
@@ -302,6 +304,9 @@ def main() -> None:
                     help="compare the checked read and features, or the whole of `insertrec train`; "
                          "snapshot: the Spark side's read, snapshot, customer frame and fingerprint alone")
     ap.add_argument("--driver-memory", default="6g", help="with --work train or snapshot: the Spark driver's memory")
+    ap.add_argument("--sample-orders", type=int, default=1_000_000,
+                    help="with --work train: orders of the Spark driver's sample of whole customers "
+                         "(spark.training.SAMPLE_ORDERS by default; every customer when the history has no more)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds a side may run before it is stopped")
     ap.add_argument("--max-rss-gib", type=float, default=16.0,
                     help="stop a side whose processes together hold more than this (the machine is shared)")
@@ -310,7 +315,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.side:
         if args.work == "train":
-            print(json.dumps(run_train(args.side, Path(args.data), args.master, args.driver_memory)))
+            print(json.dumps(run_train(args.side, Path(args.data), args.master, args.driver_memory,
+                                       args.sample_orders)))
         elif args.work == "snapshot":
             print(json.dumps(run_snapshot(Path(args.data), args.master, args.driver_memory)))
         else:
@@ -319,11 +325,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="insertrec-scale-spark-") as tmp:
         data = Path(args.data or Path(tmp) / "shop")
         report: dict = {"customers": args.customers, "master": args.master, "cpus": os.cpu_count(),
-                        "work": args.work}
+                        "work": args.work, "driver_memory": args.driver_memory}
+        if args.work == "train":
+            report["sample_orders"] = args.sample_orders
         if not (data / "catalog.yaml").is_file():
             report["generate"] = generate(data, args.customers, args.seed, args.parts)
         sides = {side: measure(side, data, args.master, args.work, args.driver_memory, args.timeout,
-                              args.max_rss_gib)
+                              args.max_rss_gib, args.sample_orders)
                  for side in args.sides.split(",")}
         report |= sides
         if {"local", "spark"} <= set(sides) and not any("failed" in side for side in sides.values()):

@@ -6,6 +6,7 @@ One SparkSession (local[2]) serves the whole test session.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -300,3 +301,36 @@ def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> 
     written = pd.read_parquet(tmp_path / recommend[recommend.index("--out") + 1])
     assert sorted(written["order_id"].unique()) == sorted(decided["order_id"].unique())
     assert len(written) == len(decided)
+
+
+def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path) -> None:
+    """A history larger than the driver's sample: the driver fits the nuisance models and the
+    tournament on a third of the customers, yet the model knows every customer (its snapshot and
+    segments built per bucket on Spark, equal to the local ones' customers), its cutoff and
+    version are the whole history's, and the sample is of whole customers."""
+    from insertrec.engine import Engine
+    from insertrec.features import customer_frame
+    from insertrec.spark.training import train_on_spark
+    from insertrec.training import TrainConfig, train
+
+    shop = tmp_path / "shop"
+    World.default().write_demo_data(shop, customers=400, seed=1)
+    local = load_data(shop)
+    config = TrainConfig(min_logged_orders=100)
+    train(local, tmp_path / "local", config)
+    train_on_spark(shop, tmp_path / "spark", config, master="local[2]", sample_orders=len(local.orders) // 3)
+    a, b = Engine.load(tmp_path / "local"), Engine.load(tmp_path / "spark")
+    for key in ("version", "cutoff", "data_fingerprint"):
+        assert b.manifest[key] == a.manifest[key], key
+    assert a.snapshot is not None and b.snapshot is not None
+    cutoff = pd.Timestamp(a.manifest["cutoff"])
+    pd.testing.assert_frame_equal(customer_frame(b.snapshot, cutoff), customer_frame(a.snapshot, cutoff))
+    segments = pd.read_csv(tmp_path / "spark" / "segments.csv", dtype={"customer_id": str})
+    assert list(segments["customer_id"]) == list(pd.read_csv(tmp_path / "local" / "segments.csv",
+                                                             dtype={"customer_id": str})["customer_id"])
+    assert set(b.segments) == set(a.segments) and set(b.segments.values()) <= set(segments["segment_name"])
+    assert dict(zip(segments["customer_id"], segments["segment_name"], strict=True)) == b.segments
+
+    sampled = json.loads((tmp_path / "spark" / "ope.json").read_text())
+    whole = json.loads((tmp_path / "local" / "ope.json").read_text())
+    assert 0.15 * whole["train_orders"] < sampled["train_orders"] < 0.6 * whole["train_orders"]

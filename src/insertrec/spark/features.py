@@ -16,11 +16,13 @@ Rows come back with ``order_ts`` as int64 UTC nanoseconds, as `tables` keeps it;
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -30,7 +32,8 @@ from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.spark.tables import POSITION, TIMESTAMPS, SparkTables, to_dataset
 
-__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "snapshot", "to_pandas"]
+__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "snapshot", "snapshot_and",
+           "to_pandas"]
 
 REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
 ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
@@ -77,23 +80,44 @@ def snapshot(tables: SparkTables, params: features.FeatureParams, as_of: pd.Time
     """`features.Snapshot.build(history, params, as_of)`: one snapshot per bucket of whole
     customers, built by the local code, brought to the driver one partition at a time and
     joined (`Snapshot.concat`); the driver holds the snapshot (the model's), never the history."""
+    return snapshot_and(tables, params, as_of, None, orders_per_bucket)[0]
+
+
+def snapshot_and(tables: SparkTables, params: features.FeatureParams, as_of: pd.Timestamp,
+                 describe: Callable[[features.Snapshot], pd.DataFrame] | None,
+                 orders_per_bucket: int = ORDERS_PER_BUCKET) -> tuple[features.Snapshot, pd.DataFrame | None]:
+    """`snapshot`, and ``describe`` run on each bucket's snapshot (one row per customer, a
+    ``customer_id`` column): its rows for every customer, in the snapshot's customer order."""
     catalog, ctx_numeric = tables.catalog, tables.ctx_numeric   # the closure must not hold a DataFrame
 
     def run(bucket: pd.DataFrame) -> pd.DataFrame:
         part = features.Snapshot.build(_bucket_data(bucket, catalog, ctx_numeric), params, as_of=as_of)
-        return pd.DataFrame({"snapshot": [pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)]})
+        rows = None if describe is None else describe(part)
+        return pd.DataFrame({"snapshot": [pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)],
+                             "rows": [pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)]})
 
     n_orders = tables.orders.count()
     # one bucket's snapshot per partition (not spark.sql.shuffle.partitions' few): the driver's
     # JVM materialises a whole partition when it serves it to Python (a 10M-order history's eight
     # partitions of snapshots ran it out of heap)
+    schema = T.StructType([T.StructField("snapshot", T.BinaryType()), T.StructField("rows", T.BinaryType())])
     parts = (_bucketed(tables, n_orders, orders_per_bucket)
              .repartition(_bucket_count(tables.orders, n_orders, orders_per_bucket), "_bucket")
-             .groupBy("_bucket").applyInPandas(run, T.StructType([T.StructField("snapshot", T.BinaryType())])))
-    found = [pickle.loads(r["snapshot"]) for r in parts.toLocalIterator()]
+             .groupBy("_bucket").applyInPandas(run, schema))
+    found, described = [], []
+    for r in parts.toLocalIterator():
+        found.append(pickle.loads(r["snapshot"]))
+        described.append(pickle.loads(r["rows"]))
     if not found:   # no events at all: the empty shop's snapshot
-        return features.Snapshot.build(to_dataset({}, tables.catalog, tables.ctx_numeric), params, as_of=as_of)
-    return features.Snapshot.concat(found)
+        empty = features.Snapshot.build(to_dataset({}, tables.catalog, tables.ctx_numeric), params, as_of=as_of)
+        return empty, None if describe is None else describe(empty)
+    joined = features.Snapshot.concat(found)
+    del found
+    if describe is None:
+        return joined, None
+    rows = pd.concat(described, ignore_index=True)
+    order = pc.array_sort_indices(pa.array(rows["customer_id"].astype(str), type=pa.large_string())).to_numpy()
+    return joined, rows.iloc[order].reset_index(drop=True)
 
 
 def _bucketed(tables: SparkTables, n_orders: int, orders_per_bucket: int) -> DataFrame:
