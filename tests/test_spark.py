@@ -334,3 +334,22 @@ def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path
     sampled = json.loads((tmp_path / "spark" / "ope.json").read_text())
     whole = json.loads((tmp_path / "local" / "ope.json").read_text())
     assert 0.15 * whole["train_orders"] < sampled["train_orders"] < 0.6 * whole["train_orders"]
+
+    # the final ridge is fitted on every logged order of the whole history, not only the sample's:
+    # the local fit on all of them, with the encoder the sample fitted, to 1e-8
+    from insertrec.evaluation import logged_orders, rules_actions
+
+    assert sampled["tournament"]["winner"] == "ridge_box"
+    assert b.policy.value_model is not None and b.policy.encoder is not None
+    params = FeatureParams.fit(local, catalog=local.catalog)
+    feats = order_features(local, params)
+    costs = {a.id: a.cost for slot in local.catalog.slots.values() for a in slot.actions}
+    logged = logged_orders(local, feats, order_rewards(local, horizon_days=config.horizon_days, costs=costs),
+                           local.catalog)
+    assert logged.propensity_source == "logged" and len(logged) > 1.5 * sampled["train_orders"]
+    rows = feats.iloc[logged.rows]
+    expected = ValueModel(random_state=config.seed).fit(
+        b.policy.encoder.transform(rows), logged.feedback.actions, logged.feedback.rewards, b.policy.space,
+        rules_actions(local.catalog, rows), logged.feedback.pscores.prod(axis=1))
+    assert b.policy.value_model.alpha_ == expected.alpha_
+    np.testing.assert_allclose(b.policy.value_model.theta_, expected.theta_, rtol=0, atol=1e-8)

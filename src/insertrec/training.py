@@ -133,6 +133,13 @@ class Computation:
         ``encoder`` encodes them; the design rows are built where the features are."""
         return model.fit(encoder.transform(feats), actions, rewards, space, rules, pscore)
 
+    def refit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                          rewards: np.ndarray, space: ActionSpace, rules: np.ndarray,
+                          pscore: np.ndarray) -> ValueModel:
+        """The final model, fitted on every logged order (``feats`` and the arrays are the
+        history's): `fit_value_model` here; on Spark, the whole history's rather than the sample's."""
+        return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+
 
 def _cutoff(data: Dataset, config: TrainConfig, computation: Computation) -> pd.Timestamp:
     if config.cutoff is None:
@@ -169,9 +176,12 @@ def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
 
 
 def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-               seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation()) -> Policy:
-    """The incumbent's policy (the ridge box model), its value model fitted on ``logged`` orders."""
-    fitted = BoxLearner(fit_value_model=computation.fit_value_model).fit(
+               seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation(),
+               final: bool = False) -> Policy:
+    """The incumbent's policy (the ridge box model), its value model fitted on ``logged`` orders
+    (``final``: every logged order, `Computation.refit_value_model`)."""
+    fit = computation.refit_value_model if final else computation.fit_value_model
+    fitted = BoxLearner(fit_value_model=fit).fit(
         feats.iloc[logged.rows], logged.feedback, encoder, policy, seed)
     return fitted if deciders is None else _gated(fitted, deciders)
 
@@ -185,7 +195,7 @@ def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encode
     """The tournament's winner refitted on every logged order (a challenger on at most
     `tournament.FINAL_ORDERS` of them), gated as the holdout decided."""
     if winner == INCUMBENT:
-        return fit_policy(feats, logged, encoder, policy, seed, deciders, computation)
+        return fit_policy(feats, logged, encoder, policy, seed, deciders, computation, final=True)
     learner = next(c for c in CHALLENGERS if c.name == winner)
     return _gated(fit_candidate(learner, feats, logged, encoder, policy, seed, FINAL_ORDERS), deciders)
 

@@ -30,15 +30,18 @@ from pyspark.sql import types as T
 from insertrec import features
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
+from insertrec.errors import InsertrecError
+from insertrec.evaluation import logged_actions, rules_actions
 from insertrec.spark.tables import POSITION, TIMESTAMPS, SparkTables, to_dataset
 
-__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "snapshot", "snapshot_and",
-           "to_pandas"]
+__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "logged_columns", "snapshot",
+           "snapshot_and", "to_pandas"]
 
 REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
 ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
 _TAG = "_table"
 _LAST = "\x00last order"      # the stand-in order's ids: no real id is a NUL
+_LOGGED = "_logged_"          # `logged_columns`' prefix
 
 
 def feature_params(tables: SparkTables, catalog: Catalog | None = None, top_categories: int = 12,
@@ -64,14 +67,20 @@ def feature_params(tables: SparkTables, catalog: Catalog | None = None, top_cate
 
 def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *, horizon_days: float = 60,
                          costs: Mapping[str, float] | None = None,
-                         orders_per_bucket: int = ORDERS_PER_BUCKET) -> DataFrame:
+                         orders_per_bucket: int = ORDERS_PER_BUCKET, logged: bool = False) -> DataFrame:
     """One row per order: `features.order_features` columns and `REWARD_COLUMNS`, each computed
-    by the local code on a bucket of whole customers (see the module docstring)."""
+    by the local code on a bucket of whole customers (see the module docstring). With ``logged``
+    (the tables have a catalog), also per catalog slot ``s`` the logged action's index and
+    propensity (`evaluation.logged_actions`) and the playbook's action (`evaluation.rules_actions`):
+    `logged_columns`."""
     totals = tables.orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
     n_orders, last = (0, None) if totals is None else (totals["n"], totals["last"])
-    schema = _schema(params, tables)
+    if logged and tables.catalog is None:
+        raise InsertrecError("features_and_rewards: the logged actions need the data directory's catalog.yaml")
+    slots = len(tables.catalog.slots) if logged and tables.catalog is not None else 0
+    schema = _schema(params, tables, slots)
     run = _bucket_runner(params, tables.catalog, tables.ctx_numeric, int(last or 0), horizon_days,
-                         dict(costs or {}), [f.name for f in schema.fields])
+                         dict(costs or {}), [f.name for f in schema.fields], slots)
     return _bucketed(tables, int(n_orders), orders_per_bucket).groupBy("_bucket").applyInPandas(run, schema)
 
 
@@ -158,7 +167,14 @@ def _bucket_data(bucket: pd.DataFrame, catalog: Catalog | None, ctx_numeric: dic
     return to_dataset(frames, catalog, ctx_numeric)
 
 
-def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType:
+def logged_columns(slots: int) -> tuple[list[str], list[str], list[str]]:
+    """The columns `features_and_rewards` adds with ``logged``, per slot: the logged action's
+    index (-1: none logged), its propensity (NaN: none given), the playbook's action index."""
+    return ([f"{_LOGGED}action{s}" for s in range(slots)], [f"{_LOGGED}propensity{s}" for s in range(slots)],
+            [f"{_LOGGED}rules{s}" for s in range(slots)])
+
+
+def _schema(params: features.FeatureParams, tables: SparkTables, slots: int) -> T.StructType:
     empty = to_dataset({}, None, tables.ctx_numeric)
     frame = features.order_features(empty, params)
     out = []
@@ -176,11 +192,14 @@ def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType
             kind = T.StringType()
         out.append(T.StructField(name, kind))
     out += [T.StructField(c, T.BooleanType() if c == "reward_complete" else T.DoubleType()) for c in REWARD_COLUMNS]
+    actions, pscores, rules = logged_columns(slots)
+    out += [T.StructField(c, T.LongType()) for c in actions] + [T.StructField(c, T.DoubleType()) for c in pscores]
+    out += [T.StructField(c, T.LongType()) for c in rules]
     return T.StructType(out)
 
 
 def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_numeric: dict[str, bool],
-                   last_ns: int, horizon_days: float, costs: dict[str, float], columns: list[str]):
+                   last_ns: int, horizon_days: float, costs: dict[str, float], columns: list[str], slots: int):
     def run(bucket: pd.DataFrame) -> pd.DataFrame:
         data = _bucket_data(bucket, catalog, ctx_numeric)
         feats = features.order_features(data, params)
@@ -191,6 +210,11 @@ def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_
                                              ignore_index=True), exposures=data.exposures)
         rewards = features.order_rewards(with_last, horizon_days=horizon_days, costs=costs).iloc[:len(data.orders)]
         out = feats.assign(**{c: rewards[c].to_numpy() for c in REWARD_COLUMNS})
+        if slots and catalog is not None:
+            actions, pscores = logged_actions(data, feats, catalog)
+            given = (actions, pscores, rules_actions(catalog, feats))
+            out = out.assign(**{c: v[:, s] for names, v in zip(logged_columns(slots), given, strict=True)
+                                for s, c in enumerate(names)})
         out["order_ts"] = out["order_ts"].dt.as_unit("ns").astype(np.int64)
         return out[columns]
     return run
@@ -206,6 +230,7 @@ def local_types(rows: pd.DataFrame) -> pd.DataFrame:
 def to_pandas(frame: DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A `features_and_rewards` result as the local ``(order_features, order_rewards)`` frames,
     rows in the local order (by order time, then order id)."""
+    frame = frame.drop(*(c for c in frame.columns if c.startswith(_LOGGED)))
     out = local_types(frame.toPandas().sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True))
     feats = out.drop(columns=list(REWARD_COLUMNS))
     return feats, out[["order_id", *REWARD_COLUMNS]]

@@ -21,6 +21,8 @@ local one's format, so serving, MLflow and ``promote`` do not change.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from insertrec import features
 from insertrec.catalog import Catalog
@@ -40,6 +43,7 @@ from insertrec.spark.features import (
     feature_params,
     features_and_rewards,
     local_types,
+    logged_columns,
     snapshot_and,
     to_pandas,
 )
@@ -105,7 +109,8 @@ class SparkComputation(Computation):
 
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
-        rows = features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs).cache()
+        rows = features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs,
+                                    logged=self.sampled is not None and self.tables.catalog is not None).cache()
         self.held["features"] = rows   # kept on Spark: the value model's design rows are built from them
         return to_pandas(rows if self.sampled is None else rows.where(self.sampled))
 
@@ -120,10 +125,44 @@ class SparkComputation(Computation):
                               "pscore": np.asarray(pscore, dtype=np.float64)}
                              | {f"_a{s}": actions[:, s].astype(np.int64) for s in slots}
                              | {f"_r{s}": rules[:, s].astype(np.int64) for s in slots})
-        rows = (self.held["features"].drop(*REWARD_COLUMNS).join(spark.createDataFrame(known), "order_id")
+        held = self.held["features"]
+        rows = (held.drop(*REWARD_COLUMNS, *(c for names in logged_columns(len(slots)) for c in names))
+                .join(spark.createDataFrame(known), "order_id")
                 .withColumn("actions", F.array(*(F.col(f"_a{s}") for s in slots)))
                 .withColumn("rules", F.array(*(F.col(f"_r{s}") for s in slots)))
                 .drop(*(f"_{k}{s}" for k in "ar" for s in slots))).cache()   # joined once, read three times
+        try:
+            return fit_value_model(model, rows, space, (encoder, local_types))
+        finally:
+            rows.unpersist()
+
+
+    def refit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                          rewards: np.ndarray, space: ActionSpace, rules: np.ndarray,
+                          pscore: np.ndarray) -> ValueModel:
+        """On every logged order of the whole history (the driver's arrays are the sample's): the
+        orders with an exposure in every slot and a complete reward window, numbered in the local
+        order (`evaluation.logged_orders` on the whole), their logged actions, propensities and the
+        playbook's actions computed with the features on Spark. Where a logged propensity is
+        missing, `evaluation.logged_orders` estimates it with a model of the whole log, which this
+        does not fit: the sample's orders, with the driver's estimates, are the fit's then."""
+        if self.sampled is None:
+            return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+        taken, pscores, playbook = logged_columns(actions.shape[1])
+        held = self.held["features"]
+        complete = functools.reduce(operator.and_, [F.col(c) >= 0 for c in taken], F.col("reward_complete"))
+        logged = held.where(complete)
+        unknown = functools.reduce(operator.or_, [F.isnan(c) | F.col(c).isNull() for c in pscores])
+        if logged.where(unknown).limit(1).count():
+            return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+        # the position in the local order: a window over two columns, then joined back
+        numbered = logged.select("order_id", (F.row_number().over(Window.orderBy("order_ts", "order_id")) - 1)
+                                 .alias("_row"))
+        rows = (logged.join(numbered, "order_id")
+                .withColumn("pscore", functools.reduce(operator.mul, [F.col(c) for c in pscores]))
+                .withColumn("actions", F.array(*taken)).withColumn("rules", F.array(*playbook))
+                .drop(*taken, *pscores, *playbook, "revenue", "action_cost", "reward_complete")
+                .cache())   # joined once, read three times
         try:
             return fit_value_model(model, rows, space, (encoder, local_types))
         finally:
