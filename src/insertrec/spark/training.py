@@ -90,9 +90,15 @@ class SparkComputation(Computation):
 
     def everyone(self, history: Dataset, cutoff: pd.Timestamp, snapshot: features.Snapshot, segments: pd.DataFrame,
                  segments_of: Callable[[features.Snapshot], pd.DataFrame]) -> tuple[features.Snapshot, pd.DataFrame]:
-        """The driver's own when it holds every customer; else built per bucket on Spark."""
+        """The driver's own when it holds every customer; else built per bucket on Spark. `train`
+        asks last, after the value model's fits: the features held on Spark are released first, so
+        that the driver's heap serves the buckets' snapshots (at 10M orders, a 4g heap holding
+        them ran out serving one)."""
         if self.sampled is None:
             return snapshot, segments
+        held = self.held.pop("features", None)
+        if held is not None:
+            held.unpersist()
         joined, rows = snapshot_and(self._before(cutoff), snapshot.params, cutoff, segments_of)
         assert rows is not None
         return joined, rows
