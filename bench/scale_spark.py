@@ -9,16 +9,22 @@ What is compared, each side in a fresh process so that its peak memory is its ow
   Peak memory: the driver's Python process, and each process below it (VmHWM): the JVM,
   which holds the driver's and the executors' heaps in local mode, and the Python workers.
 
+With ``--work snapshot`` the Spark side alone runs the steps of ``train`` that no longer need the
+history on the driver: the checked read, the feature parameters, the model's snapshot built per
+customer bucket and joined on the driver, the customer frame from it, and the data fingerprint.
+
 With ``--work train`` the whole of ``insertrec train`` is compared instead: ``load_data`` +
 ``training.train`` against ``spark.training.train_on_spark`` (the driver given
-``--driver-memory``, since it holds the collected tables as the local process does). The history is the
+``--driver-memory``; it holds the tables of a sample of about ``--sample-orders`` orders of whole
+customers, all of them on a history that small). The history is the
 default simulated world's (``World.write_demo_data``, ~2.4 orders per customer), generated
 into ``--data`` unless it is there; ``--parts`` writes the orders as that many Parquet part
 files (``orders/part-*.parquet``), one customer range at a time, never the whole history in
 memory at once.
 
 Usage: python bench/scale_spark.py [--customers 406000] [--master local[2]] [--data DIR] [--parts N]
-       [--work features|train] [--driver-memory 6g] [--timeout 7200] [--max-rss-gib 16]
+       [--work features|snapshot|train] [--driver-memory 6g] [--sample-orders 1000000] [--timeout 7200]
+       [--max-rss-gib 16]
        [--result NAME.json]
 Writes bench/results/scale_spark.json (``--work train``: scale_spark_train.json) or ``--result``;
 a side that fails (out of memory, timeout, over ``--max-rss-gib``) is reported with the steps it reached and the memory
@@ -76,7 +82,7 @@ def generate(data: Path, customers: int, seed: int, parts: int) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def run_train(side: str, data: Path, master: str, driver_memory: str) -> dict:
+def run_train(side: str, data: Path, master: str, driver_memory: str, sample_orders: int) -> dict:
     """`insertrec train` on one side, timed per step, in this process."""
     from insertrec.training import TrainConfig
 
@@ -103,13 +109,52 @@ def run_train(side: str, data: Path, master: str, driver_memory: str) -> dict:
             from insertrec.spark.training import train_on_spark
 
             result = train_on_spark(data, out, master=master, conf={"spark.driver.memory": driver_memory},
-                                    progress=progress)
+                                    progress=progress, sample_orders=sample_orders)
         progress("end")
     report = {"seconds": time.perf_counter() - start, "steps_seconds": steps, "version": result.manifest["version"],
               "peak_rss_gib": _rss_gib(resource.RUSAGE_SELF)}
     if side == "spark":
         report["descendants_peak_rss_gib"] = _descendants_peak_gib()
     return report
+
+
+def run_snapshot(data: Path, master: str, driver_memory: str) -> dict:
+    """The Spark side of `train` up to the customer frame, timed per step, in this process."""
+    import pandas as pd
+
+    from insertrec import features
+    from insertrec.spark.features import feature_params, snapshot
+    from insertrec.spark.session import spark_session
+    from insertrec.spark.tables import fingerprint, read_tables
+    from insertrec.training import TrainConfig
+
+    config = TrainConfig()
+    start, steps = time.perf_counter(), {}
+
+    def step(name: str) -> None:
+        steps[name] = time.perf_counter() - start - sum(steps.values())
+        print(f"STEP {name} done after {steps[name]:.1f} s (driver peak so far {_rss_gib(resource.RUSAGE_SELF):.2f} GiB)",
+              file=sys.stderr, flush=True)
+
+    spark = spark_session(master, {"spark.driver.memory": driver_memory})
+    step("session")
+    tables = read_tables(spark, data)
+    orders = tables.orders.count()
+    step("read")
+    params = feature_params(tables, nps_ttl_days=config.nps_ttl_days, lapse_days=config.lapse_days)
+    step("feature params")
+    last = tables.orders.agg({"order_ts": "max"}).first()[0]
+    cutoff = pd.Timestamp(int(last), unit="ns", tz="UTC") + pd.Timedelta(seconds=1)
+    joined = snapshot(tables, params, cutoff)
+    step("snapshot")
+    customers = len(features.customer_frame(joined, cutoff))
+    step("customer frame")
+    fingerprint(tables)
+    step("fingerprint")
+    descendants = _descendants_peak_gib()
+    spark.stop()
+    return {"orders": orders, "customers": customers, "seconds": time.perf_counter() - start, "steps_seconds": steps,
+            "driver_python_peak_rss_gib": _rss_gib(resource.RUSAGE_SELF), "descendants_peak_rss_gib": descendants}
 
 
 def run_side(side: str, data: Path, master: str) -> dict:
@@ -217,11 +262,11 @@ class _Watch(threading.Thread):
 
 
 def measure(side: str, data: Path, master: str, work: str, driver_memory: str, timeout: float,
-            limit_gib: float) -> dict:
+            limit_gib: float, sample_orders: int) -> dict:
     """One side in a fresh process; a failure (e.g. out of memory) is reported with the steps
     reached and the memory sampled until then."""
     cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--master", master, "--work", work,
-           "--driver-memory", driver_memory]
+           "--driver-memory", driver_memory, "--sample-orders", str(sample_orders)]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
@@ -255,9 +300,13 @@ def main() -> None:
     ap.add_argument("--data", help="history directory (generated there if absent)")
     ap.add_argument("--parts", type=int, default=1, help="write the history as this many Parquet part files")
     ap.add_argument("--sides", default="local,spark", help="which of local,spark to run")
-    ap.add_argument("--work", choices=("features", "train"), default="features",
-                    help="compare the checked read and features, or the whole of `insertrec train`")
-    ap.add_argument("--driver-memory", default="6g", help="with --work train: the Spark driver's memory")
+    ap.add_argument("--work", choices=("features", "snapshot", "train"), default="features",
+                    help="compare the checked read and features, or the whole of `insertrec train`; "
+                         "snapshot: the Spark side's read, snapshot, customer frame and fingerprint alone")
+    ap.add_argument("--driver-memory", default="6g", help="with --work train or snapshot: the Spark driver's memory")
+    ap.add_argument("--sample-orders", type=int, default=1_000_000,
+                    help="with --work train: orders of the Spark driver's sample of whole customers "
+                         "(spark.training.SAMPLE_ORDERS by default; every customer when the history has no more)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds a side may run before it is stopped")
     ap.add_argument("--max-rss-gib", type=float, default=16.0,
                     help="stop a side whose processes together hold more than this (the machine is shared)")
@@ -266,24 +315,30 @@ def main() -> None:
     args = ap.parse_args()
     if args.side:
         if args.work == "train":
-            print(json.dumps(run_train(args.side, Path(args.data), args.master, args.driver_memory)))
+            print(json.dumps(run_train(args.side, Path(args.data), args.master, args.driver_memory,
+                                       args.sample_orders)))
+        elif args.work == "snapshot":
+            print(json.dumps(run_snapshot(Path(args.data), args.master, args.driver_memory)))
         else:
             print(json.dumps(run_side(args.side, Path(args.data), args.master)))
         return
     with tempfile.TemporaryDirectory(prefix="insertrec-scale-spark-") as tmp:
         data = Path(args.data or Path(tmp) / "shop")
         report: dict = {"customers": args.customers, "master": args.master, "cpus": os.cpu_count(),
-                        "work": args.work}
+                        "work": args.work, "driver_memory": args.driver_memory}
+        if args.work == "train":
+            report["sample_orders"] = args.sample_orders
         if not (data / "catalog.yaml").is_file():
             report["generate"] = generate(data, args.customers, args.seed, args.parts)
         sides = {side: measure(side, data, args.master, args.work, args.driver_memory, args.timeout,
-                              args.max_rss_gib)
+                              args.max_rss_gib, args.sample_orders)
                  for side in args.sides.split(",")}
         report |= sides
         if {"local", "spark"} <= set(sides) and not any("failed" in side for side in sides.values()):
             ratio = sides["spark"]["seconds"] / sides["local"]["seconds"]
             report["spark_over_local"] = {"ratio": ratio, "target": TARGET_RATIO, "within": ratio <= TARGET_RATIO}
-    name = args.result or ("scale_spark_train.json" if args.work == "train" else "scale_spark.json")
+    name = args.result or {"train": "scale_spark_train.json", "snapshot": "scale_spark_snapshot.json"}.get(
+        args.work, "scale_spark.json")
     out = ROOT / "bench" / "results" / name
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

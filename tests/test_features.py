@@ -421,6 +421,49 @@ def test_customer_frame_is_what_an_order_at_as_of_would_see(history: dict, days_
         assert frame.loc[c, "ctx_age"] == mine["ctx_age"].iloc[-1]
 
 
+@SETTINGS
+@given(histories(), histories(max_orders=5), st.integers(0, 60), st.integers(1, 3))
+def test_snapshots_of_customer_groups_concatenated_equal_the_whole(history: dict, batch: dict, days_after: int,
+                                                                   groups: int) -> None:
+    """What Spark does per bucket of whole customers: the joined snapshot scores new orders, gives
+    the customer frame and every customer's online state as the snapshot of the whole history."""
+    data = dataset(**history)
+    last = max([data.orders["order_ts"].max(), *data.nps["response_ts"], *data.incidents["ts"]])
+    as_of = last + days_after * DAY
+    whole = Snapshot.build(data, RANDOM_PARAMS, as_of=as_of)
+
+    def group(ids: pd.Series) -> np.ndarray:   # customers spread over the groups, not in id order
+        return np.array([sum(map(ord, c)) * 7 % groups for c in ids.astype(str)], dtype=int)
+
+    parts = []
+    for k in range(groups):
+        mine = data.orders[group(data.orders["customer_id"]) == k]
+        parts.append(Snapshot.build(Dataset(
+            orders=mine.reset_index(drop=True), nps=data.nps[group(data.nps["customer_id"]) == k],
+            incidents=data.incidents[group(data.incidents["customer_id"]) == k],
+            exposures=data.exposures[data.exposures["order_id"].isin(set(mine["order_id"]))]),
+            RANDOM_PARAMS, as_of=as_of))
+    joined = Snapshot.concat(parts)
+    assert list(joined.customer_ids) == list(whole.customer_ids)
+    pd.testing.assert_frame_equal(customer_frame(joined, as_of), customer_frame(whole, as_of))
+    new = dataset([o | {"order_id": f"z{o['order_id']}", "order_ts": as_of + (o["order_ts"] - T0),
+                        "customer_id": o["customer_id"] if o["order_value"] > 30 else "new-" + o["customer_id"]}
+                   for o in batch["orders"]]).orders
+    pd.testing.assert_frame_equal(features_for_orders(joined, new), features_for_orders(whole, new))
+    for order in new.to_dict("records"):
+        assert_same(joined.state(order["customer_id"]).features(order),
+                    whole.state(order["customer_id"]).features(order), where=order["customer_id"])
+
+
+def test_snapshot_concat_refuses_parts_that_cannot_be_joined() -> None:
+    data = dataset([{"order_id": "o1", "customer_id": "a", "order_ts": at(1)}])
+    one = Snapshot.build(data, PARAMS, as_of=at(2))
+    with pytest.raises(InsertrecError, match="more than one snapshot"):
+        Snapshot.concat([one, one])
+    with pytest.raises(InsertrecError, match="differ in feature params or as_of"):
+        Snapshot.concat([one, Snapshot.build(Dataset(orders=data.orders.iloc[:0]), PARAMS, as_of=at(3))])
+
+
 def test_snapshot_as_of_ignores_later_history_and_refuses_earlier_orders() -> None:
     data = dataset([{"order_id": "o1", "customer_id": "a", "order_ts": at(0)},
                     {"order_id": "o2", "customer_id": "a", "order_ts": at(400)}],

@@ -6,6 +6,7 @@ One SparkSession (local[2]) serves the whole test session.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -123,6 +124,26 @@ def test_spark_features_and_rewards_equal_the_local_ones(spark, shop, tmp_path) 
     expected = order_rewards(local, horizon_days=30, costs=costs)
     assert 0 < expected["reward_complete"].mean() < 1
     pd.testing.assert_frame_equal(rewards, expected, check_dtype=False)
+
+
+def test_spark_snapshot_and_fingerprint_equal_the_local_ones(spark, shop) -> None:
+    """The model's snapshot built per customer bucket and joined on the driver, and the data
+    fingerprint (the model version) hashed partition by partition: the local ones."""
+    from insertrec.features import Snapshot, customer_frame, features_for_orders
+    from insertrec.spark.features import snapshot
+    from insertrec.spark.tables import fingerprint, read_tables
+
+    local = load_data(shop)
+    tables = read_tables(spark, shop)
+    assert fingerprint(tables) == local.fingerprint()
+    params = FeatureParams.fit(local)
+    as_of = local.orders["order_ts"].max() + pd.Timedelta(days=3)
+    whole = Snapshot.build(local, params, as_of=as_of)
+    joined = snapshot(tables, params, as_of, orders_per_bucket=100)
+    assert len(whole.customer_ids) > 100 and list(joined.customer_ids) == list(whole.customer_ids)
+    pd.testing.assert_frame_equal(customer_frame(joined, as_of), customer_frame(whole, as_of))
+    new = local.orders.tail(80).assign(order_ts=as_of, order_id=lambda f: "new-" + f["order_id"])
+    pd.testing.assert_frame_equal(features_for_orders(joined, new), features_for_orders(whole, new))
 
 
 @pytest.mark.parametrize("make", [lambda: ValueModel(random_state=3),
@@ -280,3 +301,55 @@ def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> 
     written = pd.read_parquet(tmp_path / recommend[recommend.index("--out") + 1])
     assert sorted(written["order_id"].unique()) == sorted(decided["order_id"].unique())
     assert len(written) == len(decided)
+
+
+def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path) -> None:
+    """A history larger than the driver's sample: the driver fits the nuisance models and the
+    tournament on a third of the customers, yet the model knows every customer (its snapshot and
+    segments built per bucket on Spark, equal to the local ones' customers), its cutoff and
+    version are the whole history's, and the sample is of whole customers."""
+    from insertrec.engine import Engine
+    from insertrec.features import customer_frame
+    from insertrec.spark.training import train_on_spark
+    from insertrec.training import TrainConfig, train
+
+    shop = tmp_path / "shop"
+    World.default().write_demo_data(shop, customers=400, seed=1)
+    local = load_data(shop)
+    config = TrainConfig(min_logged_orders=100)
+    train(local, tmp_path / "local", config)
+    train_on_spark(shop, tmp_path / "spark", config, master="local[2]", sample_orders=len(local.orders) // 3)
+    a, b = Engine.load(tmp_path / "local"), Engine.load(tmp_path / "spark")
+    for key in ("version", "cutoff", "data_fingerprint"):
+        assert b.manifest[key] == a.manifest[key], key
+    assert a.snapshot is not None and b.snapshot is not None
+    cutoff = pd.Timestamp(a.manifest["cutoff"])
+    pd.testing.assert_frame_equal(customer_frame(b.snapshot, cutoff), customer_frame(a.snapshot, cutoff))
+    segments = pd.read_csv(tmp_path / "spark" / "segments.csv", dtype={"customer_id": str})
+    assert list(segments["customer_id"]) == list(pd.read_csv(tmp_path / "local" / "segments.csv",
+                                                             dtype={"customer_id": str})["customer_id"])
+    assert set(b.segments) == set(a.segments) and set(b.segments.values()) <= set(segments["segment_name"])
+    assert dict(zip(segments["customer_id"], segments["segment_name"], strict=True)) == b.segments
+
+    sampled = json.loads((tmp_path / "spark" / "ope.json").read_text())
+    whole = json.loads((tmp_path / "local" / "ope.json").read_text())
+    assert 0.15 * whole["train_orders"] < sampled["train_orders"] < 0.6 * whole["train_orders"]
+
+    # the final ridge is fitted on every logged order of the whole history, not only the sample's:
+    # the local fit on all of them, with the encoder the sample fitted, to 1e-8
+    from insertrec.evaluation import logged_orders, rules_actions
+
+    assert sampled["tournament"]["winner"] == "ridge_box"
+    assert b.policy.value_model is not None and b.policy.encoder is not None
+    params = FeatureParams.fit(local, catalog=local.catalog)
+    feats = order_features(local, params)
+    costs = {a.id: a.cost for slot in local.catalog.slots.values() for a in slot.actions}
+    logged = logged_orders(local, feats, order_rewards(local, horizon_days=config.horizon_days, costs=costs),
+                           local.catalog)
+    assert logged.propensity_source == "logged" and len(logged) > 1.5 * sampled["train_orders"]
+    rows = feats.iloc[logged.rows]
+    expected = ValueModel(random_state=config.seed).fit(
+        b.policy.encoder.transform(rows), logged.feedback.actions, logged.feedback.rewards, b.policy.space,
+        rules_actions(local.catalog, rows), logged.feedback.pscores.prod(axis=1))
+    assert b.policy.value_model.alpha_ == expected.alpha_
+    np.testing.assert_allclose(b.policy.value_model.theta_, expected.theta_, rtol=0, atol=1e-8)

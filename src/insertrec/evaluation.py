@@ -56,6 +56,7 @@ __all__ = [
     "evaluate_on",
     "judge_for",
     "lift_withheld",
+    "logged_actions",
     "logged_orders",
     "overlap",
     "playbook_gains",
@@ -122,19 +123,7 @@ def logged_orders(data: Dataset, feats: pd.DataFrame, rewards: pd.DataFrame, cat
     features, floored at MIN_PROPENSITY, and the source is reported.
     """
     slots = list(catalog.slots)
-    exp = data.exposures
-    pos = pd.Series(np.arange(len(feats)), index=feats["order_id"].astype(str).to_numpy())
-    n = len(feats)
-    actions = np.full((n, len(slots)), -1)
-    pscores = np.full((n, len(slots)), np.nan)
-    for s, slot in enumerate(slots):
-        logged = exp[exp["slot"] == slot]
-        idx = pos.reindex(logged["order_id"].astype(str)).to_numpy()
-        keep = ~np.isnan(idx)
-        idx = idx[keep].astype(int)
-        lookup = {a: i for i, a in enumerate(catalog.slots[slot].action_ids)}
-        actions[idx, s] = logged["action_id"].map(lookup).to_numpy()[keep]
-        pscores[idx, s] = logged["propensity"].to_numpy(dtype=float)[keep]
+    actions, pscores = logged_actions(data, feats, catalog)
     usable = (actions >= 0).all(axis=1) & rewards["reward_complete"].to_numpy(dtype=bool)
     missing = np.isnan(pscores) & usable[:, None]
     source = "logged" if not missing.any() else ("estimated" if missing[usable].all() else "mixed")
@@ -149,6 +138,27 @@ def logged_orders(data: Dataset, feats: pd.DataFrame, rewards: pd.DataFrame, cat
     rows = np.flatnonzero(usable)
     reward = rewards["reward"].to_numpy(dtype=float)[rows]
     return LoggedOrders(rows, LoggedFeedback(reward, actions[rows], pscores[rows]), source)
+
+
+def logged_actions(data: Dataset, feats: pd.DataFrame, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    """Per order of ``feats`` and catalog slot, the logged action's index in the slot (-1: none
+    logged) and its logged propensity (NaN: none given), from ``data``'s exposures. Each order's
+    own exposures alone: Spark computes it on buckets of whole customers."""
+    slots = list(catalog.slots)
+    exp = data.exposures
+    pos = pd.Series(np.arange(len(feats)), index=feats["order_id"].astype(str).to_numpy())
+    n = len(feats)
+    actions = np.full((n, len(slots)), -1)
+    pscores = np.full((n, len(slots)), np.nan)
+    for s, slot in enumerate(slots):
+        logged = exp[exp["slot"] == slot]
+        idx = pos.reindex(logged["order_id"].astype(str)).to_numpy()
+        keep = ~np.isnan(idx)
+        idx = idx[keep].astype(int)
+        lookup = {a: i for i, a in enumerate(catalog.slots[slot].action_ids)}
+        actions[idx, s] = logged["action_id"].map(lookup).to_numpy()[keep]
+        pscores[idx, s] = logged["propensity"].to_numpy(dtype=float)[keep]
+    return actions, pscores
 
 
 def _estimate_propensity(phi: np.ndarray, chosen: np.ndarray) -> np.ndarray:

@@ -62,7 +62,8 @@ import pandas as pd
 from insertrec.evaluation import Judge, SlotDeciders
 from insertrec.policy import Policy
 
-__all__ = ["HORIZON_MONTHS", "MAX_EPSILON", "MIN_EPSILON", "SlotAdvice", "exploration_advice", "orders_per_month", "slot_advice"]
+__all__ = ["HORIZON_MONTHS", "MAX_EPSILON", "MIN_EPSILON", "SlotAdvice", "exploration_advice", "monthly_orders",
+           "orders_per_month", "slot_advice"]
 
 MIN_EPSILON = 0.02     # never 0: every action keeps a positive propensity (module docstring)
 MAX_EPSILON = 0.5      # past half, exploring is the policy and the model's choice the exception
@@ -90,8 +91,14 @@ class SlotAdvice:
 
 def orders_per_month(order_ts: pd.Series) -> float:
     """The shop's orders per month over the span ``order_ts`` covers (at least one day)."""
-    days = max((order_ts.max() - order_ts.min()) / pd.Timedelta(days=1), 1.0)
-    return len(order_ts) * 30.44 / days
+    return monthly_orders(len(order_ts), order_ts.min(), order_ts.max())
+
+
+def monthly_orders(count: int, first: pd.Timestamp, last: pd.Timestamp) -> float:
+    """``count`` orders from ``first`` to ``last`` as orders per month (the span at least one day):
+    what Spark computes from its aggregates, where the order times are not in one Series."""
+    days = max((last - first) / pd.Timedelta(days=1), 1.0)
+    return count * 30.44 / days
 
 
 def _gaps(policy: Policy, feats: pd.DataFrame, judge: Judge) -> np.ndarray:

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from insertrec import features, modeldir
 from insertrec.catalog import Catalog
-from insertrec.customers import fit_repeat
+from insertrec.customers import RepeatModel, fit_repeat
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
@@ -96,15 +96,37 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Computation:
-    """How `train` computes the steps whose cost grows with the history: the feature parameters,
-    every order's features and reward, and the value model's fit. This one computes them in this
-    process; `insertrec.spark.training` computes the same numbers on Spark. Everything else in
-    `train` (the orchestration, the nuisance models on bounded samples) is shared by both."""
+    """How `train` computes the steps whose cost grows with the whole history: the cutoff's last
+    order, the feature parameters, the model's snapshot and every customer's segment, the data
+    fingerprint, the orders per month, every order's features and reward, and the value model's
+    fit. This one computes them in this process on the history it is given; `insertrec.spark.training`
+    computes them on Spark over the whole history while `train` is given a bounded sample of whole
+    customers for the rest (the nuisance models, the segments' fit, the tournament, the holdout's
+    judge, the report), which the local path also fits on bounded samples or on everything."""
+
+    def last_order(self, data: Dataset) -> pd.Timestamp:
+        """The last order's time (the default cutoff is a second after it)."""
+        return cast(pd.Timestamp, data.orders["order_ts"].max())
 
     def feature_params(self, history: Dataset, cutoff: pd.Timestamp, catalog: Catalog | None,
                        nps_ttl_days: int, lapse_days: int) -> features.FeatureParams:
         return features.FeatureParams.fit(history, catalog=catalog, nps_ttl_days=nps_ttl_days,
                                           lapse_days=lapse_days)
+
+    def everyone(self, history: Dataset, cutoff: pd.Timestamp, snapshot: features.Snapshot, segments: pd.DataFrame,
+                 segments_of: Callable[[features.Snapshot], pd.DataFrame]) -> tuple[features.Snapshot, pd.DataFrame]:
+        """The model's snapshot (every customer's state at ``cutoff``) and the segments.csv rows
+        of every customer; ``snapshot`` and ``segments`` are those of ``history``'s customers,
+        ``segments_of`` gives the rows of another snapshot's."""
+        return snapshot, segments
+
+    def fingerprint(self, history: Dataset, cutoff: pd.Timestamp) -> str:
+        """`Dataset.fingerprint` of the history before ``cutoff`` (the model version depends on it)."""
+        return history.fingerprint()
+
+    def orders_per_month(self, history: Dataset, cutoff: pd.Timestamp) -> float:
+        """`explorationshare.orders_per_month` of the history's orders (those before ``cutoff``)."""
+        return orders_per_month(history.orders["order_ts"])
 
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -118,10 +140,17 @@ class Computation:
         ``encoder`` encodes them; the design rows are built where the features are."""
         return model.fit(encoder.transform(feats), actions, rewards, space, rules, pscore)
 
+    def refit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                          rewards: np.ndarray, space: ActionSpace, rules: np.ndarray,
+                          pscore: np.ndarray) -> ValueModel:
+        """The final model, fitted on every logged order (``feats`` and the arrays are the
+        history's): `fit_value_model` here; on Spark, the whole history's rather than the sample's."""
+        return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
 
-def _cutoff(data: Dataset, config: TrainConfig) -> pd.Timestamp:
+
+def _cutoff(data: Dataset, config: TrainConfig, computation: Computation) -> pd.Timestamp:
     if config.cutoff is None:
-        return data.orders["order_ts"].max() + pd.Timedelta(seconds=1)
+        return computation.last_order(data) + pd.Timedelta(seconds=1)
     try:
         ts = pd.Timestamp(config.cutoff)
     except ValueError:
@@ -154,9 +183,12 @@ def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
 
 
 def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-               seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation()) -> Policy:
-    """The incumbent's policy (the ridge box model), its value model fitted on ``logged`` orders."""
-    fitted = BoxLearner(fit_value_model=computation.fit_value_model).fit(
+               seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation(),
+               final: bool = False) -> Policy:
+    """The incumbent's policy (the ridge box model), its value model fitted on ``logged`` orders
+    (``final``: every logged order, `Computation.refit_value_model`)."""
+    fit = computation.refit_value_model if final else computation.fit_value_model
+    fitted = BoxLearner(fit_value_model=fit).fit(
         feats.iloc[logged.rows], logged.feedback, encoder, policy, seed)
     return fitted if deciders is None else _gated(fitted, deciders)
 
@@ -170,7 +202,7 @@ def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encode
     """The tournament's winner refitted on every logged order (a challenger on at most
     `tournament.FINAL_ORDERS` of them), gated as the holdout decided."""
     if winner == INCUMBENT:
-        return fit_policy(feats, logged, encoder, policy, seed, deciders, computation)
+        return fit_policy(feats, logged, encoder, policy, seed, deciders, computation, final=True)
     learner = next(c for c in CHALLENGERS if c.name == winner)
     return _gated(fit_candidate(learner, feats, logged, encoder, policy, seed, FINAL_ORDERS), deciders)
 
@@ -234,7 +266,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     and no engine: everything that decides refuses it with a ModelError.
     """
     catalog = data.catalog
-    cutoff = _cutoff(data, config)
+    cutoff = _cutoff(data, config, computation)
     history = history_before(data, cutoff)
     if history.orders.empty:
         raise InsertrecError(f"--cutoff {cutoff.isoformat()}: no orders before the cutoff")
@@ -251,30 +283,29 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     progress("segments")
     seg_model = SegmentModel(random_state=config.seed).fit(customers)
     customers["segment_id"] = seg_model.predict(customers)
-    names = dict(enumerate(seg_model.names_))
-    segment_of = customers.set_index(customers["customer_id"].astype(str))["segment_id"]
 
-    fingerprint = history.fingerprint()
+    fingerprint = computation.fingerprint(history, cutoff)
     catalog_sha = catalog.sha256 if catalog is not None else None
     version = _version(fingerprint, catalog_sha or "", config)
     metrics: dict[str, float] = {**repeat.metrics, "segments_k": float(seg_model.k_),
                                  "silhouette": float(seg_model.silhouette_)}
     info = {"version": version, "cutoff": cutoff.isoformat(), "catalog_sha256": catalog_sha,
             "data_fingerprint": fingerprint, "metrics": metrics, "params": asdict(config), "notes": notes}
-    seg_csv = seg_model.segments_csv(customers).to_csv(index=False)
+    segments_of = _segments_of(cutoff, repeat.model, seg_model)
+    segments = seg_model.segments_csv(customers)
 
-    def report_files(policy: Policy | None = None, feats: pd.DataFrame | None = None,
+    def report_files(segments: pd.DataFrame, policy: Policy | None = None, feats: pd.DataFrame | None = None,
                      ope: dict | None = None) -> dict[str, str | bytes]:
         facts = build_report(seg_model.profiles(), customers, shop=Path(data.source or "").name, period={
             "as_of": cutoff, "data_from": history.orders["order_ts"].min(),
             "data_to": history.orders["order_ts"].max(), "horizon_days": config.horizon_days},
             metrics=metrics, ope=ope, policy=policy, feats=feats, version=version)
-        return {"segments.csv": seg_csv, "report.html": render_report(facts),
+        return {"segments.csv": segments.to_csv(index=False), "report.html": render_report(facts),
                 "report.json": json.dumps(facts, indent=2, allow_nan=False)}
 
     if catalog is None:
         progress("report")
-        files = report_files()
+        files = report_files(computation.everyone(history, cutoff, snapshot, segments, segments_of)[1])
         progress("save")
         manifest = modeldir.save(out, {}, files, info | {"feature_list": [], "policy": None})
         return TrainResult(Path(out), metrics, manifest, notes)
@@ -310,7 +341,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         for learner in CHALLENGERS:
             candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
-            candidates, feats, holdout, encoder, config.seed, playbook, orders_per_month(history.orders["order_ts"]))
+            candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff))
         del candidates
         if chosen.winner != INCUMBENT:
             notes.append(f"learner: {chosen.winner} beat the ridge box model on the holdout "
@@ -331,17 +362,29 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     ope_report["notes"] = notes
 
     progress("report")
-    files = report_files(policy, feats, ope_report)
+    snapshot, segments = computation.everyone(history, cutoff, snapshot, segments, segments_of)
+    files = report_files(segments, policy, feats, ope_report)
     progress("save")
     info |= {"feature_list": policy.encoder.feature_names_ if policy.encoder is not None else [],
              "policy": policy.name}
-    segments_map = {cid: names[int(sid)] for cid, sid in segment_of.items()}
+    segments_map = dict(zip(segments["customer_id"].astype(str), segments["segment_name"], strict=True))
+    del segments
     manifest = modeldir.save(out, {"engine": {"policy": policy, "params": params, "snapshot": snapshot,
                                               "segments": segments_map}},
                              {"catalog.yaml": catalog.text, **files,
                               "ope.json": json.dumps(ope_report, indent=2, default=str)},
                              info)
     return TrainResult(Path(out), metrics, manifest, notes)
+
+
+def _segments_of(cutoff: pd.Timestamp, repeat: RepeatModel, seg_model: SegmentModel
+                 ) -> Callable[[features.Snapshot], pd.DataFrame]:
+    """The segments.csv rows of a snapshot's customers, scored by the fitted repurchase and
+    segment models (a function of the snapshot alone, so that Spark runs it on each bucket's)."""
+    def segments_of(snapshot: features.Snapshot) -> pd.DataFrame:
+        customers = features.customer_frame(snapshot, cutoff)
+        return seg_model.segments_csv(customers.merge(repeat.predict_frame(customers), on="customer_id", how="left"))
+    return segments_of
 
 
 def _no_catalog_note(data: Dataset) -> str:

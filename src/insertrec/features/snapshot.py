@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -91,6 +93,48 @@ class Snapshot:
         """A shop with no history yet: every customer is new."""
         empty = pd.DataFrame({c: pd.Series(dtype="str") for c in TABLES["orders"]["required"]})
         return cls.build(Dataset(orders=empty), params)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Snapshot]) -> Snapshot:
+        """One snapshot of the customers of ``parts``, snapshots built with the same params and
+        ``as_of`` on histories of disjoint sets of customers (a customer's whole history in one
+        part): equal, customer by customer, to the snapshot built on the union of the histories.
+        Spark builds one per bucket of whole customers and the driver joins them here."""
+        if not parts:
+            raise InsertrecError("Snapshot.concat: no snapshots to join")
+        first = parts[0]
+        if any(p.params != first.params or p.as_of_ns != first.as_of_ns for p in parts[1:]):
+            raise InsertrecError("Snapshot.concat: the snapshots differ in feature params or as_of")
+        ids = pa.concat_arrays([pa.array(p.customer_ids, type=pa.large_string()) for p in parts])
+        order = pc.array_sort_indices(ids).to_numpy()   # customer_frame rows in id order, as `build` has them
+        if len(order) > 1 and pc.any(pc.equal(ids.take(order[1:]), ids.take(order[:-1]))).as_py():
+            raise InsertrecError("Snapshot.concat: a customer is in more than one snapshot")
+        code = np.empty(len(order), dtype=np.int64)
+        code[order] = np.arange(len(order))   # a part's customer i -> its code in the whole
+        offsets = np.cumsum([0] + [len(p.customer_ids) for p in parts])
+        type_code, types = _factorize(pa.concat_arrays([p.incident_types.cast(pa.large_string())
+                                                        for p in parts]))
+        type_offsets = np.cumsum([0] + [len(p.incident_types) for p in parts])
+
+        def events(name: str, recode: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]) -> _Events:
+            evs = [getattr(p, name) for p in parts]
+            g = np.concatenate([code[offsets[k] + ev.g] for k, ev in enumerate(evs)])
+            cols = {c: np.concatenate([recode(k, ev.cols)[c] for k, ev in enumerate(evs)]) for c in evs[0].cols}
+            keep = np.argsort(g, kind="stable")   # a customer's events are all in one part, in time order
+            return _Events(g[keep], np.concatenate([ev.ts for ev in evs])[keep], {c: v[keep] for c, v in cols.items()},
+                           np.arange(len(g)))
+
+        def same(k: int, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return cols
+
+        def typed(k: int, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"type": type_code[type_offsets[k] + cols["type"]]}
+
+        base = _Totals(**{f.name: np.concatenate([getattr(p.base, f.name) for p in parts])[order]
+                          for f in dataclasses.fields(_Totals)})
+        ctx = pd.concat([p.ctx for p in parts], ignore_index=True).iloc[order].reset_index(drop=True)
+        return cls(first.params, first.as_of_ns, ids.take(order).to_numpy(zero_copy_only=False), base,
+                   events("recent", same), events("nps", same), events("incidents", typed), types, ctx)
 
     @cached_property
     def _index(self) -> dict[str, int]:

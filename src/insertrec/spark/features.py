@@ -15,11 +15,14 @@ Rows come back with ``order_ts`` as int64 UTC nanoseconds, as `tables` keeps it;
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import pickle
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -27,14 +30,18 @@ from pyspark.sql import types as T
 from insertrec import features
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
+from insertrec.errors import InsertrecError
+from insertrec.evaluation import logged_actions, rules_actions
 from insertrec.spark.tables import POSITION, TIMESTAMPS, SparkTables, to_dataset
 
-__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "to_pandas"]
+__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "logged_columns", "snapshot",
+           "snapshot_and", "to_pandas"]
 
 REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
 ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
 _TAG = "_table"
 _LAST = "\x00last order"      # the stand-in order's ids: no real id is a NUL
+_LOGGED = "_logged_"          # `logged_columns`' prefix
 
 
 def feature_params(tables: SparkTables, catalog: Catalog | None = None, top_categories: int = 12,
@@ -60,14 +67,74 @@ def feature_params(tables: SparkTables, catalog: Catalog | None = None, top_cate
 
 def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *, horizon_days: float = 60,
                          costs: Mapping[str, float] | None = None,
-                         orders_per_bucket: int = ORDERS_PER_BUCKET) -> DataFrame:
+                         orders_per_bucket: int = ORDERS_PER_BUCKET, logged: bool = False) -> DataFrame:
     """One row per order: `features.order_features` columns and `REWARD_COLUMNS`, each computed
-    by the local code on a bucket of whole customers (see the module docstring)."""
-    orders = tables.orders
-    totals = orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
+    by the local code on a bucket of whole customers (see the module docstring). With ``logged``
+    (the tables have a catalog), also per catalog slot ``s`` the logged action's index and
+    propensity (`evaluation.logged_actions`) and the playbook's action (`evaluation.rules_actions`):
+    `logged_columns`."""
+    totals = tables.orders.agg(F.count("*").alias("n"), F.max("order_ts").alias("last")).first()
     n_orders, last = (0, None) if totals is None else (totals["n"], totals["last"])
-    # at least two buckets per core, so that a small history is not one task on one core
-    buckets = max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-int(n_orders) // orders_per_bucket))
+    if logged and tables.catalog is None:
+        raise InsertrecError("features_and_rewards: the logged actions need the data directory's catalog.yaml")
+    slots = len(tables.catalog.slots) if logged and tables.catalog is not None else 0
+    schema = _schema(params, tables, slots)
+    run = _bucket_runner(params, tables.catalog, tables.ctx_numeric, int(last or 0), horizon_days,
+                         dict(costs or {}), [f.name for f in schema.fields], slots)
+    return _bucketed(tables, int(n_orders), orders_per_bucket).groupBy("_bucket").applyInPandas(run, schema)
+
+
+def snapshot(tables: SparkTables, params: features.FeatureParams, as_of: pd.Timestamp,
+             orders_per_bucket: int = ORDERS_PER_BUCKET) -> features.Snapshot:
+    """`features.Snapshot.build(history, params, as_of)`: one snapshot per bucket of whole
+    customers, built by the local code, brought to the driver one partition at a time and
+    joined (`Snapshot.concat`); the driver holds the snapshot (the model's), never the history."""
+    return snapshot_and(tables, params, as_of, None, orders_per_bucket)[0]
+
+
+def snapshot_and(tables: SparkTables, params: features.FeatureParams, as_of: pd.Timestamp,
+                 describe: Callable[[features.Snapshot], pd.DataFrame] | None,
+                 orders_per_bucket: int = ORDERS_PER_BUCKET) -> tuple[features.Snapshot, pd.DataFrame | None]:
+    """`snapshot`, and ``describe`` run on each bucket's snapshot (one row per customer, a
+    ``customer_id`` column): its rows for every customer, in the snapshot's customer order."""
+    catalog, ctx_numeric = tables.catalog, tables.ctx_numeric   # the closure must not hold a DataFrame
+
+    def run(bucket: pd.DataFrame) -> pd.DataFrame:
+        part = features.Snapshot.build(_bucket_data(bucket, catalog, ctx_numeric), params, as_of=as_of)
+        rows = None if describe is None else describe(part)
+        return pd.DataFrame({"snapshot": [pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)],
+                             "rows": [pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)]})
+
+    n_orders = tables.orders.count()
+    # one bucket's snapshot per partition (not spark.sql.shuffle.partitions' few): the driver's
+    # JVM materialises a whole partition when it serves it to Python (a 10M-order history's eight
+    # partitions of snapshots ran it out of heap)
+    schema = T.StructType([T.StructField("snapshot", T.BinaryType()), T.StructField("rows", T.BinaryType())])
+    parts = (_bucketed(tables, n_orders, orders_per_bucket)
+             .repartition(_bucket_count(tables.orders, n_orders, orders_per_bucket), "_bucket")
+             .groupBy("_bucket").applyInPandas(run, schema))
+    found, described = [], []
+    for r in parts.toLocalIterator():
+        found.append(pickle.loads(r["snapshot"]))
+        described.append(pickle.loads(r["rows"]))
+    if not found:   # no events at all: the empty shop's snapshot
+        empty = features.Snapshot.build(to_dataset({}, tables.catalog, tables.ctx_numeric), params, as_of=as_of)
+        return empty, None if describe is None else describe(empty)
+    joined = features.Snapshot.concat(found)
+    del found
+    if describe is None:
+        return joined, None
+    rows = pd.concat(described, ignore_index=True)
+    order = pc.array_sort_indices(pa.array(rows["customer_id"].astype(str), type=pa.large_string())).to_numpy()
+    return joined, rows.iloc[order].reset_index(drop=True)
+
+
+def _bucketed(tables: SparkTables, n_orders: int, orders_per_bucket: int) -> DataFrame:
+    """The tables' rows side by side (``_TAG`` names the table), each with its customer's bucket
+    (``_bucket``): every event of a customer in the same bucket, about ``orders_per_bucket``
+    orders in each."""
+    orders = tables.orders
+    buckets = _bucket_count(orders, n_orders, orders_per_bucket)
     owner = orders.select("order_id", "customer_id")
     parts: dict[str, DataFrame] = {"orders": orders}
     if tables.exposures is not None:   # file order kept: the first reward given per order counts
@@ -84,15 +151,30 @@ def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *,
     # no nulls in whole-number columns: Arrow would hand them over as float64, losing nanoseconds
     fill: dict[str, bool | float | int | str] = {f.name: 0 for f in wide.schema.fields if isinstance(f.dataType, T.LongType)}
     fill |= {f.name: False for f in wide.schema.fields if isinstance(f.dataType, T.BooleanType)}
-    wide = wide.fillna(fill)
-    wide = wide.withColumn("_bucket", F.pmod(F.xxhash64("customer_id"), F.lit(buckets)))
-    schema = _schema(params, tables)
-    run = _bucket_runner(params, tables.catalog, tables.ctx_numeric, int(last or 0), horizon_days,
-                         dict(costs or {}), [f.name for f in schema.fields])
-    return wide.groupBy("_bucket").applyInPandas(run, schema)
+    return wide.fillna(fill).withColumn("_bucket", F.pmod(F.xxhash64("customer_id"), F.lit(buckets)))
 
 
-def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType:
+def _bucket_count(orders: DataFrame, n_orders: int, orders_per_bucket: int) -> int:
+    # at least two buckets per core, so that a small history is not one task on one core
+    return max(2 * orders.sparkSession.sparkContext.defaultParallelism, -(-n_orders // orders_per_bucket))
+
+
+def _bucket_data(bucket: pd.DataFrame, catalog: Catalog | None, ctx_numeric: dict[str, bool]) -> Dataset:
+    """One bucket of `_bucketed` rows as the local ``Dataset`` of its customers."""
+    frames = {str(name): part for name, part in bucket.groupby(_TAG, sort=False)}
+    if "exposures" in frames:
+        frames["exposures"] = frames["exposures"].sort_values(POSITION, kind="stable")
+    return to_dataset(frames, catalog, ctx_numeric)
+
+
+def logged_columns(slots: int) -> tuple[list[str], list[str], list[str]]:
+    """The columns `features_and_rewards` adds with ``logged``, per slot: the logged action's
+    index (-1: none logged), its propensity (NaN: none given), the playbook's action index."""
+    return ([f"{_LOGGED}action{s}" for s in range(slots)], [f"{_LOGGED}propensity{s}" for s in range(slots)],
+            [f"{_LOGGED}rules{s}" for s in range(slots)])
+
+
+def _schema(params: features.FeatureParams, tables: SparkTables, slots: int) -> T.StructType:
     empty = to_dataset({}, None, tables.ctx_numeric)
     frame = features.order_features(empty, params)
     out = []
@@ -110,16 +192,16 @@ def _schema(params: features.FeatureParams, tables: SparkTables) -> T.StructType
             kind = T.StringType()
         out.append(T.StructField(name, kind))
     out += [T.StructField(c, T.BooleanType() if c == "reward_complete" else T.DoubleType()) for c in REWARD_COLUMNS]
+    actions, pscores, rules = logged_columns(slots)
+    out += [T.StructField(c, T.LongType()) for c in actions] + [T.StructField(c, T.DoubleType()) for c in pscores]
+    out += [T.StructField(c, T.LongType()) for c in rules]
     return T.StructType(out)
 
 
 def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_numeric: dict[str, bool],
-                   last_ns: int, horizon_days: float, costs: dict[str, float], columns: list[str]):
+                   last_ns: int, horizon_days: float, costs: dict[str, float], columns: list[str], slots: int):
     def run(bucket: pd.DataFrame) -> pd.DataFrame:
-        frames = {str(name): part for name, part in bucket.groupby(_TAG, sort=False)}
-        if "exposures" in frames:
-            frames["exposures"] = frames["exposures"].sort_values(POSITION, kind="stable")
-        data = to_dataset(frames, catalog, ctx_numeric)
+        data = _bucket_data(bucket, catalog, ctx_numeric)
         feats = features.order_features(data, params)
         stand_in = pd.DataFrame({"order_id": [_LAST], "customer_id": [_LAST],
                                  "order_ts": [pd.Timestamp(last_ns, unit="ns", tz="UTC")],
@@ -128,6 +210,11 @@ def _bucket_runner(params: features.FeatureParams, catalog: Catalog | None, ctx_
                                              ignore_index=True), exposures=data.exposures)
         rewards = features.order_rewards(with_last, horizon_days=horizon_days, costs=costs).iloc[:len(data.orders)]
         out = feats.assign(**{c: rewards[c].to_numpy() for c in REWARD_COLUMNS})
+        if slots and catalog is not None:
+            actions, pscores = logged_actions(data, feats, catalog)
+            given = (actions, pscores, rules_actions(catalog, feats))
+            out = out.assign(**{c: v[:, s] for names, v in zip(logged_columns(slots), given, strict=True)
+                                for s, c in enumerate(names)})
         out["order_ts"] = out["order_ts"].dt.as_unit("ns").astype(np.int64)
         return out[columns]
     return run
@@ -143,6 +230,7 @@ def local_types(rows: pd.DataFrame) -> pd.DataFrame:
 def to_pandas(frame: DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A `features_and_rewards` result as the local ``(order_features, order_rewards)`` frames,
     rows in the local order (by order time, then order id)."""
+    frame = frame.drop(*(c for c in frame.columns if c.startswith(_LOGGED)))
     out = local_types(frame.toPandas().sort_values(["order_ts", "order_id"], kind="stable").reset_index(drop=True))
     feats = out.drop(columns=list(REWARD_COLUMNS))
     return feats, out[["order_id", *REWARD_COLUMNS]]

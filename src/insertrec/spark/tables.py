@@ -16,6 +16,7 @@ column), so that no time zone or precision is changed on the way to the Python w
 from __future__ import annotations
 
 import functools
+import hashlib
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,6 +234,37 @@ def _across_rows(text: dict[str, tuple[DataFrame, str]]) -> list[Problem]:
     return problems
 
 
+def fingerprint(tables: SparkTables) -> str:
+    """`Dataset.fingerprint` of the tables as the local loader holds them (the orders by time then
+    id, the other tables in file order), computed by the local hash on Spark partitions; the driver
+    feeds the per-row hashes to SHA-256 one partition at a time, in that order."""
+    h = hashlib.sha256()
+    for name in ("orders", "nps", "exposures", "incidents"):
+        h.update(name.encode())
+        frame = tables.table(name)
+        if frame is None:
+            continue
+        order = ["order_ts", "order_id"] if name == "orders" else [POSITION]
+        hashed = frame.orderBy(*order).mapInPandas(_row_hashes(name, tables.ctx_numeric), _HASHES)
+        for row in hashed.toLocalIterator():
+            h.update(row["hashes"])
+    if tables.catalog is not None:
+        h.update(tables.catalog.sha256.encode())
+    return h.hexdigest()
+
+
+_HASHES = T.StructType([T.StructField("hashes", T.BinaryType())])
+
+
+def _row_hashes(name: str, ctx_numeric: dict[str, bool]):
+    """mapInPandas function: each batch's rows as the local table, hashed row by row (8 bytes a row)."""
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            frame = getattr(to_dataset({name: batch}, None, ctx_numeric), name)
+            yield pd.DataFrame({"hashes": [pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()]})
+    return run
+
+
 def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_numeric: dict[str, bool],
                source: str = "") -> Dataset:
     """Typed pandas pieces of the tables (as `read_tables` leaves them) as a local ``Dataset``."""
@@ -255,4 +287,5 @@ def to_dataset(frames: dict[str, pd.DataFrame], catalog: Catalog | None, ctx_num
     return Dataset(catalog=catalog, source=source, **tables)
 
 
-__all__ = ["MAX_PROBLEMS", "POSITION", "TIMESTAMPS", "SparkTables", "read_orders", "read_tables", "to_dataset"]
+__all__ = ["MAX_PROBLEMS", "POSITION", "TIMESTAMPS", "SparkTables", "fingerprint", "read_orders", "read_tables",
+           "to_dataset"]

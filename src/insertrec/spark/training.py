@@ -1,47 +1,72 @@
 """`insertrec train --engine spark`: `insertrec.training.train` with its heavy steps on Spark.
 
-The orchestration is the local `train`'s own; what it computes on Spark (`SparkComputation`):
-the feature parameters from Spark aggregations, every order's features and reward from the
-project's feature code on buckets of whole customers (`spark.features`), kept on Spark, and the
-ridge value model from per-partition sufficient statistics (`spark.statistics`), each partition
-encoding its own orders' design rows from those features (the driver sends only each logged
-order's position, actions, reward and propensity). The rest runs on the
-driver as it does locally, on the samples the local path already bounds (the repurchase
-classifier, the boosted baseline's rows, the holdout judge) and on the checked tables collected
-there (the snapshot of every customer at the cutoff, the segments, the report). The model
-directory is the local one's format, so serving, MLflow and ``promote`` do not change.
+The orchestration is the local `train`'s own. The driver holds a bounded history: a sample of
+whole customers (those whose hashed id falls in a share of the hash range, about
+``sample_orders`` orders; every customer when the history has no more, so that a history of that
+size trains exactly as it does locally), on which `train` fits what the local path already fits
+on bounded samples or per customer (the repurchase classifier, the segments, the boosted
+baseline's rows, the tournament's candidates, the holdout's judge and OPE, the exploration
+advice's gains, the report's figures). What grows with the whole history is computed on Spark
+over all of it (`SparkComputation`): the cutoff's last order and the orders per month (Spark
+aggregates), the feature parameters (Spark aggregations), every order's features and reward
+(the project's feature code on buckets of whole customers, `spark.features`, kept on Spark; the
+sample's rows collected), the model's snapshot of every customer and every customer's segment
+(one snapshot per bucket, each bucket's customers scored by the repurchase and segment models
+fitted on the sample, joined on the driver), the data fingerprint (hashed by partition), and
+the ridge value model from per-partition sufficient statistics (`spark.statistics`), each
+partition encoding its own orders' design rows from those features. The model directory is the
+local one's format, so serving, MLflow and ``promote`` do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from insertrec import features
 from insertrec.catalog import Catalog
 from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
-from insertrec.spark.features import REWARD_COLUMNS, feature_params, features_and_rewards, local_types, to_pandas
+from insertrec.errors import InsertrecError
+from insertrec.explorationshare import monthly_orders
+from insertrec.spark.features import (
+    REWARD_COLUMNS,
+    feature_params,
+    features_and_rewards,
+    local_types,
+    logged_columns,
+    snapshot_and,
+    to_pandas,
+)
 from insertrec.spark.session import spark_session
 from insertrec.spark.statistics import fit_value_model
-from insertrec.spark.tables import POSITION, SparkTables, read_tables, to_dataset
+from insertrec.spark.tables import POSITION, SparkTables, fingerprint, read_tables, to_dataset
 from insertrec.training import Computation, TrainConfig, TrainResult, train
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["SparkComputation", "train_on_spark"]
+__all__ = ["SAMPLE_ORDERS", "SparkComputation", "train_on_spark"]
+
+
+SAMPLE_ORDERS = 1_000_000   # orders of the driver's sample of whole customers (issue 13: 1M trains in ~3.3 GiB)
+_HASH_RANGE = 1 << 20        # a customer is sampled by its id's hash modulo this
 
 
 @dataclasses.dataclass(frozen=True)
 class SparkComputation(Computation):
-    """`Computation` on Spark, from the checked ``tables`` of the data directory."""
+    """`Computation` on Spark over the whole of the checked ``tables``; ``sampled`` is the
+    condition on ``customer_id`` that picks the driver's sample (None: every customer)."""
 
     tables: SparkTables
+    sampled: Column | None = dataclasses.field(default=None, compare=False)
     held: dict[str, DataFrame] = dataclasses.field(default_factory=dict, compare=False)
 
     def _before(self, cutoff: pd.Timestamp) -> SparkTables:
@@ -55,15 +80,45 @@ class SparkComputation(Computation):
             exposures=None if t.exposures is None else t.exposures.join(orders.select("order_id"), "order_id",
                                                                         "left_semi"))
 
+    def last_order(self, data: Dataset) -> pd.Timestamp:
+        last = self.tables.orders.agg(F.max("order_ts")).first()
+        return super().last_order(data) if last is None or last[0] is None else _time(last[0])
+
     def feature_params(self, history: Dataset, cutoff: pd.Timestamp, catalog: Catalog | None,
                        nps_ttl_days: int, lapse_days: int) -> features.FeatureParams:
         return feature_params(self._before(cutoff), catalog, nps_ttl_days=nps_ttl_days, lapse_days=lapse_days)
 
+    def everyone(self, history: Dataset, cutoff: pd.Timestamp, snapshot: features.Snapshot, segments: pd.DataFrame,
+                 segments_of: Callable[[features.Snapshot], pd.DataFrame]) -> tuple[features.Snapshot, pd.DataFrame]:
+        """The driver's own when it holds every customer; else built per bucket on Spark. `train`
+        asks last, after the value model's fits: the features held on Spark are released first, so
+        that the driver's heap serves the buckets' snapshots (at 10M orders, a 4g heap holding
+        them ran out serving one)."""
+        if self.sampled is None:
+            return snapshot, segments
+        held = self.held.pop("features", None)
+        if held is not None:
+            held.unpersist()
+        joined, rows = snapshot_and(self._before(cutoff), snapshot.params, cutoff, segments_of)
+        assert rows is not None
+        return joined, rows
+
+    def fingerprint(self, history: Dataset, cutoff: pd.Timestamp) -> str:
+        return fingerprint(self._before(cutoff))
+
+    def orders_per_month(self, history: Dataset, cutoff: pd.Timestamp) -> float:
+        if self.sampled is None:
+            return super().orders_per_month(history, cutoff)
+        got = self._before(cutoff).orders.agg(F.count("*"), F.min("order_ts"), F.max("order_ts")).first()
+        assert got is not None
+        return monthly_orders(int(got[0]), _time(got[1]), _time(got[2]))
+
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
-        rows = features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs).cache()
+        rows = features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs,
+                                    logged=self.sampled is not None and self.tables.catalog is not None).cache()
         self.held["features"] = rows   # kept on Spark: the value model's design rows are built from them
-        return to_pandas(rows)
+        return to_pandas(rows if self.sampled is None else rows.where(self.sampled))
 
     def fit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
                         rewards: np.ndarray, space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
@@ -76,10 +131,44 @@ class SparkComputation(Computation):
                               "pscore": np.asarray(pscore, dtype=np.float64)}
                              | {f"_a{s}": actions[:, s].astype(np.int64) for s in slots}
                              | {f"_r{s}": rules[:, s].astype(np.int64) for s in slots})
-        rows = (self.held["features"].drop(*REWARD_COLUMNS).join(spark.createDataFrame(known), "order_id")
+        held = self.held["features"]
+        rows = (held.drop(*REWARD_COLUMNS, *(c for names in logged_columns(len(slots)) for c in names))
+                .join(spark.createDataFrame(known), "order_id")
                 .withColumn("actions", F.array(*(F.col(f"_a{s}") for s in slots)))
                 .withColumn("rules", F.array(*(F.col(f"_r{s}") for s in slots)))
                 .drop(*(f"_{k}{s}" for k in "ar" for s in slots))).cache()   # joined once, read three times
+        try:
+            return fit_value_model(model, rows, space, (encoder, local_types))
+        finally:
+            rows.unpersist()
+
+
+    def refit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
+                          rewards: np.ndarray, space: ActionSpace, rules: np.ndarray,
+                          pscore: np.ndarray) -> ValueModel:
+        """On every logged order of the whole history (the driver's arrays are the sample's): the
+        orders with an exposure in every slot and a complete reward window, numbered in the local
+        order (`evaluation.logged_orders` on the whole), their logged actions, propensities and the
+        playbook's actions computed with the features on Spark. Where a logged propensity is
+        missing, `evaluation.logged_orders` estimates it with a model of the whole log, which this
+        does not fit: the sample's orders, with the driver's estimates, are the fit's then."""
+        if self.sampled is None:
+            return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+        taken, pscores, playbook = logged_columns(actions.shape[1])
+        held = self.held["features"]
+        complete = functools.reduce(operator.and_, [F.col(c) >= 0 for c in taken], F.col("reward_complete"))
+        logged = held.where(complete)
+        unknown = functools.reduce(operator.or_, [F.isnan(c) | F.col(c).isNull() for c in pscores])
+        if logged.where(unknown).limit(1).count():
+            return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+        # the position in the local order: a window over two columns, then joined back
+        numbered = logged.select("order_id", (F.row_number().over(Window.orderBy("order_ts", "order_id")) - 1)
+                                 .alias("_row"))
+        rows = (logged.join(numbered, "order_id")
+                .withColumn("pscore", functools.reduce(operator.mul, [F.col(c) for c in pscores]))
+                .withColumn("actions", F.array(*taken)).withColumn("rules", F.array(*playbook))
+                .drop(*taken, *pscores, *playbook, "revenue", "action_cost", "reward_complete")
+                .cache())   # joined once, read three times
         try:
             return fit_value_model(model, rows, space, (encoder, local_types))
         finally:
@@ -94,17 +183,50 @@ def _collected(frame: DataFrame | None) -> pd.DataFrame | None:
     return out.sort_values(POSITION, kind="stable").drop(columns=POSITION).reset_index(drop=True)
 
 
+def _time(ns: int) -> pd.Timestamp:
+    return pd.Timestamp(int(ns), unit="ns", tz="UTC")
+
+
+def _sample(tables: SparkTables, sample_orders: int) -> Column | None:
+    """The condition on ``customer_id`` that keeps about ``sample_orders`` orders of whole
+    customers (their hashed ids in the lowest share of the hash range); None when every order fits."""
+    n = tables.orders.count()
+    if n <= sample_orders:
+        return None
+    keep = max(1, int(_HASH_RANGE * sample_orders / n))
+    return F.pmod(F.xxhash64("customer_id"), F.lit(_HASH_RANGE)) < keep
+
+
+def _sampled(tables: SparkTables, sampled: Column | None) -> SparkTables:
+    """The tables of the sampled customers (every table's rows of them)."""
+    if sampled is None:
+        return tables
+    orders = tables.orders.where(sampled)
+    return dataclasses.replace(
+        tables, orders=orders,
+        nps=None if tables.nps is None else tables.nps.where(sampled),
+        incidents=None if tables.incidents is None else tables.incidents.where(sampled),
+        exposures=None if tables.exposures is None else tables.exposures.join(orders.select("order_id"), "order_id",
+                                                                              "left_semi"))
+
+
 def train_on_spark(data: str | Path, out: str | Path, config: TrainConfig | None = None, *,
                    master: str = "local[*]", conf: Mapping[str, str] | None = None,
-                   progress: Callable[[str], None] = lambda step: None) -> TrainResult:
+                   progress: Callable[[str], None] = lambda step: None,
+                   sample_orders: int = SAMPLE_ORDERS) -> TrainResult:
     """Read and check ``data`` on Spark and train as `insertrec.training.train` does (see the
     module docstring); the same model directory."""
+    if sample_orders < 1:
+        raise InsertrecError(f"sample_orders: {sample_orders} is not a positive number of orders")
     progress("starting Spark")
     spark = spark_session(master, conf)
     progress("reading the data on Spark")
     tables = read_tables(spark, data)
-    progress("collecting the tables to the driver")
-    frames = {name: _collected(tables.table(name)) for name in ("orders", "nps", "exposures", "incidents")}
+    progress("collecting the driver's sample of customers")
+    sampled = _sample(tables, sample_orders)
+    on_driver = _sampled(tables, sampled)
+    frames = {name: _collected(on_driver.table(name)) for name in ("orders", "nps", "exposures", "incidents")}
     history = to_dataset({n: f for n, f in frames.items() if f is not None}, tables.catalog, tables.ctx_numeric,
                          source=str(data))
-    return train(history, out, config or TrainConfig(), progress, SparkComputation(tables))
+    del frames
+    return train(history, out, config or TrainConfig(), progress, SparkComputation(tables, sampled))
