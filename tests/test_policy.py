@@ -25,7 +25,7 @@ N_ORDERS = 400
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFrame]:
     """A model trained on a small demo shop, and feature rows of new orders placed after it; the
-    estimates decide (pessimism 0: by default a shop this small spends in no slot), so that every
+    estimates decide (pessimism 0, the default: with `auto` a shop this small spends in no slot), so that every
     path of a decision is taken."""
     tmp = tmp_path_factory.mktemp("policy")
     World.default().write_demo_data(tmp / "data", customers=1200, seed=3)
@@ -45,7 +45,7 @@ def variants(engine: Engine) -> dict[str, Policy]:
     """The policy as trained, the model deciding every slot, the same deciding on lower confidence
     bounds (`Policy.pessimism`; z=0.3, at which this small fixture still spends in every slot, on
     about half the orders it does at 0: at 1 it spends nowhere), the same with every slot doubted
-    (training's default where the log does not show the playbook paying, `Policy.doubted_slots`), and
+    (`--pessimism auto` where the log does not show the playbook paying, `Policy.doubted_slots`), and
     the playbook alone."""
     policy = engine.policy
     return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),

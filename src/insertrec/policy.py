@@ -230,7 +230,7 @@ class Policy:
         evidence is thin; 0, the estimates themselves. Every action of every slot (the user's
         `insertrec train --pessimism Z`), or, with ``doubted_slots``, only the actions of those.
     doubted_slots : None, or the slots where the log does not show the playbook paying (training's
-        default): there the playbook's action for an order must show its gain beyond z standard
+        `--pessimism auto`): there the playbook's action for an order must show its gain beyond z standard
         errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, and the other
         slots are scored on the estimates.
     """
