@@ -142,7 +142,6 @@ class SparkComputation(Computation):
         finally:
             rows.unpersist()
 
-
     def refit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
                           rewards: np.ndarray, space: ActionSpace, rules: np.ndarray,
                           pscore: np.ndarray) -> ValueModel:
