@@ -29,7 +29,7 @@ __all__ = ["MicroBatch"]
 
 
 class MicroBatch:
-    """Decides the orders submitted in one turn of the event loop together.
+    """Decides the orders submitted in one turn of the event loop, or the next, together.
 
     The first submission schedules the batch two turns of the loop ahead (``call_soon`` twice): it
     runs once every request that was ready in this turn, or whose bytes arrived by the next poll of
