@@ -17,7 +17,7 @@ before the answer leaves. Until the spool is replayed into the log
 the outage costs each order no deadline and no spooled decision is overtaken
 by a logged one of the same order.
 
-Orders whose state is ready in the same turn of the event loop are decided
+Orders whose state is ready in the same turn of the event loop, or the next, are decided
 together (`MicroBatch`), each as it would be alone, and decisions are committed
 in groups (`GroupCommit`): a request, its box chosen, waits for the commit of
 every decision made in the same turn of the event loop, and is answered after it. Under load a worker's requests share
