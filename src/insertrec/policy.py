@@ -231,8 +231,8 @@ class Policy:
         `insertrec train --pessimism Z`), or, with ``doubted_slots``, only the actions of those.
     doubted_slots : None, or the slots where the log does not show the playbook paying (training's
         `--pessimism auto`): there the playbook's action for an order must show its gain beyond z standard
-        errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, and the other
-        slots are scored on the estimates.
+        errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, an exploring
+        draw there is the floor alone (`exploration`), and the other slots are scored on the estimates.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
