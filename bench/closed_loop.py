@@ -113,14 +113,14 @@ class VWLoop:
         return out
 
 
-def _save(key: str, entry: dict) -> None:
+def _save(results_file: Path, key: str, entry: dict) -> None:
     """Merge this run's entry into the results (locked: the worlds may run side by side)."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results_file.parent.mkdir(parents=True, exist_ok=True)
     with open(Path(tempfile.gettempdir()) / "insertrec-closed_loop.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results = json.loads(results_file.read_text()) if results_file.exists() else {}
         results[key] = entry
-        RESULTS.write_text(json.dumps(results, indent=2, allow_nan=False))
+        results_file.write_text(json.dumps(results, indent=2, allow_nan=False))
 
 
 def main() -> None:
@@ -131,19 +131,24 @@ def main() -> None:
     ap.add_argument("--customers", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vw", default="--epsilon 0.1", help="Vowpal Wabbit's exploration and learning options")
+    ap.add_argument("--pessimism", type=lambda v: v if v == "auto" else float(v), default=TrainConfig().pessimism,
+                    help="insertrec's `train --pessimism` (default: train's own)")
+    ap.add_argument("--json", type=Path, default=RESULTS, help="where the results are merged")
     args = ap.parse_args()
     world = World.default() if args.world == "default" else World.default().perturbed(args.perturb_seed)
-    key = f"{args.world}/{args.customers} customers/{args.rounds} rounds/seed {args.seed}"
+    key = f"{args.world}/{args.customers} customers/{args.rounds} rounds/seed {args.seed}" \
+        + (f"/pessimism {args.pessimism}" if args.pessimism else "")
     entry: dict = {"world": args.world, "customers": args.customers, "seed": args.seed, "rounds": args.rounds,
-                   "vw_options": f"--cb_explore_adf -q sa {args.vw}", "insertrec": [], "vowpalwabbit": []}
+                   "vw_options": f"--cb_explore_adf -q sa {args.vw}", "pessimism": args.pessimism,
+                   "insertrec": [], "vowpalwabbit": []}
     for name, learner in (("vowpalwabbit", lambda: VWLoop(world, args.vw).learn),
-                          ("insertrec", lambda: retrained(TrainConfig()))):
+                          ("insertrec", lambda: retrained(TrainConfig(pessimism=args.pessimism)))):
         t0 = time.perf_counter()
 
         def note(row: dict, name: str = name, t0: float = t0) -> None:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             entry[name].append(row)
-            _save(key, entry)
+            _save(args.json, key, entry)
             print(f"{name:>12} round {row['round']:>2.0f}: value {row['value_deployed']:.3f} "
                   f"(oracle {row['value_oracle']:.3f}, control {row['value_control']:.3f}, "
                   f"logging {row['value_logging']:.3f}) uplift {row['uplift_capture']:.3f} "
@@ -162,7 +167,7 @@ def main() -> None:
         for name, rows in (("insertrec", ours), ("vowpalwabbit", theirs))}
     entry["summary"]["insertrec_less_regret"] = ours[-1]["cumulative_regret"] < theirs[-1]["cumulative_regret"]
     assert all(math.isfinite(r["value_deployed"]) for r in ours + theirs)
-    _save(key, entry)
+    _save(args.json, key, entry)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _select_vw(grid: list[str], combos, phi, ok, chosen, rewards, pscores, logge
 
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_grid: list[str],
-             evaluation_cache: dict) -> dict:
+             evaluation_cache: dict, pessimism: float | str | None = None) -> dict:
     from insertrec.encoding import FeatureEncoder
     from insertrec.engine import Engine
     from insertrec.evaluation import logged_orders
@@ -145,7 +145,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
     generated = world.generate(customers=customers, seed=seed)
     data = generated.to_dataset()
     with tempfile.TemporaryDirectory() as tmp:
-        train(data, Path(tmp) / "model", TrainConfig(seed=seed))
+        config = TrainConfig(seed=seed) if pessimism is None else TrainConfig(seed=seed, pessimism=pessimism)
+        train(data, Path(tmp) / "model", config)
         engine = Engine.load(Path(tmp) / "model")
         tournament = json.loads((Path(tmp) / "model" / "ope.json").read_text()).get("tournament")
     timings["insertrec_train_s"] = time.perf_counter() - t
@@ -250,6 +251,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     ap.add_argument("--json", default=str(HERE / "results" / "quality.json"))
+    ap.add_argument("--pessimism", type=lambda v: v if v == "auto" else float(v), default=None,
+                    help="insertrec's `train --pessimism` (default: train's own)")
     args = ap.parse_args()
     seeds, grid, eval_orders = args.seeds, VW_GRID, args.eval_orders
     if args.quick:
@@ -262,7 +265,7 @@ def main() -> None:
             for customers in sizes:
                 for seed in seeds:
                     t = time.perf_counter()
-                    cell = run_cell(world, customers, seed, eval_orders, grid, cache)
+                    cell = run_cell(world, customers, seed, eval_orders, grid, cache, args.pessimism)
                     cells.append(cell)
                     p = cell["policies"]
                     winner = (cell["tournament"] or {}).get("winner", "-")

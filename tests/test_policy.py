@@ -25,8 +25,8 @@ N_ORDERS = 400
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFrame]:
     """A model trained on a small demo shop, and feature rows of new orders placed after it; the
-    estimates decide (pessimism 0, the default: with `auto` a shop this small spends in no slot), so that every
-    path of a decision is taken."""
+    estimates decide (pessimism 0, not the default `auto`, which may doubt a slot of a shop this small), so
+    that every path of a decision is taken."""
     tmp = tmp_path_factory.mktemp("policy")
     World.default().write_demo_data(tmp / "data", customers=1200, seed=3)
     data = load_data(tmp / "data")
@@ -124,22 +124,26 @@ def test_an_exploring_draw_gives_up_less_than_a_uniform_one_and_tries_every_acti
         axis=1, keepdims=True)).all()                           # no estimates: uniform, as the playbook explores
 
 
-def test_a_slot_the_gate_fixed_explores_only_at_the_floor(trained: tuple[Engine, pd.DataFrame]) -> None:
-    """Where training gave a slot to the default (or the playbook), the model's estimates there are
-    unproven: an exploring decision keeps the fixed action but for the floor, spread uniformly, so
-    every eligible action is still tried with probability epsilon * FLOOR / k and no more."""
+@pytest.mark.parametrize("how", ["gated", "doubted"])
+def test_a_slot_the_gate_fixed_or_training_doubted_explores_only_at_the_floor(
+        how: str, trained: tuple[Engine, pd.DataFrame]) -> None:
+    """Where training gave a slot to the default (or the playbook), or doubted it (the log did not
+    show the playbook paying there), the model's estimates there are unproven: an exploring decision
+    keeps the slot's greedy action but for the floor, spread uniformly, so every eligible action is
+    still tried with probability epsilon * FLOOR / k and no more."""
     engine, feats = trained
-    base = engine.policy.replace(playbook_slots=(), default_slots=(), epsilon=0.5)
+    base = engine.policy.replace(playbook_slots=(), default_slots=(), epsilon=0.5, pessimism=0.3)
     slot = base.slot_names[2]
-    gated = base.replace(default_slots=(slot,))
-    p = gated.probabilities(gated.decide_frame(feats))[2]
-    elig = gated.decide_frame(feats).eligible[2]
-    k = elig.sum(axis=1, keepdims=True)
-    d = gated.space.defaults[2]
+    fixed = base.replace(default_slots=(slot,)) if how == "gated" else base.replace(doubted_slots=(slot,))
+    batch = fixed.decide_frame(feats)
+    p, elig = fixed.probabilities(batch)[2], batch.eligible[2]
+    rows, k = np.arange(len(p)), elig.sum(axis=1, keepdims=True)
     expected = np.where(elig, 0.5 * FLOOR / k, 0.0)
-    expected[:, d] += 1.0 - 0.5 * FLOOR
+    expected[rows, batch.greedy[:, 2]] += 1.0 - 0.5 * FLOOR
     np.testing.assert_allclose(p, expected, atol=1e-12)
-    assert (base.probabilities(base.decide_frame(feats))[2][:, d] < expected[:, d] - 1e-6).any()  # ungated: more
+    free = base.decide_frame(feats)
+    p_free = base.probabilities(free)[2][rows, free.greedy[:, 2]]
+    assert (p_free < 1.0 - 0.5 * FLOOR + 0.5 * FLOOR / k[:, 0] - 1e-6).any()   # left to the estimates: more
 
 
 def test_a_slot_with_one_available_action_is_certain(trained: tuple[Engine, pd.DataFrame]) -> None:

@@ -10,7 +10,9 @@ from insertrec import modeldir
 from insertrec.catalog import Catalog
 from insertrec.engine import Engine
 from insertrec.errors import InsertrecError, ModelError
-from insertrec.training import TrainConfig, history_before, train
+from insertrec.ope import Estimate
+from insertrec.policy import Policy
+from insertrec.training import TrainConfig, _doubted_slots, history_before, train
 from insertrec.world import World
 
 
@@ -62,6 +64,21 @@ def test_one_slot_derived_rewards_and_estimated_propensities(history, tmp_path):
                               "order_value": 80.0, "channel": "web"})
     assert list(decision.slots) == ["coupon"]
     assert decision.slots["coupon"].action_id in catalog.slots["coupon"].action_ids
+
+
+def test_a_slot_is_doubted_where_the_log_shows_the_playbook_losing_not_where_it_cannot_tell():
+    """`--pessimism auto` doubts a slot by the whole log's DR of the playbook's gain over the slot
+    default (80% interval) weighed against a small positive prior: an estimate below zero whose
+    interval is wide (the insert slot on the closed loop's first log, truly +1.0 per order) leaves
+    the slot alone, a narrower one below zero (the small-effects world's coupon, truly -0.58) doubts
+    it, and nothing to judge by (NaN) doubts it too. Figures as measured, reward sd 43."""
+    policy = Policy(World.default().catalog)
+    assert policy.slot_names == ["packaging", "insert", "coupon"]
+    gains = [Estimate(0.10, -1.51, 1.80), Estimate(-2.89, -9.03, 1.66), Estimate(-0.49, -1.37, 0.34)]
+    assert _doubted_slots(policy, gains, reward_scale=43.0) == ("coupon",)
+    nothing = Estimate(float("nan"), float("nan"), float("nan"))
+    assert _doubted_slots(policy, [gains[0], nothing, gains[2]], reward_scale=43.0) == ("insert", "coupon")
+    assert _doubted_slots(policy, [Estimate(-0.3, -0.5, -0.1)] * 3, reward_scale=43.0) == tuple(policy.slot_names)
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "1", True])

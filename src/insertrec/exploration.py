@@ -24,7 +24,10 @@ uniform for a share ``floor`` of the exploring decisions and the fixed action
 otherwise. Every action is still tried at the same floor; the slot just stops
 paying for the model's guesses (measured on a world where the playbook is
 wrong, 5,000 customers: exploration took the deployed policy from +0.01% to
--0.68% against the all-default box, most of it in the two gated slots).
+-0.68% against the all-default box, most of it in the two gated slots). The same holds in a
+slot training doubted (`Policy.doubted_slots`: the log did not show the playbook paying there), where
+the estimates are the ones that followed a losing playbook: its exploring draw is the floor alone
+around the action the doubted scores chose.
 
 How often a slot explores (``epsilon``) and the hash that makes a decision a
 pure function of the order id and model version stay in `policy`; this module

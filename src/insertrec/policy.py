@@ -231,8 +231,8 @@ class Policy:
         `insertrec train --pessimism Z`), or, with ``doubted_slots``, only the actions of those.
     doubted_slots : None, or the slots where the log does not show the playbook paying (training's
         `--pessimism auto`): there the playbook's action for an order must show its gain beyond z standard
-        errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, and the other
-        slots are scored on the estimates.
+        errors, the slot's other actions beyond `valuemodel.DOUBTED_SHARE` of that, an exploring
+        draw there is the floor alone (`exploration`), and the other slots are scored on the estimates.
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
@@ -273,6 +273,11 @@ class Policy:
         self._fixed = [np.where(np.eye(size, dtype=bool), 0.0, -np.inf) for size in self.space.sizes]
         # slots whose action is fixed: to the playbook's, or to the default (its own "playbook" there)
         self._playbook = [s for s, name in enumerate(self.slot_names) if name in (*playbook_slots, *default_slots)]
+        # slots whose exploring draw is the floor alone around the greedy action (`exploration`): those fixed
+        # above, and the doubted ones, where the log did not show the playbook paying and the estimates
+        # are not trusted to say which other action is worth the exploration
+        self._floor_only = [s for s, name in enumerate(self.slot_names)
+                            if s in self._playbook or name in (doubted_slots or ())]
         self._silent_list = [name in default_slots for name in self.slot_names]
         self._silent = np.array(self._silent_list)
         self._scorer = None if value_model is None else value_model.decision_grid(
@@ -391,7 +396,8 @@ class Policy:
         if not self.epsilon > 0:
             return _One(order_id, greedy, greedy, [1.0] * n, [False] * n, elig, scores, uplift)
         u = _uniform_one(order_id, self.version, n)
-        probs = explore_probabilities_one(estimates, elig, self._slices, self._tau, greedy=greedy, fixed=self._playbook)
+        probs = explore_probabilities_one(estimates, elig, self._slices, self._tau, greedy=greedy,
+                                          fixed=self._floor_only)
         eps = self.epsilon
         actions, explored, props = [], [], []
         for s, sl in enumerate(self._slices):   # as `_explore`, one slot at a time
@@ -503,7 +509,7 @@ class Policy:
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
         explored = (u[:, :, 0] < self.epsilon) & (k > 1)
-        probs = explore_probabilities(scores, eligible, self._slices, self._tau, greedy=greedy, fixed=self._playbook)
+        probs = explore_probabilities(scores, eligible, self._slices, self._tau, greedy=greedy, fixed=self._floor_only)
         actions = np.where(explored, draw(probs, u[:, :, 1], self._slices), greedy)
         drawn = probs[np.arange(len(actions))[:, None], actions + self._columns]
         props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon * drawn
