@@ -58,6 +58,7 @@ __all__ = ["SAMPLE_ORDERS", "SparkComputation", "train_on_spark"]
 
 SAMPLE_ORDERS = 1_000_000   # orders of the driver's sample of whole customers (issue 13: 1M trains in ~3.3 GiB)
 _HASH_RANGE = 1 << 20        # a customer is sampled by its id's hash modulo this
+_ROWS_PER_RANGE = 50_000     # `_numbered`: rows of one range of order time, numbered in one task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +161,7 @@ class SparkComputation(Computation):
         unknown = functools.reduce(operator.or_, [F.isnan(c) | F.col(c).isNull() for c in pscores])
         if logged.where(unknown).limit(1).count():
             return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
-        # the position in the local order: a window over two columns, then joined back
-        numbered = logged.select("order_id", (F.row_number().over(Window.orderBy("order_ts", "order_id")) - 1)
-                                 .alias("_row"))
-        rows = (logged.join(numbered, "order_id")
+        rows = (_numbered(logged)
                 .withColumn("pscore", functools.reduce(operator.mul, [F.col(c) for c in pscores]))
                 .withColumn("actions", F.array(*taken)).withColumn("rules", F.array(*playbook))
                 .drop(*taken, *pscores, *playbook, "revenue", "action_cost", "reward_complete")
@@ -172,6 +170,29 @@ class SparkComputation(Computation):
             return fit_value_model(model, rows, space, (encoder, local_types))
         finally:
             rows.unpersist()
+
+
+def _numbered(rows: DataFrame) -> DataFrame:
+    """``rows`` with ``_row``, each one's position in the local order (by order time, then order
+    id: the value model's folds and samples are drawn by position), without one task sorting
+    every row (a window over the whole history has no partition key): the rows are cut into
+    ranges of order time of about `_ROWS_PER_RANGE` rows on average, each range's rows counted
+    (the counts, a few numbers, give each range's first position), and numbered within their
+    range by a window partitioned by it."""
+    got = rows.agg(F.count("*"), F.min("order_ts"), F.max("order_ts")).first()
+    assert got is not None
+    n, low = int(got[0]), int(got[1] or 0)
+    ranges = max(1, -(-n // _ROWS_PER_RANGE))
+    width = (int(got[2] or 0) - low + 1) / ranges
+    # floor((t - low) / width) is non-decreasing in t (so is rounding to a double): ranges keep the order
+    cut = rows.withColumn("_range", F.least(F.floor((F.col("order_ts") - low).cast("double") / width),
+                                            F.lit(ranges - 1)).cast("long"))
+    counts = np.array(sorted((int(r[0]), int(r[1])) for r in cut.groupBy("_range").count().collect()),
+                      dtype=np.int64).reshape(-1, 2)
+    firsts = pd.DataFrame({"_range": counts[:, 0], "_first": np.cumsum(counts[:, 1]) - counts[:, 1]})
+    within = F.row_number().over(Window.partitionBy("_range").orderBy("order_ts", "order_id"))
+    return (cut.join(F.broadcast(rows.sparkSession.createDataFrame(firsts, "_range long, _first long")), "_range")
+            .withColumn("_row", F.col("_first") + within - 1).drop("_range", "_first"))
 
 
 def _collected(frame: DataFrame | None) -> pd.DataFrame | None:
