@@ -303,11 +303,12 @@ def test_train_on_spark_writes_the_local_model(spark, tmp_path, monkeypatch) -> 
     assert len(written) == len(decided)
 
 
-def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path) -> None:
+def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path, monkeypatch) -> None:
     """A history larger than the driver's sample: the driver fits the nuisance models and the
     tournament on a third of the customers, yet the model knows every customer (its snapshot and
     segments built per bucket on Spark, equal to the local ones' customers), its cutoff and
-    version are the whole history's, and the sample is of whole customers."""
+    version are the whole history's, and the sample is of whole customers. The final ridge's
+    rows are numbered in ranges of order time of a few hundred rows, as a large history's are."""
     from insertrec.engine import Engine
     from insertrec.features import customer_frame
     from insertrec.spark.training import train_on_spark
@@ -318,6 +319,7 @@ def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path
     local = load_data(shop)
     config = TrainConfig(min_logged_orders=100)
     train(local, tmp_path / "local", config)
+    monkeypatch.setattr("insertrec.spark.training._ROWS_PER_RANGE", 300)
     train_on_spark(shop, tmp_path / "spark", config, master="local[2]", sample_orders=len(local.orders) // 3)
     a, b = Engine.load(tmp_path / "local"), Engine.load(tmp_path / "spark")
     for key in ("version", "cutoff", "data_fingerprint"):

@@ -16,14 +16,19 @@ Rows come back with ``order_ts`` as int64 UTC nanoseconds, as `tables` keeps it;
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import DataFrame
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -34,11 +39,12 @@ from insertrec.errors import InsertrecError
 from insertrec.evaluation import logged_actions, rules_actions
 from insertrec.spark.tables import POSITION, TIMESTAMPS, SparkTables, to_dataset
 
-__all__ = ["REWARD_COLUMNS", "feature_params", "features_and_rewards", "local_types", "logged_columns", "snapshot",
-           "snapshot_and", "to_pandas"]
+__all__ = ["REWARD_COLUMNS", "SCRATCH_CONF", "feature_params", "features_and_rewards", "local_types", "logged_columns",
+           "scratch_dir", "snapshot", "snapshot_and", "to_pandas"]
 
 REWARD_COLUMNS = ("revenue", "action_cost", "reward", "reward_complete")
 ORDERS_PER_BUCKET = 100_000   # bounds a Python worker's memory: one bucket is one pandas frame
+SCRATCH_CONF = "spark.insertrec.scratchDir"   # see `scratch_dir`
 _TAG = "_table"
 _LAST = "\x00last order"      # the stand-in order's ids: no real id is a NUL
 _LOGGED = "_logged_"          # `logged_columns`' prefix
@@ -87,8 +93,9 @@ def features_and_rewards(tables: SparkTables, params: features.FeatureParams, *,
 def snapshot(tables: SparkTables, params: features.FeatureParams, as_of: pd.Timestamp,
              orders_per_bucket: int = ORDERS_PER_BUCKET) -> features.Snapshot:
     """`features.Snapshot.build(history, params, as_of)`: one snapshot per bucket of whole
-    customers, built by the local code, brought to the driver one partition at a time and
-    joined (`Snapshot.concat`); the driver holds the snapshot (the model's), never the history."""
+    customers, built by the local code, written to Parquet, read back on the driver one bucket
+    at a time and joined (`Snapshot.concat`); the driver holds the snapshot (the model's), never
+    the history."""
     return snapshot_and(tables, params, as_of, None, orders_per_bucket)[0]
 
 
@@ -106,17 +113,15 @@ def snapshot_and(tables: SparkTables, params: features.FeatureParams, as_of: pd.
                              "rows": [pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)]})
 
     n_orders = tables.orders.count()
-    # one bucket's snapshot per partition (not spark.sql.shuffle.partitions' few): the driver's
-    # JVM materialises a whole partition when it serves it to Python (a 10M-order history's eight
-    # partitions of snapshots ran it out of heap)
     schema = T.StructType([T.StructField("snapshot", T.BinaryType()), T.StructField("rows", T.BinaryType())])
+    # one bucket per task (not spark.sql.shuffle.partitions' few): a task's output stays one bucket's
     parts = (_bucketed(tables, n_orders, orders_per_bucket)
              .repartition(_bucket_count(tables.orders, n_orders, orders_per_bucket), "_bucket")
              .groupBy("_bucket").applyInPandas(run, schema))
     found, described = [], []
-    for r in parts.toLocalIterator():
-        found.append(pickle.loads(r["snapshot"]))
-        described.append(pickle.loads(r["rows"]))
+    for snap, rows in _written_and_read(parts):
+        found.append(pickle.loads(snap))
+        described.append(pickle.loads(rows))
     if not found:   # no events at all: the empty shop's snapshot
         empty = features.Snapshot.build(to_dataset({}, tables.catalog, tables.ctx_numeric), params, as_of=as_of)
         return empty, None if describe is None else describe(empty)
@@ -127,6 +132,44 @@ def snapshot_and(tables: SparkTables, params: features.FeatureParams, as_of: pd.
     rows = pd.concat(described, ignore_index=True)
     order = pc.array_sort_indices(pa.array(rows["customer_id"].astype(str), type=pa.large_string())).to_numpy()
     return joined, rows.iloc[order].reset_index(drop=True)
+
+
+def _written_and_read(parts: DataFrame) -> Iterator[tuple[bytes, bytes]]:
+    """``parts``' rows (one bucket's snapshot and described rows each), written to Parquet by the
+    executors in `scratch_dir` and read back here one row at a time: the driver's JVM never holds
+    a result (serving partitions with ``toLocalIterator``, it materialised a whole partition of
+    snapshots in its heap and ran out of it at 10M orders), and its Python process one bucket's
+    bytes beyond what it keeps. The directory is removed afterwards."""
+    base = scratch_dir(parts.sparkSession)
+    where = f"{base.rstrip('/')}/insertrec-snapshot-{uuid.uuid4().hex}"
+    fs, path = pafs.FileSystem.from_uri(where if "://" in where else Path(where).resolve().as_uri())
+    try:
+        parts.write.parquet(where)
+        files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path))
+                       if f.is_file and f.base_name.endswith(".parquet"))
+        for name in files:
+            with fs.open_input_file(name) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=1, columns=["snapshot", "rows"]):
+                    yield from zip(batch.column("snapshot").to_pylist(), batch.column("rows").to_pylist(),
+                                   strict=True)
+    finally:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+
+def scratch_dir(spark: SparkSession) -> str:
+    """Where the snapshot pass writes its buckets: ``spark.insertrec.scratchDir`` (a directory
+    every executor and the driver reach, e.g. ``s3://bucket/tmp`` or ``hdfs:///tmp``); on a
+    local master, the driver's temporary directory unless that is set."""
+    given = spark.conf.get(SCRATCH_CONF, None)
+    if given:
+        return given
+    master = str(spark.sparkContext.master)
+    if master.startswith("local"):
+        return tempfile.gettempdir()
+    raise InsertrecError(f"--spark-conf {SCRATCH_CONF}=DIR is needed on master {master!r}: "
+                         "the model's snapshot is written there per customer bucket, a directory the driver "
+                         "and every executor can reach (e.g. s3://bucket/tmp, hdfs:///tmp)")
 
 
 def _bucketed(tables: SparkTables, n_orders: int, orders_per_bucket: int) -> DataFrame:

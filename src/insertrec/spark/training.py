@@ -5,7 +5,7 @@ whole customers (those whose hashed id falls in a share of the hash range, about
 ``sample_orders`` orders; every customer when the history has no more, so that a history of that
 size trains exactly as it does locally), on which `train` fits what the local path already fits
 on bounded samples or per customer (the repurchase classifier, the segments, the boosted
-baseline's rows, the tournament's candidates, the holdout's judge and OPE, the exploration
+baseline's rows, the tournament's candidates (the ridge's too), the holdout's judge and OPE, the exploration
 advice's gains, the report's figures). What grows with the whole history is computed on Spark
 over all of it (`SparkComputation`): the cutoff's last order and the orders per month (Spark
 aggregates), the feature parameters (Spark aggregations), every order's features and reward
@@ -13,8 +13,8 @@ aggregates), the feature parameters (Spark aggregations), every order's features
 sample's rows collected), the model's snapshot of every customer and every customer's segment
 (one snapshot per bucket, each bucket's customers scored by the repurchase and segment models
 fitted on the sample, joined on the driver), the data fingerprint (hashed by partition), and
-the ridge value model from per-partition sufficient statistics (`spark.statistics`), each
-partition encoding its own orders' design rows from those features. The model directory is the
+the final ridge value model over every logged order from per-partition sufficient statistics
+(`spark.statistics`), each partition encoding its own orders' design rows from those features. The model directory is the
 local one's format, so serving, MLflow and ``promote`` do not change.
 """
 
@@ -39,7 +39,6 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.explorationshare import monthly_orders
 from insertrec.spark.features import (
-    REWARD_COLUMNS,
     feature_params,
     features_and_rewards,
     local_types,
@@ -58,6 +57,7 @@ __all__ = ["SAMPLE_ORDERS", "SparkComputation", "train_on_spark"]
 
 SAMPLE_ORDERS = 1_000_000   # orders of the driver's sample of whole customers (issue 13: 1M trains in ~3.3 GiB)
 _HASH_RANGE = 1 << 20        # a customer is sampled by its id's hash modulo this
+_ROWS_PER_RANGE = 50_000     # `_numbered`: rows of one range of order time, numbered in one task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,32 +115,14 @@ class SparkComputation(Computation):
 
     def features_and_rewards(self, history: Dataset, cutoff: pd.Timestamp, params: features.FeatureParams,
                              horizon_days: int, costs: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Every order's on Spark, the sample's collected; with a sample, all of them are kept on
+        Spark for `refit_value_model` (without, the driver holds them all)."""
         rows = features_and_rewards(self._before(cutoff), params, horizon_days=horizon_days, costs=costs,
-                                    logged=self.sampled is not None and self.tables.catalog is not None).cache()
-        self.held["features"] = rows   # kept on Spark: the value model's design rows are built from them
-        return to_pandas(rows if self.sampled is None else rows.where(self.sampled))
-
-    def fit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
-                        rewards: np.ndarray, space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
-        """The orders' features are joined on Spark (by order id) to what the driver knows of each
-        logged order (its position, actions, reward and propensity: a few numbers), and encoded there."""
-        spark = self.tables.orders.sparkSession
-        slots = range(actions.shape[1])
-        known = pd.DataFrame({"order_id": feats["order_id"].astype(str).to_numpy(), "_row": np.arange(len(feats)),
-                              "reward": np.asarray(rewards, dtype=np.float64),
-                              "pscore": np.asarray(pscore, dtype=np.float64)}
-                             | {f"_a{s}": actions[:, s].astype(np.int64) for s in slots}
-                             | {f"_r{s}": rules[:, s].astype(np.int64) for s in slots})
-        held = self.held["features"]
-        rows = (held.drop(*REWARD_COLUMNS, *(c for names in logged_columns(len(slots)) for c in names))
-                .join(spark.createDataFrame(known), "order_id")
-                .withColumn("actions", F.array(*(F.col(f"_a{s}") for s in slots)))
-                .withColumn("rules", F.array(*(F.col(f"_r{s}") for s in slots)))
-                .drop(*(f"_{k}{s}" for k in "ar" for s in slots))).cache()   # joined once, read three times
-        try:
-            return fit_value_model(model, rows, space, (encoder, local_types))
-        finally:
-            rows.unpersist()
+                                    logged=self.sampled is not None and self.tables.catalog is not None)
+        if self.sampled is None:
+            return to_pandas(rows)
+        self.held["features"] = rows.cache()
+        return to_pandas(rows.where(self.sampled))
 
     def refit_value_model(self, model: ValueModel, feats: pd.DataFrame, encoder: FeatureEncoder, actions: np.ndarray,
                           rewards: np.ndarray, space: ActionSpace, rules: np.ndarray,
@@ -150,20 +132,19 @@ class SparkComputation(Computation):
         order (`evaluation.logged_orders` on the whole), their logged actions, propensities and the
         playbook's actions computed with the features on Spark. Where a logged propensity is
         missing, `evaluation.logged_orders` estimates it with a model of the whole log, which this
-        does not fit: the sample's orders, with the driver's estimates, are the fit's then."""
+        does not fit: the sample's orders, with the driver's estimates, are the fit's then. The
+        value model's other fits are of orders the driver holds, and fitted there: shipping their
+        features' design rows to Spark cost 5 to 10 times the fit (measured on 245k orders)."""
         if self.sampled is None:
-            return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+            return super().refit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
         taken, pscores, playbook = logged_columns(actions.shape[1])
         held = self.held["features"]
         complete = functools.reduce(operator.and_, [F.col(c) >= 0 for c in taken], F.col("reward_complete"))
         logged = held.where(complete)
         unknown = functools.reduce(operator.or_, [F.isnan(c) | F.col(c).isNull() for c in pscores])
         if logged.where(unknown).limit(1).count():
-            return self.fit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
-        # the position in the local order: a window over two columns, then joined back
-        numbered = logged.select("order_id", (F.row_number().over(Window.orderBy("order_ts", "order_id")) - 1)
-                                 .alias("_row"))
-        rows = (logged.join(numbered, "order_id")
+            return super().refit_value_model(model, feats, encoder, actions, rewards, space, rules, pscore)
+        rows = (_numbered(logged)
                 .withColumn("pscore", functools.reduce(operator.mul, [F.col(c) for c in pscores]))
                 .withColumn("actions", F.array(*taken)).withColumn("rules", F.array(*playbook))
                 .drop(*taken, *pscores, *playbook, "revenue", "action_cost", "reward_complete")
@@ -172,6 +153,29 @@ class SparkComputation(Computation):
             return fit_value_model(model, rows, space, (encoder, local_types))
         finally:
             rows.unpersist()
+
+
+def _numbered(rows: DataFrame) -> DataFrame:
+    """``rows`` with ``_row``, each one's position in the local order (by order time, then order
+    id: the value model's folds and samples are drawn by position), without one task sorting
+    every row (a window over the whole history has no partition key): the rows are cut into
+    ranges of order time of about `_ROWS_PER_RANGE` rows on average, each range's rows counted
+    (the counts, a few numbers, give each range's first position), and numbered within their
+    range by a window partitioned by it."""
+    got = rows.agg(F.count("*"), F.min("order_ts"), F.max("order_ts")).first()
+    assert got is not None
+    n, low = int(got[0]), int(got[1] or 0)
+    ranges = max(1, -(-n // _ROWS_PER_RANGE))
+    width = (int(got[2] or 0) - low + 1) / ranges
+    # floor((t - low) / width) is non-decreasing in t (so is rounding to a double): ranges keep the order
+    cut = rows.withColumn("_range", F.least(F.floor((F.col("order_ts") - low).cast("double") / width),
+                                            F.lit(ranges - 1)).cast("long"))
+    counts = np.array(sorted((int(r[0]), int(r[1])) for r in cut.groupBy("_range").count().collect()),
+                      dtype=np.int64).reshape(-1, 2)
+    firsts = pd.DataFrame({"_range": counts[:, 0], "_first": np.cumsum(counts[:, 1]) - counts[:, 1]})
+    within = F.row_number().over(Window.partitionBy("_range").orderBy("order_ts", "order_id"))
+    return (cut.join(F.broadcast(rows.sparkSession.createDataFrame(firsts, "_range long, _first long")), "_range")
+            .withColumn("_row", F.col("_first") + within - 1).drop("_range", "_first"))
 
 
 def _collected(frame: DataFrame | None) -> pd.DataFrame | None:
