@@ -248,7 +248,7 @@ def _doubted_slots(policy: Policy, playbook: list[Estimate], reward_scale: float
     [-1.37, +0.34] at 5,000 customers, where the interval is four times narrower. The posterior mean
     is not positive when ``estimate * sd^2 + mean * se^2 <= 0``: a wide interval leaves the prior's
     small positive mean standing, a narrow one lets the estimate decide, and the doubt clears or sets
-    in as the log grows (bench/results/safe_default.md)."""
+    in as the log grows (bench/results/doubt_prior.md, where these figures come from)."""
     mean, sd = (share * reward_scale for share in PLAYBOOK_PRIOR)
     doubted = []
     for name, gain in zip(policy.slot_names, playbook):
