@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import math
@@ -261,10 +262,20 @@ def open_loop(port: int, rate: float, duration: float, tag: str, connections: in
               server: subprocess.Popen | None = None) -> dict[str, Any]:
     """Offer ``rate`` requests/s for ``duration`` s on a fixed schedule, whatever the server's pace;
     each latency runs from the request's scheduled send time (a request waiting for a free
-    connection is charged the wait). Bodies as WRK_SCRIPT's: a new order_id each, customers recurring."""
+    connection is charged the wait). Bodies as WRK_SCRIPT's: a new order_id each, customers recurring.
+
+    The client's own cyclic garbage collector is off for the measured window (collected before and
+    after): its full collections paused this loop 47-52 ms at a time (issue #12), delaying sends and
+    reads, and every such pause was charged to the server as latency."""
     cpu_before = cpu_seconds(server.pid) if server is not None else 0.0
-    latencies, statuses, late = asyncio.run(asyncio.wait_for(
-        _open_loop(port, rate, duration, tag, connections), timeout=duration + 60))
+    gc.collect()
+    gc.disable()
+    try:
+        latencies, statuses, late = asyncio.run(asyncio.wait_for(
+            _open_loop(port, rate, duration, tag, connections), timeout=duration + 60))
+    finally:
+        gc.enable()
+        gc.collect()
     cpu = cpu_seconds(server.pid) - cpu_before if server is not None else math.nan
     ms = np.sort(np.array(latencies)) * 1e3
     ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
