@@ -72,7 +72,7 @@ _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may b
 _REPLAY_BATCH = 256        # spooled decisions per replay transaction
 
 
-@dataclass
+@dataclass(slots=True)
 class _Known:
     """A customer's state as folded from the log up to given row ids, under one Loaded."""
 
