@@ -6,6 +6,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -56,12 +57,12 @@ class CustomerState:
     everything folded in, which the service's clock guarantees.
 
     Every field is a number, a string or a tuple of them, replaced (never changed in
-    place) by an event: the cyclic garbage collector stops tracking such tuples the
-    first time it sees them, so the state itself is the only object of a customer it
-    walks. A serving worker keeps thousands of states between requests and every full
-    collection walks each tracked object: with a list per counter and two per recent
-    order, a worker's full collections grew with the customers it had seen, to 68 ms
-    (issue #12).
+    place) by an event, and an order's event makes no nested tuple (the recent orders
+    and the receipt instants are flat columns): the cyclic garbage collector stops
+    tracking such tuples the first time it sees them (a level of nesting per
+    collection), so that a worker can keep thousands of customers between requests
+    at no cost to its full collections (`packed`). Kept as lists, they grew with the
+    customers a worker had seen, to 68 ms (issue #12).
     """
 
     __slots__ = (
@@ -76,10 +77,14 @@ class CustomerState:
         "matured_value",
         "n",
         "nps",
-        "recent",
+        "recent_order",
+        "recent_returned",
+        "recent_ts",
+        "recent_value",
         "recv",
         "recv_last",
         "recv_ts",
+        "recv_ts_end",
         "spend",
     )
 
@@ -91,12 +96,18 @@ class CustomerState:
         self.chans: tuple[int, ...] = (0,) * len(p.channels)
         self.recv: tuple[int, ...] = (0,) * len(p.action_ids)
         self.recv_last: tuple[int, ...] = (_NO_TS,) * len(p.action_ids)   # _NO_TS: never received
-        # per action, its receipt instants sorted if a contact cap counts it in windows, else ()
-        self.recv_ts: tuple[tuple[int, ...], ...] = ((),) * len(p.action_ids)
+        # the receipt instants of the actions a contact cap counts in windows, by action, each
+        # action's sorted; action a's end at recv_ts_end[a] (its start: the previous action's end)
+        self.recv_ts: tuple[int, ...] = ()
+        self.recv_ts_end: tuple[int, ...] = (0,) * len(p.action_ids)
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.matured_value, self.matured_returned = 0.0, 0.0
-        self.recent: tuple[tuple[int, float, float, str], ...] = ()   # (ts, value, returned, order_id)
+        # the younger orders, one column each: placed at, value, returned value, order id
+        self.recent_ts: tuple[int, ...] = ()
+        self.recent_value: tuple[float, ...] = ()
+        self.recent_returned: tuple[float, ...] = ()
+        self.recent_order: tuple[str, ...] = ()
         self.nps: tuple[tuple[int, int], ...] = ()   # (ts, score) by time; the latest before an order counts
         self.incidents: tuple[tuple[int, str], ...] = ()
 
@@ -114,6 +125,20 @@ class CustomerState:
             setattr(twin, name, getattr(self, name))
         return twin
 
+    def packed(self) -> tuple[Any, ...]:
+        """Every field but the layout, in one tuple: numbers, strings and tuples of them, none
+        made by an order's event nested (`insertrec.serving.customercache` keeps customers so)."""
+        return _pack(self)
+
+    @classmethod
+    def unpacked(cls, params: FeatureParams, packed: tuple[Any, ...]) -> CustomerState:
+        """The state ``packed`` was made from, under the same feature params."""
+        state = cls.__new__(cls)
+        state._layout = params._layout
+        for name, value in zip(_PACKED, packed):
+            setattr(state, name, value)
+        return state
+
     def _fold(self, ts: int, value: float, returned: float, gift: bool, cats: list[int], chan: int,
               actions: list[int], order_id: str) -> None:
         self.n += 1
@@ -124,16 +149,21 @@ class CustomerState:
             self.chans = _counted(self.chans, (chan,))
         if actions:
             self.recv = _counted(self.recv, actions)
-            last, times, windowed = [*self.recv_last], [*self.recv_ts], self._layout.received_columns
+            last, windowed = [*self.recv_last], self._layout.received_columns
             for a in actions:
                 last[a] = max(last[a], ts)   # folded in any order, like last_ts
                 if windowed[a][2]:
-                    at = bisect_right(times[a], ts)
-                    times[a] = (*times[a][:at], ts, *times[a][at:])
-            self.recv_last, self.recv_ts = tuple(last), tuple(times)
+                    ends = self.recv_ts_end
+                    at = bisect_right(self.recv_ts, ts, ends[a - 1] if a else 0, ends[a])
+                    self.recv_ts = (*self.recv_ts[:at], ts, *self.recv_ts[at:])
+                    self.recv_ts_end = (*ends[:a], *(end + 1 for end in ends[a:]))
+            self.recv_last = tuple(last)
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
-        self.recent += ((ts, value, returned, order_id),)
+        self.recent_ts += (ts,)
+        self.recent_value += (value,)
+        self.recent_returned += (returned,)
+        self.recent_order += (order_id,)
 
     def add_order(self, order: Mapping[str, Any], actions: Mapping[str, str] | None = None) -> None:
         """Fold in an order (and the actions it received, slot -> action id) once it is placed."""
@@ -162,10 +192,10 @@ class CustomerState:
     def add_return(self, order_id: str, returned_value: float) -> None:
         """The order's returned value (its total so far). For an order already folded into the
         totals past the return window, the amount is added to the returned total."""
-        for k, (ts, value, _, placed) in enumerate(self.recent):
-            if placed == str(order_id):
-                self.recent = (*self.recent[:k], (ts, value, float(returned_value), placed), *self.recent[k + 1:])
-                return
+        if str(order_id) in self.recent_order:
+            k, returned = self.recent_order.index(str(order_id)), self.recent_returned
+            self.recent_returned = (*returned[:k], float(returned_value), *returned[k + 1:])
+            return
         self.matured_returned += float(returned_value)
 
     def _received(self, row: dict[str, Any], t: int) -> None:
@@ -174,16 +204,16 @@ class CustomerState:
         days since the last receipt, and the receipts in each of its windows before ``t``, counted
         on the receipt instants kept sorted as orders fold in (a binary search, not a pass over
         the customer's recent orders)."""
-        columns = self._layout.received_columns
+        columns, times, ends = self._layout.received_columns, self.recv_ts, self.recv_ts_end
         for a, got_at in enumerate(self.recv_last):
             if got_at != _NO_TS:
                 received, days_since, windowed = columns[a]
                 row[received] = float(self.recv[a])
                 row[days_since] = float(t - got_at) / DAY_NS
                 if windowed:
-                    times = self.recv_ts[a]
+                    start, end = ends[a - 1] if a else 0, ends[a]
                     for name, days in windowed:
-                        row[name] = float(len(times) - bisect_left(times, t - days * DAY_NS))
+                        row[name] = float(end - bisect_left(times, t - days * DAY_NS, start, end))
 
     def features(self, order: Mapping[str, Any]) -> dict[str, Any]:
         """The order's feature row, equal to the one :func:`order_features` would give it."""
@@ -204,7 +234,7 @@ class CustomerState:
             score, tier = float(answer[1]), _TIER_OF_SCORE[answer[1]]
         mv, mr = self.matured_value, self.matured_returned
         mature_by = t - p.return_window_days * DAY_NS
-        for ts, value, returned, _ in self.recent:
+        for ts, value, returned in zip(self.recent_ts, self.recent_value, self.recent_returned):
             if ts <= mature_by:
                 mv += value
                 mr += returned
@@ -242,6 +272,10 @@ class CustomerState:
         row.update(L.never_received)
         self._received(row, t)
         return row
+
+
+_PACKED = CustomerState.__slots__[1:]   # every field but the layout
+_pack = attrgetter(*_PACKED)
 
 
 def _counted(counts: tuple[int, ...], at: Iterable[int]) -> tuple[int, ...]:
