@@ -59,7 +59,7 @@ def _blocks() -> int:
     return sys.getallocatedblocks()
 
 
-def test_kept_customers_cost_the_collector_nothing_however_many_orders_they_placed(tmp_path):
+def test_kept_customers_cost_the_collector_under_one_object_each_however_many_orders_they_placed(tmp_path):
     service = _worker(tmp_path, cache_size=1000)
     _decide(service, range(20), 2, "warm")   # the worker's own first-use objects
     before = _tracked()
