@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import math
@@ -261,17 +262,30 @@ def open_loop(port: int, rate: float, duration: float, tag: str, connections: in
               server: subprocess.Popen | None = None) -> dict[str, Any]:
     """Offer ``rate`` requests/s for ``duration`` s on a fixed schedule, whatever the server's pace;
     each latency runs from the request's scheduled send time (a request waiting for a free
-    connection is charged the wait). Bodies as WRK_SCRIPT's: a new order_id each, customers recurring."""
+    connection is charged the wait). Bodies as WRK_SCRIPT's: a new order_id each, customers recurring.
+
+    The client's own cyclic garbage collector is off for the measured window (collected before and
+    after): its full collections paused this loop 47-52 ms at a time (issue #12), delaying sends and
+    reads, and every such pause was charged to the server as latency."""
     cpu_before = cpu_seconds(server.pid) if server is not None else 0.0
-    latencies, statuses, late = asyncio.run(asyncio.wait_for(
-        _open_loop(port, rate, duration, tag, connections), timeout=duration + 60))
+    gc.collect()
+    gc.disable()
+    began = time.time()
+    try:
+        latencies, statuses, late = asyncio.run(asyncio.wait_for(
+            _open_loop(port, rate, duration, tag, connections), timeout=duration + 60))
+    finally:
+        ended = time.time()
+        gc.enable()
+        gc.collect()
     cpu = cpu_seconds(server.pid) - cpu_before if server is not None else math.nan
     ms = np.sort(np.array(latencies)) * 1e3
     ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
     return {"offered_rps": rate, "requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2),
             "p90_ms": round(float(np.percentile(ms, 90)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "max_ms": round(float(ms[-1]), 2), "non_2xx": len(ms) - ok,
-            "sent_late_over_1ms": late, "server_cpu_us_per_request": round(cpu / len(ms) * 1e6, 1)}
+            "sent_late_over_1ms": late, "server_cpu_us_per_request": round(cpu / len(ms) * 1e6, 1),
+            "window_unix_s": [round(began, 3), round(ended, 3)]}   # to line up with servers' own logs
 
 
 async def _open_loop(port: int, rate: float, duration: float, tag: str,
@@ -363,7 +377,9 @@ def main() -> None:
     envs = {"noop": env, "service": env,
             "peer": {**env, "BENCH_PEER_CATALOG": peer_catalog, "BENCH_PEER_DB": str(tmp / "peer.db")},
             "baseline": {**env, "INSERTREC_DB_URL": f"sqlite:///{tmp / 'baseline.db'}",
-                         "PYTHONPATH": str(Path(args.baseline_src or ".") / "src")},
+                         # first on the path, before the caller's entries (such as a sitecustomize probe)
+                         "PYTHONPATH": os.pathsep.join([str(Path(args.baseline_src or ".") / "src"),
+                                                        *filter(None, [os.environ.get("PYTHONPATH")])])},
             "fixed_decision": {**env, "INSERTREC_DB_URL": f"sqlite:///{tmp / 'fixed.db'}",
                                **({"INSERTREC_MODEL": args.model} if args.model else {})}}
     names = (["noop", "peer", "service"] + (["baseline"] if args.baseline_src else [])

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
-from collections.abc import Mapping
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
 from insertrec.errors import InsertrecError
-from insertrec.features.columns import DAY_NS, _datetime, _ns_scalar
+from insertrec.features.columns import _NO_TS, DAY_NS, _datetime, _ns_scalar
 from insertrec.features.history import _TIER_OF_SCORE
 from insertrec.features.params import FeatureParams, _ColumnLayout
 
@@ -54,6 +55,14 @@ class CustomerState:
     and the one an order at exactly the latest's instant sees) and the
     incidents that can still count. ``features`` assumes the order comes after
     everything folded in, which the service's clock guarantees.
+
+    Every field is a number, a string or a tuple of them, replaced (never changed in
+    place) by an event, and an order's event makes no nested tuple (the recent orders
+    and the receipt instants are flat columns): the cyclic garbage collector stops
+    tracking such tuples the first time it sees them (a level of nesting per
+    collection), so that a worker can keep thousands of customers between requests
+    at no cost to its full collections (`packed`). Kept as lists, they grew with the
+    customers a worker had seen, to 68 ms (issue #12).
     """
 
     __slots__ = (
@@ -68,10 +77,14 @@ class CustomerState:
         "matured_value",
         "n",
         "nps",
-        "recent",
+        "recent_order",
+        "recent_returned",
+        "recent_ts",
+        "recent_value",
         "recv",
         "recv_last",
         "recv_ts",
+        "recv_ts_end",
         "spend",
     )
 
@@ -79,18 +92,24 @@ class CustomerState:
         p = layout.params
         self._layout = layout
         self.n, self.spend, self.gifts = 0, 0.0, 0
-        self.cats, self.chans = [0] * len(p.categories), [0] * len(p.channels)
-        self.recv = [0] * len(p.action_ids)
-        self.recv_last: list[int | None] = [None] * len(p.action_ids)
-        # per action counted in windows (contact caps), its receipt instants sorted
-        self.recv_ts: dict[int, list[int]] = {a: [] for a, (_, _, windowed) in enumerate(layout.received_columns)
-                                               if windowed}
+        self.cats: tuple[int, ...] = (0,) * len(p.categories)
+        self.chans: tuple[int, ...] = (0,) * len(p.channels)
+        self.recv: tuple[int, ...] = (0,) * len(p.action_ids)
+        self.recv_last: tuple[int, ...] = (_NO_TS,) * len(p.action_ids)   # _NO_TS: never received
+        # the receipt instants of the actions a contact cap counts in windows, by action, each
+        # action's sorted; action a's end at recv_ts_end[a] (its start: the previous action's end)
+        self.recv_ts: tuple[int, ...] = ()
+        self.recv_ts_end: tuple[int, ...] = (0,) * len(p.action_ids)
         self.first_ts: int | None = None
         self.last_ts: int | None = None
         self.matured_value, self.matured_returned = 0.0, 0.0
-        self.recent: list[list[Any]] = []       # [ts, value, returned, action indices, order_id]
-        self.nps: list[tuple[int, int]] = []     # (ts, score) by time; the latest before an order counts
-        self.incidents: list[tuple[int, str]] = []
+        # the younger orders, one column each: placed at, value, returned value, order id
+        self.recent_ts: tuple[int, ...] = ()
+        self.recent_value: tuple[float, ...] = ()
+        self.recent_returned: tuple[float, ...] = ()
+        self.recent_order: tuple[str, ...] = ()
+        self.nps: tuple[tuple[int, int], ...] = ()   # (ts, score) by time; the latest before an order counts
+        self.incidents: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def empty(cls, params: FeatureParams) -> CustomerState:
@@ -99,35 +118,52 @@ class CustomerState:
 
     def __copy__(self) -> CustomerState:
         """An independent copy (``copy.copy``), so that a caller can try an event on it, such as
-        a fresher NPS answer known for one request only, without changing this state."""
+        a fresher NPS answer known for one request only, without changing this state (an event
+        replaces fields, never changes one in place: sharing them is safe)."""
         twin = CustomerState.__new__(CustomerState)
         for name in self.__slots__:
             setattr(twin, name, getattr(self, name))
-        twin.cats, twin.chans = [*self.cats], [*self.chans]
-        twin.recv, twin.recv_last = [*self.recv], [*self.recv_last]
-        twin.recv_ts = {a: [*times] for a, times in self.recv_ts.items()}
-        twin.recent = [[*row] for row in self.recent]
-        twin.nps, twin.incidents = [*self.nps], [*self.incidents]
         return twin
+
+    def packed(self) -> tuple[Any, ...]:
+        """Every field but the layout, in one tuple: numbers, strings and tuples of them, none
+        made by an order's event nested (`insertrec.serving.customercache` keeps customers so)."""
+        return _pack(self)
+
+    @classmethod
+    def unpacked(cls, params: FeatureParams, packed: tuple[Any, ...]) -> CustomerState:
+        """The state ``packed`` was made from, under the same feature params."""
+        state = cls.__new__(cls)
+        state._layout = params._layout
+        for name, value in zip(_PACKED, packed):
+            setattr(state, name, value)
+        return state
 
     def _fold(self, ts: int, value: float, returned: float, gift: bool, cats: list[int], chan: int,
               actions: list[int], order_id: str) -> None:
         self.n += 1
         self.spend += value
         self.gifts += gift
-        for k in cats:
-            self.cats[k] += 1
+        self.cats = _counted(self.cats, cats)
         if chan >= 0:
-            self.chans[chan] += 1
-        for a in actions:
-            self.recv[a] += 1
-            last = self.recv_last[a]
-            self.recv_last[a] = ts if last is None else max(last, ts)   # folded in any order, like last_ts
-            if a in self.recv_ts:
-                insort(self.recv_ts[a], ts)
+            self.chans = _counted(self.chans, (chan,))
+        if actions:
+            self.recv = _counted(self.recv, actions)
+            last, windowed = [*self.recv_last], self._layout.received_columns
+            for a in actions:
+                last[a] = max(last[a], ts)   # folded in any order, like last_ts
+                if windowed[a][2]:
+                    ends = self.recv_ts_end
+                    at = bisect_right(self.recv_ts, ts, ends[a - 1] if a else 0, ends[a])
+                    self.recv_ts = (*self.recv_ts[:at], ts, *self.recv_ts[at:])
+                    self.recv_ts_end = (*ends[:a], *(end + 1 for end in ends[a:]))
+            self.recv_last = tuple(last)
         self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
         self.last_ts = ts if self.last_ts is None else max(self.last_ts, ts)
-        self.recent.append([ts, value, returned, actions, order_id])
+        self.recent_ts += (ts,)
+        self.recent_value += (value,)
+        self.recent_returned += (returned,)
+        self.recent_order += (order_id,)
 
     def add_order(self, order: Mapping[str, Any], actions: Mapping[str, str] | None = None) -> None:
         """Fold in an order (and the actions it received, slot -> action id) once it is placed."""
@@ -143,22 +179,23 @@ class CustomerState:
         """An NPS answer; the latest one is the customer's tier."""
         if isinstance(score, bool) or not isinstance(score, (int, np.integer)) or not 0 <= score <= 10:
             raise InsertrecError(f"nps score must be a whole number from 0 to 10 (got {score!r})")
-        self.nps.append((_ns_scalar(ts, "response_ts"), int(score)))
-        self.nps.sort(key=lambda answer: answer[0])   # stable: of two at one instant, the later told wins
-        del self.nps[:-2]  # the latest, and the one before for an order at exactly the latest's instant
+        # stable: of two at one instant, the later told wins; kept: the latest, and the one before
+        # for an order at exactly the latest's instant
+        self.nps = tuple(sorted((*self.nps, (_ns_scalar(ts, "response_ts"), int(score))),
+                                key=lambda answer: answer[0]))[-2:]
 
     def add_incident(self, type: str, ts: Any) -> None:
         """Something that went wrong for the customer (late, damaged, ...)."""
-        self.incidents.append((_ns_scalar(ts, "ts"), str(type)))
-        self.incidents.sort(key=lambda incident: incident[0])
+        self.incidents = tuple(sorted((*self.incidents, (_ns_scalar(ts, "ts"), str(type))),
+                                      key=lambda incident: incident[0]))
 
     def add_return(self, order_id: str, returned_value: float) -> None:
         """The order's returned value (its total so far). For an order already folded into the
         totals past the return window, the amount is added to the returned total."""
-        for row in self.recent:
-            if row[4] == str(order_id):
-                row[2] = float(returned_value)
-                return
+        if str(order_id) in self.recent_order:
+            k, returned = self.recent_order.index(str(order_id)), self.recent_returned
+            self.recent_returned = (*returned[:k], float(returned_value), *returned[k + 1:])
+            return
         self.matured_returned += float(returned_value)
 
     def _received(self, row: dict[str, Any], t: int) -> None:
@@ -167,16 +204,16 @@ class CustomerState:
         days since the last receipt, and the receipts in each of its windows before ``t``, counted
         on the receipt instants kept sorted as orders fold in (a binary search, not a pass over
         the customer's recent orders)."""
-        columns = self._layout.received_columns
+        columns, times, ends = self._layout.received_columns, self.recv_ts, self.recv_ts_end
         for a, got_at in enumerate(self.recv_last):
-            if got_at is not None:
+            if got_at != _NO_TS:
                 received, days_since, windowed = columns[a]
                 row[received] = float(self.recv[a])
                 row[days_since] = float(t - got_at) / DAY_NS
                 if windowed:
-                    times = self.recv_ts[a]
+                    start, end = ends[a - 1] if a else 0, ends[a]
                     for name, days in windowed:
-                        row[name] = float(len(times) - bisect_left(times, t - days * DAY_NS))
+                        row[name] = float(end - bisect_left(times, t - days * DAY_NS, start, end))
 
     def features(self, order: Mapping[str, Any]) -> dict[str, Any]:
         """The order's feature row, equal to the one :func:`order_features` would give it."""
@@ -197,7 +234,7 @@ class CustomerState:
             score, tier = float(answer[1]), _TIER_OF_SCORE[answer[1]]
         mv, mr = self.matured_value, self.matured_returned
         mature_by = t - p.return_window_days * DAY_NS
-        for ts, value, returned, _, _ in self.recent:
+        for ts, value, returned in zip(self.recent_ts, self.recent_value, self.recent_returned):
             if ts <= mature_by:
                 mv += value
                 mr += returned
@@ -229,12 +266,24 @@ class CustomerState:
             "last_incident_type": known[-1][1] if known else "none",
         }
         for c in p.ctx_columns:
-            value = order.get(c)
-            row[c] = math.nan if value is None else value
+            given = order.get(c)
+            row[c] = math.nan if given is None else given
         row.update(zip(L.share_columns, [k / n for k in (*self.cats, *self.chans)]) if n else L.no_shares)
         row.update(L.never_received)
         self._received(row, t)
         return row
+
+
+_PACKED = CustomerState.__slots__[1:]   # every field but the layout
+_pack = attrgetter(*_PACKED)
+
+
+def _counted(counts: tuple[int, ...], at: Iterable[int]) -> tuple[int, ...]:
+    """``counts`` with one more at each index of ``at``."""
+    out = [*counts]
+    for k in at:
+        out[k] += 1
+    return tuple(out)
 
 
 def _order_value(order: Mapping[str, Any]) -> float:

@@ -153,8 +153,9 @@ class Snapshot:
         state.n, state.gifts, first, last = b.n[i].item(), b.gifts[i].item(), b.first_ts[i].item(), b.last_ts[i].item()
         state.spend = state.matured_value = b.spend[i].item()
         state.matured_returned = b.returned[i].item()
-        state.cats, state.chans, state.recv = b.cats[i].tolist(), b.chans[i].tolist(), b.recv[i].tolist()
-        state.recv_last = [None if v == _NO_TS else v for v in b.recv_last[i].tolist()]
+        state.cats, state.chans = tuple(b.cats[i].tolist()), tuple(b.chans[i].tolist())
+        state.recv = tuple(b.recv[i].tolist())
+        state.recv_last = tuple(b.recv_last[i].tolist())   # _NO_TS where never received, as online
         state.first_ts, state.last_ts = (None if first == _NO_TS else first), (None if last == _NO_TS else last)
         lo, hi = self.recent.bounds(i)
         if hi > lo:  # the few recent orders of one customer
@@ -164,12 +165,12 @@ class Snapshot:
                             [k for k, has in enumerate(c["cats"][j]) if has], c["chan"][j],
                             [a for a, got in enumerate(c["recv"][j]) if got], c["order_id"][j])
         lo, hi = self.nps.bounds(i)
-        state.nps = list(zip(self.nps.ts[lo:hi].tolist(), self.nps.cols["score"][lo:hi].tolist()))
+        state.nps = tuple(zip(self.nps.ts[lo:hi].tolist(), self.nps.cols["score"][lo:hi].tolist()))
         lo, hi = self.incidents.bounds(i)
         if hi > lo:
             types = self.incident_types
-            state.incidents = [(t, types[k].as_py()) for t, k in
-                               zip(self.incidents.ts[lo:hi].tolist(), self.incidents.cols["type"][lo:hi].tolist())]
+            state.incidents = tuple((t, types[k].as_py()) for t, k in
+                                    zip(self.incidents.ts[lo:hi].tolist(), self.incidents.cols["type"][lo:hi].tolist()))
         return state
 
     def _ledger(self, new: _Orders | None = None, g: np.ndarray | None = None) -> _Ledger:

@@ -34,15 +34,15 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import orjson
 
 from insertrec.features import CustomerState
 from insertrec.policy import Decision
+from insertrec.serving.customercache import CustomerCache, Known
 from insertrec.serving.decisionlog import (
     CustomerMoved,
     DecisionLog,
@@ -72,16 +72,6 @@ _EXHAUSTED_TTL_S = 1.0     # how stale this worker's view of used-up stock may b
 _REPLAY_BATCH = 256        # spooled decisions per replay transaction
 
 
-@dataclass
-class _Known:
-    """A customer's state as folded from the log up to given row ids, under one Loaded."""
-
-    loaded: Loaded
-    state: CustomerState
-    last_decision: int
-    last_outcome: int
-
-
 class DecisionService:
     """Decisions and outcomes of one worker.
 
@@ -104,12 +94,11 @@ class DecisionService:
                  cache_size: int = 16384):
         self.holder, self.log, self.metrics, self.spool = holder, log, metrics, spool
         self.log_down: str | None = None   # why the log failed; set until the spool is replayed
-        self.cache_size = cache_size
         self.commits = GroupCommit(log, metrics)
         self.batch = MicroBatch(metrics)
         self._in_flight = 0   # orders being decided: one alone is not batched (`MicroBatch.decide`)
         self._deciding: dict[str, tuple[asyncio.Lock, int]] = {}
-        self._known: OrderedDict[str, _Known] = OrderedDict()
+        self._known = CustomerCache(cache_size)
         self._exhausted: set[str] = set()
         self._exhausted_at = 0.0
         self._tail: tuple[int, int] | None = None   # the newest decision and outcome row ids folded in
@@ -120,6 +109,7 @@ class DecisionService:
         loaded = self.holder.current
         if loaded is None:
             raise LogUnavailable("the service is still starting")
+        self._known.follow(loaded)
         record = order.record(datetime.now(UTC))
         ts_ns = _ns(datetime.fromisoformat(record["order_ts"]))
         self._in_flight += 1
@@ -146,9 +136,8 @@ class DecisionService:
         (it becomes unavailable) or the customer moved on (their newer order is folded in)."""
         for attempt in range(_MAX_ATTEMPTS):
             known = self._state(loaded, order.customer_id, exact=attempt > 0)
-            # the history this decision rests on, taken now: while it waits for its micro-batch, the
-            # log's tail may fold another worker's decision into ``known``, and the commit must then
-            # find the customer moved, not take that newer row for the one this box was chosen on
+            # the history this decision rests on (``known`` is this request's copy): if the log gains
+            # another worker's decision of this customer meanwhile, the commit finds the customer moved
             last_decision = known.last_decision
             state = _with_fresher_nps(known.state, order, record)
             watch.lap("features")
@@ -175,9 +164,11 @@ class DecisionService:
                 return outcome.response_json, True
             # as another worker would read it back from the log, unless the log's tail, read while
             # the commit was awaited, already folded it in (SQLite's row ids follow commit order)
-            if entry.in_history and known.last_decision < outcome.row_id:
-                known.state.add_order(record, actions)
-                known.last_decision = outcome.row_id
+            kept = self._known.get(loaded, order.customer_id) if entry.in_history else None
+            if kept is not None and kept.last_decision < outcome.row_id:
+                kept.state.add_order(record, actions)
+                kept.last_decision = outcome.row_id
+                self._known.put(loaded, order.customer_id, kept)
             self.metrics.decided(decision.policy)
             if _log.isEnabledFor(logging.DEBUG):   # not building the record's fields for nothing
                 _log.debug("decision", extra={"event": "decision", "decision_id": entry.decision_id,
@@ -190,9 +181,8 @@ class DecisionService:
     def _spool(self, loaded: Loaded, order: OrderIn, record: dict, ts_ns: int, watch: Stopwatch) -> tuple[str, bool]:
         """Decide without the log: the rules, on what this worker knows of the customer (its cache, else
         the snapshot), with no counted action; spooled durably before it is answered."""
-        known = self._known.get(order.customer_id)
-        state = known.state if known is not None and known.loaded is loaded else \
-            (loaded.engine or loaded.fallback).state(order.customer_id)
+        known = self._known.get(loaded, order.customer_id)
+        state = known.state if known is not None else (loaded.engine or loaded.fallback).state(order.customer_id)
         state = _with_fresher_nps(state, order, record)
         watch.lap("features")
         decision = loaded.rules.decide(record, state, loaded.counted)
@@ -281,7 +271,7 @@ class DecisionService:
             action_id=outcome.action_id if isinstance(outcome, Redeemed) else None)
         return OutcomeOut(outcome_id=key, order_id=outcome.order_id, type=outcome.type, recorded=recorded)
 
-    def _state(self, loaded: Loaded, customer_id: str, exact: bool = False) -> _Known:
+    def _state(self, loaded: Loaded, customer_id: str, exact: bool = False) -> Known:
         """The customer as of the model's snapshot plus everything the log has on them since.
 
         A customer kept from an earlier request is brought up to date from the log's tail
@@ -290,19 +280,14 @@ class DecisionService:
         kept, by a query of their own."""
         if self.log.sqlite:
             self._follow_tail(loaded)   # first: the tail's start then precedes any kept customer's own query
-        known = self._known.get(customer_id)
-        if known is None or known.loaded is not loaded:
-            engine = loaded.engine or loaded.fallback
-            known = _Known(loaded, engine.state(customer_id), 0, 0)
+        known = self._known.get(loaded, customer_id, asked=True)
+        if known is None:
+            known = Known((loaded.engine or loaded.fallback).state(customer_id), 0, 0)
             exact = True
-        else:
-            self._known.move_to_end(customer_id)
         if exact or not self.log.sqlite:
             for event in self.log.events(customer_id, loaded.as_of_ns, known.last_decision, known.last_outcome):
                 _fold(known, event)
-        self._known[customer_id] = known
-        if len(self._known) > self.cache_size:
-            self._known.popitem(last=False)
+        self._known.put(loaded, customer_id, known)
         return known
 
     def _follow_tail(self, loaded: Loaded) -> None:
@@ -316,17 +301,22 @@ class DecisionService:
             return
         self._tail_read = True
         asyncio.get_running_loop().call_soon(self._tail_done)
-        known = self._known
+        cache = self._known
 
         def keep(customer_id: str, kind: int, row_id: int) -> bool:
-            kept = known.get(customer_id)
-            return kept is not None and kept.loaded is loaded and row_id > (
-                kept.last_outcome if kind else kept.last_decision)
+            last = cache.last(loaded, customer_id)
+            return last is not None and row_id > last[kind]
 
         events, after_decision, after_outcome = self.log.tail(loaded.as_of_ns, *self._tail, keep)
         self._tail = (after_decision, after_outcome)
+        folded: dict[str, Known] = {}
         for customer_id, event in events:
-            _fold(known[customer_id], event)
+            known = folded.get(customer_id) or cache.get(loaded, customer_id)
+            assert known is not None   # kept: ``keep`` said so, and nothing was dropped since
+            _fold(known, event)
+            folded[customer_id] = known
+        for customer_id, known in folded.items():
+            cache.put(loaded, customer_id, known)
 
     def _tail_done(self) -> None:
         self._tail_read = False
@@ -339,7 +329,7 @@ class DecisionService:
         return set(self._exhausted)
 
 
-def _fold(known: _Known, event: Event) -> None:
+def _fold(known: Known, event: Event) -> None:
     """One logged event into a customer's state."""
     if event.kind == "order":
         assert event.order is not None   # an order event carries its order (Event's contract)
