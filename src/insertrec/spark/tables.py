@@ -207,9 +207,12 @@ def _checked(text: dict[str, tuple[DataFrame, str]], catalog: Catalog | None
     for name, (frame, _) in text.items():
         own_ctx = ctx if name == "orders" else []
         parsed[name] = frame.mapInPandas(_parser(name, catalog, own_ctx), _typed_schema(name, own_ctx)).cache()
+    # counted first: a count parses (and caches) every partition in one job on every core, where
+    # `limit().collect()` alone parses one partition, then the next, in jobs one after the other
+    bad = {name: frame.where(F.col("_preason").isNotNull()) for name, frame in parsed.items()}
     problems = [Problem(r["_pfile"], r["_prow"], r["_pcolumn"], r["_preason"], r["_pvalue"])
-                for name in parsed
-                for r in parsed[name].where(F.col("_preason").isNotNull()).limit(MAX_PROBLEMS).collect()]
+                for frame in bad.values() if frame.count()
+                for r in frame.limit(MAX_PROBLEMS).collect()]
     good = {name: frame.where(F.col("_preason").isNull()).drop(*(c for c, _ in _PROBLEM))
             for name, frame in parsed.items()}
     # without a bad cell every row is good, and the checks across rows run on the parsed tables
