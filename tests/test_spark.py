@@ -82,6 +82,33 @@ def test_spark_tables_equal_the_local_loader(spark, shop) -> None:
         pd.testing.assert_frame_equal(a, b, check_dtype=False, obj=name)
 
 
+def test_csv_read_in_splits_or_as_one_stream_equals_the_local_loader(spark, shop, tmp_path) -> None:
+    """A CSV without a double quote is read line by line in splits (here of 16 KB, so every
+    table in several), one with a quoted cell spanning lines as one stream: both give the local
+    loader's tables, rows in file order."""
+    from insertrec.spark.tables import read_tables, to_dataset
+    from insertrec.spark.training import _collected
+
+    quoted = tmp_path / "quoted"
+    shutil.copytree(shop, quoted)
+    orders = pd.read_csv(quoted / "orders.csv", dtype=str, keep_default_na=False)
+    orders.loc[3, "ctx_device"] = "mobile\nphone"
+    orders.to_csv(quoted / "orders.csv", index=False)
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "16384")
+    try:
+        for directory in (shop, quoted):
+            tables = read_tables(spark, directory)
+            names = ("orders", "nps", "exposures", "incidents")
+            on_spark = to_dataset({n: _collected(tables.table(n)) for n in names}, tables.catalog, tables.ctx_numeric)
+            local = load_data(directory)
+            for name in names:
+                pd.testing.assert_frame_equal(getattr(on_spark, name), getattr(local, name), check_dtype=False,
+                                              obj=f"{directory.name} {name}")
+        assert "mobile\nphone" in set(on_spark.orders["ctx_device"])
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+
+
 def test_parquet_part_files_and_bad_cells(spark, shop, tmp_path) -> None:
     from insertrec.spark.tables import read_tables
 
