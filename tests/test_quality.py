@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from insertrec.engine import Engine
-from insertrec.evaluation import evaluate, logged_orders, policy_probabilities
+from insertrec.evaluation import MAX_VALUE_HALFWIDTH, evaluate, logged_orders, policy_probabilities
 from insertrec.features import order_features, order_rewards
 from insertrec.ope import expected_value
 from insertrec.policy import Policy
@@ -90,26 +90,33 @@ def _dr_and_truth(world, generated, engine, cutoff) -> tuple[dict, dict, dict[st
                              for name, p in policies.items()}
 
 
-def _dr_value_agrees_or_is_flagged(case) -> None:
-    """DR's value of the model: its 95% interval holds the true value on the same orders, and where
-    evaluate prints the lifts (their intervals within +-3 points) the value is within 5% of it; where
-    it withholds them, the report says why (test_report)."""
-    _, world, generated, engine, cutoff = case
+def _dr_value_agrees_or_is_withheld(case) -> None:
+    """DR's value of the model: where evaluate prints it, its 95% interval holds the true value on the
+    same orders and it is within 5% of it; where it withholds it (an interval wider than
+    MAX_VALUE_HALFWIDTH of it, or actions the log never tried), it is NaN and the report says why.
+    On the default world's 30,000-customer histories it is printed: a rule withholding everything fails."""
+    kind, world, generated, engine, cutoff = case
     metrics, report, true = _dr_and_truth(world, generated, engine, cutoff)
-    dr = report["model"]["dr"]
+    dr, value = report["model"]["dr"], report["value"]
+    print(kind, json.dumps(dr), json.dumps(value), json.dumps(true))
+    assert (metrics["policy_value_dr_low"], metrics["policy_value_dr_high"]) == (dr["low"], dr["high"])
+    if kind == "default":
+        assert not value["withheld"], value
+    if value["withheld"]:
+        assert np.isnan(metrics["policy_value_dr"]) and np.isnan(metrics["policy_value_ips"]), metrics
+        too_wide = (dr["high"] - dr["low"]) / 2 > MAX_VALUE_HALFWIDTH * abs(dr["value"])
+        assert "the model's value" in value["why"] and ("wider than" in value["why"]) == too_wide, value
+        return
     assert dr["low"] <= true["model"] <= dr["high"], (dr, true)
-    if report["lifts"]["withheld"]:
-        assert report["lifts"]["why"], report["lifts"]
-    else:
-        assert abs(metrics["policy_value_dr"] - true["model"]) < 0.05 * abs(true["model"]), (metrics, true)
+    assert abs(metrics["policy_value_dr"] - true["model"]) < 0.05 * abs(true["model"]), (metrics, true)
 
 
-def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy_or_flagged(trained):
-    _dr_value_agrees_or_is_flagged(trained)
+def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy_or_withheld(trained):
+    _dr_value_agrees_or_is_withheld(trained)
 
 
-def test_dr_estimate_is_within_five_percent_on_other_histories_too_or_flagged(trained_elsewhere):
-    _dr_value_agrees_or_is_flagged(trained_elsewhere)
+def test_dr_estimate_is_within_five_percent_on_other_histories_too_or_withheld(trained_elsewhere):
+    _dr_value_agrees_or_is_withheld(trained_elsewhere)
 
 
 # A world where coupons pay only for lapsed price-sensitive customers: the model's coupons sit where

@@ -127,8 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     progress("features and off-policy evaluation")
     metrics, report, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
     print(f"[insertrec] {unseen.describe()}", file=sys.stderr)
-    if report["lifts"]["withheld"]:
-        print(f"[insertrec] {report['lifts']['why']}", file=sys.stderr)
+    for withheld in (report["value"], report["lifts"]):
+        if withheld["withheld"]:
+            print(f"[insertrec] {withheld['why']}", file=sys.stderr)
     _print_json_or_table(metrics | {"orders_evaluated": len(unseen.logged), "evaluated_from": cutoff.isoformat(),
                                     "orders_left_out_inside_training": unseen.inside}, args.json)
 
