@@ -283,6 +283,23 @@ def test_lifts_are_withheld_where_the_model_takes_actions_the_log_never_tried():
     assert wide is not None and "wider than +-3 points" in wide and f"about {4 * n:,} unseen orders" in wide
 
 
+def test_the_model_value_is_withheld_where_its_interval_is_too_wide_or_actions_were_never_tried():
+    """evaluate's rule for the model's value: printed within +-MAX_VALUE_HALFWIDTH of it, else withheld
+    with the interval and the unseen orders it would take; actions the log never tried withhold it too."""
+    from insertrec.evaluation import MAX_VALUE_HALFWIDTH, value_withheld
+    from insertrec.ope import Estimate
+
+    fine = {"box": Estimate(1.0, 0.9, 1.1)}
+    edge = 30 * MAX_VALUE_HALFWIDTH
+    assert value_withheld(Estimate(30.0, 30.0 - edge, 30.0 + edge), 13_000, fine) is None
+    why = value_withheld(Estimate(30.0, 30.0 - 2 * edge, 30.0 + 2 * edge), 13_000, fine)
+    assert why is not None and why.startswith("the model's value (policy_value_dr, _ips, _snips) withheld")
+    assert f"wider than +-{MAX_VALUE_HALFWIDTH:.0%} of it" in why and "about 52,000 unseen orders" in why
+    unseen = value_withheld(Estimate(30.0, 29.0, 31.0), 13_000, {"coupon": Estimate(0.6, 0.5, 0.7)})
+    assert unseen is not None and "in coupon" in unseen and "never tried" in unseen
+    assert "more unseen orders" in value_withheld(Estimate(0.0, -1.0, 1.0), 13_000, fine)
+
+
 @pytest.mark.parametrize("field, change, reason", [
     ("pscores", lambda r, a, p: (r, a, np.where(np.arange(len(p))[:, None] == 3, 0.0, p)), "in (0, 1]"),
     ("pscores", lambda r, a, p: (r, a, p * 2), "in (0, 1]"),

@@ -25,7 +25,7 @@ N_ORDERS = 400
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, pd.DataFrame]:
     """A model trained on a small demo shop, and feature rows of new orders placed after it; the
-    estimates decide (pessimism 0, the default; `auto` may doubt a slot of a shop this small), so
+    estimates decide (pessimism 0, not the default `auto`, which may doubt a slot of a shop this small), so
     that every path of a decision is taken."""
     tmp = tmp_path_factory.mktemp("policy")
     World.default().write_demo_data(tmp / "data", customers=1200, seed=3)

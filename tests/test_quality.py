@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from insertrec.engine import Engine
-from insertrec.evaluation import evaluate, logged_orders, policy_probabilities
+from insertrec.evaluation import MAX_VALUE_HALFWIDTH, evaluate, logged_orders, policy_probabilities
 from insertrec.features import order_features, order_rewards
 from insertrec.ope import expected_value
 from insertrec.policy import Policy
@@ -90,26 +90,33 @@ def _dr_and_truth(world, generated, engine, cutoff) -> tuple[dict, dict, dict[st
                              for name, p in policies.items()}
 
 
-def _dr_value_agrees_or_is_flagged(case) -> None:
-    """DR's value of the model: its 95% interval holds the true value on the same orders, and where
-    evaluate prints the lifts (their intervals within +-3 points) the value is within 5% of it; where
-    it withholds them, the report says why (test_report)."""
-    _, world, generated, engine, cutoff = case
+def _dr_value_agrees_or_is_withheld(case) -> None:
+    """DR's value of the model: where evaluate prints it, its 95% interval holds the true value on the
+    same orders and it is within 5% of it; where it withholds it (an interval wider than
+    MAX_VALUE_HALFWIDTH of it, or actions the log never tried), it is NaN and the report says why.
+    On the default world's 30,000-customer histories it is printed: a rule withholding everything fails."""
+    kind, world, generated, engine, cutoff = case
     metrics, report, true = _dr_and_truth(world, generated, engine, cutoff)
-    dr = report["model"]["dr"]
+    dr, value = report["model"]["dr"], report["value"]
+    print(kind, json.dumps(dr), json.dumps(value), json.dumps(true))
+    assert (metrics["policy_value_dr_low"], metrics["policy_value_dr_high"]) == (dr["low"], dr["high"])
+    if kind == "default":
+        assert not value["withheld"], value
+    if value["withheld"]:
+        assert np.isnan(metrics["policy_value_dr"]) and np.isnan(metrics["policy_value_ips"]), metrics
+        too_wide = (dr["high"] - dr["low"]) / 2 > MAX_VALUE_HALFWIDTH * abs(dr["value"])
+        assert "the model's value" in value["why"] and ("wider than" in value["why"]) == too_wide, value
+        return
     assert dr["low"] <= true["model"] <= dr["high"], (dr, true)
-    if report["lifts"]["withheld"]:
-        assert report["lifts"]["why"], report["lifts"]
-    else:
-        assert abs(metrics["policy_value_dr"] - true["model"]) < 0.05 * abs(true["model"]), (metrics, true)
+    assert abs(metrics["policy_value_dr"] - true["model"]) < 0.05 * abs(true["model"]), (metrics, true)
 
 
-def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy_or_flagged(trained):
-    _dr_value_agrees_or_is_flagged(trained)
+def test_dr_estimate_is_within_five_percent_of_the_true_value_of_the_same_policy_or_withheld(trained):
+    _dr_value_agrees_or_is_withheld(trained)
 
 
-def test_dr_estimate_is_within_five_percent_on_other_histories_too_or_flagged(trained_elsewhere):
-    _dr_value_agrees_or_is_flagged(trained_elsewhere)
+def test_dr_estimate_is_within_five_percent_on_other_histories_too_or_withheld(trained_elsewhere):
+    _dr_value_agrees_or_is_withheld(trained_elsewhere)
 
 
 # A world where coupons pay only for lapsed price-sensitive customers: the model's coupons sit where
@@ -176,33 +183,33 @@ def _scaled_effects(world: World, factor: float) -> World:
 # -2.6% greedy / -3.0% deployed against the all-default box (seed 1).
 
 
-# Not held with the estimates deciding everywhere (pessimism 0, the default): small effects at 5,000
-# customers measured -2.8% greedy against the all-default box (seed 11). It is held by the user's
-# choice `--pessimism auto`: where the log's evidence, weighed against a small prior in the playbook's
-# favour, does not show the playbook paying, its action goes out only where its estimated gain clears
-# one standard error and the slot's other actions a quarter of one (`Policy.doubted_slots`,
-# `training._doubted_slots`), and exploration there is the floor alone; seed 11 measured greedy +0.07%,
-# deployed -0.22% (-0.49% while the doubted slot's exploration still drew a softmax over its estimates,
-# so 0.35% there fails without it). It is not the default yet: trained with it, the perturbed world's
-# model in `trained` got a DR value whose 95% interval missed the truth (36.96 [32.52, 41.40] against
-# 32.22; with pessimism 0 35.34 [30.80, 39.45] against 32.23), so the report must first say when it
-# cannot value the model (bench/results/doubt_prior.md).
+# Not held with the estimates deciding everywhere (pessimism 0): small effects at 5,000 customers
+# measured -2.8% greedy against the all-default box (seed 11). It is held by the default, `--pessimism
+# auto`: where the log's evidence, weighed against a small prior in the playbook's favour, does not show
+# the playbook paying, its action goes out only where its estimated gain clears one standard error and
+# the slot's other actions a quarter of one (`Policy.doubted_slots`, `training._doubted_slots`), and
+# exploration there is the floor alone; seed 11 measured greedy +0.07%, deployed -0.22% (-0.49% while
+# the doubted slot's exploration still drew a softmax over its estimates, so 0.35% there fails without
+# it). Before the doubt weighed the estimate's width, a short log the model wrote itself (the closed loop
+# at 4,000 customers) doubted slots whose playbook pays and captured 0.03-0.22 of the uplift per round
+# instead of 0.44-0.46 (bench/results/doubt_prior.md).
 # Every action's gain less one standard error in every slot (`--pessimism 1`) holds it too but costs
 # the worlds whose gains are real more. A gate that made the model earn its place wherever the
 # playbook's estimate was not positive held it, but cost the perturbed world at 30,000 customers
 # most of its uplift and the closed loop its first rounds, so it is taken out (`slot_deciders`).
-@pytest.mark.parametrize("kind, customers, pessimism, deployed_margin", [
-    ("small_effects", 30_000, 0.0, 0.0075), ("playbook_wrong", 5_000, 0.0, 0.0075), ("default", 5_000, 0.0, 0.0075),
-    ("small_effects", 5_000, "auto", 0.0035)])
-def test_the_deployed_policy_is_not_worse_than_doing_nothing_or_the_playbook(kind, customers, pessimism,
-                                                                             deployed_margin, tmp_path):
+@pytest.mark.parametrize("kind, customers, deployed_margin", [
+    ("small_effects", 30_000, 0.0075), ("playbook_wrong", 5_000, 0.0075), ("default", 5_000, 0.0075),
+    ("small_effects", 5_000, 0.0035)])
+def test_the_deployed_policy_is_not_worse_than_doing_nothing_or_the_playbook(kind, customers, deployed_margin,
+                                                                             tmp_path):
+    """Trained as the README trains it (the default `--pessimism auto`)."""
     world = {"small_effects": lambda: _scaled_effects(World.default(), 0.25),
              "playbook_wrong": lambda: _world("playbook_wrong"),
              "default": World.default}[kind]()
     generated = world.generate(customers=customers, seed=11)
-    train(generated.to_dataset(), tmp_path / "model", TrainConfig(seed=11, pessimism=pessimism))
+    train(generated.to_dataset(), tmp_path / "model", TrainConfig(seed=11))
     sim = simulate(Engine.load(tmp_path / "model"), world, orders=4000, seed=98)
-    print(kind, customers, pessimism, json.dumps(sim, indent=1))
+    print(kind, customers, json.dumps(sim, indent=1))
     floor = max(sim["value_control"], sim["value_rules"])
     assert sim["value_model_greedy"] >= (1 - 0.005) * floor, sim
     assert sim["value_model"] >= (1 - deployed_margin) * floor, sim

@@ -23,7 +23,7 @@ import pytest
 from test_segments import planted
 
 from insertrec.cli import main
-from insertrec.evaluation import lift_withheld
+from insertrec.evaluation import lift_withheld, value_withheld
 from insertrec.ope import Estimate
 from insertrec.report import EVIDENCE, MATERIAL_SHARE, build_report, evidence_warnings, recommendation, render_report
 from insertrec.segments import SegmentModel
@@ -85,6 +85,11 @@ def test_warnings_name_weak_or_bad_evidence() -> None:
     withheld = evidence_warnings(GOOD_METRICS | {"lift_vs_rules": float("nan")},
                                  GOOD_OPE | {"lifts": {"withheld": True, "why": why}}, "model")
     assert withheld == [f"The holdout cannot say how the engine compares with the playbook: {why}."]
+    # And the model's value, where evaluate withheld it.
+    value_why = value_withheld(Estimate(37.0, 32.5, 41.5), 13_000, {})
+    unvalued = evidence_warnings(GOOD_METRICS | {"policy_value_dr": float("nan")},
+                                 GOOD_OPE | {"value": {"withheld": True, "why": value_why}}, "model")
+    assert unvalued == [f"The holdout cannot say what the engine is worth per order: {value_why}."]
     # Withheld (its interval too wide to size it) yet wholly below zero: the loss is said, with no figure.
     lost = evidence_warnings(GOOD_METRICS | {"lift_vs_rules": float("nan")},
                              GOOD_OPE | {"lifts": {"withheld": True, "why": why},
@@ -179,6 +184,20 @@ def test_page_names_shop_period_horizon_and_currency(page: str, facts: dict) -> 
         assert text in page
     assert "currency units" in render_report(facts)
     assert not re.search(r"\d\.\d{4,}", page)  # no raw floats like 0.2345678
+
+
+def test_the_holdout_value_is_shown_only_where_evaluate_printed_it(trained: Path, facts: dict) -> None:
+    """The page's holdout figure follows training's ope.json: where evaluate withheld the model's value
+    the page gives no figure for it, and a warning says why."""
+    why = json.loads((trained / "ope.json").read_text())["value"]["why"]
+    assert facts["holdout"]["value_withheld"] == why
+    assert any(why in w for w in facts["warnings"]) if why else not any("worth per order" in w for w in facts["warnings"])
+    model = facts["holdout"]["model"]
+    for withheld in (None, "the model's value withheld: ..."):
+        page = render_report(copy.deepcopy(facts) | {"holdout": facts["holdout"] | {"value_withheld": withheld}})
+        holdout = re.search(r"<dt>Holdout</dt><dd>(.*?)</dd>", page).group(1)
+        assert ("its value is not given" in holdout) == bool(withheld)
+        assert (f"{model['value']:,.2f} per order" in holdout) == (not withheld), holdout
 
 
 @pytest.mark.slow

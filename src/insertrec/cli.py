@@ -127,8 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     progress("features and off-policy evaluation")
     metrics, report, unseen = evaluate_on(engine.policy, engine.params, data, horizon, cutoff)
     print(f"[insertrec] {unseen.describe()}", file=sys.stderr)
-    if report["lifts"]["withheld"]:
-        print(f"[insertrec] {report['lifts']['why']}", file=sys.stderr)
+    for withheld in (report["value"], report["lifts"]):
+        if withheld["withheld"]:
+            print(f"[insertrec] {withheld['why']}", file=sys.stderr)
     _print_json_or_table(metrics | {"orders_evaluated": len(unseen.logged), "evaluated_from": cutoff.isoformat(),
                                     "orders_left_out_inside_training": unseen.inside}, args.json)
 
@@ -306,11 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "next order counts as its reward")
     c.add_argument("--epsilon", type=float, default=0.1, help="share of decisions that explore, per slot")
     c.add_argument("--seed", type=int, default=0, help="random seed of the learners")
-    c.add_argument("--pessimism", type=_pessimism, default=0.0, metavar="Z|auto",
-                   help="in every slot, spend on an action only where its estimated gain exceeds Z standard "
-                        "errors of it (default 0: the estimates decide); 'auto': 1 for the playbook's action "
-                        "in the slots where the history does not show the playbook paying, the estimates "
-                        "deciding elsewhere (see the README)")
+    c.add_argument("--pessimism", type=_pessimism, default="auto", metavar="Z|auto",
+                   help="'auto' (the default): spend on the playbook's action only where its estimated gain "
+                        "exceeds 1 standard error of it in the slots where the history does not show the "
+                        "playbook paying, the estimates deciding elsewhere; Z: in every slot, only where "
+                        "an action's estimated gain exceeds Z standard errors (0: the estimates decide; see "
+                        "the README)")
     c.add_argument("--experiment", default="insertrec", help="MLflow experiment name")
     c.add_argument("--register-as", default="insertrec", help="MLflow registered model name ('' to skip)")
     c.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")

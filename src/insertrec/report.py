@@ -195,6 +195,9 @@ def evidence_warnings(metrics: dict[str, float], ope: dict[str, Any] | None, pol
     if np.isfinite(ess) and ess < EVIDENCE["ess"]:
         out.append(f"Few holdout orders resemble what the engine would do (effective sample size {ess:,.0f}): "
                    "its holdout value is uncertain.")
+    value = ope.get("value") or {}
+    if value.get("withheld"):
+        out.append(f"The holdout cannot say what the engine is worth per order: {value.get('why')}.")
     lifts = ope.get("lifts") or {}
     if lifts.get("withheld"):
         out.append(f"The holdout cannot say how the engine compares with the playbook: {lifts.get('why')}.")
@@ -277,7 +280,8 @@ def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, 
     if kind == "model" and ope:
         holdout = {"orders": ope.get("orders"), "model": (ope.get("model") or {}).get("dr"),
                    "rules": (ope.get("rules") or {}).get("dr"), "model_minus_rules": diff or None,
-                   "lift_vs_rules": metrics.get("lift_vs_rules"), "ess": metrics.get("ess")}
+                   "lift_vs_rules": metrics.get("lift_vs_rules"), "ess": metrics.get("ess"),
+                   "value_withheld": (ope.get("value") or {}).get("why")}
     exploration = None
     if policy is not None and ope and ope.get("exploration"):
         exploration = {"served_epsilon": policy.epsilon, "slots": ope["exploration"]}
@@ -544,10 +548,12 @@ def _definitions(report: dict[str, Any], money: str) -> str:
     hold = report.get("holdout")
     if hold and hold.get("model") and hold.get("rules"):
         m, r = hold["model"], hold["rules"]
+        engine = ("its value is not given, since too few of those orders resemble its boxes"
+                  if hold.get("value_withheld") else
+                  f"{_money(m['value'])} per order ({_money(m['low'])} to {_money(m['high'])})")
         items.append(("Holdout", f"The engine was judged on {_count(hold['orders'] or 0)} later orders it was "
-                      f"not trained on (doubly robust off-policy estimate): {_money(m['value'])} per order "
-                      f"({_money(m['low'])} to {_money(m['high'])}) against the playbook's {_money(r['value'])} "
-                      f"({_money(r['low'])} to {_money(r['high'])})."))
+                      f"not trained on (doubly robust off-policy estimate): {engine}, against the playbook's "
+                      f"{_money(r['value'])} ({_money(r['low'])} to {_money(r['high'])})."))
     body = "".join(f"<dt>{escape(t)}</dt><dd>{escape(d)}</dd>" for t, d in items)
     return f"<h2>How to read this report</h2><dl>{body}</dl>"
 

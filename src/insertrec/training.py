@@ -57,7 +57,7 @@ __all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "Tr
 # for 100,000 orders and no more.
 GATE_ORDERS = 100_000
 # z for the playbook's action where the log does not show the playbook paying (`TrainConfig.pessimism`
-# "auto", the user's choice; `_doubted_slots`). Measured against the simulator's truth in
+# "auto", the default; `_doubted_slots`). Measured against the simulator's truth in
 # bench/results/safe_default.md (five worlds, 5,000 and 30,000 customers).
 AUTO_PESSIMISM = 1.0
 # What `_doubted_slots` presumes of a playbook rule's gain over its slot default before the log speaks:
@@ -81,9 +81,9 @@ class TrainConfig:
     min_logged_orders: int = 300       # below this, serve the playbook (cold start)
     seed: int = 0
     # z: every action must show its gain beyond z standard errors of it (`Policy.pessimism`), in every
-    # slot; 0 = off (the default: the estimates decide); "auto": AUTO_PESSIMISM where the log does not
+    # slot; 0 = off (the estimates decide); "auto" (the default): AUTO_PESSIMISM where the log does not
     # show the playbook paying (`_doubted_slots`)
-    pessimism: float | Literal["auto"] = 0.0
+    pessimism: float | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         z = self.pessimism

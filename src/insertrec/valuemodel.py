@@ -36,9 +36,9 @@ bound, gain less z standard errors (`ValueModel.decision_grid`; Jin, Yang &
 Wang 2021, "Is pessimism provably efficient for offline RL?"), so that an
 action whose gain is not positive beyond its uncertainty is not chosen; the
 user may choose z for every slot (`insertrec train --pessimism Z`: it holds
-small effects but costs the worlds whose gains are real, README), or
-`--pessimism auto`: training doubts only the slots where the log does not show
-the playbook paying (`BoxGrid`'s ``doubted``, `DOUBTED_SHARE`). The
+small effects but costs the worlds whose gains are real, README), or keep
+the default, `--pessimism auto`: training doubts only the slots where the log
+does not show the playbook paying (`BoxGrid`'s ``doubted``, `DOUBTED_SHARE`). The
 posterior, not the sandwich sigma^2 A^-1 G A^-1: under the strong action ridge
 that cross-validation picks on small logs, the sandwich's errors are those of
 estimates already shrunk, and no z up to 3 kept the small-effects world's
