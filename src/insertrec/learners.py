@@ -19,6 +19,12 @@ every other policy. The families:
   scoring 144 boxes with 400 trees costs milliseconds per order and
   minutes per 100,000, far past serving's budgets, while the distilled grid
   costs what the ridge's does.
+- ``blend`` (`BlendLearner`): the ridge box model and the distilled boosted
+  model averaged on the box grid (`valuemodel.blend`): both are linear in the
+  same grid form, so the average is one grid, served at the ridge's cost.
+  They err differently (the boosted peer beat the ridge on some histories of
+  the default world and lost on others), and the average keeps part of each
+  one's right answers.
 
 Judging them is `tournament`'s job.
 """
@@ -39,10 +45,13 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.evaluation import rules_actions
 from insertrec.ope import LoggedFeedback
 from insertrec.policy import Policy
-from insertrec.valuemodel import ActionSpace, FoldStatistics, ValueModel, box_statistics
+from insertrec.valuemodel import ActionSpace, FoldStatistics, ValueModel, blend, box_statistics
 
-__all__ = ["BoostedDirect", "BoostedLearner", "BoxLearner", "FitValueModel", "Learner", "SplineEncoder",
-           "box_eligible"]
+__all__ = ["BLEND_WEIGHT", "BlendLearner", "BoostedDirect", "BoostedLearner", "BoxLearner", "FitValueModel",
+           "Learner", "SplineEncoder", "blended", "box_eligible"]
+
+# The ridge box model's share of a blend (`BlendLearner`), the distilled boosted model's the rest.
+BLEND_WEIGHT = 0.5
 
 
 # How a `BoxLearner` fits its ridge (model, feats, encoder, actions, rewards, space, rules, pscore; the
@@ -217,3 +226,31 @@ class BoostedLearner(Learner):
                            rule_prior=0.0, folds=folds, random_state=seed)
         model.offset_ = []
         return policy.replace(encoder=student, value_model=model.fit_statistics(stats, space))
+
+
+def blended(ridge: Policy, boosted: Policy, weight: float = BLEND_WEIGHT) -> Policy:
+    """``ridge`` (a `BoxLearner` policy over the base encoder) and ``boosted`` (a `BoostedLearner`
+    policy over a `SplineEncoder` of that encoder) as one policy: ``weight`` of the ridge's box
+    values, the rest the boosted model's, on the boosted model's features."""
+    assert ridge.value_model is not None and boosted.value_model is not None
+    return boosted.replace(value_model=blend(ridge.value_model, boosted.value_model, weight))
+
+
+class BlendLearner(Learner):
+    """The ridge box model (on every order given) and the distilled boosted model (on at most
+    ``boosted_orders`` of them, drawn at random: its fit grows with its rows), `blended`."""
+
+    name = "blend"
+
+    def __init__(self, weight: float = BLEND_WEIGHT, fit_value_model: FitValueModel = _fit_here,
+                 boosted_orders: int | None = None):
+        self.weight, self.fit_value_model, self.boosted_orders = weight, fit_value_model, boosted_orders
+
+    def fit(self, feats: pd.DataFrame, feedback: LoggedFeedback, encoder: FeatureEncoder, policy: Policy,
+            seed: int) -> Policy:
+        ridge = BoxLearner(fit_value_model=self.fit_value_model).fit(feats, feedback, encoder, policy, seed)
+        if self.boosted_orders is not None and len(feats) > self.boosted_orders:
+            keep = np.sort(np.random.default_rng(seed).choice(len(feats), self.boosted_orders, replace=False))
+            feats = feats.iloc[keep]
+            feedback = LoggedFeedback(feedback.rewards[keep], feedback.actions[keep], feedback.pscores[keep])
+        return blended(ridge, BoostedLearner().fit(feats, feedback, encoder, policy, seed), self.weight)
