@@ -117,7 +117,7 @@ def test_training_reports_the_tournament_and_serves_its_winner(tmp_path) -> None
     result = train(data, tmp_path / "m", TrainConfig(seed=5, min_logged_orders=100))
     ope = json.loads((tmp_path / "m" / "ope.json").read_text())
     names = [c["name"] for c in ope["tournament"]["candidates"]]
-    assert names == [INCUMBENT, "spline_box", "boosted"]
+    assert names == [INCUMBENT, "ridge_box", "spline_box", "boosted"]
     assert {f"candidate_{n}_vs_incumbent_low" for n in names} <= set(result.metrics)
     engine = Engine.load(tmp_path / "m")
     assert engine.policy.value_model is not None
@@ -206,7 +206,7 @@ def test_a_winning_challenger_is_refitted_gated_saved_and_served(tmp_path, monke
     monkeypatch.setattr(training, "choose", boosted_wins)
     data = World.default().generate(customers=1500, seed=6).to_dataset()
     result = train(data, tmp_path / "m", TrainConfig(seed=6, min_logged_orders=100))
-    assert any("boosted beat the ridge box model" in note for note in result.notes)
+    assert any("boosted beat the blend of the ridge box model" in note for note in result.notes)
     engine = Engine.load(tmp_path / "m")
     assert isinstance(engine.policy.encoder, SplineEncoder)
     ope = json.loads((tmp_path / "m" / "ope.json").read_text())
