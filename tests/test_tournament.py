@@ -19,7 +19,7 @@ from insertrec.learners import BoostedDirect, BoostedLearner, BoxLearner
 from insertrec.ope import expected_value, onehot
 from insertrec.policy import Policy
 from insertrec.simulation import fresh_orders
-from insertrec.tournament import INCUMBENT, Tournament, choose
+from insertrec.tournament import INCUMBENT, Tournament, choose, with_incumbent
 from insertrec.training import TrainConfig, train
 from insertrec.world import World
 
@@ -50,8 +50,8 @@ def played() -> Played:
     train_part, holdout = logged.subset(~late), logged.subset(late)
     template = Policy(data.catalog, epsilon=0.0, version="t")
     sub = feats.iloc[train_part.rows]
-    candidates = {learner.name: learner.fit(sub, train_part.feedback, encoder, template, 77)
-                  for learner in (BoxLearner(), BoxLearner(knots=4), BoostedLearner())}
+    candidates = with_incumbent({learner.name: learner.fit(sub, train_part.feedback, encoder, template, 77)
+                                 for learner in (BoxLearner(), BoxLearner(knots=4), BoostedLearner())})
     judge = judge_for(template, feats, holdout, encoder, 77)
     tournament = choose(candidates, feats, judge, seed=77)
 
@@ -99,7 +99,7 @@ def test_a_challenger_no_better_than_the_incumbent_does_not_win(played: Played) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["spline_box", "boosted"])
+@pytest.mark.parametrize("name", ["blend", "spline_box", "boosted"])
 def test_challengers_decide_one_order_as_the_batch_does_and_survive_pickling(played: Played, name: str) -> None:
     policy = pickle.loads(pickle.dumps(played.candidates[name].replace(epsilon=0.1)))
     feats = played.feats.head(200)
