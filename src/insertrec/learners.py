@@ -6,8 +6,8 @@ learns, it is served in the box grid's form, so one order's 144 boxes stay a
 few mat-vecs and the model directory, determinism and exploration are those of
 every other policy. The families:
 
-- ``ridge_box`` (`BoxLearner()`): today's ridge box model on the encoder's
-  features, the incumbent.
+- ``ridge_box`` (`BoxLearner()`): the ridge box model on the encoder's
+  features.
 - ``spline_box`` (`BoxLearner(knots=4)`): the same model over a richer
   featurisation (`SplineEncoder`: hinge functions of every numeric input at its
   training quantiles), so an action's effect can bend with order value,
@@ -24,7 +24,7 @@ every other policy. The families:
   same grid form, so the average is one grid, served at the ridge's cost.
   They err differently (the boosted peer beat the ridge on some histories of
   the default world and lost on others), and the average keeps part of each
-  one's right answers.
+  one's right answers. The tournament's incumbent.
 
 Judging them is `tournament`'s job.
 """
