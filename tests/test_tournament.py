@@ -15,7 +15,7 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.engine import Engine
 from insertrec.evaluation import Judge, judge_for, logged_orders
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.learners import BoostedDirect, BoostedLearner, BoxLearner, blended
+from insertrec.learners import BoostedDirect, BoostedLearner, BoxLearner
 from insertrec.ope import expected_value, onehot
 from insertrec.policy import Policy
 from insertrec.simulation import fresh_orders
@@ -109,24 +109,6 @@ def test_challengers_decide_one_order_as_the_batch_does_and_survive_pickling(pla
         one = policy.decide_one(record)
         assert [one.slots[s].action_id for s in policy.slot_names] == list(ids[i])
         assert [one.slots[s].propensity for s in policy.slot_names] == batch.propensities[i].tolist()
-
-
-@pytest.mark.slow
-def test_the_blend_leaves_a_doubted_slot_to_the_ridge_alone(played: Played) -> None:
-    """Where the log does not show the playbook paying, the ridge's shrunk gains decide, not the
-    unshrunk boosted model's half (the blend's standard errors are the ridge's)."""
-    from insertrec.evaluation import rules_actions
-
-    ridge, boosted = played.candidates["ridge_box"], played.candidates["boosted"]
-    doubted = ridge.slot_names[2]
-    alone, mixed = ridge.value_model, blended(ridge.replace(doubted_slots=(doubted,)), boosted).value_model
-    assert alone is not None and mixed is not None and ridge.encoder is not None and boosted.encoder is not None
-    feats = played.feats.head(100)
-    rules = rules_actions(ridge.catalog, feats)
-    ours = mixed.slot_scores(boosted.encoder.transform(feats), rules)
-    theirs = alone.slot_scores(ridge.encoder.transform(feats), rules)
-    np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-9, atol=1e-9)
-    assert not np.allclose(ours[1], theirs[1])
 
 
 @pytest.mark.slow

@@ -237,16 +237,6 @@ def test_a_blend_scores_every_box_and_baseline_as_the_weighted_sum_of_its_two_mo
                                rtol=1e-9, atol=1e-9)
     assert not np.allclose(mixed.combo_scores(wide[:50], rules[:50], combos),
                            first.combo_scores(phi[:50], rules[:50], combos))
-    # in the first model's slots its terms alone: that slot's actions, and the pair terms with it
-    only = blend(first, second, 0.3, first_slots=(1,))
-    grid, own = only.box_grid, first.box_grid
-    per_action = only.box_grid.per_action(wide[:100], rules[:100] + grid.columns)
-    np.testing.assert_allclose(per_action[:, grid.slices[1]],
-                               own.per_action(phi[:100], rules[:100] + own.columns)[:, own.slices[1]], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(per_action[:, grid.slices[0]], mixed.box_grid.per_action(
-        wide[:100], rules[:100] + grid.columns)[:, grid.slices[0]], rtol=1e-9, atol=1e-9)
-    for pair, table in only.P_.items():
-        np.testing.assert_allclose(table, first.P_[pair] if 1 in pair else mixed.P_[pair], rtol=1e-9, atol=1e-9)
     with pytest.raises(InsertrecError, match="weight must be in"):
         blend(first, second, 1.5)
     with pytest.raises(InsertrecError, match="must lead"):

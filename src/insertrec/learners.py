@@ -231,15 +231,9 @@ class BoostedLearner(Learner):
 def blended(ridge: Policy, boosted: Policy, weight: float = BLEND_WEIGHT) -> Policy:
     """``ridge`` (a `BoxLearner` policy over the base encoder) and ``boosted`` (a `BoostedLearner`
     policy over a `SplineEncoder` of that encoder) as one policy: ``weight`` of the ridge's box
-    values, the rest the boosted model's, on the boosted model's features; in the policy's doubted
-    slots (`Policy.doubted_slots`: the log does not show the playbook paying, as where effects are
-    small) the ridge's alone. Why: there the ridge's shrinkage holds the noise's gains near zero, its
-    standard errors (the blend's) withhold the rest, and the boosted model, unshrunk, would add gains
-    that no standard error covers: the small-effects world at 5,000 customers (seed 1, `--pessimism
-    auto`) lost 0.52% against sending nothing with the blend in every slot, 0.05% with the ridge."""
+    values, the rest the boosted model's, on the boosted model's features."""
     assert ridge.value_model is not None and boosted.value_model is not None
-    doubted = tuple(s for s, name in enumerate(ridge.slot_names) if name in (ridge.doubted_slots or ()))
-    return boosted.replace(value_model=blend(ridge.value_model, boosted.value_model, weight, doubted))
+    return boosted.replace(value_model=blend(ridge.value_model, boosted.value_model, weight))
 
 
 class BlendLearner(Learner):

@@ -569,11 +569,10 @@ def _embedded(model: ValueModel, d: int) -> np.ndarray:
                            *[model.P_[pair].ravel() for pair in space.pairs]])
 
 
-def blend(first: ValueModel, second: ValueModel, weight: float, first_slots: tuple[int, ...] = ()) -> ValueModel:
+def blend(first: ValueModel, second: ValueModel, weight: float) -> ValueModel:
     """``weight`` times ``first`` plus ``1 - weight`` times ``second``, one value model on
     ``second``'s features, whose leading columns are ``first``'s (a `SplineEncoder` over the
-    encoder ``first`` was fitted on); in ``first_slots`` (indices) ``first``'s alone (the slot's
-    action and playbook terms, and the pair terms that involve it).
+    encoder ``first`` was fitted on).
 
     Why: q(x, a) is linear in theta, so the average of two fitted models' box values is the box
     value of their averaged theta, scored by one `BoxGrid` at the cost of either. Two models that
@@ -587,20 +586,12 @@ def blend(first: ValueModel, second: ValueModel, weight: float, first_slots: tup
     if first.space_ != second.space_ or first.n_features_ > second.n_features_:
         raise InsertrecError("blend: the models must share the action space, and the first's features must "
                              "lead the second's")
-    space, d = second.space_, second.n_features_
-    layout = _ThetaLayout(space, d)
-    share = np.full(layout.size, weight)
-    for s in first_slots:
-        share[layout.block[s]:layout.block[s] + d * (space.sizes[s] - 1)] = 1.0
-        share[layout.beta + s] = 1.0
-    for (s, t), at in zip(space.pairs, layout.pair):
-        if s in first_slots or t in first_slots:
-            share[at:at + space.sizes[s] * space.sizes[t]] = 1.0
+    d = second.n_features_
     out = ValueModel(alphas=first.alphas, action_alphas=first.action_alphas, boosted_baseline=first.boosted_baseline,
                      rule_prior=first.rule_prior, folds=first.folds, random_state=first.random_state)
-    out.space_, out.n_features_, out.alpha_ = space, d, first.alpha_
+    out.space_, out.n_features_, out.alpha_ = second.space_, d, first.alpha_
     out.reward_scale_, out.noise_ = first.reward_scale_, first.noise_
-    out.theta_ = share * _embedded(first, d) + (1.0 - share) * second.theta_
+    out.theta_ = weight * _embedded(first, d) + (1.0 - weight) * second.theta_
     out.offset_ = [_Blended([(first.offset_, first.n_features_, weight), (second.offset_, d, 1.0 - weight)])] \
         if first.offset_ or second.offset_ else []
     pad = d - first.n_features_
