@@ -5,8 +5,9 @@ same cross-fitted DR judge on the holdout (`evaluation.Judge`: its reward
 model is fitted, fold by fold, on the holdout orders themselves, so it is
 none of the candidates and no model grades its own homework). Each challenger
 is compared with the incumbent (the blend of the ridge box model and the
-distilled boosted model, `learners.blended`, composed of the two challengers'
-fits at no cost) on the same orders,
+distilled boosted model, `learners.blended`, composed of those two
+candidates' fits at no cost; the ridge alone where its cross-validation finds
+no action effect beyond the noise) on the same orders,
 a paired bootstrap difference; a challenger wins only when the lower bound of
 that difference is above zero (one-sided ``1 - (1 - level) / 2``: 97.5%)
 and its DR value rests on an
