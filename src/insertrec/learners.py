@@ -21,7 +21,8 @@ every other policy. The families:
   costs what the ridge's does.
 - ``blend`` (`BlendLearner`): the ridge box model and the distilled boosted
   model averaged on the box grid (`valuemodel.blend`): both are linear in the
-  same grid form, so the average is one grid, served at the ridge's cost.
+  same grid form, so the average is one grid, served at the distilled
+  model's cost (its spline features).
   They err differently (the boosted peer beat the ridge on some histories of
   the default world and lost on others), and the average keeps part of each
   one's right answers. The tournament's incumbent; the ridge alone where its
