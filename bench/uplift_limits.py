@@ -9,6 +9,10 @@ history). Every fit decides the same fresh orders, judged by their true
 values: greedy, and with exploration at a few shares (as `Policy` serves it,
 without training's playbook gate, which `bench/quality.py` measures).
 
+With ``--blend-weights``, each weight's blend of the ridge box model and the
+distilled boosted model fitted there (`insertrec.learners.blended`; both
+families must be among ``--families``) is scored alike.
+
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
 A form that captures much more on the noise-free reward than on the logged
 one is capped by its estimates' variance at that size, not by its form.
@@ -34,11 +38,12 @@ HERE = Path(__file__).resolve().parent
 EPSILONS = (0.1, 0.05, 0.02)
 
 
-def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str]) -> dict:
+def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str],
+             blend_weights: list[float], rewards: list[str]) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, box_eligible
+    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
     from insertrec.training import TrainConfig
@@ -82,22 +87,31 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
     out: dict = {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
                  "reward_sd": float(f.rewards.std()), "noise_free_reward_sd": float(noise_free.rewards.std()),
                  "families": {}}
-    for name in families:
-        for reward, feedback in (("logged", f), ("noise_free", noise_free)):
+    def score(name: str, reward: str, fitted: Policy, t: float) -> None:
+        greedy = fitted.decide_frame(fresh).greedy
+        row = {"greedy": capture(float(expected_value(truth, onehot(greedy, sizes)).mean()))}
+        for eps in EPSILONS:
+            served = fitted.replace(epsilon=eps)
+            row[f"epsilon_{eps}"] = capture(float(expected_value(
+                truth, served.probabilities(served.decide_frame(fresh))).mean()))
+        alpha = getattr(fitted.value_model, "alpha_", None)
+        row |= {"alpha": list(alpha) if alpha is not None else None, "fit_s": time.perf_counter() - t}
+        out["families"].setdefault(name, {})[reward] = row
+        print(f"{world_name} {customers} seed {seed} {name} on {reward} rewards: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("greedy", "epsilon"))),
+              flush=True)
+
+    for reward, feedback in (("logged", f), ("noise_free", noise_free)):
+        if reward not in rewards:
+            continue
+        fits = {}
+        for name in families:
             t = time.perf_counter()
-            fitted = learners[name].fit(sub, feedback, encoder, policy, seed)
-            greedy = fitted.decide_frame(fresh).greedy
-            row = {"greedy": capture(float(expected_value(truth, onehot(greedy, sizes)).mean()))}
-            for eps in EPSILONS:
-                served = fitted.replace(epsilon=eps)
-                row[f"epsilon_{eps}"] = capture(float(expected_value(
-                    truth, served.probabilities(served.decide_frame(fresh))).mean()))
-            alpha = getattr(fitted.value_model, "alpha_", None)
-            row |= {"alpha": list(alpha) if alpha is not None else None, "fit_s": time.perf_counter() - t}
-            out["families"].setdefault(name, {})[reward] = row
-            print(f"{world_name} {customers} seed {seed} {name} on {reward} rewards: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith(("greedy", "epsilon"))),
-                  flush=True)
+            fits[name] = learners[name].fit(sub, feedback, encoder, policy, seed)
+            score(name, reward, fits[name], t)
+        for weight in blend_weights:
+            t = time.perf_counter()
+            score(f"blend_{weight:g}", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
     return out
 
 
@@ -107,6 +121,9 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[30000])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--families", nargs="+", default=["ridge_box", "spline_box", "boosted"])
+    ap.add_argument("--blend-weights", nargs="*", type=float, default=[],
+                    help="the ridge's shares of the blends scored (needs ridge_box and boosted)")
+    ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     ap.add_argument("--json", default=str(HERE / "results" / "uplift_limits.json"))
     args = ap.parse_args()
@@ -116,7 +133,8 @@ def main() -> None:
         for world in args.worlds:
             for customers in args.sizes:
                 for seed in args.seeds:
-                    cells.append(run_cell(world, customers, seed, args.eval_orders, args.families))
+                    cells.append(run_cell(world, customers, seed, args.eval_orders, args.families,
+                                          args.blend_weights, args.rewards))
                     Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
 
 

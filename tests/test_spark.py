@@ -364,12 +364,18 @@ def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path
     whole = json.loads((tmp_path / "local" / "ope.json").read_text())
     assert 0.15 * whole["train_orders"] < sampled["train_orders"] < 0.6 * whole["train_orders"]
 
-    # the final ridge is fitted on every logged order of the whole history, not only the sample's:
-    # the local fit on all of them, with the encoder the sample fitted, to 1e-8
+    # the final ridge (the incumbent blend's ridge part) is fitted on every logged order of the whole
+    # history, not only the sample's: the local fit on all of them, with the encoder the sample fitted.
+    # The blend keeps its ridge's strengths, noise and posterior (`valuemodel.blend`), which the ridge's
+    # rows alone determine, to 1e-8
     from insertrec.evaluation import logged_orders, rules_actions
+    from insertrec.learners import SplineEncoder
+    from insertrec.tournament import INCUMBENT
 
-    assert sampled["tournament"]["winner"] == "ridge_box"
+    assert sampled["tournament"]["winner"] == INCUMBENT
     assert b.policy.value_model is not None and b.policy.encoder is not None
+    # the blend's encoder is a SplineEncoder over the ridge's; the ridge alone (`learners.blended`) its own
+    base = b.policy.encoder.base if isinstance(b.policy.encoder, SplineEncoder) else b.policy.encoder
     params = FeatureParams.fit(local, catalog=local.catalog)
     feats = order_features(local, params)
     costs = {a.id: a.cost for slot in local.catalog.slots.values() for a in slot.actions}
@@ -378,7 +384,16 @@ def test_train_on_spark_with_a_sample_of_customers_on_the_driver(spark, tmp_path
     assert logged.propensity_source == "logged" and len(logged) > 1.5 * sampled["train_orders"]
     rows = feats.iloc[logged.rows]
     expected = ValueModel(random_state=config.seed).fit(
-        b.policy.encoder.transform(rows), logged.feedback.actions, logged.feedback.rewards, b.policy.space,
+        base.transform(rows), logged.feedback.actions, logged.feedback.rewards, b.policy.space,
         rules_actions(local.catalog, rows), logged.feedback.pscores.prod(axis=1))
-    assert b.policy.value_model.alpha_ == expected.alpha_
-    np.testing.assert_allclose(b.policy.value_model.theta_, expected.theta_, rtol=0, atol=1e-8)
+    served = b.policy.value_model
+    assert served.alpha_ == expected.alpha_
+    np.testing.assert_allclose(served.noise_, expected.noise_, rtol=1e-8)
+    d, wide = expected.n_features_, served.n_features_
+
+    def covariances(factor: np.ndarray, width: int) -> np.ndarray:   # per action, L L' (L's signs are arbitrary)
+        per_action = factor.reshape(width, -1, width).transpose(1, 0, 2)
+        return np.einsum("aij,akj->aik", per_action, per_action)[:, :d, :d]
+
+    np.testing.assert_allclose(covariances(served.gain_factor_, wide), covariances(expected.gain_factor_, d),
+                               rtol=1e-6, atol=1e-12)

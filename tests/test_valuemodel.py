@@ -205,3 +205,39 @@ def test_in_a_doubted_slot_the_playbooks_action_pays_the_full_penalty_and_the_ot
     one = plain[7] - model.decision_grid(1.0, doubted=(1,)).per_action(phi[7], rule_columns[7])
     np.testing.assert_allclose(one, expected[7], atol=1e-12)
     assert model.decision_grid(1.0, doubted=()) is model.box_grid
+
+
+def test_a_blend_scores_every_box_and_baseline_as_the_weighted_sum_of_its_two_models():
+    """The ridge and a model over more features (its leading columns the ridge's, as a spline
+    encoding's are) averaged on the grid: the same boxes' values as averaging their scores, with
+    the decision's standard errors the first model's. Defaults not first, so that the W blocks'
+    layout (the default's column left out) is exercised."""
+    from insertrec.errors import InsertrecError
+    from insertrec.valuemodel import blend
+
+    space = ActionSpace(sizes=(3, 4, 2), defaults=(1, 0, 1))
+    phi, acts, y, ps, _, *_ = _world(4_000, 5)
+    acts = np.minimum(acts, np.array(space.sizes) - 1)
+    rules = np.tile([0, 2, 0], (len(y), 1))
+    wide = np.column_stack([phi, np.maximum(phi[:, 2] - 0.5, 0.0), np.maximum(phi[:, 2] + 0.5, 0.0)])
+    first = ValueModel().fit(phi, acts, y, space, rules)
+    second = ValueModel(boosted_baseline=False).fit(wide, acts, y + 2.0 * (acts[:, 1] == 3), space, rules)
+    mixed = blend(first, second, 0.3)
+    combos = space.combos
+    np.testing.assert_allclose(mixed.combo_scores(wide[:200], rules[:200], combos),
+                               0.3 * first.combo_scores(phi[:200], rules[:200], combos)
+                               + 0.7 * second.combo_scores(wide[:200], rules[:200], combos), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(mixed.baseline(wide[:200]),
+                               0.3 * first.baseline(phi[:200]) + 0.7 * second.baseline(wide[:200]), rtol=1e-9)
+    z = 1.5
+    np.testing.assert_allclose(first.box_grid.per_action(phi[:100], rules[:100] + first.box_grid.columns)
+                               - first.decision_grid(z).per_action(phi[:100], rules[:100] + first.box_grid.columns),
+                               mixed.box_grid.per_action(wide[:100], rules[:100] + mixed.box_grid.columns)
+                               - mixed.decision_grid(z).per_action(wide[:100], rules[:100] + mixed.box_grid.columns),
+                               rtol=1e-9, atol=1e-9)
+    assert not np.allclose(mixed.combo_scores(wide[:50], rules[:50], combos),
+                           first.combo_scores(phi[:50], rules[:50], combos))
+    with pytest.raises(InsertrecError, match="weight must be in"):
+        blend(first, second, 1.5)
+    with pytest.raises(InsertrecError, match="must lead"):
+        blend(second, first, 0.5)

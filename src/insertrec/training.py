@@ -40,12 +40,21 @@ from insertrec.evaluation import (
     slot_deciders,
 )
 from insertrec.explorationshare import exploration_advice, orders_per_month
-from insertrec.learners import BoxLearner
+from insertrec.learners import BlendLearner, BoxLearner
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
-from insertrec.tournament import CHALLENGERS, FINAL_ORDERS, INCUMBENT, Tournament, choose, fit_candidate
+from insertrec.tournament import (
+    CHALLENGERS,
+    FINAL_ORDERS,
+    INCUMBENT,
+    RIDGE,
+    Tournament,
+    choose,
+    fit_candidate,
+    with_incumbent,
+)
 from insertrec.valuemodel import ActionSpace, ValueModel
 
 __all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "TrainConfig", "TrainResult", "fit_policy",
@@ -194,8 +203,8 @@ def history_before(data: Dataset, cutoff: pd.Timestamp) -> Dataset:
 def fit_policy(feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
                seed: int, deciders: SlotDeciders | None = None, computation: Computation = Computation(),
                final: bool = False) -> Policy:
-    """The incumbent's policy (the ridge box model), its value model fitted on ``logged`` orders
-    (``final``: every logged order, `Computation.refit_value_model`)."""
+    """The ridge box model's policy, its value model fitted on ``logged`` orders (``final``: every
+    logged order, `Computation.refit_value_model`)."""
     fit = computation.refit_value_model if final else computation.fit_value_model
     fitted = BoxLearner(fit_value_model=fit).fit(
         feats.iloc[logged.rows], logged.feedback, encoder, policy, seed)
@@ -208,9 +217,12 @@ def _gated(policy: Policy, deciders: SlotDeciders) -> Policy:
 
 def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
                   seed: int, deciders: SlotDeciders, computation: Computation) -> Policy:
-    """The tournament's winner refitted on every logged order (a challenger on at most
-    `tournament.FINAL_ORDERS` of them), gated as the holdout decided."""
+    """The tournament's winner refitted on every logged order (a challenger, and the incumbent's
+    boosted part, on at most `tournament.FINAL_ORDERS` of them), gated as the holdout decided."""
     if winner == INCUMBENT:
+        blend = BlendLearner(fit_value_model=computation.refit_value_model, boosted_orders=FINAL_ORDERS)
+        return _gated(blend.fit(feats.iloc[logged.rows], logged.feedback, encoder, policy, seed), deciders)
+    if winner == RIDGE:
         return fit_policy(feats, logged, encoder, policy, seed, deciders, computation, final=True)
     learner = next(c for c in CHALLENGERS if c.name == winner)
     return _gated(fit_candidate(learner, feats, logged, encoder, policy, seed, FINAL_ORDERS), deciders)
@@ -363,15 +375,17 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                 notes.append(f"the log does not show the playbook paying in {', '.join(policy.doubted_slots)}: "
                              f"the playbook's action goes out there only where its estimated gain clears "
                              f"{AUTO_PESSIMISM:g} standard error of it")
-        candidates = {INCUMBENT: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
+        fitted = {RIDGE: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
-            candidates[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
+            fitted[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
+        candidates = with_incumbent(fitted)
+        del fitted
         chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff))
         del candidates
         if chosen.winner != INCUMBENT:
-            notes.append(f"learner: {chosen.winner} beat the ridge box model on the holdout "
-                         f"(see ope.json's tournament)")
+            notes.append(f"learner: {chosen.winner} beat the blend of the ridge box model and the boosted model "
+                         f"on the holdout (see ope.json's tournament)")
         if deciders.playbook_slots:
             notes.append(f"on the holdout the model did worse than the playbook in "
                          f"{', '.join(deciders.playbook_slots)}; the playbook decides there")

@@ -49,6 +49,7 @@ seed 1: -0.99% against the all-default box at z=3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -57,7 +58,8 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "box_statistics"]
+__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "blend",
+           "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -542,3 +544,59 @@ class ValueModel:
         """Expected reward of the given boxes (n, n_slots) for the given orders."""
         grid = self.box_grid
         return self.baseline(phi) + grid.value(phi, rules + grid.columns, actions)
+
+
+class _Blended:
+    """The baseline offset of a `blend`: each part's boosted offset models (of the leading
+    ``columns`` features, that part's own), averaged as `ValueModel.baseline` averages them, and
+    weighted by the part's share."""
+
+    def __init__(self, parts: list[tuple[list[Any], int, float]]):
+        self.parts = parts   # (a part's offset models, its number of features, its weight)
+
+    def predict(self, phi: np.ndarray) -> np.ndarray:
+        return sum((weight * np.mean([m.predict(phi[:, :columns]) for m in models], axis=0)
+                    for models, columns, weight in self.parts if models), np.zeros(len(phi)))
+
+
+def _embedded(model: ValueModel, d: int) -> np.ndarray:
+    """``model``'s theta in the layout of ``d`` features, of which its own are the leading ones
+    (the others' coefficients zero)."""
+    space, pad = model.space_, d - model.n_features_
+    rows = ((0, pad), (0, 0))
+    blocks = [np.delete(np.pad(w, rows), default, axis=1).ravel() for w, default in zip(model.W_, space.defaults)]
+    return np.concatenate([np.pad(model.w0_, (0, pad)), *blocks, model.beta_,
+                           *[model.P_[pair].ravel() for pair in space.pairs]])
+
+
+def blend(first: ValueModel, second: ValueModel, weight: float) -> ValueModel:
+    """``weight`` times ``first`` plus ``1 - weight`` times ``second``, one value model on
+    ``second``'s features, whose leading columns are ``first``'s (a `SplineEncoder` over the
+    encoder ``first`` was fitted on).
+
+    Why: q(x, a) is linear in theta, so the average of two fitted models' box values is the box
+    value of their averaged theta, scored by one `BoxGrid` at the cost of either. Two models that
+    err differently (the ridge and the distilled boosted model) average out part of their errors.
+    The posterior standard errors (`decision_grid`) are ``first``'s, unscaled: ``second`` is a
+    distillation whose own residual says nothing of the data's noise, and `--pessimism auto` was
+    measured with the ridge's errors. The baseline (estimates, never decisions) is the weighted sum
+    of both, each part's boosted offset included."""
+    if not 0.0 <= weight <= 1.0:
+        raise InsertrecError(f"blend: weight must be in [0, 1], got {weight}")
+    if first.space_ != second.space_ or first.n_features_ > second.n_features_:
+        raise InsertrecError("blend: the models must share the action space, and the first's features must "
+                             "lead the second's")
+    d = second.n_features_
+    out = ValueModel(alphas=first.alphas, action_alphas=first.action_alphas, boosted_baseline=first.boosted_baseline,
+                     rule_prior=first.rule_prior, folds=first.folds, random_state=first.random_state)
+    out.space_, out.n_features_, out.alpha_ = second.space_, d, first.alpha_
+    out.reward_scale_, out.noise_ = first.reward_scale_, first.noise_
+    out.theta_ = weight * _embedded(first, d) + (1.0 - weight) * second.theta_
+    out.offset_ = [_Blended([(first.offset_, first.n_features_, weight), (second.offset_, d, 1.0 - weight)])] \
+        if first.offset_ or second.offset_ else []
+    pad = d - first.n_features_
+    per_action = first.gain_factor_.reshape(first.n_features_, -1, first.n_features_)
+    out.gain_factor_ = np.pad(per_action, ((0, pad), (0, 0), (0, pad))).reshape(d, -1)
+    out._unpack(out.theta_)
+    out._box_grid = None
+    return out
