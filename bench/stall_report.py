@@ -22,13 +22,14 @@ from typing import Any
 
 # The kinds that can stall a request, in the order a tie is broken (the nested first: a
 # collection or a writer's turn runs inside a blocked loop, a commit inside a turn's callback).
-CAUSES = ("gc", "turn", "checkpoint_truncate", "commit", "tail", "read", "decide", "cpu_wait", "loop_lag",
-          "checkpoint")
+CAUSES = ("gc", "turn", "checkpoint_truncate", "checkpoint_restart", "commit", "tail", "read", "decide", "cpu_wait",
+          "loop_lag", "checkpoint_passive")
 
 
 def kind_of(event: dict[str, Any]) -> str:
-    if event["kind"] == "checkpoint" and "TRUNCATE" in event.get("sql", ""):
-        return "checkpoint_truncate"
+    """An event's kind; a checkpoint's with its mode (``checkpoint_passive``, ``_restart``, ``_truncate``)."""
+    if event["kind"] == "checkpoint":
+        return "checkpoint_" + event["sql"].split("(")[1].rstrip(")").lower()
     return str(event["kind"])
 
 
