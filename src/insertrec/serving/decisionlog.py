@@ -233,7 +233,10 @@ class DecisionLog:
         the next writer starts the WAL file over. The file keeps its size (about
         the limit) and is written over, never truncated: TRUNCATE freed the
         file's blocks inside the writers' turn, and every worker waited for it
-        (32-69 ms at 64 MB beside other jobs, RESTART 4-15 ms; issue #12).
+        (32-69 ms at 64 MB beside other jobs, RESTART 4-15 ms; issue #12). Nor
+        does it wait for a reader in the turn (SQLite's busy handler sleeps 1, 2,
+        5, 10... ms): a reader mid-read makes it a passive one, tried again next
+        round.
         """
         if not self.sqlite or self._checkpointer is not None or self.turn.path is None:
             return
@@ -246,8 +249,12 @@ class DecisionLog:
                         _, frames, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
                         page = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
                         if frames * page > wal_limit_bytes:
-                            with turn:
-                                conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
+                            _busy_timeout(conn, 0)   # a reader mid-read: retried next round, not waited for
+                            try:
+                                with turn:
+                                    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
+                            finally:
+                                _busy_timeout(conn, self.deadline_ms)
                 except (SQLAlchemyError, OSError):
                     pass  # the next round tries again; requests are unaffected
             turn.close()
