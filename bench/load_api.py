@@ -27,9 +27,14 @@ for `--open-duration` seconds): requests leave on a fixed schedule whatever
 the server's pace, and each latency is measured from its scheduled send time,
 so a stalled server is charged for the requests it held up (no coordinated
 omission; wrk2 is not in Debian, so the schedule is kept by `open_loop` here).
+Every request slower than 10 ms is listed with its send time, so that with `--stall-probe DIR`
+(every server run with bench/stallprobe, which records what each process did when slow)
+bench/stall_report.py can say what the servers were doing then. `--rounds 0` skips the closed
+loop; `--open-rounds N` repeats the open loop, the arms alternating.
 Prints and writes bench/results/load_api.json.
 
 Usage: python bench/load_api.py [--model DIR] [--workers 2] [--connections 64] [--duration 10] [--rate 500]
+       [--open-rounds 3] [--stall-probe DIR]
 Needs `wrk` (Debian: apt-get install -y wrk).
 """
 

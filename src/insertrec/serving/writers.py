@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["GroupCommit", "WriterTurn"]
 
 _RETRY_S = 0.0002   # between attempts at a busy writer's turn: a commit takes about a millisecond
-_POLL_S = 0.0005    # between a waiting group's looks at the turn (uvloop's timers round it up to 1 ms)
+_POLL_S = 0.001     # between a waiting group's looks at the turn: a timer, not a spin (uvloop runs a delay
+#                     under half a millisecond as call_soon: the loop would spin, taking the holder's CPU)
 
 
 class WriterTurn:
