@@ -22,7 +22,7 @@ from typing import Any
 
 # The kinds that can stall a request, in the order a tie is broken (the nested first: a
 # collection or a writer's turn runs inside a blocked loop, a commit inside a turn's callback).
-CAUSES = ("gc", "turn", "turn_wait", "checkpoint_truncate", "checkpoint_restart", "commit", "tail", "read", "decide", "cpu_wait",
+CAUSES = ("gc", "turn", "checkpoint_truncate", "checkpoint_restart", "commit", "tail", "read", "decide", "cpu_wait",
           "loop_lag", "checkpoint_passive")
 
 

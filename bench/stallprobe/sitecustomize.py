@@ -13,8 +13,7 @@ Active only when ``STALLPROBE_DIR`` is set (bench/load_api.py ``--stall-probe`` 
   (``/proc/self/task/<tid>/schedstat``: runnable, not running, e.g. beside other jobs);
 - ``checkpoint``: every SQLite WAL checkpoint (PASSIVE or TRUNCATE), in the checkpointer thread;
 - ``turn``: a writer's turn (``<file>.writer-lock``) waited for over 1 ms, in the commit (the loop
-  standing still); ``turn_wait``: a commit group put off over 1 ms while another writer held it
-  (the loop free);
+  standing still);
 - ``commit``: a group commit (``DecisionLog._record_many``) over 2 ms, with the group's size;
 - ``read``: a read of the log over 2 ms, with its statement's first words;
 - ``tail``: ``DecisionService._follow_tail`` over 2 ms;
@@ -170,17 +169,6 @@ def _install() -> None:
     def patch_writers(module) -> None:  # type: ignore[no-untyped-def]
         cls = module.WriterTurn
         cls.__enter__ = timed("turn", 1.0, lambda self: {"blocking": self.deadline_s is None})(cls.__enter__)
-        commit = module.GroupCommit._commit
-
-        def _commit(self):  # type: ignore[no-untyped-def]
-            waiting = getattr(self, "_waiting_since", None)   # a group put off while the turn was taken
-            commit(self)
-            if waiting is not None and getattr(self, "_waiting_since", None) is None:
-                ms = (time.monotonic() - waiting) * 1e3
-                if ms > 1.0:
-                    record("turn_wait", time.time() - ms / 1e3, ms, group=len(self._pending))
-
-        module.GroupCommit._commit = _commit
 
     def patch_service(module) -> None:  # type: ignore[no-untyped-def]
         cls = module.DecisionService

@@ -199,7 +199,7 @@ class DecisionLog:
         self._read_cursor: Any = None
         self._writer: Any = None
         self._read_lock, self._write_lock = threading.RLock(), threading.RLock()
-        self.turn = WriterTurn(self.engine.url.database if self.sqlite else None, deadline_ms / 1000)
+        self._turn = WriterTurn(self.engine.url.database if self.sqlite else None, deadline_ms / 1000)
         # a database server can stop answering (stopped, cut off): its calls wait in a thread of their own
         self._read_worker: ThreadPoolExecutor | None = None
         self._write_worker: ThreadPoolExecutor | None = None
@@ -233,12 +233,12 @@ class DecisionLog:
         the next writer starts the WAL file over. The file keeps its size (about
         the limit) and is written over, never truncated: TRUNCATE freed the
         file's blocks inside the writers' turn, and every worker waited for it
-        (32-69 ms at 64 MB beside other jobs, RESTART 4-15 ms; issue #12). Nor
+        (26-69 ms at 52 MB beside other jobs, RESTART 4-15 ms; issue #12). Nor
         does it wait for a reader in the turn (SQLite's busy handler sleeps 1, 2,
         5, 10... ms): a reader mid-read makes it a passive one, tried again next
         round.
         """
-        if not self.sqlite or self._checkpointer is not None or self.turn.path is None:
+        if not self.sqlite or self._checkpointer is not None or self._turn.path is None:
             return
         turn = WriterTurn(self.engine.url.database)   # its own descriptor: flock excludes per descriptor
 
@@ -278,7 +278,7 @@ class DecisionLog:
                     setattr(self, attr, None)
                 finally:
                     lock.release()
-        self.turn.close()
+        self._turn.close()
         self.engine.dispose()
 
     # -- decisions ------------------------------------------------------------------
@@ -523,7 +523,7 @@ class DecisionLog:
             if self._writer is None:
                 self._writer = self.engine.raw_connection()
             conn = self._writer
-            with self.turn:
+            with self._turn:
                 cursor = conn.cursor()
 
                 def run(statement: Prepared | Raw, /, **params: Any) -> Any:

@@ -7,9 +7,7 @@ would sleep (1, 2, 5... ms) and retry, which under load stalls a worker's
 whole event loop.
 
 A commit costs far more than the statements in it, so a worker commits the
-decisions made in one turn of its event loop together (`GroupCommit`). While
-another process holds the turn (another worker's commit, the checkpointer
-rewinding the WAL), the group waits with the event loop free.
+decisions made in one turn of its event loop together (`GroupCommit`).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import asyncio
 import fcntl
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from insertrec.errors import InsertrecError
 from insertrec.logschema import LogUnavailable
@@ -30,8 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["GroupCommit", "WriterTurn"]
 
 _RETRY_S = 0.0002   # between attempts at a busy writer's turn: a commit takes about a millisecond
-_POLL_S = 0.001     # between a waiting group's looks at the turn: a timer, not a spin (uvloop runs a delay
-#                     under half a millisecond as call_soon: the loop would spin, taking the holder's CPU)
 
 
 class WriterTurn:
@@ -48,7 +44,6 @@ class WriterTurn:
         self.path = f"{database}.writer-lock" if database and database != ":memory:" else None
         self.deadline_s = deadline_s
         self._fd: int | None = None
-        self._probe: int | None = None   # a descriptor of its own: flock excludes per descriptor
 
     def __enter__(self) -> None:
         if self.path is None:
@@ -65,37 +60,18 @@ class WriterTurn:
                 return
             except BlockingIOError:
                 if time.monotonic() >= give_up:
-                    raise self.overdue() from None
+                    raise LogUnavailable(f"decision log: another process held the writer's turn past the "
+                                         f"deadline ({self.deadline_s * 1000:.0f} ms)") from None
                 time.sleep(_RETRY_S)
-
-    def taken(self) -> bool:
-        """Whether another writer, in this process or another, holds the turn now (a look: the
-        turn is not kept)."""
-        if self.path is None:
-            return False
-        if self._probe is None:
-            self._probe = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(self._probe, fcntl.LOCK_UN)
-        return False
-
-    def overdue(self) -> LogUnavailable:
-        """The error of a turn not had within the deadline."""
-        return LogUnavailable(f"decision log: another process held the writer's turn past the deadline "
-                              f"({(self.deadline_s or 0) * 1000:.0f} ms)")
 
     def __exit__(self, *_: object) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        for fd in (self._fd, self._probe):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._probe = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 
@@ -105,11 +81,7 @@ class GroupCommit:
     The first submission schedules the commit with ``call_soon``: it runs
     once every request that was ready in this turn has chosen its box and
     submitted too. Each waits for its own result; nothing is answered
-    before its commit. While another writer holds the writers' turn, the
-    commit is put off (every `_POLL_S`, up to the turn's deadline, then
-    LogUnavailable) and decisions submitted meanwhile join the group: the
-    worker's event loop goes on serving, where waiting in the commit itself
-    stalled every request of the worker for as long as the turn was held. A request whose client went away is still committed
+    before its commit. A request whose client went away is still committed
     (a retry gets the stored answer). A log that failed, or an order id reused
     for another order (`OrderConflict`), is raised in the request.
 
@@ -122,7 +94,6 @@ class GroupCommit:
     def __init__(self, log: DecisionLog, metrics: Metrics):
         self.log, self.metrics = log, metrics
         self._pending: list[tuple[Entry, asyncio.Future]] = []
-        self._waiting_since: float | None = None   # since when the pending group waits for the turn
 
     async def submit(self, entry: Entry) -> Recorded | CustomerMoved | OutOfStock:
         loop = asyncio.get_running_loop()
@@ -133,23 +104,12 @@ class GroupCommit:
         return await future
 
     def _commit(self) -> None:
-        turn = self.log.turn
-        results: list[Any] | None = None
-        if turn.taken():
-            now = time.monotonic()
-            self._waiting_since = self._waiting_since or now
-            if now - self._waiting_since < (turn.deadline_s or 0):
-                asyncio.get_running_loop().call_later(_POLL_S, self._commit)
-                return
-            results = [turn.overdue()] * len(self._pending)
-        self._waiting_since = None
         group, self._pending = self._pending, []
         self.metrics.commit_group.observe(len(group))
-        if results is None:
-            try:
-                results = self.log.record_many([entry for entry, _ in group])
-            except LogUnavailable as exc:
-                results = [exc] * len(group)
+        try:
+            results: list = self.log.record_many([entry for entry, _ in group])
+        except LogUnavailable as exc:
+            results = [exc] * len(group)
         for (_, future), result in zip(group, results):
             if future.done():  # cancelled: the client went away
                 continue
