@@ -27,9 +27,14 @@ for `--open-duration` seconds): requests leave on a fixed schedule whatever
 the server's pace, and each latency is measured from its scheduled send time,
 so a stalled server is charged for the requests it held up (no coordinated
 omission; wrk2 is not in Debian, so the schedule is kept by `open_loop` here).
+Every request slower than 10 ms is listed with its send time, so that with `--stall-probe DIR`
+(every server run with bench/stallprobe, which records what each process did when slow)
+bench/stall_report.py can say what the servers were doing then. `--rounds 0` skips the closed
+loop; `--open-rounds N` repeats the open loop, the arms alternating.
 Prints and writes bench/results/load_api.json.
 
 Usage: python bench/load_api.py [--model DIR] [--workers 2] [--connections 64] [--duration 10] [--rate 500]
+       [--open-rounds 3] [--stall-probe DIR]
 Needs `wrk` (Debian: apt-get install -y wrk).
 """
 
@@ -259,21 +264,25 @@ def wrk(port: int, connections: int, duration: float, script: Path, tag: str,
 
 
 def open_loop(port: int, rate: float, duration: float, tag: str, connections: int,
-              server: subprocess.Popen | None = None) -> dict[str, Any]:
+              server: subprocess.Popen | None = None, slow_ms: float = 10.0) -> dict[str, Any]:
     """Offer ``rate`` requests/s for ``duration`` s on a fixed schedule, whatever the server's pace;
     each latency runs from the request's scheduled send time (a request waiting for a free
     connection is charged the wait). Bodies as WRK_SCRIPT's: a new order_id each, customers recurring.
 
     The client's own cyclic garbage collector is off for the measured window (collected before and
     after): its full collections paused this loop 47-52 ms at a time (issue #12), delaying sends and
-    reads, and every such pause was charged to the server as latency."""
+    reads, and every such pause was charged to the server as latency.
+
+    Every request slower than ``slow_ms`` is listed (``slow``: its scheduled send time in unix
+    seconds, its latency and how late the client sent it, in ms), to be lined up with what the
+    servers recorded then (``--stall-probe``)."""
     cpu_before = cpu_seconds(server.pid) if server is not None else 0.0
     gc.collect()
     gc.disable()
     began = time.time()
     try:
-        latencies, statuses, late = asyncio.run(asyncio.wait_for(
-            _open_loop(port, rate, duration, tag, connections), timeout=duration + 60))
+        latencies, statuses, late, slow = asyncio.run(asyncio.wait_for(
+            _open_loop(port, rate, duration, tag, connections, slow_ms / 1e3), timeout=duration + 60))
     finally:
         ended = time.time()
         gc.enable()
@@ -285,19 +294,23 @@ def open_loop(port: int, rate: float, duration: float, tag: str, connections: in
             "p90_ms": round(float(np.percentile(ms, 90)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "max_ms": round(float(ms[-1]), 2), "non_2xx": len(ms) - ok,
             "sent_late_over_1ms": late, "server_cpu_us_per_request": round(cpu / len(ms) * 1e6, 1),
-            "window_unix_s": [round(began, 3), round(ended, 3)]}   # to line up with servers' own logs
+            "window_unix_s": [round(began, 3), round(ended, 3)],   # to line up with servers' own logs
+            "slow": slow}
 
 
-async def _open_loop(port: int, rate: float, duration: float, tag: str,
-                     connections: int) -> tuple[list[float], Counter, int]:
+async def _open_loop(port: int, rate: float, duration: float, tag: str, connections: int,
+                     slow_s: float) -> tuple[list[float], Counter, int, list[dict[str, float]]]:
     loop = asyncio.get_running_loop()
+    wall = time.time() - loop.time()
     idle: asyncio.Queue = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))
     latencies: list[float] = []
     statuses: Counter = Counter()
+    slow: list[dict[str, float]] = []
 
     async def one(i: int, scheduled: float) -> None:
+        sent = loop.time()
         reader, writer = await idle.get()
         body = (f'{{"order_id":"{tag}-{i}","customer_id":"c-{i % 2}-{i // 2 % 3000}","order_value":'
                 f'{10 + i % 90}.5,"channel":"web","categories":["apparel"],"n_items":2}}').encode()
@@ -308,6 +321,9 @@ async def _open_loop(port: int, rate: float, duration: float, tag: str,
         length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
         await reader.readexactly(int(length.group(1)) if length else 0)
         latencies.append(loop.time() - scheduled)
+        if latencies[-1] > slow_s:
+            slow.append({"scheduled_unix_s": round(wall + scheduled, 4), "ms": round(latencies[-1] * 1e3, 2),
+                         "sent_late_ms": round((sent - scheduled) * 1e3, 2), "i": i})
         statuses[int(head.split(b" ", 2)[1])] += 1
         idle.put_nowait((reader, writer))
 
@@ -321,7 +337,7 @@ async def _open_loop(port: int, rate: float, duration: float, tag: str,
     await asyncio.gather(*tasks)
     while not idle.empty():
         idle.get_nowait()[1].close()
-    return latencies, statuses, late
+    return latencies, statuses, late, slow
 
 
 def _ms(value: str, unit: str) -> float:
@@ -338,6 +354,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rate", type=float, default=500.0, help="open-loop offered orders/s (0: skip)")
     ap.add_argument("--open-duration", type=float, default=10.0)
+    ap.add_argument("--open-rounds", type=int, default=1,
+                    help="open-loop windows per arm, the arms alternating (their p99s are listed, and the median)")
+    ap.add_argument("--stall-probe", metavar="DIR", help="run every server with bench/stallprobe first on "
+                    "PYTHONPATH, recording in DIR what each process did when slow (see bench/stall_report.py)")
     ap.add_argument("--fixed-decision", action="store_true",
                     help="also run the service with its model taken out (arm c): the ceiling for any model")
     ap.add_argument("--baseline-src", help="also run the service from this source tree (its src/ on "
@@ -382,6 +402,12 @@ def main() -> None:
                                                         *filter(None, [os.environ.get("PYTHONPATH")])])},
             "fixed_decision": {**env, "INSERTREC_DB_URL": f"sqlite:///{tmp / 'fixed.db'}",
                                **({"INSERTREC_MODEL": args.model} if args.model else {})}}
+    if args.stall_probe:
+        Path(args.stall_probe).mkdir(parents=True, exist_ok=True)
+        for name, arm_env in envs.items():
+            path = [str(ROOT / "bench" / "stallprobe"), *filter(None, [arm_env.get("PYTHONPATH")])]
+            envs[name] = {**arm_env, "STALLPROBE_DIR": str(Path(args.stall_probe).resolve()),
+                          "STALLPROBE_ARM": name, "PYTHONPATH": os.pathsep.join(path)}
     names = (["noop", "peer", "service"] + (["baseline"] if args.baseline_src else [])
              + (["fixed_decision"] if args.fixed_decision else []))
     procs: dict[str, subprocess.Popen] = {}
@@ -399,15 +425,20 @@ def main() -> None:
                 print(f"round {r + 1} {name:14s} {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
                       f"p99 {result['p99_ms']:.2f} ms  server CPU {result['server_cpu_us_per_request']:.0f} us/req  "
                       f"non-2xx {result['non_2xx']}  load {result['loadavg_1m_after']:.1f}", flush=True)
-        opened: dict[str, dict] = {}
-        for name in names if args.rate > 0 else []:
-            opened[name] = open_loop(ports[name], args.rate, args.open_duration, f"open{name}", args.connections,
-                                     procs[name])
-            opened[name]["loadavg_1m_after"] = os.getloadavg()[0]
-            print(f"open loop {args.rate:.0f}/s {name:14s} p50 {opened[name]['p50_ms']:.2f} ms  "
-                  f"p99 {opened[name]['p99_ms']:.2f} ms  max {opened[name]['max_ms']:.0f} ms  "
-                  f"server CPU {opened[name]['server_cpu_us_per_request']:.0f} us/req  "
-                  f"non-2xx {opened[name]['non_2xx']}  load {opened[name]['loadavg_1m_after']:.1f}", flush=True)
+        windows: dict[str, list[dict]] = {name: [] for name in names}
+        for r in range(args.open_rounds if args.rate > 0 else 0):
+            for name in names:
+                window = open_loop(ports[name], args.rate, args.open_duration, f"open{r}{name}",
+                                   args.connections, procs[name])
+                window["loadavg_1m_after"] = os.getloadavg()[0]
+                windows[name].append(window)
+                print(f"open loop {args.rate:.0f}/s {name:14s} p50 {window['p50_ms']:.2f} ms  "
+                      f"p99 {window['p99_ms']:.2f} ms  max {window['max_ms']:.0f} ms  "
+                      f"server CPU {window['server_cpu_us_per_request']:.0f} us/req  "
+                      f"non-2xx {window['non_2xx']}  load {window['loadavg_1m_after']:.1f}", flush=True)
+        opened: dict[str, dict] = {name: ws[0] if len(ws) == 1 else {
+            "p99_ms": statistics.median(w["p99_ms"] for w in ws), "p99_ms_windows": [w["p99_ms"] for w in ws],
+            "max_ms_windows": [w["max_ms"] for w in ws], "windows": ws} for name, ws in windows.items() if ws}
         scraped = {name: httpx.get(f"http://127.0.0.1:{ports[name]}/metrics").text
                    for name in names if name in ("service", "baseline", "fixed_decision")}
         metrics = scraped["service"]
@@ -417,13 +448,13 @@ def main() -> None:
 
     summary = {name: {k: statistics.median(x[k] for x in rs)
                       for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_us_per_request")}
-               for name, rs in runs.items()}
+               for name, rs in runs.items() if rs}
 
     def ratios_to(base: str) -> dict[str, dict[str, float]]:
         return {name: {"rps": round(summary[name]["rps"] / summary[base]["rps"], 3),
                        "cpu_per_request": round(summary[base]["server_cpu_us_per_request"]
                                                 / summary[name]["server_cpu_us_per_request"], 3)}
-                for name in names if name != base}
+                for name in names if name != base and name in summary} if base in summary else {}
 
     to_peer, to_noop = ratios_to("peer"), ratios_to("noop")
     open_p99 = opened.get("service", {}).get("p99_ms", math.nan)
@@ -435,10 +466,11 @@ def main() -> None:
               "open_loop": {"offered_rps": args.rate, "duration_s": args.open_duration,
                             "client": "bench/load_api.py open_loop (asyncio, fixed schedule)", **opened},
               "targets": {"ratio_to_peer_rps": 1.0, "open_loop_service_p99_ms": 15.0},
-              "met": {"ratio_to_peer": to_peer["service"]["rps"] >= 1.0, "open_loop_p99": open_p99 < 15.0},
+              "met": {"ratio_to_peer": to_peer["service"]["rps"] >= 1.0 if to_peer else None,
+                      "open_loop_p99": open_p99 < 15.0},
               "service_stage_mean_us": stages, "fallbacks": {name: _fallbacks(text) for name, text in scraped.items()},
               "runs": runs}
-    for name in names:
+    for name in summary:
         print(f"{name:14s} {summary[name]['rps']:6.0f} req/s, p50 {summary[name]['p50_ms']:.2f} ms, "
               f"p99 {summary[name]['p99_ms']:.2f} ms, server CPU {summary[name]['server_cpu_us_per_request']:.0f} us/req"
               + (f", to the peer {to_peer[name]['rps']:.2f} (by CPU per request {to_peer[name]['cpu_per_request']:.2f})"
