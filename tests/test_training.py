@@ -81,6 +81,38 @@ def test_a_slot_is_doubted_where_the_log_shows_the_playbook_losing_not_where_it_
     assert _doubted_slots(policy, [Estimate(-0.3, -0.5, -0.1)] * 3, reward_scale=43.0) == tuple(policy.slot_names)
 
 
+def test_the_gate_falls_back_to_the_default_only_in_the_slots_training_doubts(history):
+    """The holdout gate compares the model in a slot with its fallback, and the fallback is the
+    default exactly where `--pessimism auto` doubts the playbook: a playbook estimated a hair below
+    zero but not doubted (the default world's packaging, 30,000 customers, seed 3: -0.002 [-0.28,
+    0.26]) keeps the playbook as the yardstick. Judged against the default there, the model's
+    packaging was "shown" worse (-1.70 [-2.73, -0.79], truly +0.23) and the default went out, 8.4
+    points of the uplift lost. Without doubted slots (an explicit `--pessimism`) the estimate's sign
+    decides, as before."""
+    from insertrec.encoding import FeatureEncoder
+    from insertrec.evaluation import judge_for, logged_orders, slot_deciders
+    from insertrec.features import FeatureParams, order_features, order_rewards
+    from insertrec.training import fit_policy
+
+    catalog = history.catalog
+    feats = order_features(history, FeatureParams.fit(history, catalog=catalog))
+    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+    logged = logged_orders(history, feats, order_rewards(history, horizon_days=60, costs=costs), catalog)
+    late = (feats["order_ts"].iloc[logged.rows] >= feats["order_ts"].iloc[logged.rows].quantile(0.8)).to_numpy()
+    encoder = FeatureEncoder().fit(feats)
+    fitted = fit_policy(feats, logged.subset(~late), encoder, Policy(catalog), seed=0)
+    judge = judge_for(fitted, feats, logged.subset(late), encoder)
+    playbook = [Estimate(-0.002, -0.28, 0.26), Estimate(0.7, 0.1, 1.3), Estimate(-0.2, -0.6, 0.2)]
+    for doubted, fallbacks in (((), ["playbook"] * 3), (("coupon",), ["playbook", "playbook", "default"]),
+                               (None, ["default", "playbook", "default"])):
+        deciders = slot_deciders(fitted.replace(doubted_slots=doubted), feats, judge, playbook)
+        assert [deciders.gains[name]["fallback"] for name in fitted.slot_names] == fallbacks, doubted
+        for name, fallback in zip(fitted.slot_names, fallbacks):
+            shown_worse = deciders.gains[name][f"model_vs_{fallback}"]["high"] < 0
+            assert (name in deciders.playbook_slots) == (shown_worse and fallback == "playbook")
+            assert (name in deciders.default_slots) == (shown_worse and fallback == "default")
+
+
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "1", True])
 def test_pessimism_must_be_a_finite_number_of_standard_errors_not_below_zero(value):
     with pytest.raises(InsertrecError, match="--pessimism: .* is neither 'auto' nor a finite number >= 0"):

@@ -319,9 +319,22 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
     it (five times the holdout: where effects are small, a holdout cannot
     show the playbook's loss), else from ``judge``.
 
-    - The fallback is the playbook where its estimated gain over the slot
-      default is positive, elsewhere the default: where effects are small and
-      a coupon's discount outweighs the orders it brings back, sending nothing.
+    - The fallback is the default in the slots training doubts
+      (``policy.doubted_slots``, `--pessimism auto`: the whole log's estimate
+      of the playbook's gain, weighed against a small prior in its favour,
+      does not show it paying), elsewhere the playbook: where effects are
+      small and a coupon's discount outweighs the orders it brings back,
+      sending nothing. A policy without doubted slots (an explicit
+      `--pessimism`) falls back to the default where the playbook's estimate
+      is not positive. Why the doubt's rule, not the estimate's sign: one
+      notion of "the log does not show the playbook paying" for the whole
+      run, and the sign alone sent the default world's packaging to the
+      default (30,000 customers, seed 3: the playbook's gain estimated
+      -0.002 [-0.28, 0.26], not doubted) on a holdout DR of the model's
+      packaging against the default of -1.70 [-2.73, -0.79] per order,
+      truly +0.23 on those orders (its gain over the playbook, -0.72
+      [-1.64, 0.15], truly +0.04); the default there cost 8.4 points of
+      the uplift (0.540 -> 0.456, greedy; bench/results/quality_push.md).
     - The model decides unless the holdout shows it worse than the fallback
       (the paired DR difference's upper bound below zero, interval at ``level``).
     - Tried and taken out: where the playbook is not estimated to pay (or
@@ -376,11 +389,10 @@ def slot_deciders(policy: Policy, feats: pd.DataFrame, judge: Judge, playbook: l
                   "default": judge.judge_difference(ours, default, seed, slot=s, level=level)}
         gains[name] = {"playbook_vs_default": playbook[s].as_dict(),
                        **{f"model_vs_{k}": e.as_dict() for k, e in versus.items()}}
-        if playbook[s].value > 0:
-            if versus["playbook"].high < 0:      # shown worse than the playbook
-                to_playbook.append(name)
-        elif versus["default"].high < 0:         # shown worse than the default
-            to_default.append(name)
+        doubted = playbook[s].value <= 0 if policy.doubted_slots is None else name in policy.doubted_slots
+        gains[name]["fallback"] = fallback = "default" if doubted else "playbook"
+        if versus[fallback].high < 0:            # shown worse than the fallback
+            (to_default if doubted else to_playbook).append(name)
     return SlotDeciders(tuple(to_playbook), tuple(to_default), gains)
 
 

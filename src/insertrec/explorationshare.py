@@ -8,8 +8,8 @@ two options whose values differ by ``delta`` apart, with per-order noise
     m = 4 sigma^2 / delta^2 * log(H delta^2 / (4 sigma^2))        (0 where the log is not positive)
 
 times before committing. Per slot the two options are the model's choice and
-its fallback (the playbook where it pays, else the slot default:
-`evaluation.slot_deciders`), and the holdout measured both on ``n`` orders:
+its fallback (the playbook, or the slot default where training doubts the
+playbook: `evaluation.slot_deciders`), and the holdout measured both on ``n`` orders:
 the paired gain ``d`` with an interval of half-width ``h`` at level ``level``
 (z its normal quantile), so, as intervals shrink with 1/sqrt(n),
 
@@ -160,7 +160,7 @@ def exploration_advice(policy: Policy, feats: pd.DataFrame, judge: Judge, decide
     out: dict[str, SlotAdvice] = {}
     for name, gap in zip(policy.slot_names, _gaps(policy, feats, judge), strict=True):
         gains = deciders.gains[name]
-        fallback = "playbook" if gains["playbook_vs_default"]["value"] > 0 else "default"
+        fallback = gains["fallback"]
         est = gains[f"model_vs_{fallback}"]
         out[name] = slot_advice(len(judge.logged), float(est["value"]), (float(est["high"]) - float(est["low"])) / 2,
                                 float(gap), fallback, monthly_orders, fixed.get(name), level)

@@ -1,0 +1,124 @@
+"""Where the uplift goes between the blend fitted on every logged order and the policy as deployed.
+
+For each world, history size and seed: one logged history, trained as
+`bench/quality.py` trains it (`insertrec train`, the whole pipeline), and the
+pieces of that pipeline taken apart on the same fresh orders, judged by the
+simulator's truth (uplift captured = (v - all-default) / (oracle - all-default)):
+
+- ``deployed``: the trained policy with its exploration;
+- ``greedy``: the same without exploration (`bench/quality.py`'s ``model_greedy``);
+- ``greedy_ungated``: and without the holdout's playbook gate (no playbook or default slots);
+- ``greedy_ungated_undoubted``: and without `--pessimism auto`'s doubted slots;
+- ``direct_blend``: `learners.blended` of the ridge box model and the distilled boosted model,
+  each fitted here on every logged order (what `bench/uplift_limits.py --blend-weights` scores),
+  greedy, no gate, no doubt: equal to the line above unless the final fit differs;
+- ``train_part_blend``: the same fitted on the training part only (the tournament's candidate).
+
+Each line's difference with the one above is what that step costs. The
+evaluation orders can be two sets (``--eval-orders``), to show how much the
+choice of fresh orders moves the figures.
+
+Usage:
+  python bench/quality_attribution.py --seeds 1 3 --eval-orders 5000 10000
+Results go to bench/results/quality_attribution.json (--json to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from quality import load_world
+from threadpoolctl import threadpool_limits
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) -> dict:
+    from insertrec.encoding import FeatureEncoder
+    from insertrec.engine import Engine
+    from insertrec.evaluation import logged_orders
+    from insertrec.features import order_features, order_rewards
+    from insertrec.learners import BoostedLearner, BoxLearner, blended
+    from insertrec.ope import expected_value, onehot
+    from insertrec.simulation import fresh_orders
+    from insertrec.training import TrainConfig, train
+
+    world = load_world(world_name)
+    generated = world.generate(customers=customers, seed=seed)
+    data = generated.to_dataset()
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        train(data, Path(tmp) / "model", TrainConfig(seed=seed))
+        engine = Engine.load(Path(tmp) / "model")
+        ope = json.loads((Path(tmp) / "model" / "ope.json").read_text())
+    train_s = time.perf_counter() - t
+    deployed = engine.policy
+
+    feats = order_features(data, engine.params)
+    costs = {a.id: a.cost for slot in deployed.catalog.slots.values() for a in slot.actions}
+    logged = logged_orders(data, feats, order_rewards(data, horizon_days=60, costs=costs), deployed.catalog)
+    encoder = FeatureEncoder().fit(feats)
+    template = deployed.replace(epsilon=0.0, playbook_slots=(), default_slots=(), pessimism=0.0,
+                                doubted_slots=None)
+
+    def blend_on(part) -> object:
+        sub = feats.iloc[part.rows]
+        ridge = BoxLearner().fit(sub, part.feedback, encoder, template, seed)
+        return blended(ridge, BoostedLearner().fit(sub, part.feedback, encoder, template, seed))
+
+    ts = feats["order_ts"].iloc[logged.rows]
+    split = ts.quantile(0.8)
+    greedy = deployed.replace(epsilon=0.0)
+    ungated = greedy.replace(playbook_slots=(), default_slots=())
+    policies = {"deployed": deployed, "greedy": greedy, "greedy_ungated": ungated,
+                "greedy_ungated_undoubted": ungated.replace(pessimism=0.0, doubted_slots=None),
+                "direct_blend": blend_on(logged),
+                "train_part_blend": blend_on(logged.subset((ts < split).to_numpy()))}
+
+    out: dict = {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
+                 "train_s": train_s, "winner": ope["tournament"]["winner"],
+                 "slot_deciders": ope.get("slot_deciders"), "doubted_slots": ope["pessimism"]["doubted_slots"],
+                 "eval": {}}
+    for n in eval_sizes:
+        fresh = fresh_orders(engine, world, evaluation=world.evaluation_set(n, seed=10_000 + seed))
+        truth, sizes = fresh.truth, deployed.space.sizes
+        control = float(expected_value(truth, onehot(np.tile(np.array(deployed.space.defaults), (len(truth), 1)),
+                                                     sizes)).mean())
+        oracle = float(np.where(fresh.eligible, truth, -np.inf).max(axis=1).mean())
+        row = {}
+        for name, p in policies.items():
+            batch = p.decide_frame(fresh.features)
+            v = float(expected_value(truth, p.probabilities(batch)).mean())
+            row[name] = (v - control) / (oracle - control)
+        out["eval"][str(n)] = row
+        print(f"{world_name} {customers} seed {seed} eval {n} (winner {out['winner']}): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", nargs="+", default=["default"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[30000])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--eval-orders", nargs="+", type=int, default=[5000, 10_000])
+    ap.add_argument("--json", default=str(HERE / "results" / "quality_attribution.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cells = []
+    with threadpool_limits(1):
+        for world in args.worlds:
+            for customers in args.sizes:
+                for seed in args.seeds:
+                    cells.append(run_cell(world, customers, seed, args.eval_orders))
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
