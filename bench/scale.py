@@ -13,7 +13,9 @@ Each stage runs in a fresh Python process so that its peak resident set
   as ``training.train`` calls them (already loaded data, not timed);
 - ``train``: the whole ``training.train(data, out, TrainConfig())``:
   features, repurchase model, segments, value model, off-policy evaluation,
-  report and model directory, with the time of each of its steps.
+  report and model directory, with the wall and CPU time of each of its steps
+  (``--profile FILE``: also a cProfile of it, as pstats, to locate time
+  inside a step; the profiler's overhead inflates that run's figures).
 
 The budget (issue: under 3 minutes and 4 GiB on the 2-core machine) is for
 what a user waits for, ``load`` + ``train`` (``features`` is inside ``train``
@@ -21,13 +23,14 @@ and is measured alone only to locate time). On a shared machine wall time
 depends on the neighbours: CPU time and the load average are recorded
 beside it.
 
-Usage: python bench/scale.py [--customers 406000] [--seed 0] [--data DIR]
+Usage: python bench/scale.py [--customers 406000] [--seed 0] [--data DIR] [--profile FILE]
 Writes bench/results/scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import resource
@@ -52,7 +55,7 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 / GIB
 
 
-def run_stage(stage: str, data_dir: Path, customers: int, seed: int) -> dict:
+def run_stage(stage: str, data_dir: Path, customers: int, seed: int, profile: str | None = None) -> dict:
     """Do one stage in this process and measure it; called in a fresh child by :func:`measure`."""
     from insertrec import features
     from insertrec.data import load_data
@@ -61,6 +64,7 @@ def run_stage(stage: str, data_dir: Path, customers: int, seed: int) -> dict:
 
     result: dict = {"rss_before_gib": _peak_rss_gib()}
     steps: dict[str, float] = {}
+    steps_cpu: dict[str, float] = {}
     if stage == "generate":
         start, cpu = time.perf_counter(), _cpu_seconds()
         World.default().write_demo_data(data_dir, customers=customers, seed=seed)
@@ -84,25 +88,34 @@ def run_stage(stage: str, data_dir: Path, customers: int, seed: int) -> dict:
             steps["order_rewards"] = time.perf_counter() - start - steps["order_features"]
             result["feature_columns"] = feats.shape[1]
         else:
-            marks: list[tuple[str, float]] = []
+            marks: list[tuple[str, float, float]] = []
+            profiler = cProfile.Profile() if profile else None
             with tempfile.TemporaryDirectory(prefix="insertrec-scale-model-") as out:
+                if profiler is not None:
+                    profiler.enable()
                 res = train(data, Path(out) / "model", config,
-                            progress=lambda step: marks.append((step, time.perf_counter())))
-                marks.append(("end", time.perf_counter()))
-                steps = {name: t1 - t0 for (name, t0), (_, t1) in zip(marks, marks[1:])}
+                            progress=lambda step: marks.append((step, time.perf_counter(), _cpu_seconds())))
+                marks.append(("end", time.perf_counter(), _cpu_seconds()))
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(profile)
+                steps = {name: t1 - t0 for (name, t0, _), (_, t1, _) in zip(marks, marks[1:])}
+                steps_cpu = {name: c1 - c0 for (name, _, c0), (_, _, c1) in zip(marks, marks[1:])}
                 result["metrics"] = res.metrics
                 result["notes"] = res.notes
     result.update(seconds=time.perf_counter() - start, cpu_seconds=_cpu_seconds() - cpu,
                   peak_rss_gib=_peak_rss_gib())
     if steps:
         result["steps_seconds"] = steps
+    if steps_cpu:
+        result["steps_cpu_seconds"] = steps_cpu
     return result
 
 
-def measure(stage: str, data_dir: Path, customers: int, seed: int) -> dict:
+def measure(stage: str, data_dir: Path, customers: int, seed: int, profile: str | None = None) -> dict:
     """Run ``stage`` in a fresh interpreter and return what it measured."""
     cmd = [sys.executable, __file__, "--stage", stage, "--data", str(data_dir),
-           "--customers", str(customers), "--seed", str(seed)]
+           "--customers", str(customers), "--seed", str(seed), *(["--profile", profile] if profile else [])]
     load_before = os.getloadavg()[0]
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return {**json.loads(done.stdout.splitlines()[-1]), "loadavg_1m_before": load_before}
@@ -113,8 +126,9 @@ def table(stages: dict[str, dict]) -> str:
     for name, r in stages.items():
         lines.append(f"{name:<10}{r['seconds']:>9.1f}{r['cpu_seconds']:>9.1f}"
                      f"{r['peak_rss_gib']:>14.2f}{r['loadavg_1m_before']:>10.1f}")
-    for step, s in stages.get("train", {}).get("steps_seconds", {}).items():
-        lines.append(f"  train: {step:<24}{s:>8.1f} s")
+    train = stages.get("train", {})
+    for step, s in train.get("steps_seconds", {}).items():
+        lines.append(f"  train: {step:<24}{s:>8.1f} s{train.get('steps_cpu_seconds', {}).get(step, 0.0):>8.1f} s CPU")
     return "\n".join(lines)
 
 
@@ -126,10 +140,12 @@ def main() -> None:
                                    "with --stage, where the stage reads or writes")
     ap.add_argument("--stage", choices=("generate", "load", "features", "train"),
                     help="internal: run one stage in this process and print its figures as JSON")
+    ap.add_argument("--profile", help="write a cProfile of the train stage (pstats) to this file")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
     if args.stage:
-        print(json.dumps(run_stage(args.stage, Path(args.data), args.customers, args.seed), default=float))
+        print(json.dumps(run_stage(args.stage, Path(args.data), args.customers, args.seed, args.profile),
+                         default=float))
         return
 
     with tempfile.TemporaryDirectory(prefix="insertrec-scale-") as tmp:
@@ -138,7 +154,8 @@ def main() -> None:
         if not args.data:
             stages["generate"] = measure("generate", data_dir, args.customers, args.seed)
         for stage in ("load", "features", "train"):
-            stages[stage] = measure(stage, data_dir, args.customers, args.seed)
+            stages[stage] = measure(stage, data_dir, args.customers, args.seed,
+                                    args.profile if stage == "train" else None)
             print(f"{stage}: {stages[stage]['seconds']:.1f} s", flush=True)
 
     budget = {"seconds": stages["load"]["seconds"] + stages["train"]["seconds"],

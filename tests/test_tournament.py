@@ -233,3 +233,33 @@ def test_a_winning_challenger_is_refitted_gated_saved_and_served(tmp_path, monke
     first, again = engine.decide(order), engine.decide(order)
     assert first.as_dict() == again.as_dict() and first.model_version == engine.version
     assert set(first.slots) == set(engine.policy.slot_names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("final_orders", [100_000, 500])
+def test_the_incumbents_boosted_part_is_refitted_on_every_order_up_to_final_orders(tmp_path, monkeypatch,
+                                                                                  final_orders) -> None:
+    """Up to `tournament.FINAL_ORDERS` logged orders the served blend's boosted part learns from every
+    one of them; above, the tournament's fit (training part only) is served and no second boosted
+    model is fitted: the budget of a million-order run (bench/results/budget.md)."""
+    import insertrec.learners as learners
+    import insertrec.training as training
+
+    fits: list[int] = []
+    fit = BoostedLearner.fit
+
+    def counted(self, feats, *args, **kwargs):
+        fits.append(len(feats))
+        return fit(self, feats, *args, **kwargs)
+
+    monkeypatch.setattr(BoostedLearner, "fit", counted)
+    monkeypatch.setattr(learners, "_no_effect_beyond_noise", lambda ridge: False)   # the blend, not the ridge alone
+    monkeypatch.setattr(training, "FINAL_ORDERS", final_orders)
+    data = World.default().generate(customers=1500, seed=5).to_dataset()
+    train(data, tmp_path / "m", TrainConfig(seed=5, min_logged_orders=100))
+    ope = json.loads((tmp_path / "m" / "ope.json").read_text())
+    assert ope["tournament"]["winner"] == INCUMBENT
+    training_part, every = ope["train_orders"], ope["train_orders"] + ope["orders"]
+    assert every > 500
+    assert fits == ([training_part, every] if every <= final_orders else [training_part])
+    assert isinstance(Engine.load(tmp_path / "m").policy.encoder, SplineEncoder)   # the blend is served

@@ -254,22 +254,16 @@ def _no_effect_beyond_noise(ridge: Policy) -> bool:
 
 
 class BlendLearner(Learner):
-    """The ridge box model (on every order given) and the distilled boosted model (on at most
-    ``boosted_orders`` of them, drawn at random: its fit grows with its rows), `blended`."""
+    """The ridge box model and the distilled boosted model, both on every order given, `blended`."""
 
     name = "blend"
 
-    def __init__(self, weight: float = BLEND_WEIGHT, fit_value_model: FitValueModel = _fit_here,
-                 boosted_orders: int | None = None):
-        self.weight, self.fit_value_model, self.boosted_orders = weight, fit_value_model, boosted_orders
+    def __init__(self, weight: float = BLEND_WEIGHT, fit_value_model: FitValueModel = _fit_here):
+        self.weight, self.fit_value_model = weight, fit_value_model
 
     def fit(self, feats: pd.DataFrame, feedback: LoggedFeedback, encoder: FeatureEncoder, policy: Policy,
             seed: int) -> Policy:
         ridge = BoxLearner(fit_value_model=self.fit_value_model).fit(feats, feedback, encoder, policy, seed)
         if _no_effect_beyond_noise(ridge):   # what `blended` would return: no boosted fit to pay for
             return ridge
-        if self.boosted_orders is not None and len(feats) > self.boosted_orders:
-            keep = np.sort(np.random.default_rng(seed).choice(len(feats), self.boosted_orders, replace=False))
-            feats = feats.iloc[keep]
-            feedback = LoggedFeedback(feedback.rewards[keep], feedback.actions[keep], feedback.pscores[keep])
         return blended(ridge, BoostedLearner().fit(feats, feedback, encoder, policy, seed), self.weight)

@@ -73,7 +73,14 @@ MIN_ESS = 100.0   # and its DR value must rest on at least this many holdout ord
 # the two challengers on 50,000 orders and judging them added 27 CPU s (scale_tournament.json).
 # The boosted model's fit grows with its rows, and when a challenger wins the incumbent's final
 # fit on every order (~15 s there) is not paid, which a boosted fit on 100,000 orders about
-# replaces. The incumbent's ridge learns from all of them, its boosted part from FINAL_ORDERS.
+# replaces. The incumbent's ridge learns from all of them; its boosted part from all of them too
+# up to FINAL_ORDERS, and above that the tournament's own fit of it (at most CANDIDATE_ORDERS of
+# the training part) is served, with no second boosted fit: on 100,000 a million-order run paid
+# ~12 CPU s for it and went over budget (scale_blend.json). What that loses, the holdout's latest
+# fifth and half the rows, was worth nothing measurable at 100,000 customers (~244,000 logged
+# orders, default world, seeds 1-3, greedy: 0.596 of the uplift against 0.597 with the second
+# fit); at 30,000 customers (~72,000 orders) the final fit still sees every order, where keeping
+# the tournament's fit would have cost 0.9 points (bench/results/budget.md).
 CANDIDATE_ORDERS = 50_000
 FINAL_ORDERS = 100_000
 

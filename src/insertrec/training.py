@@ -40,7 +40,7 @@ from insertrec.evaluation import (
     slot_deciders,
 )
 from insertrec.explorationshare import exploration_advice, orders_per_month
-from insertrec.learners import BlendLearner, BoxLearner
+from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, blended
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
@@ -216,11 +216,17 @@ def _gated(policy: Policy, deciders: SlotDeciders) -> Policy:
 
 
 def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-                  seed: int, deciders: SlotDeciders, computation: Computation) -> Policy:
-    """The tournament's winner refitted on every logged order (a challenger, and the incumbent's
-    boosted part, on at most `tournament.FINAL_ORDERS` of them), gated as the holdout decided."""
+                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy) -> Policy:
+    """The tournament's winner refitted on every logged order (a challenger on at most
+    `tournament.FINAL_ORDERS` of them), gated as the holdout decided. The incumbent's ridge is
+    refitted on every order; its boosted part too where they are at most FINAL_ORDERS, and above
+    that the tournament's own fit of it, ``boosted``, is blended in (`tournament.FINAL_ORDERS`
+    says why and what that costs)."""
+    if winner == INCUMBENT and len(logged) > FINAL_ORDERS:
+        ridge = fit_policy(feats, logged, encoder, policy, seed, computation=computation, final=True)
+        return _gated(blended(ridge, boosted), deciders)
     if winner == INCUMBENT:
-        blend = BlendLearner(fit_value_model=computation.refit_value_model, boosted_orders=FINAL_ORDERS)
+        blend = BlendLearner(fit_value_model=computation.refit_value_model)
         return _gated(blend.fit(feats.iloc[logged.rows], logged.feedback, encoder, policy, seed), deciders)
     if winner == RIDGE:
         return fit_policy(feats, logged, encoder, policy, seed, deciders, computation, final=True)
@@ -379,6 +385,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         for learner in CHALLENGERS:
             fitted[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         candidates = with_incumbent(fitted)
+        boosted = fitted[BoostedLearner.name]   # the incumbent's boosted part, kept for the final fit
         del fitted
         chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff))
@@ -397,7 +404,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         ope_report["pessimism"] = {"z": policy.pessimism, "chosen": config.pessimism == "auto",
                                    "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
-        policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation)
+        policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation,
+                               boosted)
+        del boosted
     ope_report["propensity_source"] = logged.propensity_source
     ope_report["notes"] = notes
 
