@@ -37,6 +37,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,28 @@ def load_world(name: str):
     if name == "perturbed":
         return World.default().perturbed(seed=2026)
     return World.load(HERE / "worlds" / f"{name}.json")
+
+
+def cell_parser(description: str | None, results_name: str) -> argparse.ArgumentParser:
+    """The arguments every per-cell quality bench shares: which worlds, sizes and seeds, and where to write."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", nargs="+", default=["default"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[30000])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--json", default=str(HERE / "results" / results_name))
+    return ap
+
+
+def run_cells(args: argparse.Namespace, run: Callable[[str, int, int], dict]) -> None:
+    """``run(world, customers, seed)`` for every cell on one thread, the results file rewritten after each."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cells = []
+    with threadpool_limits(1):
+        for world in args.worlds:
+            for customers in args.sizes:
+                for seed in args.seeds:
+                    cells.append(run(world, customers, seed))
+                    Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
 
 
 # --------------------------------------------------------------------------- Vowpal Wabbit

@@ -25,16 +25,13 @@ Results go to bench/results/quality_attribution.json (--json to change).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from quality import load_world
-from threadpoolctl import threadpool_limits
+from quality import cell_parser, load_world, run_cells
 
 HERE = Path(__file__).resolve().parent
 
@@ -103,21 +100,10 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worlds", nargs="+", default=["default"])
-    ap.add_argument("--sizes", nargs="+", type=int, default=[30000])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap = cell_parser(__doc__, "quality_attribution.json")
     ap.add_argument("--eval-orders", nargs="+", type=int, default=[5000, 10_000])
-    ap.add_argument("--json", default=str(HERE / "results" / "quality_attribution.json"))
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cells = []
-    with threadpool_limits(1):
-        for world in args.worlds:
-            for customers in args.sizes:
-                for seed in args.seeds:
-                    cells.append(run_cell(world, customers, seed, args.eval_orders))
-                    Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
+    run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders))
 
 
 if __name__ == "__main__":

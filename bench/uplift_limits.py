@@ -24,15 +24,11 @@ Results go to bench/results/uplift_limits.json (--json to change).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-from quality import load_world
-from threadpoolctl import threadpool_limits
+from quality import cell_parser, load_world, run_cells
 
 HERE = Path(__file__).resolve().parent
 EPSILONS = (0.1, 0.05, 0.02)
@@ -116,26 +112,15 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worlds", nargs="+", default=["default"])
-    ap.add_argument("--sizes", nargs="+", type=int, default=[30000])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap = cell_parser(__doc__, "uplift_limits.json")
     ap.add_argument("--families", nargs="+", default=["ridge_box", "spline_box", "boosted"])
     ap.add_argument("--blend-weights", nargs="*", type=float, default=[],
                     help="the ridge's shares of the blends scored (needs ridge_box and boosted)")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
-    ap.add_argument("--json", default=str(HERE / "results" / "uplift_limits.json"))
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cells = []
-    with threadpool_limits(1):
-        for world in args.worlds:
-            for customers in args.sizes:
-                for seed in args.seeds:
-                    cells.append(run_cell(world, customers, seed, args.eval_orders, args.families,
-                                          args.blend_weights, args.rewards))
-                    Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells}, indent=1))
+    run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders, args.families,
+                                                            args.blend_weights, args.rewards))
 
 
 if __name__ == "__main__":
