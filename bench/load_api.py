@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -199,13 +200,23 @@ end
 """.replace("KEY", KEY)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(names: list[str]) -> dict[str, int]:
+    """A distinct free port per arm. Every socket is held until all are chosen: a port released and
+    asked for again can come back, and it did (two arms got one port; the second arm's server could
+    not bind it, the first answered its readiness check, and the run measured the first twice)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in names]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return {name: sock.getsockname()[1] for name, sock in zip(names, sockets, strict=True)}
 
 
 def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """Start a server and wait for its readiness; refused if the port already answers (the readiness
+    check would then be another process's)."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise SystemExit(f"port {port} is already served by another process")
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -379,7 +390,7 @@ def main() -> None:
            "INSERTREC_DB_DEADLINE_MS": os.environ.get("INSERTREC_DB_DEADLINE_MS", "10000")}
     model = f"model={args.model!r}, " if args.model else ""
     peer_catalog = str(Path(args.model) / "catalog.yaml") if args.model else args.catalog
-    ports = {name: free_port() for name in ("noop", "peer", "service", "baseline", "fixed_decision")}
+    ports = free_ports(["noop", "peer", "service", "baseline", "fixed_decision"])
     bench_import = f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import load_api; load_api."
     commands = {
         "noop": [sys.executable, "-c", "import uvicorn; from insertrec.serving.logs import uvicorn_log_config; "
