@@ -261,8 +261,8 @@ class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The top-level help: the description and the examples kept as written."""
 
 
-def _pessimism(text: str) -> float | str:
-    """``--pessimism``: 'auto' or a number (TrainConfig checks its range and names the flag)."""
+def _auto_or_number(text: str) -> float | str:
+    """``--pessimism``, ``--epsilon``: 'auto' or a number (TrainConfig checks its range and names the flag)."""
     if text == "auto":
         return text
     try:
@@ -305,9 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "rest to evaluate on (default: all of it)")
     c.add_argument("--horizon-days", type=int, default=60, help="days after an order in which the customer's "
                                                                 "next order counts as its reward")
-    c.add_argument("--epsilon", type=float, default=0.1, help="share of decisions that explore, per slot")
+    c.add_argument("--epsilon", type=_auto_or_number, default="auto", metavar="SHARE|auto",
+                   help="'auto' (the default): each slot explores the share the run's evidence recommends "
+                        "(from 2%% to 50%% of its decisions; see the report's 'How much to explore'); SHARE: "
+                        "that share of decisions, from 0 to 1, in every slot")
     c.add_argument("--seed", type=int, default=0, help="random seed of the learners")
-    c.add_argument("--pessimism", type=_pessimism, default="auto", metavar="Z|auto",
+    c.add_argument("--pessimism", type=_auto_or_number, default="auto", metavar="Z|auto",
                    help="'auto' (the default): spend on the playbook's action only where its estimated gain "
                         "exceeds 1 standard error of it in the slots where the history does not show the "
                         "playbook paying, the estimates deciding elsewhere; Z: in every slot, only where "

@@ -9,11 +9,13 @@ per-slot steps (playbook, exploration draw, propensity) on plain floats,
 which for a handful of numbers cost less than NumPy calls. They give the same
 boxes and propensities to the bit, which the tests check on random orders.
 
-A share epsilon of each slot's decisions explores, decided by a hash of the
-order id and the model version, so a retried order gets the same answer and
-the logged propensities are exact: (1 - eps) * [a is the best] + eps * q(a),
-where q is the exploring draw of `exploration` (a softmax over the estimated
-gaps with a floor; uniform among the eligible actions for a rules-only policy).
+A share epsilon of each slot's decisions explores (one share for every slot,
+or each slot its own: training serves the share the run's evidence recommends
+per slot, `explorationshare`), decided by a hash of the order id and the model
+version, so a retried order gets the same answer and the logged propensities
+are exact: (1 - eps_s) * [a is the best] + eps_s * q(a), where q is the
+exploring draw of `exploration` (a softmax over the estimated gaps with a
+floor; uniform among the eligible actions for a rules-only policy).
 
 Speed: one order must be decided in tens of microseconds, so everything that
 depends only on the model (stacked action weights, the slot-pair table laid
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress
@@ -208,6 +210,19 @@ def _uniform_one(order_id: str, salt: str, n_slots: int) -> Callable[[int], floa
     return lambda lane: (_mix64(h ^ lanes[lane]) >> 11) * 2.0**-53
 
 
+def _slot_shares(epsilon: float | Mapping[str, float], slots: list[str]) -> list[float]:
+    """Each slot's exploration share, catalog order: one number for all, or a mapping naming every slot."""
+    if not isinstance(epsilon, Mapping):
+        shares = [float(epsilon)] * len(slots)
+    elif set(epsilon) != set(slots):
+        raise ValueError(f"epsilon: per-slot shares must name the catalog's slots {slots} (got {sorted(epsilon)})")
+    else:
+        shares = [float(epsilon[name]) for name in slots]
+    if not all(0.0 <= e <= 1.0 for e in shares):
+        raise ValueError(f"epsilon: an exploration share must be in [0, 1] (got {epsilon!r})")
+    return shares
+
+
 class Policy:
     """The next-best-box policy of one model version.
 
@@ -217,7 +232,8 @@ class Policy:
     encoder : fitted feature encoder (None for a rules-only policy).
     value_model : fitted value model (None for a rules-only policy: the
         playbook plus exploration, which is how a new shop starts).
-    epsilon : share of decisions, per slot, that explore among eligible actions.
+    epsilon : share of decisions that explore among eligible actions: one number for every
+        slot, or a mapping slot name -> share (every slot named; training's ``--epsilon auto``).
     version : model version, part of the exploration hash.
     playbook_slots : slots where the model defers to the playbook, because
         off-policy evaluation on the holdout estimated it doing worse there
@@ -236,7 +252,8 @@ class Policy:
     """
 
     def __init__(self, catalog: Catalog, encoder: FeatureEncoder | None = None,
-                 value_model: ValueModel | None = None, epsilon: float = 0.1, version: str = "rules",
+                 value_model: ValueModel | None = None, epsilon: float | Mapping[str, float] = 0.1,
+                 version: str = "rules",
                  playbook_slots: tuple[str, ...] = (), default_slots: tuple[str, ...] = (),
                  pessimism: float = 0.0, doubted_slots: tuple[str, ...] | None = None):
         self.catalog = catalog
@@ -249,6 +266,10 @@ class Policy:
         self.epsilon = epsilon
         self.version = version
         self.slot_names = list(catalog.slots)
+        # each slot's share, catalog order (the same float in every slot for one number: the same bits)
+        self._eps_list = _slot_shares(epsilon, self.slot_names)
+        self._eps = np.array(self._eps_list)
+        self._exploring = max(self._eps_list) > 0
         self.space = ActionSpace(tuple(len(s.actions) for s in catalog.slots.values()),
                                  tuple(s.default_index for s in catalog.slots.values()))
         self.combos = self.space.combos
@@ -309,6 +330,11 @@ class Policy:
         return Policy(**(self.__getstate__() | changes))
 
     @property
+    def slot_epsilon(self) -> dict[str, float]:
+        """Each slot's exploration share, as served (catalog order)."""
+        return dict(zip(self.slot_names, self._eps_list, strict=True))
+
+    @property
     def name(self) -> str:
         return "rules" if self.value_model is None else "model"
 
@@ -329,11 +355,10 @@ class Policy:
         """Per slot (n, n_actions): the probability this policy gives each action (the
         exploration rule of `_explore`, for every action rather than the chosen one)."""
         out = []
-        for s, elig in enumerate(decisions.eligible):
+        for s, (elig, eps) in enumerate(zip(decisions.eligible, self._eps_list)):
             k = elig.sum(axis=1, keepdims=True)
-            p = self.epsilon * (elig / k if decisions.explore_probs is None
-                                else decisions.explore_probs[:, self._slices[s]])
-            p[np.arange(len(p)), decisions.greedy[:, s]] += 1.0 - self.epsilon
+            p = eps * (elig / k if decisions.explore_probs is None else decisions.explore_probs[:, self._slices[s]])
+            p[np.arange(len(p)), decisions.greedy[:, s]] += 1.0 - eps
             out.append(p)
         return out
 
@@ -393,14 +418,13 @@ class Policy:
             greedy, scores, uplift = self._best_one(phi, rules + self._columns, eligible, playbook)
             estimates = scores
         n = len(greedy)
-        if not self.epsilon > 0:
+        if not self._exploring:
             return _One(order_id, greedy, greedy, [1.0] * n, [False] * n, elig, scores, uplift)
         u = _uniform_one(order_id, self.version, n)
         probs = explore_probabilities_one(estimates, elig, self._slices, self._tau, greedy=greedy,
                                           fixed=self._floor_only)
-        eps = self.epsilon
         actions, explored, props = [], [], []
-        for s, sl in enumerate(self._slices):   # as `_explore`, one slot at a time
+        for s, (sl, eps) in enumerate(zip(self._slices, self._eps_list)):   # as `_explore`, one slot at a time
             k, g = sum(elig[sl]), greedy[s]
             explores = k > 1 and u(2 * s) < eps
             a = draw_one(probs[sl], u(2 * s + 1)) if explores else g
@@ -424,7 +448,7 @@ class Policy:
         rule_columns = rules + self._columns
         # the playbook's action, unless it ran out: then the slot default stands in
         playbook = np.where(eligible[rows, rule_columns] & ~self._silent, rules, self._defaults)
-        exploring = explore and self.epsilon > 0
+        exploring = explore and self._exploring
         if self._scorer is None:
             greedy, uplift, alt = playbook, None, None
             if alternatives:  # the playbook's pick first, then the other eligible actions
@@ -499,7 +523,7 @@ class Policy:
 
     def _explore(self, order_ids: np.ndarray, eligible: np.ndarray, greedy: np.ndarray,
                  scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """A share epsilon of each slot explores, drawing from `exploration.explore_probabilities`
+        """A share epsilon (the slot's own) of each slot explores, drawing from `exploration.explore_probabilities`
         (``scores``: each action's best box value; None: uniform): the actions, which slots explored,
         each chosen action's exact propensity, and the exploring distribution (flat).
 
@@ -508,11 +532,11 @@ class Policy:
         changes these two methods and nothing else."""
         u = exploration_uniforms(order_ids, self.version, len(self.slot_names))
         k = np.add.reduceat(eligible, self._columns, axis=1, dtype=np.intp)   # eligible per slot
-        explored = (u[:, :, 0] < self.epsilon) & (k > 1)
+        explored = (u[:, :, 0] < self._eps) & (k > 1)
         probs = explore_probabilities(scores, eligible, self._slices, self._tau, greedy=greedy, fixed=self._floor_only)
         actions = np.where(explored, draw(probs, u[:, :, 1], self._slices), greedy)
         drawn = probs[np.arange(len(actions))[:, None], actions + self._columns]
-        props = np.where(actions == greedy, 1.0 - self.epsilon, 0.0) + self.epsilon * drawn
+        props = np.where(actions == greedy, 1.0 - self._eps, 0.0) + self._eps * drawn
         return actions, explored, np.where(k > 1, props, 1.0), probs
 
     # -- reasons --------------------------------------------------------------

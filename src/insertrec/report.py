@@ -284,7 +284,7 @@ def build_report(profiles: pd.DataFrame, customers: pd.DataFrame, *, shop: str, 
                    "value_withheld": (ope.get("value") or {}).get("why")}
     exploration = None
     if policy is not None and ope and ope.get("exploration"):
-        exploration = {"served_epsilon": policy.epsilon, "slots": ope["exploration"]}
+        exploration = {"served_epsilon": policy.slot_epsilon, "slots": ope["exploration"]}
     stamp = lambda k: None if pd.isna(period.get(k)) else pd.Timestamp(period[k]).date().isoformat()
     return _plain({"shop": shop, "version": version, "currency": currency, "policy": kind,
             "as_of": stamp("as_of"), "data_from": stamp("data_from"), "data_to": stamp("data_to"),
@@ -522,8 +522,14 @@ def _exploration(report: dict[str, Any], money: str) -> str:
                    f"{_count(a['horizon_orders'])} expected in the next {HORIZON_MONTHS} months)")
         items.append(f"<li><b>{escape(slot.capitalize())}</b>: {escape(a['reason'])}<br>"
                      f"<span class=\"note\">{escape(figures)}</span></li>")
-    note = (f"A recommendation only: the engine still explores {ex['served_epsilon']:.0%} of decisions in every "
-            "slot; to change that, train again with --epsilon.")
+    served = ex["served_epsilon"]   # per slot; one number in report.json files written before it was
+    shares = set(served.values()) if isinstance(served, dict) else {served}
+    if isinstance(served, dict) and all(served[slot] == a["recommended_epsilon"] for slot, a in ex["slots"].items()):
+        note = ("Served: each slot explores the share recommended here (train --epsilon auto, the default); "
+                "train with --epsilon SHARE to explore one share in every slot instead.")
+    else:
+        note = (f"Not served: the engine explores {', '.join(f'{e:.0%}' for e in sorted(shares))} of decisions in "
+                "every slot, as trained (--epsilon); train with --epsilon auto to serve the recommended shares.")
     return (f'<section class="exploration"><h2>How much to explore</h2><ul>{"".join(items)}</ul>'
             f'<p class="note">{escape(note)}</p></section>')
 

@@ -124,7 +124,8 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
     ``learner.max_iter``); the manifest's ``version``, ``cutoff`` (as
     resolved), ``catalog_sha256`` and ``data_fingerprint`` are always logged,
     so runs trained on the same history and catalog can be found by their
-    hashes. Pass ``data`` (the data directory) too: promotion falls back on it.
+    hashes; and ``served_epsilon``, each slot's exploration share as served (``served_epsilon.<slot>``,
+    whatever ``epsilon`` asked for). Pass ``data`` (the data directory) too: promotion falls back on it.
     Non-finite and non-numeric metrics are left out (MLflow refuses ``None``;
     a NaN metric hides real ones in the UI's charts). Inside ``mlflow run``
     (``MLFLOW_RUN_ID`` set) the run it created is used, in its experiment;
@@ -145,8 +146,8 @@ def log_training_run(model_dir: str | Path, params: dict[str, Any], metrics: dic
         with mlflow.start_run(experiment_id=experiment_id, run_name=manifest.get("version")) as run:
             if experiment_id is None:
                 _warn_if_misplaced(run.info.experiment_id, experiment)
-            resolved = {key: manifest[key] for key in ("version", "cutoff", "catalog_sha256", "data_fingerprint")
-                        if key in manifest}
+            resolved = {key: manifest[key] for key in ("version", "cutoff", "catalog_sha256", "data_fingerprint",
+                                                       "served_epsilon") if key in manifest}
             mlflow.log_params(_unlogged(_flatten(params | resolved), run.data.params))
             logged = _log_pyfunc(mlflow, root, manifest, input_example) if modeldir.has_policy(manifest) else None
             finite = _finite(metrics)

@@ -57,7 +57,7 @@ from insertrec.tournament import (
 )
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["AUTO_PESSIMISM", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "TrainConfig", "TrainResult", "fit_policy",
+__all__ = ["AUTO_PESSIMISM", "COLD_START_EPSILON", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "TrainConfig", "TrainResult", "fit_policy",
            "history_before", "train"]
 
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
@@ -74,6 +74,10 @@ AUTO_PESSIMISM = 1.0
 # model's own prior on following the playbook, `ValueModel.rule_prior`; the spread lets a slot's gain
 # be a few times that either way). At a reward sd of 43 (the default world): +0.43 +- 0.86 per order.
 PLAYBOOK_PRIOR = (0.01, 0.02)
+# The exploration share of every slot where no holdout judged the model (`TrainConfig.epsilon` "auto" on a
+# cold start: the rules serve, and nothing yet says how much more exploring would settle): the share the
+# engine served in every slot before the evidence sized it per slot (`explorationshare`).
+COLD_START_EPSILON = 0.1
 _Z80 = NormalDist().inv_cdf(0.9)   # an 80% interval's half-width in standard errors (`playbook_gains`)
 
 
@@ -85,7 +89,9 @@ class TrainConfig:
     horizon_days: int = 60
     nps_ttl_days: int = 365
     lapse_days: int = 180
-    epsilon: float = 0.1               # share of decisions that explore, per slot
+    # share of decisions that explore: "auto" (the default), per slot the share the run's evidence
+    # recommends (`explorationshare`; COLD_START_EPSILON on a cold start); a number, that share in every slot
+    epsilon: float | Literal["auto"] = "auto"
     holdout_share: float = 0.2         # latest logged orders kept out of training for OPE
     min_logged_orders: int = 300       # below this, serve the playbook (cold start)
     seed: int = 0
@@ -95,13 +101,16 @@ class TrainConfig:
     pessimism: float | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
-        z = self.pessimism
-        if z == "auto":
-            return
-        if isinstance(z, bool) or not isinstance(z, (int, float)) or not np.isfinite(z) or z < 0:
-            raise InsertrecError(f"--pessimism: {z!r} is neither 'auto' nor a finite number >= 0 (standard errors "
-                                 "of a gain; 0 turns it off)")
-        object.__setattr__(self, "pessimism", float(z))   # 1 and 1.0 are one setting (and one version)
+        z, eps = self.pessimism, self.epsilon
+        if z != "auto":
+            if isinstance(z, bool) or not isinstance(z, (int, float)) or not np.isfinite(z) or z < 0:
+                raise InsertrecError(f"--pessimism: {z!r} is neither 'auto' nor a finite number >= 0 (standard "
+                                     "errors of a gain; 0 turns it off)")
+            object.__setattr__(self, "pessimism", float(z))   # 1 and 1.0 are one setting (and one version)
+        if eps != "auto":
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+                raise InsertrecError(f"--epsilon: {eps!r} is neither 'auto' nor a share of decisions from 0 to 1")
+            object.__setattr__(self, "epsilon", float(eps))
 
 
 @dataclass
@@ -277,26 +286,30 @@ def _doubted_slots(policy: Policy, playbook: list[Estimate], reward_scale: float
 
 
 def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
-                       encoder: FeatureEncoder, seed: int, playbook: list[Estimate],
-                       monthly_orders: float) -> tuple[Tournament, SlotDeciders, dict[str, float], dict]:
+                       encoder: FeatureEncoder, seed: int, playbook: list[Estimate], monthly_orders: float,
+                       epsilon: float | Literal["auto"]
+                       ) -> tuple[Tournament, SlotDeciders, dict[str, float], dict[str, float], dict]:
     """The learner the holdout chooses (`tournament.choose`), who decides each slot
-    (`evaluation.slot_deciders`), and the OPE metrics and report of the winner so gated, with the
-    recommended exploration share per slot (`explorationshare`). A
+    (`evaluation.slot_deciders`), the recommended exploration share per slot (`explorationshare`),
+    the share served in each slot (``epsilon``: a number, or "auto", the recommended one), and the
+    OPE metrics and report of the winner so gated and exploring. A
     function of its own so that the judge (every box scored for every holdout order, ~200 MB on
     a million orders) is freed before the final fit."""
     judge = judge_for(candidates[INCUMBENT], feats, holdout, encoder, seed)
     chosen = choose(candidates, feats, judge, seed)
     deciders = slot_deciders(chosen.policy, feats, judge, playbook, seed=seed)
     gated = _gated(chosen.policy, deciders)
-    ope_metrics, ope_report = evaluate(gated, feats, holdout, encoder, seed, judge)
+    advice = exploration_advice(gated, feats, judge, deciders, monthly_orders)
+    served = {slot: a.recommended_epsilon for slot, a in advice.items()} if epsilon == "auto" else \
+        dict.fromkeys(advice, epsilon)
+    ope_metrics, ope_report = evaluate(gated.replace(epsilon=served), feats, holdout, encoder, seed, judge)
     ope_report["slot_deciders"] = deciders.as_dict()
     ope_report["tournament"] = chosen.as_dict()
-    advice = exploration_advice(gated, feats, judge, deciders, monthly_orders)
     ope_report["exploration"] = {slot: a.as_dict() for slot, a in advice.items()}
     for slot, a in advice.items():
         ope_metrics[f"exploration_recommended_epsilon_{slot}"] = a.recommended_epsilon
         ope_metrics[f"exploration_cost_per_order_{slot}"] = a.cost_per_order
-    return chosen, deciders, ope_metrics | chosen.metrics(), ope_report
+    return chosen, deciders, served, ope_metrics | chosen.metrics(), ope_report
 
 
 def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
@@ -357,7 +370,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
     feats, rewards = computation.features_and_rewards(history, cutoff, params, config.horizon_days, costs)
     z = 0.0 if config.pessimism == "auto" else config.pessimism   # "auto": chosen below, from the evidence
-    policy = Policy(catalog, epsilon=config.epsilon, version=version, pessimism=z)
+    policy = Policy(catalog, epsilon=COLD_START_EPSILON if config.epsilon == "auto" else config.epsilon,
+                    version=version, pessimism=z)
     ope_report: dict = {}
     logged = logged_orders(history, feats, rewards, catalog)
     if logged.propensity_source != "logged" and len(logged):
@@ -387,8 +401,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         candidates = with_incumbent(fitted)
         boosted = fitted[BoostedLearner.name]   # the incumbent's boosted part, kept for the final fit
         del fitted
-        chosen, deciders, ope_metrics, ope_report = _judged_on_holdout(
-            candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff))
+        chosen, deciders, served, ope_metrics, ope_report = _judged_on_holdout(
+            candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff),
+            config.epsilon)
         del candidates
         if chosen.winner != INCUMBENT:
             notes.append(f"learner: {chosen.winner} beat the blend of the ridge box model and the boosted model "
@@ -406,6 +421,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation,
                                boosted)
+        if config.epsilon == "auto":
+            policy = policy.replace(epsilon=served)
         del boosted
     ope_report["propensity_source"] = logged.propensity_source
     ope_report["notes"] = notes
@@ -415,7 +432,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     files = report_files(segments, policy, feats, ope_report)
     progress("save")
     info |= {"feature_list": policy.encoder.feature_names_ if policy.encoder is not None else [],
-             "policy": policy.name}
+             "policy": policy.name, "served_epsilon": policy.slot_epsilon}
     segments_map = dict(zip(segments["customer_id"].astype(str), segments["segment_name"], strict=True))
     del segments
     manifest = modeldir.save(out, {"engine": {"policy": policy, "params": params, "snapshot": snapshot,
