@@ -224,7 +224,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, vw_gr
                         "uplift_captured": (v - control) / (oracle - control)}
     return {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
             "eval_orders": len(truth), "policies": report, "vw_selected": best_args, "vw_grid": tried,
-            "tournament": tournament, "timings_s": timings}
+            "tournament": tournament, "served_epsilon": engine.manifest.get("served_epsilon"), "timings_s": timings}
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
@@ -295,7 +295,8 @@ def main() -> None:
                     print(f"{world} {customers} seed {seed} ({time.perf_counter() - t:.0f} s, learner {winner}): "
                           "capture " + ", ".join(f"{k} {p[k]['uplift_captured']:.3f}" for k in SHOWN)
                           + f"; model vs the better of rules and all-default {p['model']['lift_vs_safe']:+.2%} "
-                          f"(greedy {p['model_greedy']['lift_vs_safe']:+.2%})", flush=True)
+                          f"(greedy {p['model_greedy']['lift_vs_safe']:+.2%}); exploration served "
+                          f"{cell['served_epsilon']}", flush=True)
                     Path(args.json).write_text(json.dumps({"args": vars(args), "cells": cells,
                                                            "table": aggregate(cells)}, indent=1))
     rows = aggregate(cells)

@@ -57,8 +57,8 @@ from insertrec.tournament import (
 )
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["AUTO_PESSIMISM", "COLD_START_EPSILON", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "TrainConfig", "TrainResult", "fit_policy",
-           "history_before", "train"]
+__all__ = ["AUTO_PESSIMISM", "COLD_START_EPSILON", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "TrainConfig",
+           "TrainResult", "fit_policy", "history_before", "train"]
 
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
