@@ -229,7 +229,7 @@ def test_a_catalog_without_exposures_serves_the_playbook_with_exploration(shop, 
     assert len(dec) == 3 * len(later)
     assert set(dec["policy"]) == {"rules", "explore"}
     explored = dec.groupby("order_id")["policy"].first().eq("explore").mean()
-    assert 0.1 < explored < 0.5                     # epsilon 0.1 per slot, three slots
+    assert 0.1 < explored < 0.5                     # a cold start's share, 0.1 per slot, three slots
     assert dec.groupby("slot")["action_id"].nunique().min() > 1
 
 

@@ -45,17 +45,20 @@ def variants(engine: Engine) -> dict[str, Policy]:
     """The policy as trained, the model deciding every slot, the same deciding on lower confidence
     bounds (`Policy.pessimism`; z=0.3, at which this small fixture still spends in every slot, on
     about half the orders it does at 0: at 1 it spends nowhere), the same with every slot doubted
-    (`--pessimism auto` where the log does not show the playbook paying, `Policy.doubted_slots`), and
-    the playbook alone."""
+    (`--pessimism auto` where the log does not show the playbook paying, `Policy.doubted_slots`), the
+    model exploring a share of its own in each slot (`--epsilon auto`'s per-slot shares, here set
+    far apart so that a slot taking another's share shows), and the playbook alone."""
     policy = engine.policy
     return {"as_trained": policy, "model": policy.replace(playbook_slots=(), default_slots=()),
+            "per_slot": policy.replace(playbook_slots=(), default_slots=(),
+                                       epsilon=dict(zip(policy.slot_names, (0.5, 0.02, 0.25)))),
             "pessimistic": policy.replace(playbook_slots=(), default_slots=(), pessimism=0.3),
             "doubted": policy.replace(playbook_slots=(), default_slots=(), pessimism=0.3,
                                       doubted_slots=tuple(policy.slot_names)),
             "rules": Policy(policy.catalog, epsilon=policy.epsilon, version=policy.version)}
 
 
-@pytest.fixture(scope="module", params=["as_trained", "model", "pessimistic", "doubted", "rules"])
+@pytest.fixture(scope="module", params=["as_trained", "model", "per_slot", "pessimistic", "doubted", "rules"])
 def policy(request: pytest.FixtureRequest, trained: tuple[Engine, pd.DataFrame]) -> Policy:
     return variants(trained[0])[request.param]
 
@@ -79,9 +82,8 @@ def test_propensities_are_exact(policy: Policy, trained: tuple[Engine, pd.DataFr
     """(1 - eps) [chosen is the best] + eps q(chosen), q the exploring draw: uniform among the
     eligible actions for the playbook, a softmax over the estimated gaps with a floor for a model."""
     batch = policy.decide_frame(trained[1])
-    eps = policy.epsilon
     rows = np.arange(len(batch.actions))
-    for s, eligible in enumerate(batch.eligible):
+    for s, (eligible, eps) in enumerate(zip(batch.eligible, policy.slot_epsilon.values(), strict=True)):
         k = eligible.sum(axis=1)
         sl = slice(policy.catalog.columns[s], policy.catalog.columns[s] + eligible.shape[1])
         q = eligible / k[:, None] if policy.value_model is None else batch.explore_probs[:, sl]
@@ -224,10 +226,34 @@ def test_exploration_share_is_epsilon() -> None:
 
 
 def test_explored_share_on_orders(policy: Policy, trained: tuple[Engine, pd.DataFrame]) -> None:
+    """Each slot explores its own share of the orders where it has a choice."""
     batch = policy.decide_frame(trained[1])
-    k = np.stack([e.sum(axis=1) for e in batch.eligible], axis=1)
-    share = batch.explored[k > 1].mean()
-    assert abs(share - policy.epsilon) < 0.04, share
+    for s, eps in enumerate(policy.slot_epsilon.values()):
+        choice = batch.eligible[s].sum(axis=1) > 1
+        share = batch.explored[choice, s].mean()
+        assert abs(share - eps) < 4 * np.sqrt(eps * (1 - eps) / choice.sum()) + 1e-9, (s, share, eps)
+
+
+def test_one_share_decides_as_that_share_named_for_every_slot(trained: tuple[Engine, pd.DataFrame]) -> None:
+    """`train --epsilon 0.3` (one number) and the same share given per slot are one policy, to the bit."""
+    engine, feats = trained
+    one = engine.policy.replace(playbook_slots=(), default_slots=(), epsilon=0.3)
+    named = one.replace(epsilon=dict.fromkeys(one.slot_names, 0.3))
+    a, b = one.decide_frame(feats), named.decide_frame(feats)
+    np.testing.assert_array_equal(a.actions, b.actions)
+    assert a.propensities.tolist() == b.propensities.tolist()
+    for p, q in zip(one.probabilities(a), named.probabilities(b), strict=True):
+        assert p.tolist() == q.tolist()
+    assert named.slot_epsilon == one.slot_epsilon == dict.fromkeys(one.slot_names, 0.3)
+
+
+def test_shares_must_name_every_slot_and_lie_in_0_1(trained: tuple[Engine, pd.DataFrame]) -> None:
+    base = trained[0].policy
+    names = base.slot_names
+    for shares in (dict.fromkeys(names[:-1], 0.1), dict.fromkeys([*names, "gift"], 0.1), 1.5, -0.1,
+                   dict.fromkeys(names, 2.0)):
+        with pytest.raises(ValueError, match="epsilon"):
+            base.replace(epsilon=shares)
 
 
 def test_alternatives_are_ranked_eligible_and_explained(policy: Policy,
@@ -356,6 +382,8 @@ def test_one_order_is_decided_exactly_as_in_a_batch_on_random_orders_and_states(
     policies = [base, base.replace(epsilon=0.6), base.replace(epsilon=0.0), base.replace(epsilon=1.0),
                 base.replace(playbook_slots=(), default_slots=()),
                 base.replace(playbook_slots=(slots[1],), default_slots=(slots[2],), epsilon=0.5),
+                base.replace(playbook_slots=(), default_slots=(), epsilon=dict(zip(slots, (0.02, 0.7, 0.3)))),
+                base.replace(playbook_slots=(slots[0],), epsilon=dict(zip(slots, (0.4, 0.0, 0.9)))),
                 base.replace(playbook_slots=tuple(slots), default_slots=()),
                 Policy(base.catalog, epsilon=0.5, version=base.version)]
     action_ids = sorted(base.catalog.action_ids)
@@ -403,6 +431,7 @@ def test_orders_decided_together_are_decided_exactly_as_each_alone(trained: tupl
     base = engine.policy
     action_ids = sorted(base.catalog.action_ids)
     policies = [base, base.replace(playbook_slots=(), default_slots=(), epsilon=0.5), base.replace(epsilon=0.0),
+                base.replace(playbook_slots=(), default_slots=(), epsilon=dict(zip(base.slot_names, (0.6, 0.02, 0.3)))),
                 Policy(base.catalog, epsilon=0.5, version=base.version)]
     for policy in policies:
         for size in (2, 7, 64, 100):

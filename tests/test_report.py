@@ -139,11 +139,11 @@ def test_facts_of_a_trained_model_add_up(trained: Path, facts: dict) -> None:
     drivers = [d for s in facts["segments"] for b in s["engine"]["box"] for d in b["drivers"]]
     assert drivers and all(abs(d["effect"]) > 1e-3 and d["words"] for d in drivers)
     assert len({d["words"] for d in drivers}) > 1          # not one fixed sentence
-    # Every slot gets a recommended exploration share, with the sentence saying why; the served one stays.
+    # Every slot gets a recommended exploration share, with the sentence saying why; by default it is served.
     ex = facts["exploration"]
     assert set(ex["slots"]) == {b["slot"] for b in facts["segments"][0]["engine"]["box"]}
     assert all(a["reason"] and 0 < a["recommended_epsilon"] < 1 for a in ex["slots"].values())
-    assert ex["served_epsilon"] == TrainConfig().epsilon
+    assert ex["served_epsilon"] == {slot: a["recommended_epsilon"] for slot, a in ex["slots"].items()}
     # A one-order customer is "new": the stage mix of each segment matches segments.csv.
     stages = pd.crosstab(segments["segment_id"], segments["journey_stage"], normalize="index")
     for seg in facts["segments"]:

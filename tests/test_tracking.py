@@ -59,7 +59,8 @@ def make_model(out: Path, version: str, epsilon: float = 0.1) -> Path:
              "report.html": "<!doctype html><title>segments</title>", "ope.json": "{}"}
     modeldir.save(out, {"engine": engine}, files,
                   {"version": version, "cutoff": CUTOFF, "catalog_sha256": catalog.sha256,
-                   "data_fingerprint": data.fingerprint(), "metrics": {}, "params": {}})
+                   "data_fingerprint": data.fingerprint(), "metrics": {}, "params": {},
+                   "served_epsilon": engine["policy"].slot_epsilon})
     return out
 
 
@@ -164,6 +165,9 @@ def test_run_holds_params_metrics_artifacts_and_registered_version(versions, sto
     assert run.data.params["catalog_sha256"] == manifest["catalog_sha256"]
     assert run.data.params["data_fingerprint"] == manifest["data_fingerprint"]
     assert run.data.params["learner.max_iter"] == "5" and run.data.params["cutoff"] == CUTOFF
+    # what was served, slot by slot, whatever the params asked for (`train --epsilon auto`)
+    assert {k: v for k, v in run.data.params.items() if k.startswith("served_epsilon.")} == \
+        {f"served_epsilon.{slot}": "0.1" for slot in manifest["served_epsilon"]}
     assert run.data.metrics == {"policy_value_dr": 1.5}          # NaN and None are left out
     logged = {a.path for a in c.list_artifacts(run_info.run_id)}
     assert {"segments.csv", "report.html", "catalog.yaml", "ope.json", "manifest.json"} <= logged

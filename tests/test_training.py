@@ -128,7 +128,35 @@ def test_a_model_pickled_before_classes_moved_is_refused_with_a_reason(tmp_path)
         Engine.load(tmp_path)
 
 
-def test_the_run_recommends_an_exploration_share_per_slot_and_leaves_the_served_one(history, tmp_path):
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "0.1", True])
+def test_epsilon_must_be_auto_or_a_share_from_0_to_1(value):
+    with pytest.raises(InsertrecError, match="--epsilon: .* is neither 'auto' nor a share of decisions from 0 to 1"):
+        TrainConfig(epsilon=value)
+
+
+def test_by_default_each_slot_explores_the_share_the_run_recommends(history, tmp_path):
+    """`train --epsilon auto` (the default): the recommendation is what the engine serves, slot by
+    slot, and the manifest and report say so."""
+    import json
+
+    result = train(history, tmp_path / "m", TrainConfig())
+    recommended = {slot: a["recommended_epsilon"]
+                   for slot, a in json.loads((tmp_path / "m" / "ope.json").read_text())["exploration"].items()}
+    assert recommended.keys() == set(history.catalog.slots)
+    assert Engine.load(tmp_path / "m").policy.slot_epsilon == recommended == result.manifest["served_epsilon"]
+    assert result.manifest["params"]["epsilon"] == "auto"
+    assert "Served: each slot explores the share recommended here" in (tmp_path / "m" / "report.html").read_text()
+
+
+def test_a_cold_start_explores_the_cold_start_share_in_every_slot(history, tmp_path):
+    from insertrec.training import COLD_START_EPSILON
+
+    result = train(history, tmp_path / "m", TrainConfig(min_logged_orders=10**9))
+    assert Engine.load(tmp_path / "m").policy.slot_epsilon == dict.fromkeys(history.catalog.slots, COLD_START_EPSILON)
+    assert result.manifest["served_epsilon"] == dict.fromkeys(history.catalog.slots, COLD_START_EPSILON)
+
+
+def test_the_run_recommends_an_exploration_share_per_slot_and_a_number_serves_one_share(history, tmp_path):
     import json
 
     from insertrec.explorationshare import MAX_EPSILON, MIN_EPSILON
@@ -144,6 +172,7 @@ def test_the_run_recommends_an_exploration_share_per_slot_and_leaves_the_served_
         if slot in gated:
             assert advice["recommended_epsilon"] == MIN_EPSILON
         assert result.metrics[f"exploration_recommended_epsilon_{slot}"] == advice["recommended_epsilon"]
-    assert Engine.load(tmp_path / "m").policy.epsilon == 0.1        # a recommendation, not applied
+    served = dict.fromkeys(slots, 0.1)                               # a recommendation, not applied
+    assert Engine.load(tmp_path / "m").policy.slot_epsilon == served == result.manifest["served_epsilon"]
     page = (tmp_path / "m" / "report.html").read_text()
-    assert "How much to explore" in page and "train again with --epsilon" in page
+    assert "How much to explore" in page and "train with --epsilon auto to serve the recommended shares" in page
