@@ -119,6 +119,16 @@ class VWLoop:
         return out
 
 
+def _chosen(model: Path) -> dict:
+    """What training chose for a round (from the model's ope.json): the tournament's winner, the gate's
+    playbook and default slots, the doubted slots."""
+    ope = json.loads((model / "ope.json").read_text()) if (model / "ope.json").exists() else {}
+    deciders = ope.get("slot_deciders", {})
+    return {"winner": ope.get("tournament", {}).get("winner"), "playbook_slots": deciders.get("playbook_slots"),
+            "default_slots": deciders.get("default_slots"),
+            "doubted_slots": ope.get("pessimism", {}).get("doubted_slots")}
+
+
 def _save(results_file: Path, key: str, entry: dict) -> None:
     """Merge this run's entry into the results (locked: the worlds may run side by side)."""
     results_file.parent.mkdir(parents=True, exist_ok=True)
@@ -149,9 +159,10 @@ def main() -> None:
     entry: dict = {"world": args.world, "customers": args.customers, "seed": args.seed, "rounds": args.rounds,
                    "judge_customers": args.judge_customers,
                    "vw_options": f"--cb_explore_adf -q sa {args.vw}", "pessimism": args.pessimism,
-                   "insertrec": [], "vowpalwabbit": []}
+                   "insertrec": [], "vowpalwabbit": [], "insertrec_chosen": []}
     for name, learner in (("vowpalwabbit", lambda: VWLoop(world, args.vw).learn),
-                          ("insertrec", lambda: retrained(TrainConfig(pessimism=args.pessimism)))):
+                          ("insertrec", lambda: retrained(TrainConfig(pessimism=args.pessimism),
+                                                          lambda model: entry["insertrec_chosen"].append(_chosen(model))))):
         t0 = time.perf_counter()
 
         def note(row: dict, name: str = name, t0: float = t0) -> None:

@@ -43,9 +43,12 @@ def test_rounds_that_leave_no_history_before_the_loop_are_refused():
 
 @pytest.mark.slow
 def test_the_retrained_policy_is_judged_each_round_and_is_no_worse_than_the_shops_logging_policy():
-    rows = closed_loop(World.default(), 3, retrained(TrainConfig()), customers=2500, seed=2)
+    models: list[set[str]] = []
+    rows = closed_loop(World.default(), 3, retrained(TrainConfig(), lambda model: models.append(
+        {p.name for p in model.iterdir()})), customers=2500, seed=2)
 
     assert [r["round"] for r in rows] == [1.0, 2.0, 3.0]
+    assert len(models) == 3 and all({"manifest.json", "ope.json"} <= files for files in models)
     for r in rows:
         assert r["orders"] > 200
         assert r["value_control"] <= r["value_oracle"] and r["value_deployed"] <= r["value_oracle"]

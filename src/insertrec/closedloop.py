@@ -81,11 +81,13 @@ def deployed(policy: Policy) -> Decide:
     return decide
 
 
-def retrained(config: TrainConfig) -> Learner:
-    """``insertrec train`` on all the logs so far, the policy of the model it writes deployed."""
+def retrained(config: TrainConfig, inspect: Callable[[Path], None] = lambda model: None) -> Learner:
+    """``insertrec train`` on all the logs so far, the policy of the model it writes deployed;
+    ``inspect`` is shown each model directory before it is removed (what training chose, for a bench)."""
     def learn(month: Month) -> Decide:
         with tempfile.TemporaryDirectory(prefix="insertrec-loop-") as tmp:
             train(month.data, Path(tmp) / "model", config)
+            inspect(Path(tmp) / "model")
             return deployed(Engine.load(Path(tmp) / "model").policy)
     return learn
 
