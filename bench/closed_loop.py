@@ -11,6 +11,12 @@ order's features), exploring by its own rule (epsilon 0.1 unless ``--vw``
 says otherwise) and learning online from each logged order once its reward is
 known (at the month's end, in time order), with the logged joint propensity.
 
+Each round also reports the greedy policy's true value (``greedy``), the orders
+with a known reward the learner was given (``logged``) and, with
+``--judge-customers N``, the uplift captured on a twin shop of N customers
+living the same months under the same policies (``judge``; see
+``insertrec.closedloop``).
+
     nice -n 10 timeout 3000 python bench/closed_loop.py --world default --rounds 12 --customers 5000
 
 Results go to ``bench/results/closed_loop.json`` (merged per world, written after every round).
@@ -113,6 +119,16 @@ class VWLoop:
         return out
 
 
+def _chosen(model: Path) -> dict:
+    """What training chose for a round (from the model's ope.json): the tournament's winner, the gate's
+    playbook and default slots, the doubted slots."""
+    ope = json.loads((model / "ope.json").read_text()) if (model / "ope.json").exists() else {}
+    deciders = ope.get("slot_deciders", {})
+    return {"winner": ope.get("tournament", {}).get("winner"), "playbook_slots": deciders.get("playbook_slots"),
+            "default_slots": deciders.get("default_slots"),
+            "doubted_slots": ope.get("pessimism", {}).get("doubted_slots")}
+
+
 def _save(results_file: Path, key: str, entry: dict) -> None:
     """Merge this run's entry into the results (locked: the worlds may run side by side)."""
     results_file.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +146,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--customers", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--judge-customers", type=int, default=0,
+                    help="judge each round's policies also on a twin shop of this many customers (0: none)")
     ap.add_argument("--vw", default="--epsilon 0.1", help="Vowpal Wabbit's exploration and learning options")
     ap.add_argument("--pessimism", type=lambda v: v if v == "auto" else float(v), default=TrainConfig().pessimism,
                     help="insertrec's `train --pessimism` (default: train's own)")
@@ -139,30 +157,39 @@ def main() -> None:
     key = f"{args.world}/{args.customers} customers/{args.rounds} rounds/seed {args.seed}" \
         + (f"/pessimism {args.pessimism}" if args.pessimism else "")
     entry: dict = {"world": args.world, "customers": args.customers, "seed": args.seed, "rounds": args.rounds,
+                   "judge_customers": args.judge_customers,
                    "vw_options": f"--cb_explore_adf -q sa {args.vw}", "pessimism": args.pessimism,
-                   "insertrec": [], "vowpalwabbit": []}
+                   "insertrec": [], "vowpalwabbit": [], "insertrec_chosen": []}
     for name, learner in (("vowpalwabbit", lambda: VWLoop(world, args.vw).learn),
-                          ("insertrec", lambda: retrained(TrainConfig(pessimism=args.pessimism)))):
+                          ("insertrec", lambda: retrained(TrainConfig(pessimism=args.pessimism),
+                                                          lambda model: entry["insertrec_chosen"].append(_chosen(model))))):
         t0 = time.perf_counter()
 
         def note(row: dict, name: str = name, t0: float = t0) -> None:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             entry[name].append(row)
             _save(args.json, key, entry)
+            judged = (f" judge {row['judge_uplift_capture']:.3f} +- {row['judge_uplift_capture_se']:.3f}"
+                      f" (greedy {row['judge_uplift_capture_greedy']:.3f})" if "judge_orders" in row else "")
             print(f"{name:>12} round {row['round']:>2.0f}: value {row['value_deployed']:.3f} "
                   f"(oracle {row['value_oracle']:.3f}, control {row['value_control']:.3f}, "
                   f"logging {row['value_logging']:.3f}) uplift {row['uplift_capture']:.3f} "
-                  f"cum. regret {row['cumulative_regret']:.0f}  [{row['seconds']:.0f} s]", flush=True)
+                  f"+- {row['uplift_capture_se']:.3f} (greedy {row['uplift_capture_greedy']:.3f}){judged} "
+                  f"logged {row['logged_orders']:.0f} cum. regret {row['cumulative_regret']:.0f}  "
+                  f"[{row['seconds']:.0f} s]", flush=True)
 
-        closed_loop(world, args.rounds, learner(), customers=args.customers, seed=args.seed, progress=note)
+        closed_loop(world, args.rounds, learner(), customers=args.customers, seed=args.seed,
+                    judge_customers=args.judge_customers, progress=note)
     ours, theirs = entry["insertrec"], entry["vowpalwabbit"]
     print(f"\n{'round':>5}  {'insertrec uplift':>16}  {'cum. regret':>11}  {'VW uplift':>9}  {'cum. regret':>11}")
     for a, b in zip(ours, theirs):
         print(f"{a['round']:>5.0f}  {a['uplift_capture']:>16.3f}  {a['cumulative_regret']:>11.0f}  "
               f"{b['uplift_capture']:>9.3f}  {b['cumulative_regret']:>11.0f}")
+    last3 = ["uplift_capture", "uplift_capture_greedy"] + (
+        ["judge_uplift_capture", "judge_uplift_capture_greedy"] if args.judge_customers else [])
     entry["summary"] = {
         name: {"last_uplift_capture": rows[-1]["uplift_capture"],
-               "last3_uplift_capture": float(np.mean([r["uplift_capture"] for r in rows[-3:]])),
+               **{f"last3_{key}": float(np.mean([r[key] for r in rows[-3:]])) for key in last3},
                "cumulative_regret": rows[-1]["cumulative_regret"]}
         for name, rows in (("insertrec", ours), ("vowpalwabbit", theirs))}
     entry["summary"]["insertrec_less_regret"] = ours[-1]["cumulative_regret"] < theirs[-1]["cumulative_regret"]

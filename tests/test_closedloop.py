@@ -43,9 +43,12 @@ def test_rounds_that_leave_no_history_before_the_loop_are_refused():
 
 @pytest.mark.slow
 def test_the_retrained_policy_is_judged_each_round_and_is_no_worse_than_the_shops_logging_policy():
-    rows = closed_loop(World.default(), 3, retrained(TrainConfig()), customers=2500, seed=2)
+    models: list[set[str]] = []
+    rows = closed_loop(World.default(), 3, retrained(TrainConfig(), lambda model: models.append(
+        {p.name for p in model.iterdir()})), customers=2500, seed=2)
 
     assert [r["round"] for r in rows] == [1.0, 2.0, 3.0]
+    assert len(models) == 3 and all({"manifest.json", "ope.json"} <= files for files in models)
     for r in rows:
         assert r["orders"] > 200
         assert r["value_control"] <= r["value_oracle"] and r["value_deployed"] <= r["value_oracle"]
@@ -56,3 +59,50 @@ def test_the_retrained_policy_is_judged_each_round_and_is_no_worse_than_the_shop
     deployed = np.mean([r["value_deployed"] for r in rows[1:]])
     logging = np.mean([r["value_logging"] for r in rows[1:]])
     assert deployed >= logging - 0.1
+
+
+def _mostly_default(world: World):
+    """A learner deploying, in every slot, the default action with 0.9 plus 0.1 spread over the eligible ones."""
+    seen = []
+
+    def learn(month):
+        seen.append(month.data.orders["order_ts"].copy())
+
+        def decide(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+            eligible = world.catalog.eligible(frame)
+            out = {}
+            for name, slot in world.catalog.slots.items():
+                p = 0.1 * eligible[name] / eligible[name].sum(axis=1, keepdims=True)
+                p[:, slot.default_index] += 0.9
+                out[name] = p
+            return out
+        return decide
+    return learn, seen
+
+
+def test_each_round_reports_the_greedy_box_the_logged_orders_and_a_twin_shops_judgement_without_changing_the_loop():
+    world = World.default()
+    learner, seen = _mostly_default(world)
+    plain = closed_loop(world, 2, learner, customers=1500, seed=3)
+    learner, seen = _mostly_default(world)
+    judged = closed_loop(world, 2, learner, customers=1500, seed=3, judge_customers=6000)
+
+    # the twin shop never touches the loop: the orders decided, their values and the regret are the same
+    assert [{k: v for k, v in r.items() if not k.startswith("judge_")} for r in judged] == plain
+    for r in judged:
+        # the greedy box of "0.9 default, 0.1 explore" is the default box; what exploring costs shows beside it
+        assert r["value_greedy"] == r["value_control"] and r["uplift_capture_greedy"] == 0.0
+        assert r["value_deployed"] != r["value_control"]
+        assert r["judge_value_greedy"] == r["judge_value_control"] and r["judge_uplift_capture_greedy"] == 0.0
+        # four times the customers: about four times the orders, half the standard error
+        assert 3.0 < r["judge_orders"] / r["orders"] < 5.0
+        assert 0.0 < r["judge_uplift_capture_se"] < r["uplift_capture_se"]
+    # the learner could learn from the orders whose reward horizon had passed by the month's start
+    for r, ts, k in zip(judged, seen, range(2)):
+        start = world.start + pd.Timedelta(days=world.days - (2 - k) * 30.0 - world.horizon)
+        assert r["logged_orders"] == (ts <= start).sum() > 0
+
+
+def test_a_negative_twin_shop_is_refused():
+    with pytest.raises(InsertrecError, match="judge_customers"):
+        closed_loop(World.default(), 2, lambda month: None, judge_customers=-1)
