@@ -13,7 +13,7 @@ With ``--blend-weights``, each weight's blend of the ridge box model and the
 distilled boosted model fitted there (`insertrec.learners.blended`; both
 families must be among ``--families``) is scored alike; with
 ``--evidence-blend``, also their blend at the weight
-`insertrec.valuemodel.evidence_weight` reads off the two fits.
+`insertrec.valuemodel.blend_evidence` reads off the two fits.
 
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
 A form that captures much more on the noise-free reward than on the logged
@@ -45,7 +45,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
     from insertrec.training import TrainConfig
-    from insertrec.valuemodel import evidence_weight
+    from insertrec.valuemodel import blend_evidence
 
     world = load_world(world_name)
     generated = world.generate(customers=customers, seed=seed)
@@ -111,11 +111,11 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
         for weight in blend_weights:
             t = time.perf_counter()
             score(f"blend_{weight:g}", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
-        if evidence:   # the weight `valuemodel.evidence_weight` reads off the two fits
+        if evidence:   # the weight `valuemodel.blend_evidence` reads off the two fits
             t = time.perf_counter()
-            weight = evidence_weight(fits["ridge_box"].value_model, fits["boosted"].value_model)
-            score("blend_evidence", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
-            out["families"]["blend_evidence"][reward]["weight"] = weight
+            found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model)
+            score("blend_evidence", reward, blended(fits["ridge_box"], fits["boosted"], found.weight), t)
+            out["families"]["blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
     return out
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--blend-weights", nargs="*", type=float, default=[],
                     help="the ridge's shares of the blends scored (needs ridge_box and boosted)")
     ap.add_argument("--evidence-blend", action="store_true",
-                    help="also the blend at the weight `valuemodel.evidence_weight` reads off the fits")
+                    help="also the blend at the weight `valuemodel.blend_evidence` reads off the fits")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     args = ap.parse_args()

@@ -58,8 +58,8 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "blend",
-           "box_statistics", "evidence_weight"]
+__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BlendEvidence", "BoxGrid", "FoldStatistics", "ValueModel",
+           "blend", "blend_evidence", "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -471,7 +471,7 @@ class ValueModel:
             residual = float(square.sum() - 2 * self.theta_ @ m + self.theta_ @ g @ self.theta_)
             self.noise_ = max(residual, 0.0) / max(n - d, 1)
             self.gain_factor_ = self._gain_factor(penalised(g, self.alpha_, n)[0], layout)
-            # the rows' mean phi phi^T (the baseline block of the design): what `evidence_weight`
+            # the rows' mean phi phi^T (the baseline block of the design): what `blend_evidence`
             # averages a gain's error over
             self.feature_moment_ = g[:d, :d] / max(n, 1)
         self._unpack(self.theta_)
@@ -605,20 +605,39 @@ def blend(first: ValueModel, second: ValueModel, weight: float) -> ValueModel:
     return out
 
 
-def evidence_weight(first: ValueModel, second: ValueModel) -> float:
-    """The share of ``first`` (a ridge with a posterior) in a `blend` with ``second`` (a model
-    without one, on features whose leading columns are ``first``'s), by inverse variance, from
-    the two fits alone: ``1 - V / D``, clipped to [0, 1]. D is the two models' mean squared
-    disagreement on the actions' gains over the slot defaults, V the part of it ``first``'s own
-    posterior variance explains (both averaged over ``second``'s training rows, every action).
-    Why: if their errors are independent, D = V + E, E what ``second`` errs by, and the weights
-    E / (V + E) and V / (V + E) minimise the blend's error; V falls as the log grows, so the
-    ridge's share grows with the evidence (at 100,000 customers the even blend captured less of
-    the uplift than the ridge alone, at 30,000 more: bench/results/w100k.md). Any bias of
-    ``first``'s form is counted in E, so the rule leans to ``first``."""
+
+@dataclass(frozen=True)
+class BlendEvidence:
+    """What two fits say of their own errors on the actions' gains over the slot defaults, each a
+    mean square over the training rows of the second model and every action: ``variance``, the
+    first model's posterior variance of its gains; ``disagreement``, the squared difference of the
+    two models' gains; ``spread``, the first model's gains themselves."""
+
+    variance: float
+    disagreement: float
+    spread: float
+
+    @property
+    def weight(self) -> float:
+        """The first model's share in a `blend` by inverse variance, ``1 - variance / disagreement``
+        clipped to [0, 1]. Why: if the two models' errors are independent, disagreement = variance +
+        E, E what the second errs by, and the weights E / (variance + E) and variance / (variance + E)
+        minimise the blend's error; the variance falls as the log grows, so the ridge's share would
+        grow with the evidence (at 100,000 customers the even blend captured less of the uplift than
+        the ridge alone, at 30,000 more: bench/results/w100k.md). Any bias of the first model's form
+        is counted in E, so the rule leans to the first."""
+        if self.disagreement <= 0.0:
+            return 1.0
+        return float(np.clip(1.0 - self.variance / self.disagreement, 0.0, 1.0))
+
+
+def blend_evidence(first: ValueModel, second: ValueModel) -> BlendEvidence:
+    """`BlendEvidence` of ``first`` (a ridge with a posterior) and ``second`` (on features whose
+    leading columns are ``first``'s), from the two fits alone."""
     d, d1 = second.n_features_, first.n_features_
     moment = second.feature_moment_
-    gap = np.pad(np.hstack(first.W_), ((0, d - d1), (0, 0))) - np.hstack(second.W_)
-    disagreement = float(np.sum((moment @ gap) * gap))
-    variance = float(np.sum((moment[:d1, :d1] @ first.gain_factor_) * first.gain_factor_))
-    return 1.0 if disagreement <= 0.0 else float(np.clip(1.0 - variance / disagreement, 0.0, 1.0))
+    gains = np.pad(np.hstack(first.W_), ((0, d - d1), (0, 0)))
+    gap = gains - np.hstack(second.W_)
+    return BlendEvidence(variance=float(np.sum((moment[:d1, :d1] @ first.gain_factor_) * first.gain_factor_)),
+                         disagreement=float(np.sum((moment @ gap) * gap)),
+                         spread=float(np.sum((moment @ gains) * gains)))
