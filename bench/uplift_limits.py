@@ -13,7 +13,10 @@ With ``--blend-weights``, each weight's blend of the ridge box model and the
 distilled boosted model fitted there (`insertrec.learners.blended`; both
 families must be among ``--families``) is scored alike; with
 ``--evidence-blend``, also their blend at the weight
-`insertrec.valuemodel.blend_evidence` reads off the two fits.
+`insertrec.valuemodel.blend_evidence` reads off the two fits; with
+``--stacked-blend``, at the weight `insertrec.learners.stacked_weight` finds
+on the latest orders (training's time split: the ridge and the boosted model
+fitted on the earlier part as the tournament fits them, judged on the rest).
 
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
 A form that captures much more on the noise-free reward than on the logged
@@ -37,13 +40,14 @@ EPSILONS = (0.1, 0.05, 0.02)
 
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str],
-             blend_weights: list[float], rewards: list[str], evidence: bool = False) -> dict:
+             blend_weights: list[float], rewards: list[str], evidence: bool = False, stacked: bool = False) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible
+    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible, stacked_weight
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
+    from insertrec.tournament import fit_candidate
     from insertrec.training import TrainConfig
     from insertrec.valuemodel import blend_evidence
 
@@ -116,6 +120,16 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
             found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model)
             score("blend_evidence", reward, blended(fits["ridge_box"], fits["boosted"], found.weight), t)
             out["families"]["blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
+        if stacked:   # the weight `learners.stacked_weight` finds on the latest orders, as training splits them
+            t = time.perf_counter()
+            ts = sub["order_ts"].to_numpy()
+            late = ts >= np.quantile(ts, 1 - config.holdout_share)
+            train_part, holdout = logged.subset(~late), logged.subset(late)
+            ridge = BoxLearner().fit(feats.iloc[train_part.rows], train_part.feedback, encoder, policy, seed)
+            boosted = fit_candidate(BoostedLearner(), feats, train_part, encoder, policy, seed)
+            weight = stacked_weight(ridge, boosted, feats.iloc[holdout.rows], holdout.feedback)
+            score("blend_stacked", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
+            out["families"]["blend_stacked"][reward]["weight"] = weight
     return out
 
 
@@ -126,11 +140,14 @@ def main() -> None:
                     help="the ridge's shares of the blends scored (needs ridge_box and boosted)")
     ap.add_argument("--evidence-blend", action="store_true",
                     help="also the blend at the weight `valuemodel.blend_evidence` reads off the fits")
+    ap.add_argument("--stacked-blend", action="store_true",
+                    help="also the blend at the weight `learners.stacked_weight` finds on the time-split holdout")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     args = ap.parse_args()
     run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders, args.families,
-                                                            args.blend_weights, args.rewards, args.evidence_blend))
+                                                            args.blend_weights, args.rewards, args.evidence_blend,
+                                                            args.stacked_blend))
 
 
 if __name__ == "__main__":
