@@ -16,7 +16,9 @@ families must be among ``--families``) is scored alike; with
 `insertrec.valuemodel.blend_evidence` reads off the two fits; with
 ``--stacked-blend``, at the weight `insertrec.learners.stacked_weight` finds
 on the latest orders (training's time split: the ridge and the boosted model
-fitted on the earlier part as the tournament fits them, judged on the rest).
+fitted on the earlier part as the tournament fits them, judged on the rest);
+with ``--kept-boosted`` too, every blend again with that boosted fit in place of
+the one on every order (training's final fit above `tournament.FINAL_ORDERS`).
 
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
 A form that captures much more on the noise-free reward than on the logged
@@ -40,7 +42,8 @@ EPSILONS = (0.1, 0.05, 0.02)
 
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str],
-             blend_weights: list[float], rewards: list[str], evidence: bool = False, stacked: bool = False) -> dict:
+             blend_weights: list[float], rewards: list[str], evidence: bool = False, stacked: bool = False,
+             kept: bool = False) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
@@ -130,6 +133,15 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
             weight = stacked_weight(ridge, boosted, feats.iloc[holdout.rows], holdout.feedback)
             score("blend_stacked", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
             out["families"]["blend_stacked"][reward]["weight"] = weight
+            if kept:   # the boosted part the tournament's fit, as training serves it above FINAL_ORDERS
+                for w in blend_weights:
+                    score(f"kept_blend_{w:g}", reward, blended(fits["ridge_box"], boosted, w), time.perf_counter())
+                t = time.perf_counter()
+                found = blend_evidence(fits["ridge_box"].value_model, boosted.value_model)
+                score("kept_blend_evidence", reward, blended(fits["ridge_box"], boosted, found.weight), t)
+                out["families"]["kept_blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
+                score("kept_blend_stacked", reward, blended(fits["ridge_box"], boosted, weight), time.perf_counter())
+                out["families"]["kept_blend_stacked"][reward]["weight"] = weight
     return out
 
 
@@ -142,12 +154,15 @@ def main() -> None:
                     help="also the blend at the weight `valuemodel.blend_evidence` reads off the fits")
     ap.add_argument("--stacked-blend", action="store_true",
                     help="also the blend at the weight `learners.stacked_weight` finds on the time-split holdout")
+    ap.add_argument("--kept-boosted", action="store_true",
+                    help="with --stacked-blend: the blends again with the tournament's boosted fit (at most "
+                         "CANDIDATE_ORDERS of the earlier part), as training serves the blend above FINAL_ORDERS")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     args = ap.parse_args()
     run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders, args.families,
                                                             args.blend_weights, args.rewards, args.evidence_blend,
-                                                            args.stacked_blend))
+                                                            args.stacked_blend, args.kept_boosted))
 
 
 if __name__ == "__main__":
