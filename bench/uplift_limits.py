@@ -13,8 +13,8 @@ With ``--blend-weights``, each weight's blend of the ridge box model and the
 distilled boosted model fitted there (`insertrec.learners.blended`; both
 families must be among ``--families``) is scored alike; with
 ``--evidence-blend``, also their blend at the weight
-`insertrec.valuemodel.blend_evidence` reads off the two fits; with
-``--stacked-blend``, at the weight `insertrec.learners.stacked_weight` finds
+`blend_rules.blend_evidence` reads off the two fits; with
+``--stacked-blend``, at the weight `blend_rules.stacked_weight` finds
 on the latest orders (training's time split: the ridge and the boosted model
 fitted on the earlier part as the tournament fits them, judged on the rest);
 with ``--kept-boosted`` too, every blend again with that boosted fit in place of
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from blend_rules import blend_evidence, stacked_weight
 from quality import cell_parser, load_world, run_cells
 
 HERE = Path(__file__).resolve().parent
@@ -47,12 +48,11 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible, orders_weight, stacked_weight
+    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible, orders_weight
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
     from insertrec.tournament import CANDIDATE_ORDERS, fit_candidate
     from insertrec.training import TrainConfig
-    from insertrec.valuemodel import blend_evidence
 
     world = load_world(world_name)
     generated = world.generate(customers=customers, seed=seed)
@@ -118,12 +118,12 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
         for weight in blend_weights:
             t = time.perf_counter()
             score(f"blend_{weight:g}", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
-        if evidence:   # the weight `valuemodel.blend_evidence` reads off the two fits
+        if evidence:   # the weight `blend_rules.blend_evidence` reads off the two fits
             t = time.perf_counter()
             found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model)
             score("blend_evidence", reward, blended(fits["ridge_box"], fits["boosted"], found.weight), t)
             out["families"]["blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
-        if stacked:   # the weight `learners.stacked_weight` finds on the latest orders, as training splits them
+        if stacked:   # the weight `blend_rules.stacked_weight` finds on the latest orders, as training splits them
             t = time.perf_counter()
             ts = sub["order_ts"].to_numpy()
             late = ts >= np.quantile(ts, 1 - config.holdout_share)
@@ -154,9 +154,9 @@ def main() -> None:
     ap.add_argument("--blend-weights", nargs="*", type=float, default=[],
                     help="the ridge's shares of the blends scored (needs ridge_box and boosted)")
     ap.add_argument("--evidence-blend", action="store_true",
-                    help="also the blend at the weight `valuemodel.blend_evidence` reads off the fits")
+                    help="also the blend at the weight `blend_rules.blend_evidence` reads off the fits")
     ap.add_argument("--stacked-blend", action="store_true",
-                    help="also the blend at the weight `learners.stacked_weight` finds on the time-split holdout")
+                    help="also the blend at the weight `blend_rules.stacked_weight` finds on the time-split holdout")
     ap.add_argument("--kept-boosted", action="store_true",
                     help="with --stacked-blend: the blends again with the tournament's boosted fit (at most "
                          "CANDIDATE_ORDERS of the earlier part), as training serves the blend above FINAL_ORDERS")

@@ -50,7 +50,7 @@ from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, FoldStatistics, ValueModel, blend, box_statistics
 
 __all__ = ["BLEND_WEIGHT", "BlendLearner", "BoostedDirect", "BoostedLearner", "BoxLearner", "FitValueModel",
-           "Learner", "SplineEncoder", "blended", "box_eligible", "orders_weight", "stacked_weight"]
+           "Learner", "SplineEncoder", "blended", "box_eligible", "orders_weight"]
 
 # The ridge box model's share of a blend (`BlendLearner`), the distilled boosted model's the rest.
 BLEND_WEIGHT = 0.5
@@ -256,29 +256,6 @@ def orders_weight(ridge_orders: int, boosted_orders: int) -> float:
     ridge alone, and more with the ridge's share raised to 0.75-0.9 (bench/results/w100k.md)."""
     ridge, boosted = BLEND_WEIGHT * ridge_orders, (1.0 - BLEND_WEIGHT) * boosted_orders
     return ridge / (ridge + boosted) if ridge + boosted > 0 else BLEND_WEIGHT
-
-
-def stacked_weight(ridge: Policy, boosted: Policy, feats: pd.DataFrame, feedback: LoggedFeedback) -> float:
-    """The ridge's share of a `blended` pair by stacking on orders neither was fitted on (``feats``,
-    aligned with ``feedback``): the least-squares weight w of the two models' values of each order's
-    logged box over the all-default box, reward - b - g_boosted = w (g_ridge - g_boosted), b the two
-    baselines' average, clipped to [0, 1]. The action part alone: the baselines' errors are
-    larger than the gains and would choose the weight for the baseline. Measured signal: on the
-    default world at 30,000 customers (seed 1, 3-fold cross-fitted, 72,664 orders) w = 0.33 with a
-    standard error of 0.07 (bench/results/w100k.md)."""
-    assert ridge.value_model is not None and boosted.value_model is not None
-    rules = rules_actions(ridge.catalog, feats)
-    parts = []
-    for policy in (ridge, boosted):
-        model = policy.value_model
-        assert model is not None
-        phi, grid = policy.encoder.transform(feats), model.box_grid
-        parts.append((grid.value(phi, rules + grid.columns, feedback.actions), model.baseline(phi)))
-    (gain_r, base_r), (gain_b, base_b) = parts
-    gap = gain_r - gain_b
-    target = feedback.rewards - (base_r + base_b) / 2 - gain_b
-    scale = float(gap @ gap)
-    return 1.0 if scale <= 0.0 else float(np.clip(gap @ target / scale, 0.0, 1.0))
 
 
 def _no_effect_beyond_noise(ridge: Policy) -> bool:

@@ -58,8 +58,8 @@ from threadpoolctl import threadpool_limits
 from insertrec.blocks import in_blocks
 from insertrec.errors import InsertrecError
 
-__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BlendEvidence", "BoxGrid", "FoldStatistics", "ValueModel",
-           "blend", "blend_evidence", "box_statistics"]
+__all__ = ["DOUBTED_SHARE", "ROWWISE", "ActionSpace", "BoxGrid", "FoldStatistics", "ValueModel", "blend",
+           "box_statistics"]
 
 # The boosted baseline is a nuisance, not the goal: it learns from at most this many rows.
 # On the million-order demo world the policy fitted with 50k rows was worth what it was with
@@ -471,8 +471,8 @@ class ValueModel:
             residual = float(square.sum() - 2 * self.theta_ @ m + self.theta_ @ g @ self.theta_)
             self.noise_ = max(residual, 0.0) / max(n - d, 1)
             self.gain_factor_ = self._gain_factor(penalised(g, self.alpha_, n)[0], layout)
-            # the rows' mean phi phi^T (the baseline block of the design): what `blend_evidence`
-            # averages a gain's error over
+            # the rows' mean phi phi^T (the baseline block of the design): what a gain's error
+            # averages over (bench/blend_rules.py)
             self.feature_moment_ = g[:d, :d] / max(n, 1)
         self._unpack(self.theta_)
         self._box_grid: BoxGrid | None = None
@@ -603,41 +603,3 @@ def blend(first: ValueModel, second: ValueModel, weight: float) -> ValueModel:
     out._unpack(out.theta_)
     out._box_grid = None
     return out
-
-
-
-@dataclass(frozen=True)
-class BlendEvidence:
-    """What two fits say of their own errors on the actions' gains over the slot defaults, each a
-    mean square over the training rows of the second model and every action: ``variance``, the
-    first model's posterior variance of its gains; ``disagreement``, the squared difference of the
-    two models' gains; ``spread``, the first model's gains themselves."""
-
-    variance: float
-    disagreement: float
-    spread: float
-
-    @property
-    def weight(self) -> float:
-        """The first model's share in a `blend` by inverse variance, ``1 - variance / disagreement``
-        clipped to [0, 1]. Why: if the two models' errors are independent, disagreement = variance +
-        E, E what the second errs by, and the weights E / (variance + E) and variance / (variance + E)
-        minimise the blend's error; the variance falls as the log grows, so the ridge's share would
-        grow with the evidence (at 100,000 customers the even blend captured less of the uplift than
-        the ridge alone, at 30,000 more: bench/results/w100k.md). Any bias of the first model's form
-        is counted in E, so the rule leans to the first."""
-        if self.disagreement <= 0.0:
-            return 1.0
-        return float(np.clip(1.0 - self.variance / self.disagreement, 0.0, 1.0))
-
-
-def blend_evidence(first: ValueModel, second: ValueModel) -> BlendEvidence:
-    """`BlendEvidence` of ``first`` (a ridge with a posterior) and ``second`` (on features whose
-    leading columns are ``first``'s), from the two fits alone."""
-    d, d1 = second.n_features_, first.n_features_
-    moment = second.feature_moment_
-    gains = np.pad(np.hstack(first.W_), ((0, d - d1), (0, 0)))
-    gap = gains - np.hstack(second.W_)
-    return BlendEvidence(variance=float(np.sum((moment[:d1, :d1] @ first.gain_factor_) * first.gain_factor_)),
-                         disagreement=float(np.sum((moment @ gap) * gap)),
-                         spread=float(np.sum((moment @ gains) * gains)))
