@@ -11,7 +11,14 @@ without training's playbook gate, which `bench/quality.py` measures).
 
 With ``--blend-weights``, each weight's blend of the ridge box model and the
 distilled boosted model fitted there (`insertrec.learners.blended`; both
-families must be among ``--families``) is scored alike.
+families must be among ``--families``) is scored alike; with
+``--evidence-blend``, also their blend at the weight
+`blend_rules.blend_evidence` reads off the two fits; with
+``--stacked-blend``, at the weight `blend_rules.stacked_weight` finds
+on the latest orders (training's time split: the ridge and the boosted model
+fitted on the earlier part as the tournament fits them, judged on the rest);
+with ``--kept-boosted`` too, every blend again with that boosted fit in place of
+the one on every order (training's final fit above `tournament.FINAL_ORDERS`).
 
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
 A form that captures much more on the noise-free reward than on the logged
@@ -28,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from blend_rules import blend_evidence, stacked_weight
 from quality import cell_parser, load_world, run_cells
 
 HERE = Path(__file__).resolve().parent
@@ -35,13 +43,15 @@ EPSILONS = (0.1, 0.05, 0.02)
 
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str],
-             blend_weights: list[float], rewards: list[str]) -> dict:
+             blend_weights: list[float], rewards: list[str], evidence: bool = False, stacked: bool = False,
+             kept: bool = False) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible
+    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible, orders_weight
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
+    from insertrec.tournament import CANDIDATE_ORDERS, fit_candidate
     from insertrec.training import TrainConfig
 
     world = load_world(world_name)
@@ -108,6 +118,33 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
         for weight in blend_weights:
             t = time.perf_counter()
             score(f"blend_{weight:g}", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
+        if evidence:   # the weight `blend_rules.blend_evidence` reads off the two fits
+            t = time.perf_counter()
+            found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model)
+            score("blend_evidence", reward, blended(fits["ridge_box"], fits["boosted"], found.weight), t)
+            out["families"]["blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
+        if stacked:   # the weight `blend_rules.stacked_weight` finds on the latest orders, as training splits them
+            t = time.perf_counter()
+            ts = sub["order_ts"].to_numpy()
+            late = ts >= np.quantile(ts, 1 - config.holdout_share)
+            train_part, holdout = logged.subset(~late), logged.subset(late)
+            ridge = BoxLearner().fit(feats.iloc[train_part.rows], train_part.feedback, encoder, policy, seed)
+            boosted = fit_candidate(BoostedLearner(), feats, train_part, encoder, policy, seed)
+            weight = stacked_weight(ridge, boosted, feats.iloc[holdout.rows], holdout.feedback)
+            score("blend_stacked", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
+            out["families"]["blend_stacked"][reward]["weight"] = weight
+            if kept:   # the boosted part the tournament's fit, as training serves it above FINAL_ORDERS
+                for w in blend_weights:
+                    score(f"kept_blend_{w:g}", reward, blended(fits["ridge_box"], boosted, w), time.perf_counter())
+                t = time.perf_counter()
+                found = blend_evidence(fits["ridge_box"].value_model, boosted.value_model)
+                score("kept_blend_evidence", reward, blended(fits["ridge_box"], boosted, found.weight), t)
+                out["families"]["kept_blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
+                score("kept_blend_stacked", reward, blended(fits["ridge_box"], boosted, weight), time.perf_counter())
+                out["families"]["kept_blend_stacked"][reward]["weight"] = weight
+                w = orders_weight(len(logged), min(len(train_part), CANDIDATE_ORDERS))   # as training serves it
+                score("kept_blend_orders", reward, blended(fits["ridge_box"], boosted, w), time.perf_counter())
+                out["families"]["kept_blend_orders"][reward]["weight"] = w
     return out
 
 
@@ -116,11 +153,19 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=["ridge_box", "spline_box", "boosted"])
     ap.add_argument("--blend-weights", nargs="*", type=float, default=[],
                     help="the ridge's shares of the blends scored (needs ridge_box and boosted)")
+    ap.add_argument("--evidence-blend", action="store_true",
+                    help="also the blend at the weight `blend_rules.blend_evidence` reads off the fits")
+    ap.add_argument("--stacked-blend", action="store_true",
+                    help="also the blend at the weight `blend_rules.stacked_weight` finds on the time-split holdout")
+    ap.add_argument("--kept-boosted", action="store_true",
+                    help="with --stacked-blend: the blends again with the tournament's boosted fit (at most "
+                         "CANDIDATE_ORDERS of the earlier part), as training serves the blend above FINAL_ORDERS")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     args = ap.parse_args()
     run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders, args.families,
-                                                            args.blend_weights, args.rewards))
+                                                            args.blend_weights, args.rewards, args.evidence_blend,
+                                                            args.stacked_blend, args.kept_boosted))
 
 
 if __name__ == "__main__":

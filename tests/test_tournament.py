@@ -15,7 +15,15 @@ from insertrec.encoding import FeatureEncoder
 from insertrec.engine import Engine
 from insertrec.evaluation import Judge, judge_for, logged_orders
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.learners import BoostedDirect, BoostedLearner, BoxLearner, SplineEncoder, blended
+from insertrec.learners import (
+    BLEND_WEIGHT,
+    BoostedDirect,
+    BoostedLearner,
+    BoxLearner,
+    SplineEncoder,
+    blended,
+    orders_weight,
+)
 from insertrec.ope import expected_value, onehot
 from insertrec.policy import Policy
 from insertrec.simulation import fresh_orders
@@ -125,6 +133,14 @@ def test_the_blend_is_the_ridge_alone_where_the_ridge_finds_no_effect_beyond_the
         policy = blended(ridge.replace(value_model=model), boosted)
         assert (policy.value_model is model) is alone
         assert isinstance(policy.encoder, SplineEncoder) is not alone
+
+
+def test_the_ridges_share_grows_with_the_orders_it_learned_from_beyond_the_boosted_parts() -> None:
+    """Above FINAL_ORDERS the ridge learns from every order and the boosted part from at most
+    CANDIDATE_ORDERS: the even blend then lost to the ridge alone (default world, 100,000 customers)."""
+    assert orders_weight(72_000, 72_000) == BLEND_WEIGHT
+    assert 0.8 < orders_weight(244_000, 50_000) < 0.85
+    assert orders_weight(984_000, 50_000) > orders_weight(244_000, 50_000)
 
 
 @pytest.mark.slow

@@ -40,12 +40,13 @@ from insertrec.evaluation import (
     slot_deciders,
 )
 from insertrec.explorationshare import exploration_advice, orders_per_month
-from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, blended
+from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, blended, orders_weight
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
 from insertrec.segments import SegmentModel
 from insertrec.tournament import (
+    CANDIDATE_ORDERS,
     CHALLENGERS,
     FINAL_ORDERS,
     INCUMBENT,
@@ -225,15 +226,17 @@ def _gated(policy: Policy, deciders: SlotDeciders) -> Policy:
 
 
 def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy) -> Policy:
+                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy,
+                  boosted_orders: int) -> Policy:
     """The tournament's winner refitted on every logged order (a challenger on at most
     `tournament.FINAL_ORDERS` of them), gated as the holdout decided. The incumbent's ridge is
     refitted on every order; its boosted part too where they are at most FINAL_ORDERS, and above
-    that the tournament's own fit of it, ``boosted``, is blended in (`tournament.FINAL_ORDERS`
-    says why and what that costs)."""
+    that the tournament's own fit of it, ``boosted`` (on ``boosted_orders``), is blended in
+    (`tournament.FINAL_ORDERS` says why and what that costs), at the ridge's share for the orders
+    each part learned from (`learners.orders_weight`)."""
     if winner == INCUMBENT and len(logged) > FINAL_ORDERS:
         ridge = fit_policy(feats, logged, encoder, policy, seed, computation=computation, final=True)
-        return _gated(blended(ridge, boosted), deciders)
+        return _gated(blended(ridge, boosted, orders_weight(len(logged), boosted_orders)), deciders)
     if winner == INCUMBENT:
         blend = BlendLearner(fit_value_model=computation.refit_value_model)
         return _gated(blend.fit(feats.iloc[logged.rows], logged.feedback, encoder, policy, seed), deciders)
@@ -420,7 +423,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                                    "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation,
-                               boosted)
+                               boosted, min(len(train_part), CANDIDATE_ORDERS))
         if config.epsilon == "auto":
             policy = policy.replace(epsilon=served)
         del boosted
