@@ -25,7 +25,7 @@ __all__ = ["BlendEvidence", "blend_evidence", "stacked_weight"]
 @dataclass(frozen=True)
 class BlendEvidence:
     """What two fits say of their own errors on the actions' gains over the slot defaults, each a
-    mean square over the training rows of the second model and every action: ``variance``, the
+    mean square over the orders the second model learned from and every action: ``variance``, the
     first model's posterior variance of its gains; ``disagreement``, the squared difference of the
     two models' gains; ``spread``, the first model's gains themselves."""
 
@@ -47,11 +47,12 @@ class BlendEvidence:
         return float(np.clip(1.0 - self.variance / self.disagreement, 0.0, 1.0))
 
 
-def blend_evidence(first: ValueModel, second: ValueModel) -> BlendEvidence:
+def blend_evidence(first: ValueModel, second: ValueModel, phi: np.ndarray) -> BlendEvidence:
     """`BlendEvidence` of ``first`` (a ridge with a posterior) and ``second`` (on features whose
-    leading columns are ``first``'s), from the two fits alone."""
+    leading columns are ``first``'s), from the two fits and ``phi``, ``second``'s features of the
+    orders it learned from (their mean phi phi^T is what a gain's error averages over)."""
     d, d1 = second.n_features_, first.n_features_
-    moment = second.feature_moment_
+    moment = phi.T @ phi / max(len(phi), 1)
     gains = np.pad(np.hstack(first.W_), ((0, d - d1), (0, 0)))
     gap = gains - np.hstack(second.W_)
     return BlendEvidence(variance=float(np.sum((moment[:d1, :d1] @ first.gain_factor_) * first.gain_factor_)),

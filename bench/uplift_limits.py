@@ -120,7 +120,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
             score(f"blend_{weight:g}", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
         if evidence:   # the weight `blend_rules.blend_evidence` reads off the two fits
             t = time.perf_counter()
-            found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model)
+            found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model,
+                                   fits["boosted"].encoder.transform(sub))
             score("blend_evidence", reward, blended(fits["ridge_box"], fits["boosted"], found.weight), t)
             out["families"]["blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
         if stacked:   # the weight `blend_rules.stacked_weight` finds on the latest orders, as training splits them
@@ -137,7 +138,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
                 for w in blend_weights:
                     score(f"kept_blend_{w:g}", reward, blended(fits["ridge_box"], boosted, w), time.perf_counter())
                 t = time.perf_counter()
-                found = blend_evidence(fits["ridge_box"].value_model, boosted.value_model)
+                found = blend_evidence(fits["ridge_box"].value_model, boosted.value_model,
+                                       boosted.encoder.transform(feats.iloc[train_part.rows]))
                 score("kept_blend_evidence", reward, blended(fits["ridge_box"], boosted, found.weight), t)
                 out["families"]["kept_blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
                 score("kept_blend_stacked", reward, blended(fits["ridge_box"], boosted, weight), time.perf_counter())

@@ -471,9 +471,6 @@ class ValueModel:
             residual = float(square.sum() - 2 * self.theta_ @ m + self.theta_ @ g @ self.theta_)
             self.noise_ = max(residual, 0.0) / max(n - d, 1)
             self.gain_factor_ = self._gain_factor(penalised(g, self.alpha_, n)[0], layout)
-            # the rows' mean phi phi^T (the baseline block of the design): what a gain's error
-            # averages over (bench/blend_rules.py)
-            self.feature_moment_ = g[:d, :d] / max(n, 1)
         self._unpack(self.theta_)
         self._box_grid: BoxGrid | None = None
         return self
