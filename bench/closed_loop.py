@@ -120,13 +120,15 @@ class VWLoop:
 
 
 def _chosen(model: Path) -> dict:
-    """What training chose for a round (from the model's ope.json): the tournament's winner, the gate's
-    playbook and default slots, the doubted slots."""
+    """What training chose for a round (from the model's ope.json and manifest): the tournament's winner,
+    the gate's playbook and default slots, the doubted slots, and the exploration share served per slot."""
     ope = json.loads((model / "ope.json").read_text()) if (model / "ope.json").exists() else {}
+    manifest = json.loads((model / "manifest.json").read_text()) if (model / "manifest.json").exists() else {}
     deciders = ope.get("slot_deciders", {})
     return {"winner": ope.get("tournament", {}).get("winner"), "playbook_slots": deciders.get("playbook_slots"),
             "default_slots": deciders.get("default_slots"),
-            "doubted_slots": ope.get("pessimism", {}).get("doubted_slots")}
+            "doubted_slots": ope.get("pessimism", {}).get("doubted_slots"),
+            "served_epsilon": manifest.get("served_epsilon")}
 
 
 def _save(results_file: Path, key: str, entry: dict) -> None:
