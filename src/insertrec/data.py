@@ -305,9 +305,8 @@ def _read_csv(file: Path) -> _Table:
     # quoted cells spanning lines push the following rows down. A file without
     # a quote has none: counting every cell's line breaks took 1.3 of the 17.8
     # CPU s of loading the million-order demo history (bench/results/budget.md §5).
-    spans = np.zeros(len(raw), dtype=np.int64)
-    if _has_quote(file):
-        spans = sum((raw[c].str.count("\n").to_numpy() for c in raw.columns), spans)
+    none = np.zeros(len(raw), dtype=np.int64)
+    spans = sum((raw[c].str.count("\n").to_numpy() for c in raw.columns), none) if _has_quote(file) else none
     lines = np.arange(2, len(cells) + 2) + np.cumsum(spans) - spans
     blank = (cells == "").all(axis=1).to_numpy()
     return _Table(file.name, cells[~blank].reset_index(drop=True), lines[~blank])
