@@ -108,6 +108,16 @@ def test_ctx_columns_kept_and_typed_other_extras_dropped(tmp_path):
     assert "notes" not in o.columns
 
 
+def test_ctx_values_repeated_across_orders_are_each_typed_in_place(tmp_path):
+    header = "order_id,customer_id,order_ts,order_value,ctx_score,ctx_band"
+    scores, bands = ["2.5", "", "7", "2.5", "7", "-1e3"], ["18-24", "25-34", "", "18-24", "25-34", "18-24"]
+    rows = [f"o{i},c{i},2024-01-0{i + 1},1,{s},{b}" for i, (s, b) in enumerate(zip(scores, bands))]
+    o = load_data(write(tmp_path / "d", orders_csv="\n".join([header, *rows]) + "\n")).orders
+    assert o.ctx_score.dtype == np.float64
+    np.testing.assert_array_equal(o.ctx_score.to_numpy(), [2.5, np.nan, 7.0, 2.5, 7.0, -1000.0])
+    assert o.ctx_band.tolist() == bands   # text: a label is no number
+
+
 @pytest.mark.parametrize("column,value,reason", [
     ("order_id", "", "is empty"),
     ("customer_id", "", "is empty"),

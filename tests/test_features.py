@@ -422,6 +422,23 @@ def test_customer_frame_is_what_an_order_at_as_of_would_see(history: dict, days_
 
 
 @SETTINGS
+@given(histories(), st.lists(st.integers(-200, 60), min_size=1, max_size=3))
+def test_one_builder_gives_at_every_instant_the_snapshot_build_gives(history: dict, days: list[int]) -> None:
+    """`Snapshot.builder` (training reads the orders once for its three snapshots): at any
+    instants, in any order, the customer frame and the features of new orders of `Snapshot.build`."""
+    data = dataset(**history)
+    at = Snapshot.builder(data, RANDOM_PARAMS)
+    for d in days:
+        as_of = data.orders["order_ts"].max() + d * DAY
+        mine, built = at(as_of), Snapshot.build(data, RANDOM_PARAMS, as_of=as_of)
+        assert mine.as_of == built.as_of and list(mine.customer_ids) == list(built.customer_ids)
+        pd.testing.assert_frame_equal(customer_frame(mine, as_of), customer_frame(built, as_of))
+        probes = dataset([{"order_id": f"~{c}", "customer_id": c, "order_ts": as_of}
+                          for c in [*built.customer_ids, "new"]]).orders
+        pd.testing.assert_frame_equal(features_for_orders(mine, probes), features_for_orders(built, probes))
+
+
+@SETTINGS
 @given(histories(), histories(max_orders=5), st.integers(0, 60), st.integers(1, 3))
 def test_snapshots_of_customer_groups_concatenated_equal_the_whole(history: dict, batch: dict, days_after: int,
                                                                    groups: int) -> None:

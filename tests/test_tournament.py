@@ -279,3 +279,24 @@ def test_the_incumbents_boosted_part_is_refitted_on_every_order_up_to_final_orde
     assert every > 500
     assert fits == ([training_part, every] if every <= final_orders else [training_part])
     assert isinstance(Engine.load(tmp_path / "m").policy.encoder, SplineEncoder)   # the blend is served
+
+
+@pytest.mark.slow
+def test_a_judge_on_some_of_its_orders_judges_them_with_its_own_value_models(played) -> None:
+    """`Judge.subset`: the holdout's judge judges the playbook on its latest orders at a million
+    orders (bench/results/budget.md §5). On all its orders it is the judge itself, to the bit; on
+    some, each order keeps the q it had, and nothing is fitted again."""
+    from insertrec.evaluation import playbook_gains, policy_probabilities
+
+    judge, n = played.judge, len(played.judge.logged)
+    rules = Policy(played.candidates[INCUMBENT].catalog, epsilon=0.0)
+    probs = policy_probabilities(rules, played.history_feats.iloc[judge.logged.rows])
+    assert judge.subset(np.arange(n)).judge(probs, seed=3) == judge.judge(probs, seed=3)
+    assert (playbook_gains(rules, played.history_feats, judge.subset(np.arange(n)), seed=3)
+            == playbook_gains(rules, played.history_feats, judge, seed=3))
+    late = np.arange(n // 2, n)
+    part = judge.subset(late)
+    np.testing.assert_array_equal(part.logged.rows, judge.logged.rows[late])
+    np.testing.assert_array_equal(part.q_boxes, judge.q_boxes[late])
+    np.testing.assert_array_equal(part.q_logged, judge.q_logged[late])
+    assert len(playbook_gains(rules, played.history_feats, part, seed=3)) == len(rules.slot_names)

@@ -176,3 +176,36 @@ def test_the_run_recommends_an_exploration_share_per_slot_and_a_number_serves_on
     assert Engine.load(tmp_path / "m").policy.slot_epsilon == served == result.manifest["served_epsilon"]
     page = (tmp_path / "m" / "report.html").read_text()
     assert "How much to explore" in page and "train with --epsilon auto to serve the recommended shares" in page
+
+
+@pytest.mark.parametrize("gate_orders", [100_000, 1_000])
+def test_a_holdout_of_gate_orders_or_more_judges_the_playbook_too(history, tmp_path, monkeypatch, gate_orders):
+    """The playbook's evidence comes from the latest GATE_ORDERS logged orders (every one, on most
+    shops); where the holdout alone holds that many, they are its latest and the holdout's judge
+    judges them: one judge fewer (the budget of a million-order run, bench/results/budget.md §5)."""
+    import json
+
+    import insertrec.training as training
+
+    judged: list[int] = []
+    judge_for = training.judge_for
+
+    def counted(policy, feats, logged, *args, **kwargs):
+        judged.append(len(logged))
+        return judge_for(policy, feats, logged, *args, **kwargs)
+
+    gains = training.playbook_gains
+
+    def judged_on(policy, feats, judge, *args, **kwargs):
+        judged.append(-len(judge.logged))
+        return gains(policy, feats, judge, *args, **kwargs)
+
+    monkeypatch.setattr(training, "judge_for", counted)
+    monkeypatch.setattr(training, "playbook_gains", judged_on)
+    monkeypatch.setattr(training, "GATE_ORDERS", gate_orders)
+    train(history, tmp_path / "m", TrainConfig())
+    ope = json.loads((tmp_path / "m" / "ope.json").read_text())
+    holdout, every = ope["orders"], ope["orders"] + ope["train_orders"]
+    assert holdout >= 1_000 and every < 100_000
+    # judges built (their orders), and the orders the playbook was judged on (negated)
+    assert judged == ([every, -every, holdout] if gate_orders == 100_000 else [holdout, -gate_orders])

@@ -302,11 +302,20 @@ def _read_csv(file: Path) -> _Table:
     cells = _stripped(raw)
     # Blank lines are kept while parsing so that positions map to line numbers
     # (a line with no content at all is not a record, so not one to reject);
-    # quoted cells spanning lines push the following rows down.
-    spans = sum((raw[c].str.count("\n").to_numpy() for c in raw.columns), np.zeros(len(raw), dtype=np.int64))
+    # quoted cells spanning lines push the following rows down. A file without
+    # a quote has none: counting every cell's line breaks took 1.3 of the 17.8
+    # CPU s of loading the million-order demo history (bench/results/budget.md §5).
+    none = np.zeros(len(raw), dtype=np.int64)
+    spans = sum((raw[c].str.count("\n").to_numpy() for c in raw.columns), none) if _has_quote(file) else none
     lines = np.arange(2, len(cells) + 2) + np.cumsum(spans) - spans
     blank = (cells == "").all(axis=1).to_numpy()
     return _Table(file.name, cells[~blank].reset_index(drop=True), lines[~blank])
+
+
+def _has_quote(file: Path) -> bool:
+    """Whether the file holds a double quote anywhere (pandas' only way into a multi-line cell)."""
+    with open(file, "rb") as f:
+        return any(b'"' in block for block in iter(lambda: f.read(1 << 24), b""))
 
 
 def _read_parquet(file: Path) -> _Table:
@@ -448,9 +457,18 @@ def _parse_orders(c: _Checker) -> pd.DataFrame:
 
 
 def _context(s: pd.Series) -> pd.Series:
-    """A ``ctx_*`` column is numeric when every value given is a number, text otherwise."""
-    numbers = pd.to_numeric(s, errors="coerce")
-    return numbers.astype("float64") if not (numbers.isna() & (s != "")).any() else s
+    """A ``ctx_*`` column is numeric when every value given is a number, text otherwise.
+
+    Its distinct values are converted, not its cells: context columns are mostly a few labels
+    (an age band, a device), and pandas' ``to_numeric`` failing on a million text cells took
+    2.7 of the 17.8 CPU s of loading the million-order demo history (bench/results/budget.md §5).
+    """
+    codes, values = pd.factorize(s)
+    text = pd.Series(values, dtype=s.dtype)
+    numbers = pd.to_numeric(text, errors="coerce")
+    if (numbers.isna() & (text != "")).any():
+        return s
+    return pd.Series(numbers.to_numpy(dtype="float64", na_value=np.nan)[codes], index=s.index)
 
 
 def _parse_nps(c: _Checker) -> pd.DataFrame:

@@ -229,6 +229,15 @@ class Judge:
         self.q_logged = self.q_baseline + self.q_boxes[np.arange(len(logged)), logged_box]
         self._bootstraps: dict[int, Bootstrap] = {}
 
+    def subset(self, rows: np.ndarray) -> Judge:
+        """This judge on some of its orders (positions in ``logged``): the same q of each, so
+        no value model is fitted again; every q was still fitted without its own order's fold."""
+        part = object.__new__(Judge)
+        part.logged, part.space = self.logged.subset(rows), self.space
+        part.q_baseline, part.q_boxes, part.q_logged = self.q_baseline[rows], self.q_boxes[rows], self.q_logged[rows]
+        part._bootstraps = {}
+        return part
+
     def bootstrap(self, seed: int) -> Bootstrap:
         """The replicates of ``seed`` over these orders, drawn once for every policy judged with it."""
         if seed not in self._bootstraps:

@@ -31,6 +31,7 @@ from insertrec.data import Dataset
 from insertrec.encoding import FeatureEncoder
 from insertrec.errors import InsertrecError
 from insertrec.evaluation import (
+    Judge,
     LoggedOrders,
     SlotDeciders,
     evaluate,
@@ -64,7 +65,9 @@ __all__ = ["AUTO_PESSIMISM", "COLD_START_EPSILON", "GATE_ORDERS", "PLAYBOOK_PRIO
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
 # orders on a loaded host (load 10.6), so a million-order run, already near its 180 s budget, pays
-# for 100,000 orders and no more.
+# for 100,000 orders and no more. Where the holdout alone holds this many (from 500,000 logged orders
+# at the default holdout share), they are the holdout's latest and the holdout's judge, built anyway,
+# judges the playbook on them: no second judge (bench/results/budget.md §5).
 GATE_ORDERS = 100_000
 # z for the playbook's action where the log does not show the playbook paying (`TrainConfig.pessimism`
 # "auto", the default; `_doubted_slots`). Measured against the simulator's truth in
@@ -247,12 +250,17 @@ def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encode
 
 
 def _playbook_evidence(policy: Policy, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder,
-                       seed: int) -> list[Estimate]:
+                       seed: int, holdout: Judge | None = None) -> list[Estimate]:
     """The playbook's gain over the slot defaults, per slot, judged on the latest GATE_ORDERS logged
     orders (all of them, on most shops): the holdout alone is too small to show a playbook losing
     money where effects are small (on a 30,000-customer small-effects history the holdout's interval
-    for the insert slot was [-2.2, 0.36], the whole log's [-1.4, -0.08]). Its own function, so that
-    its judge is freed before the next."""
+    for the insert slot was [-2.2, 0.36], the whole log's [-1.4, -0.08]). ``holdout``: the holdout's
+    judge when it holds at least GATE_ORDERS orders, the latest of which then judge the playbook
+    with its value models (`Judge.subset`). Its own function, so that a judge of its own is freed
+    before the next."""
+    if holdout is not None:
+        latest = np.argsort(feats["order_ts"].iloc[holdout.logged.rows].to_numpy())[-GATE_ORDERS:]
+        return playbook_gains(policy, feats, holdout.subset(latest), seed=seed)
     if len(logged) > GATE_ORDERS:
         logged = logged.subset(np.argsort(feats["order_ts"].iloc[logged.rows].to_numpy())[-GATE_ORDERS:])
     return playbook_gains(policy, feats, judge_for(policy, feats, logged, encoder, seed), seed=seed)
@@ -290,15 +298,15 @@ def _doubted_slots(policy: Policy, playbook: list[Estimate], reward_scale: float
 
 def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
                        encoder: FeatureEncoder, seed: int, playbook: list[Estimate], monthly_orders: float,
-                       epsilon: float | Literal["auto"]
+                       epsilon: float | Literal["auto"], judge: Judge | None = None
                        ) -> tuple[Tournament, SlotDeciders, dict[str, float], dict[str, float], dict]:
     """The learner the holdout chooses (`tournament.choose`), who decides each slot
     (`evaluation.slot_deciders`), the recommended exploration share per slot (`explorationshare`),
     the share served in each slot (``epsilon``: a number, or "auto", the recommended one), and the
-    OPE metrics and report of the winner so gated and exploring. A
-    function of its own so that the judge (every box scored for every holdout order, ~200 MB on
-    a million orders) is freed before the final fit."""
-    judge = judge_for(candidates[INCUMBENT], feats, holdout, encoder, seed)
+    OPE metrics and report of the winner so gated and exploring. ``judge``: the holdout's, when the
+    caller built it already. A function of its own so that the judge (every box scored for every
+    holdout order, ~200 MB on a million orders) is freed before the final fit."""
+    judge = judge if judge is not None else judge_for(candidates[INCUMBENT], feats, holdout, encoder, seed)
     chosen = choose(candidates, feats, judge, seed)
     deciders = slot_deciders(chosen.policy, feats, judge, playbook, seed=seed)
     gated = _gated(chosen.policy, deciders)
@@ -334,9 +342,11 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
     params = computation.feature_params(history, cutoff, catalog, config.nps_ttl_days, config.lapse_days)
 
     progress("repurchase propensity")
-    snapshot = features.Snapshot.build(history, params, as_of=cutoff)
+    snapshot_at = features.Snapshot.builder(history, params)
+    snapshot = snapshot_at(cutoff)
     customers = features.customer_frame(snapshot, cutoff)
-    repeat = fit_repeat(history, params, cutoff, config.horizon_days, current=customers)
+    repeat = fit_repeat(history, params, cutoff, config.horizon_days, current=customers, snapshot_at=snapshot_at)
+    del snapshot_at
     customers = customers.merge(repeat.scores, on="customer_id", how="left")
 
     progress("segments")
@@ -390,7 +400,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         train_part = logged.subset((ts < split).to_numpy())
         holdout = logged.subset((ts >= split).to_numpy())
         progress("off-policy evaluation")
-        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed)
+        # the holdout's judge depends on the catalog alone, not on any fitted policy
+        judge = judge_for(policy, feats, holdout, encoder, config.seed) if len(holdout) >= GATE_ORDERS else None
+        playbook = _playbook_evidence(policy, feats, logged, encoder, config.seed, judge)
         if config.pessimism == "auto":
             policy = policy.replace(pessimism=AUTO_PESSIMISM, doubted_slots=_doubted_slots(
                 policy, playbook, float(np.std(logged.feedback.rewards))))
@@ -406,8 +418,8 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         del fitted
         chosen, deciders, served, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff),
-            config.epsilon)
-        del candidates
+            config.epsilon, judge)
+        del candidates, judge
         if chosen.winner != INCUMBENT:
             notes.append(f"learner: {chosen.winner} beat the blend of the ridge box model and the boosted model "
                          f"on the holdout (see ope.json's tournament)")
