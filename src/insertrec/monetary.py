@@ -122,4 +122,4 @@ def split_target(phi: np.ndarray, feedback: LoggedFeedback, costs: list[np.ndarr
         model = MonetaryModel(sizes, defaults, seed + f).fit(phi[learn], actions[learn], revenue[learn],
                                                              feedback.pscores[learn])
         monetary[score] = model.predict(phi[score], actions[score])
-    return came * monetary - cost
+    return np.where(came, monetary - cost, feedback.rewards)
