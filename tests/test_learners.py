@@ -11,14 +11,7 @@ import pytest
 from insertrec.encoding import FeatureEncoder
 from insertrec.evaluation import logged_orders, rules_actions
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.learners import (
-    BoostedLearner,
-    BoxLearner,
-    SplineEncoder,
-    SplitLearner,
-    blended,
-    orders_weight,
-)
+from insertrec.learners import BoostedLearner, BoxLearner, SplineEncoder, SplitLearner, blended, orders_weight
 from insertrec.monetary import MonetaryModel, split_target
 from insertrec.ope import LoggedFeedback
 from insertrec.policy import Policy
