@@ -14,7 +14,7 @@ import pytest
 
 from insertrec.encoding import FeatureEncoder
 from insertrec.engine import Engine
-from insertrec.evaluation import Judge, judge_for, logged_orders
+from insertrec.evaluation import BIAS_ALLOWANCE, Judge, judge_for, logged_orders
 from insertrec.features import FeatureParams, order_features, order_rewards
 from insertrec.learners import (
     BLEND_WEIGHT,
@@ -29,7 +29,7 @@ from insertrec.learners import (
 from insertrec.ope import expected_value, onehot
 from insertrec.policy import Policy
 from insertrec.simulation import fresh_orders
-from insertrec.tournament import BIAS_ALLOWANCE, INCUMBENT, Tournament, choose, with_incumbent
+from insertrec.tournament import INCUMBENT, Tournament, choose, with_incumbent
 from insertrec.training import TrainConfig, train
 from insertrec.world import World
 

@@ -10,8 +10,8 @@ of the first two candidates' fits and the split's at no further cost; the ridge
 alone where its cross-validation finds no action effect beyond the noise) on
 the same orders, a paired bootstrap difference; a challenger wins only when the
 lower bound of that difference (one-sided ``1 - (1 - level) / 2``: 97.5%) is
-above the judge's bias allowance (``BIAS_ALLOWANCE`` standard deviations of the
-holdout's reward) and its DR value rests on an effective sample of at least
+above the judge's bias allowance (`evaluation.BIAS_ALLOWANCE` standard deviations
+of the holdout's reward: the figures are there) and its DR value rests on an effective sample of at least
 ``MIN_ESS`` holdout orders, and among several such the one with the highest
 lower bound. So neither noise nor the judge's bias picks: a validation DR resting on a small effective sample picked Vowpal
 Wabbit's settings badly in the peers' benchmark, and here, on 5,000-customer
@@ -31,12 +31,11 @@ import numpy as np
 import pandas as pd
 
 from insertrec.encoding import FeatureEncoder
-from insertrec.evaluation import Judge, LoggedOrders, policy_probabilities
+from insertrec.evaluation import BIAS_ALLOWANCE, Judge, LoggedOrders, bias_allowance, policy_probabilities
 from insertrec.learners import BoostedLearner, BoxLearner, Learner, SplitLearner, blended
 from insertrec.policy import Policy
 
 __all__ = [
-    "BIAS_ALLOWANCE",
     "CANDIDATE_ORDERS",
     "CHALLENGERS",
     "FINAL_ORDERS",
@@ -72,20 +71,6 @@ CHALLENGERS: tuple[Learner, ...] = (BoxLearner(knots=4), BoostedLearner())
 # truth (0.488 of the uplift greedy, against 0.521 for the incumbent of then, the ridge, refitted
 # alike; bench/results/uplift_limits.md).
 LEVEL = 0.95
-# The judge's bias allowance, in standard deviations of the holdout's reward: a challenger's lower
-# bound must clear it. Why: the paired interval covers the judge's noise, not its bias, and the DR
-# with the slates' pseudo-inverse is biased where the reward is not additive over slots (this world's
-# repurchase is logistic; bench/results/dr_bias_pseudo_inverse.md). Measured on the default world at
-# 30,000 customers, seed 2 (reward sd 42.7), the DR difference of spline_box over the incumbent
-# against the truth's (greedy uplift captured on 10,000 fresh orders times the oracle's gap over
-# the all-default box, ~4.9 per order): +0.89 [+0.075, ...] against ~-0.16 (incumbent the ridge,
-# bench/results/uplift_limits.md), +1.76 [+0.85, ...] against ~-0.16 (quality_auto_default_30k_seed2.json)
-# and +1.231 [+0.198, +2.327] against ~-0.50 (incumbent the three-way blend, blend3.md): errors of
-# 0.025, 0.045 and 0.041 reward sd, every one a false win, the interval missing the truth each time.
-# 0.05 is above all three. Of the wins recorded in bench/results (quality_*.json) the one
-# that was better in truth (perturbed world, 5,000 customers, seed 3: +10.1 [+7.3, ...] per order on
-# 168 orders) clears it; none of the false ones does.
-BIAS_ALLOWANCE = 0.05
 MIN_ESS = 100.0   # and its DR value must rest on at least this many holdout orders
 # Challengers learn from at most this many training orders (drawn at random), and a winning
 # challenger from at most FINAL_ORDERS in the final fit. Why: a million-order run spent 120 CPU s
@@ -167,7 +152,7 @@ def choose(candidates: dict[str, Policy], feats: pd.DataFrame, judge: Judge, see
         diff = judge.judge_difference(p, probs[INCUMBENT], seed, level=level)
         standings.append(Standing(name, est.dr.value, est.dr.low, est.dr.high, est.ess, est.ess >= MIN_ESS,
                                   diff.value, diff.low, diff.high))
-    allowance = BIAS_ALLOWANCE * float(np.std(judge.logged.feedback.rewards))
+    allowance = bias_allowance(judge)
     beating = [s for s in standings if s.name != INCUMBENT and s.eligible and s.vs_incumbent_low > allowance]
     winner = max(beating, key=lambda s: s.vs_incumbent_low).name if beating else INCUMBENT
     return Tournament(winner, candidates[winner], standings, level, allowance)
