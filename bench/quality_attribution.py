@@ -9,8 +9,9 @@ simulator's truth (uplift captured = (v - all-default) / (oracle - all-default))
 - ``greedy``: the same without exploration (`bench/quality.py`'s ``model_greedy``);
 - ``greedy_ungated``: and without the holdout's playbook gate (no playbook or default slots);
 - ``greedy_ungated_undoubted``: and without `--pessimism auto`'s doubted slots;
-- ``direct_blend``: `learners.blended` of the ridge box model and the distilled boosted model,
-  each fitted here on every logged order (what `bench/uplift_limits.py --blend-weights` scores),
+- ``direct_blend``: the incumbent (`learners.BlendLearner`: the ridge box model, the distilled
+  boosted model and the split box model, `blended`), each part fitted here on every logged order
+  (what `bench/uplift_limits.py --split-blends` scores),
   greedy, no gate, no doubt: equal to the line above unless the final fit differs;
 - ``train_part_blend``: the same fitted on the training part only (the tournament's candidate).
 
@@ -41,7 +42,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
     from insertrec.engine import Engine
     from insertrec.evaluation import logged_orders
     from insertrec.features import order_features, order_rewards
-    from insertrec.learners import BoostedLearner, BoxLearner, blended
+    from insertrec.learners import BlendLearner
     from insertrec.ope import expected_value, onehot
     from insertrec.simulation import fresh_orders
     from insertrec.training import TrainConfig, train
@@ -65,9 +66,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
                                 doubted_slots=None)
 
     def blend_on(part) -> object:
-        sub = feats.iloc[part.rows]
-        ridge = BoxLearner().fit(sub, part.feedback, encoder, template, seed)
-        return blended(ridge, BoostedLearner().fit(sub, part.feedback, encoder, template, seed))
+        return BlendLearner().fit(feats.iloc[part.rows], part.feedback, encoder, template, seed)
 
     ts = feats["order_ts"].iloc[logged.rows]
     split = ts.quantile(0.8)

@@ -17,7 +17,9 @@ families must be among ``--families``) is scored alike; with
 ``--stacked-blend``, at the weight `blend_rules.stacked_weight` finds
 on the latest orders (training's time split: the ridge and the boosted model
 fitted on the earlier part as the tournament fits them, judged on the rest);
-with ``--kept-boosted`` too, every blend again with that boosted fit in place of
+with ``--split-blends``, the three-way blend of the ridge, the boosted model and the split
+box model (``blend3``, `blended`'s ``split``; the families ridge_box, boosted and split_box
+must be among ``--families``); with ``--kept-boosted`` too, every blend again with that boosted fit in place of
 the one on every order (training's final fit above `tournament.FINAL_ORDERS`).
 
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
@@ -44,11 +46,11 @@ EPSILONS = (0.1, 0.05, 0.02)
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str],
              blend_weights: list[float], rewards: list[str], evidence: bool = False, stacked: bool = False,
-             kept: bool = False) -> dict:
+             kept: bool = False, split_blends: bool = False) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, blended, box_eligible, orders_weight
+    from insertrec.learners import BoostedLearner, BoxLearner, SplitLearner, blended, box_eligible, orders_weight
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
     from insertrec.tournament import CANDIDATE_ORDERS, fit_candidate
@@ -89,7 +91,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
     def capture(value: float) -> float:
         return (value - control) / (oracle - control)
 
-    learners = {"ridge_box": BoxLearner(), "spline_box": BoxLearner(knots=4), "boosted": BoostedLearner()}
+    learners = {"ridge_box": BoxLearner(), "spline_box": BoxLearner(knots=4), "boosted": BoostedLearner(),
+                "split_box": SplitLearner()}
     out: dict = {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
                  "reward_sd": float(f.rewards.std()), "noise_free_reward_sd": float(noise_free.rewards.std()),
                  "families": {}}
@@ -118,6 +121,9 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
         for weight in blend_weights:
             t = time.perf_counter()
             score(f"blend_{weight:g}", reward, blended(fits["ridge_box"], fits["boosted"], weight), t)
+        if split_blends:   # the incumbent's three parts, a third each
+            t = time.perf_counter()
+            score("blend3", reward, blended(fits["ridge_box"], fits["boosted"], split=fits["split_box"]), t)
         if evidence:   # the weight `blend_rules.blend_evidence` reads off the two fits
             t = time.perf_counter()
             found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model,
@@ -162,12 +168,15 @@ def main() -> None:
     ap.add_argument("--kept-boosted", action="store_true",
                     help="with --stacked-blend: the blends again with the tournament's boosted fit (at most "
                          "CANDIDATE_ORDERS of the earlier part), as training serves the blend above FINAL_ORDERS")
+    ap.add_argument("--split-blends", action="store_true",
+                    help="also the three-way blend with the split box model (needs ridge_box, boosted, split_box)")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     args = ap.parse_args()
     run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders, args.families,
                                                             args.blend_weights, args.rewards, args.evidence_blend,
-                                                            args.stacked_blend, args.kept_boosted))
+                                                            args.stacked_blend, args.kept_boosted,
+                                                            args.split_blends))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ every other policy. The families:
   the default world and lost on others), and the average keeps part of each
   one's right answers. The tournament's incumbent; the ridge alone where its
   cross-validation finds no action effect beyond the noise (`blended`).
+- ``split_box`` (`SplitLearner`): the ridge box model fitted to the frequency x
+  monetary target (`monetary.split_target`) instead of the logged reward: half
+  its noise. The blend's third part (`blended`'s ``split``).
 
 Judging them is `tournament`'s job.
 """
@@ -45,14 +48,16 @@ from insertrec.blocks import in_blocks
 from insertrec.catalog import Catalog
 from insertrec.encoding import FeatureEncoder
 from insertrec.evaluation import rules_actions
+from insertrec.monetary import split_target
 from insertrec.ope import LoggedFeedback
 from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, FoldStatistics, ValueModel, blend, box_statistics
 
 __all__ = ["BLEND_WEIGHT", "BlendLearner", "BoostedDirect", "BoostedLearner", "BoxLearner", "FitValueModel",
-           "Learner", "SplineEncoder", "blended", "box_eligible", "orders_weight"]
+           "Learner", "SplineEncoder", "SplitLearner", "blended", "box_eligible", "orders_weight"]
 
-# The ridge box model's share of a blend (`BlendLearner`), the distilled boosted model's the rest.
+# The ridge box model's share of a two-part blend, the distilled boosted model's the rest; with the
+# split box model as a third part (`BlendLearner`, the incumbent) each part has a third.
 BLEND_WEIGHT = 0.5
 
 
@@ -230,32 +235,46 @@ class BoostedLearner(Learner):
         return policy.replace(encoder=student, value_model=model.fit_statistics(stats, space))
 
 
-def blended(ridge: Policy, boosted: Policy, weight: float = BLEND_WEIGHT) -> Policy:
+def blended(ridge: Policy, boosted: Policy, weight: float | None = None, split: Policy | None = None) -> Policy:
     """``ridge`` (a `BoxLearner` policy over the base encoder) and ``boosted`` (a `BoostedLearner`
-    policy over a `SplineEncoder` of that encoder) as one policy: ``weight`` of the ridge's box
-    values, the rest the boosted model's, on the boosted model's features. The ridge alone where
+    policy over a `SplineEncoder` of that encoder), and ``split`` (a `SplitLearner` policy over the
+    base encoder) if given, as one policy on the boosted model's features: ``weight`` of the ridge's
+    box values (default: an even share, `BLEND_WEIGHT` of two parts, a third of three), the rest
+    shared evenly by the others. The ridge alone where
     its cross-validation chose the strongest action ridge it tries: the log then shows no action
     effect beyond the noise, and the boosted model, unshrunk, serves the noise. Measured: on the
     small-effects world at 5,000 customers the blend lost 0.52% against sending nothing (seed 1,
     `--pessimism auto`; greedy -0.26%, the ridge alone -0.05% / +0.23%), sending the minimal mailer
     to 36% of the orders (the ridge 7%), and the ridge chose the strongest action ridge there (seeds
-    1 and 11), while on the default world at 30,000 customers it chose 0.1 or 1 (bench/results/blend.md)."""
+    1 and 11), while on the default world at 30,000 customers it chose 0.1 or 1 (bench/results/blend.md).
+    Why the split as a third, equal part: on the default world at 30,000 customers (seeds 1-3, every
+    logged order, greedy) the three-way blend captured 0.508 / 0.590 / 0.606 of the uplift against
+    0.446 / 0.557 / 0.540 for the ridge and boosted halves (bench/results/blend3.md); the posterior
+    errors (`decision_grid`) stay the ridge's."""
     assert ridge.value_model is not None and boosted.value_model is not None
     if _no_effect_beyond_noise(ridge):
         return ridge
-    return boosted.replace(value_model=blend(ridge.value_model, boosted.value_model, weight))
+    if split is None:
+        others = boosted.value_model
+        weight = BLEND_WEIGHT if weight is None else weight
+    else:
+        assert split.value_model is not None
+        others = blend(split.value_model, boosted.value_model, 0.5)
+        weight = 1.0 / 3.0 if weight is None else weight
+    return boosted.replace(value_model=blend(ridge.value_model, others, weight))
 
 
-def orders_weight(ridge_orders: int, boosted_orders: int) -> float:
-    """The ridge's share of a `blended` pair whose parts learned from different numbers of logged
-    orders: `BLEND_WEIGHT` where they learned from as many, and otherwise each part's error taken
-    to fall as one over its orders (inverse variance). Why: above `tournament.FINAL_ORDERS` the
-    ridge is refitted on every order and the boosted part is the tournament's fit on at most
-    `tournament.CANDIDATE_ORDERS`; at an even weight there, on the default world at 100,000
-    customers (~244,000 orders, seeds 1-3, greedy), the blend captured less of the uplift than the
-    ridge alone, and more with the ridge's share raised to 0.75-0.9 (bench/results/w100k.md)."""
-    ridge, boosted = BLEND_WEIGHT * ridge_orders, (1.0 - BLEND_WEIGHT) * boosted_orders
-    return ridge / (ridge + boosted) if ridge + boosted > 0 else BLEND_WEIGHT
+def orders_weight(ridge_orders: int, other_orders: int, parts: int = 2) -> float:
+    """The ridge's share of a `blended` mix of ``parts`` whose other parts learned from fewer
+    logged orders than the ridge: an even share where all learned from as many, and otherwise
+    each part's error taken to fall as one over its orders (inverse variance). Why: above
+    `tournament.FINAL_ORDERS` the ridge is refitted on every order and the other parts are the
+    tournament's fits on at most `tournament.CANDIDATE_ORDERS`; at an even weight there, on the
+    default world at 100,000 customers (~244,000 orders, seeds 1-3, greedy), the two-part blend
+    captured less of the uplift than the ridge alone, and more with the ridge's share raised to
+    0.75-0.9 (bench/results/w100k.md)."""
+    ridge, others = ridge_orders, (parts - 1) * other_orders
+    return ridge / (ridge + others) if ridge + others > 0 else 1.0 / parts
 
 
 def _no_effect_beyond_noise(ridge: Policy) -> bool:
@@ -265,17 +284,37 @@ def _no_effect_beyond_noise(ridge: Policy) -> bool:
     return model.alpha_[1] >= max(model.action_alphas)
 
 
+class SplitLearner(Learner):
+    """The ridge box model (`ValueModel`, unchanged) fitted to `monetary.split_target` rather than
+    the logged reward: on the default world at 30,000 customers (seeds 1-3, greedy) 0.508 / 0.536 /
+    0.585 of the uplift against 0.425 / 0.521 / 0.492, but alone it lost on the coupons-waste and
+    small-effects worlds (bench/results/monetary_split.md), so it serves as a part of the blend.
+    Fitted in this process (also on the Spark engine): its target is computed here."""
+
+    name = "split_box"
+
+    def fit(self, feats: pd.DataFrame, feedback: LoggedFeedback, encoder: FeatureEncoder, policy: Policy,
+            seed: int) -> Policy:
+        space = policy.space
+        costs = [policy.catalog.slots[name].costs for name in policy.slot_names]
+        target = split_target(encoder.transform(feats), feedback, costs, space.sizes, space.defaults, seed)
+        return BoxLearner().fit(feats, LoggedFeedback(target, feedback.actions, feedback.pscores), encoder,
+                                policy, seed)
+
+
 class BlendLearner(Learner):
-    """The ridge box model and the distilled boosted model, both on every order given, `blended`."""
+    """The incumbent's three parts (the ridge box model, the distilled boosted model and the split
+    box model), all on every order given, `blended`."""
 
     name = "blend"
 
-    def __init__(self, weight: float = BLEND_WEIGHT, fit_value_model: FitValueModel = _fit_here):
-        self.weight, self.fit_value_model = weight, fit_value_model
+    def __init__(self, fit_value_model: FitValueModel = _fit_here):
+        self.fit_value_model = fit_value_model
 
     def fit(self, feats: pd.DataFrame, feedback: LoggedFeedback, encoder: FeatureEncoder, policy: Policy,
             seed: int) -> Policy:
         ridge = BoxLearner(fit_value_model=self.fit_value_model).fit(feats, feedback, encoder, policy, seed)
-        if _no_effect_beyond_noise(ridge):   # what `blended` would return: no boosted fit to pay for
+        if _no_effect_beyond_noise(ridge):   # what `blended` would return: no other fit to pay for
             return ridge
-        return blended(ridge, BoostedLearner().fit(feats, feedback, encoder, policy, seed), self.weight)
+        return blended(ridge, BoostedLearner().fit(feats, feedback, encoder, policy, seed),
+                       split=SplitLearner().fit(feats, feedback, encoder, policy, seed))

@@ -41,7 +41,7 @@ from insertrec.evaluation import (
     slot_deciders,
 )
 from insertrec.explorationshare import exploration_advice, orders_per_month
-from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, blended, orders_weight
+from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, SplitLearner, blended, orders_weight
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
@@ -52,6 +52,7 @@ from insertrec.tournament import (
     FINAL_ORDERS,
     INCUMBENT,
     RIDGE,
+    SPLIT,
     Tournament,
     choose,
     fit_candidate,
@@ -229,17 +230,18 @@ def _gated(policy: Policy, deciders: SlotDeciders) -> Policy:
 
 
 def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy,
-                  boosted_orders: int) -> Policy:
+                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy, split: Policy,
+                  other_orders: int) -> Policy:
     """The tournament's winner refitted on every logged order (a challenger on at most
     `tournament.FINAL_ORDERS` of them), gated as the holdout decided. The incumbent's ridge is
-    refitted on every order; its boosted part too where they are at most FINAL_ORDERS, and above
-    that the tournament's own fit of it, ``boosted`` (on ``boosted_orders``), is blended in
-    (`tournament.FINAL_ORDERS` says why and what that costs), at the ridge's share for the orders
-    each part learned from (`learners.orders_weight`)."""
+    refitted on every order; its boosted and split parts too where they are at most FINAL_ORDERS,
+    and above that the tournament's own fits of them, ``boosted`` and ``split`` (on
+    ``other_orders``), are blended in (`tournament.FINAL_ORDERS` says why and what that costs), at
+    the ridge's share for the orders each part learned from (`learners.orders_weight`)."""
     if winner == INCUMBENT and len(logged) > FINAL_ORDERS:
         ridge = fit_policy(feats, logged, encoder, policy, seed, computation=computation, final=True)
-        return _gated(blended(ridge, boosted, orders_weight(len(logged), boosted_orders)), deciders)
+        return _gated(blended(ridge, boosted, orders_weight(len(logged), other_orders, parts=3), split=split),
+                      deciders)
     if winner == INCUMBENT:
         blend = BlendLearner(fit_value_model=computation.refit_value_model)
         return _gated(blend.fit(feats.iloc[logged.rows], logged.feedback, encoder, policy, seed), deciders)
@@ -413,16 +415,18 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         fitted = {RIDGE: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
         for learner in CHALLENGERS:
             fitted[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
+        fitted[SPLIT] = fit_candidate(SplitLearner(), feats, train_part, encoder, policy, config.seed)
         candidates = with_incumbent(fitted)
-        boosted = fitted[BoostedLearner.name]   # the incumbent's boosted part, kept for the final fit
+        # the incumbent's boosted and split parts, kept for the final fit
+        boosted, split_part = fitted[BoostedLearner.name], fitted[SPLIT]
         del fitted
         chosen, deciders, served, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff),
             config.epsilon, judge)
         del candidates, judge
         if chosen.winner != INCUMBENT:
-            notes.append(f"learner: {chosen.winner} beat the blend of the ridge box model and the boosted model "
-                         f"on the holdout (see ope.json's tournament)")
+            notes.append(f"learner: {chosen.winner} beat the blend of the ridge box model, the boosted model and "
+                         f"the split box model on the holdout (see ope.json's tournament)")
         if deciders.playbook_slots:
             notes.append(f"on the holdout the model did worse than the playbook in "
                          f"{', '.join(deciders.playbook_slots)}; the playbook decides there")
@@ -435,10 +439,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                                    "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation,
-                               boosted, min(len(train_part), CANDIDATE_ORDERS))
+                               boosted, split_part, min(len(train_part), CANDIDATE_ORDERS))
         if config.epsilon == "auto":
             policy = policy.replace(epsilon=served)
-        del boosted
+        del boosted, split_part
     ope_report["propensity_source"] = logged.propensity_source
     ope_report["notes"] = notes
 
