@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--pessimism", type=lambda v: v if v == "auto" else float(v), default=TrainConfig().pessimism,
                     help="insertrec's `train --pessimism` (default: train's own)")
     ap.add_argument("--json", type=Path, default=RESULTS, help="where the results are merged")
+    ap.add_argument("--learners", default="vowpalwabbit,insertrec",
+                    help="which loops to run, comma-separated (Vowpal Wabbit's does not depend on insertrec's code)")
     args = ap.parse_args()
     world = World.default() if args.world == "default" else World.default().perturbed(args.perturb_seed)
     key = f"{args.world}/{args.customers} customers/{args.rounds} rounds/seed {args.seed}" \
@@ -162,9 +164,11 @@ def main() -> None:
                    "judge_customers": args.judge_customers,
                    "vw_options": f"--cb_explore_adf -q sa {args.vw}", "pessimism": args.pessimism,
                    "insertrec": [], "vowpalwabbit": [], "insertrec_chosen": []}
-    for name, learner in (("vowpalwabbit", lambda: VWLoop(world, args.vw).learn),
-                          ("insertrec", lambda: retrained(TrainConfig(pessimism=args.pessimism),
-                                                          lambda model: entry["insertrec_chosen"].append(_chosen(model))))):
+    learners = {"vowpalwabbit": lambda: VWLoop(world, args.vw).learn,
+                "insertrec": lambda: retrained(TrainConfig(pessimism=args.pessimism),
+                                               lambda model: entry["insertrec_chosen"].append(_chosen(model)))}
+    for name in args.learners.split(","):
+        learner = learners[name]
         t0 = time.perf_counter()
 
         def note(row: dict, name: str = name, t0: float = t0) -> None:
@@ -193,8 +197,9 @@ def main() -> None:
         name: {"last_uplift_capture": rows[-1]["uplift_capture"],
                **{f"last3_{key}": float(np.mean([r[key] for r in rows[-3:]])) for key in last3},
                "cumulative_regret": rows[-1]["cumulative_regret"]}
-        for name, rows in (("insertrec", ours), ("vowpalwabbit", theirs))}
-    entry["summary"]["insertrec_less_regret"] = ours[-1]["cumulative_regret"] < theirs[-1]["cumulative_regret"]
+        for name, rows in (("insertrec", ours), ("vowpalwabbit", theirs)) if rows}
+    if ours and theirs:
+        entry["summary"]["insertrec_less_regret"] = ours[-1]["cumulative_regret"] < theirs[-1]["cumulative_regret"]
     assert all(math.isfinite(r["value_deployed"]) for r in ours + theirs)
     _save(args.json, key, entry)
 
