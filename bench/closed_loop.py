@@ -153,19 +153,23 @@ def main() -> None:
     ap.add_argument("--vw", default="--epsilon 0.1", help="Vowpal Wabbit's exploration and learning options")
     ap.add_argument("--pessimism", type=lambda v: v if v == "auto" else float(v), default=TrainConfig().pessimism,
                     help="insertrec's `train --pessimism` (default: train's own)")
+    ap.add_argument("--epsilon", type=lambda v: v if v == "auto" else float(v), default=TrainConfig().epsilon,
+                    help="insertrec's `train --epsilon` (default: train's own)")
     ap.add_argument("--json", type=Path, default=RESULTS, help="where the results are merged")
     ap.add_argument("--learners", default="vowpalwabbit,insertrec",
                     help="which loops to run, comma-separated (Vowpal Wabbit's does not depend on insertrec's code)")
     args = ap.parse_args()
     world = World.default() if args.world == "default" else World.default().perturbed(args.perturb_seed)
     key = f"{args.world}/{args.customers} customers/{args.rounds} rounds/seed {args.seed}" \
-        + (f"/pessimism {args.pessimism}" if args.pessimism else "")
+        + (f"/pessimism {args.pessimism}" if args.pessimism else "") \
+        + (f"/epsilon {args.epsilon}" if args.epsilon != TrainConfig().epsilon else "")
     entry: dict = {"world": args.world, "customers": args.customers, "seed": args.seed, "rounds": args.rounds,
                    "judge_customers": args.judge_customers,
                    "vw_options": f"--cb_explore_adf -q sa {args.vw}", "pessimism": args.pessimism,
+                   "epsilon": args.epsilon,
                    "insertrec": [], "vowpalwabbit": [], "insertrec_chosen": []}
     learners = {"vowpalwabbit": lambda: VWLoop(world, args.vw).learn,
-                "insertrec": lambda: retrained(TrainConfig(pessimism=args.pessimism),
+                "insertrec": lambda: retrained(TrainConfig(pessimism=args.pessimism, epsilon=args.epsilon),
                                                lambda model: entry["insertrec_chosen"].append(_chosen(model)))}
     for name in args.learners.split(","):
         learner = learners[name]
