@@ -50,7 +50,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, SplitLearner, blended, box_eligible, orders_weight
+    from insertrec.learners import BoostedLearner, BoxLearner, SplitLearner, blended, box_eligible, orders_shares
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
     from insertrec.tournament import CANDIDATE_ORDERS, fit_candidate
@@ -150,7 +150,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
                 out["families"]["kept_blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
                 score("kept_blend_stacked", reward, blended(fits["ridge_box"], boosted, weight), time.perf_counter())
                 out["families"]["kept_blend_stacked"][reward]["weight"] = weight
-                w = orders_weight(len(logged), min(len(train_part), CANDIDATE_ORDERS))   # as training serves it
+                w = orders_shares(len(logged), min(len(train_part), CANDIDATE_ORDERS))[0]   # as training serves it
                 score("kept_blend_orders", reward, blended(fits["ridge_box"], boosted, w), time.perf_counter())
                 out["families"]["kept_blend_orders"][reward]["weight"] = w
     return out
