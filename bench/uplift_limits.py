@@ -20,7 +20,9 @@ fitted on the earlier part as the tournament fits them, judged on the rest);
 with ``--split-blends``, the three-way blend of the ridge, the boosted model and the split
 box model (``blend3``, `blended`'s ``split``; the families ridge_box, boosted and split_box
 must be among ``--families``); with ``--kept-boosted`` too, every blend again with that boosted fit in place of
-the one on every order (training's final fit above `tournament.FINAL_ORDERS`).
+the one on every order (training's final fit above `tournament.FINAL_ORDERS`); with
+``--kept-split-shares``, three-way blends at the ridge's and split's shares given (and at
+`learners.orders_shares`'s, as training serves it), the boosted part the tournament's fit.
 
 Reported per cell: uplift captured = (v - all-default) / (oracle - all-default).
 A form that captures much more on the noise-free reward than on the logged
@@ -46,11 +48,12 @@ EPSILONS = (0.1, 0.05, 0.02)
 
 def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, families: list[str],
              blend_weights: list[float], rewards: list[str], evidence: bool = False, stacked: bool = False,
-             kept: bool = False, split_blends: bool = False) -> dict:
+             kept: bool = False, split_blends: bool = False,
+             split_shares: list[tuple[float, float]] | None = None) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
     from insertrec.evaluation import logged_orders
-    from insertrec.learners import BoostedLearner, BoxLearner, SplitLearner, blended, box_eligible, orders_weight
+    from insertrec.learners import BoostedLearner, BoxLearner, SplitLearner, blended, box_eligible, orders_shares
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
     from insertrec.tournament import CANDIDATE_ORDERS, fit_candidate
@@ -124,6 +127,16 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
         if split_blends:   # the incumbent's three parts, a third each
             t = time.perf_counter()
             score("blend3", reward, blended(fits["ridge_box"], fits["boosted"], split=fits["split_box"]), t)
+        if split_shares:   # as training serves the incumbent above FINAL_ORDERS: the ridge and the split on
+            # every order, the boosted part the tournament's fit (at most CANDIDATE_ORDERS of the earlier part)
+            ts = sub["order_ts"].to_numpy()
+            train_part = logged.subset(ts < np.quantile(ts, 1 - config.holdout_share))
+            kept_boosted = fit_candidate(BoostedLearner(), feats, train_part, encoder, policy, seed)
+            served = orders_shares(len(logged), min(len(train_part), CANDIDATE_ORDERS), len(logged))
+            for ridge_share, split_share in [*split_shares, (served[0], served[2])]:
+                score(f"kept_blend3_{ridge_share:.3g}_{split_share:.3g}", reward,
+                      blended(fits["ridge_box"], kept_boosted, ridge_share, split=fits["split_box"],
+                              split_weight=split_share), time.perf_counter())
         if evidence:   # the weight `blend_rules.blend_evidence` reads off the two fits
             t = time.perf_counter()
             found = blend_evidence(fits["ridge_box"].value_model, fits["boosted"].value_model,
@@ -150,7 +163,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
                 out["families"]["kept_blend_evidence"][reward] |= {"weight": found.weight, **vars(found)}
                 score("kept_blend_stacked", reward, blended(fits["ridge_box"], boosted, weight), time.perf_counter())
                 out["families"]["kept_blend_stacked"][reward]["weight"] = weight
-                w = orders_weight(len(logged), min(len(train_part), CANDIDATE_ORDERS))   # as training serves it
+                w = orders_shares(len(logged), min(len(train_part), CANDIDATE_ORDERS))[0]   # as training serves it
                 score("kept_blend_orders", reward, blended(fits["ridge_box"], boosted, w), time.perf_counter())
                 out["families"]["kept_blend_orders"][reward]["weight"] = w
     return out
@@ -170,13 +183,18 @@ def main() -> None:
                          "CANDIDATE_ORDERS of the earlier part), as training serves the blend above FINAL_ORDERS")
     ap.add_argument("--split-blends", action="store_true",
                     help="also the three-way blend with the split box model (needs ridge_box, boosted, split_box)")
+    ap.add_argument("--kept-split-shares", nargs="*", default=[], metavar="RIDGE,SPLIT",
+                    type=lambda pair: tuple(float(x) for x in pair.split(",")),
+                    help="the ridge's and the split's shares of three-way blends with the tournament's boosted "
+                         "fit, the ridge and the split on every order (needs ridge_box and split_box); the "
+                         "shares `learners.orders_shares` gives are scored too")
     ap.add_argument("--rewards", nargs="+", choices=["logged", "noise_free"], default=["logged", "noise_free"])
     ap.add_argument("--eval-orders", type=int, default=10_000)
     args = ap.parse_args()
     run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders, args.families,
                                                             args.blend_weights, args.rewards, args.evidence_blend,
                                                             args.stacked_blend, args.kept_boosted,
-                                                            args.split_blends))
+                                                            args.split_blends, args.kept_split_shares))
 
 
 if __name__ == "__main__":

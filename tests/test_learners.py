@@ -11,7 +11,7 @@ import pytest
 from insertrec.encoding import FeatureEncoder
 from insertrec.evaluation import logged_orders, rules_actions
 from insertrec.features import FeatureParams, order_features, order_rewards
-from insertrec.learners import BoostedLearner, BoxLearner, SplineEncoder, SplitLearner, blended, orders_weight
+from insertrec.learners import BoostedLearner, BoxLearner, SplineEncoder, SplitLearner, blended, orders_shares
 from insertrec.monetary import MonetaryModel, split_target
 from insertrec.ope import LoggedFeedback
 from insertrec.policy import Policy
@@ -106,15 +106,21 @@ def test_the_incumbent_blend_weighs_ridge_split_and_boosted_a_third_each(history
     parts = (ridge.value_model.combo_scores(phi, rules, combos) + split.value_model.combo_scores(phi, rules, combos)
              + boosted.value_model.combo_scores(phi_s, rules, combos)) / 3
     np.testing.assert_allclose(mixed.value_model.combo_scores(phi_s, rules, combos), parts, atol=1e-8)
+    weighed = blended(ridge, boosted, 0.5, split=split, split_weight=0.3)   # the shares given, the rest boosted
+    assert weighed.value_model is not None
+    parts = (0.5 * ridge.value_model.combo_scores(phi, rules, combos)
+             + 0.3 * split.value_model.combo_scores(phi, rules, combos)
+             + 0.2 * boosted.value_model.combo_scores(phi_s, rules, combos))
+    np.testing.assert_allclose(weighed.value_model.combo_scores(phi_s, rules, combos), parts, atol=1e-8)
     model = copy.copy(model)
     model.alpha_ = (model.alpha_[0], max(model.action_alphas))       # no effect beyond the noise
     alone = ridge.replace(value_model=model)
     assert blended(alone, boosted, split=split) is alone
 
 
-def test_with_the_split_the_ridges_share_follows_the_orders_each_of_three_parts_learned_from() -> None:
-    """A third each where all learned from as many orders; above FINAL_ORDERS the ridge learned
-    from every order and the others from at most CANDIDATE_ORDERS, so its share grows."""
-    assert orders_weight(72_000, 72_000, parts=3) == pytest.approx(1 / 3)
-    assert orders_weight(244_000, 50_000, parts=3) == pytest.approx(244 / 344)
-    assert orders_weight(984_000, 50_000, parts=3) > orders_weight(244_000, 50_000, parts=3)
+def test_with_the_split_each_of_three_parts_shares_in_the_orders_it_learned_from() -> None:
+    """A third each where all learned from as many orders; above FINAL_ORDERS the ridge and the
+    split learned from every order and the boosted part from at most CANDIDATE_ORDERS, so theirs grow."""
+    assert orders_shares(72_000, 72_000, 72_000) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert orders_shares(244_000, 50_000, 244_000) == pytest.approx((244 / 538, 50 / 538, 244 / 538))
+    assert orders_shares(984_000, 50_000, 984_000)[0] > orders_shares(244_000, 50_000, 244_000)[0]

@@ -24,7 +24,7 @@ from insertrec.learners import (
     SplineEncoder,
     SplitLearner,
     blended,
-    orders_weight,
+    orders_shares,
 )
 from insertrec.ope import expected_value, onehot
 from insertrec.policy import Policy
@@ -141,9 +141,9 @@ def test_the_blend_is_the_ridge_alone_where_the_ridge_finds_no_effect_beyond_the
 def test_the_ridges_share_grows_with_the_orders_it_learned_from_beyond_the_boosted_parts() -> None:
     """Above FINAL_ORDERS the ridge learns from every order and the boosted part from at most
     CANDIDATE_ORDERS: the even blend then lost to the ridge alone (default world, 100,000 customers)."""
-    assert orders_weight(72_000, 72_000) == BLEND_WEIGHT
-    assert 0.8 < orders_weight(244_000, 50_000) < 0.85
-    assert orders_weight(984_000, 50_000) > orders_weight(244_000, 50_000)
+    assert orders_shares(72_000, 72_000) == (BLEND_WEIGHT, 1 - BLEND_WEIGHT)
+    assert 0.8 < orders_shares(244_000, 50_000)[0] < 0.85
+    assert orders_shares(984_000, 50_000)[0] > orders_shares(244_000, 50_000)[0]
 
 
 @pytest.mark.slow
@@ -287,18 +287,24 @@ def test_the_incumbents_boosted_part_is_refitted_on_every_order_up_to_final_orde
                                                                                   final_orders) -> None:
     """Up to `tournament.FINAL_ORDERS` logged orders the served blend's boosted part learns from every
     one of them; above, the tournament's fit (training part only) is served and no second boosted
-    model is fitted: the budget of a million-order run (bench/results/budget.md)."""
+    model is fitted: the budget of a million-order run (bench/results/budget.md). The split part
+    learns from every order either way (bench/results/split100k.md)."""
     import insertrec.learners as learners
     import insertrec.training as training
 
-    fits: list[int] = []
-    fit = BoostedLearner.fit
+    fits: dict[type, list[int]] = {BoostedLearner: [], SplitLearner: []}
 
-    def counted(self, feats, *args, **kwargs):
-        fits.append(len(feats))
-        return fit(self, feats, *args, **kwargs)
+    def counting(learner: type) -> None:
+        fit = learner.fit
 
-    monkeypatch.setattr(BoostedLearner, "fit", counted)
+        def counted(self, feats, *args, **kwargs):
+            fits[learner].append(len(feats))
+            return fit(self, feats, *args, **kwargs)
+
+        monkeypatch.setattr(learner, "fit", counted)
+
+    counting(BoostedLearner)
+    counting(SplitLearner)
     monkeypatch.setattr(learners, "_no_effect_beyond_noise", lambda ridge: False)   # the blend, not the ridge alone
     monkeypatch.setattr(training, "FINAL_ORDERS", final_orders)
     data = World.default().generate(customers=1500, seed=5).to_dataset()
@@ -307,7 +313,8 @@ def test_the_incumbents_boosted_part_is_refitted_on_every_order_up_to_final_orde
     assert ope["tournament"]["winner"] == INCUMBENT
     training_part, every = ope["train_orders"], ope["train_orders"] + ope["orders"]
     assert every > 500
-    assert fits == ([training_part, every] if every <= final_orders else [training_part])
+    assert fits[BoostedLearner] == ([training_part, every] if every <= final_orders else [training_part])
+    assert fits[SplitLearner] == [training_part, every]
     assert isinstance(Engine.load(tmp_path / "m").policy.encoder, SplineEncoder)   # the blend is served
 
 

@@ -54,7 +54,7 @@ from insertrec.policy import Policy
 from insertrec.valuemodel import ActionSpace, FoldStatistics, ValueModel, blend, box_statistics
 
 __all__ = ["BLEND_WEIGHT", "BlendLearner", "BoostedDirect", "BoostedLearner", "BoxLearner", "FitValueModel",
-           "Learner", "SplineEncoder", "SplitLearner", "blended", "box_eligible", "orders_weight"]
+           "Learner", "SplineEncoder", "SplitLearner", "blended", "box_eligible", "orders_shares"]
 
 # The ridge box model's share of a two-part blend, the distilled boosted model's the rest; with the
 # split box model as a third part (`BlendLearner`, the incumbent) each part has a third.
@@ -235,12 +235,13 @@ class BoostedLearner(Learner):
         return policy.replace(encoder=student, value_model=model.fit_statistics(stats, space))
 
 
-def blended(ridge: Policy, boosted: Policy, weight: float | None = None, split: Policy | None = None) -> Policy:
+def blended(ridge: Policy, boosted: Policy, weight: float | None = None, split: Policy | None = None,
+            split_weight: float | None = None) -> Policy:
     """``ridge`` (a `BoxLearner` policy over the base encoder) and ``boosted`` (a `BoostedLearner`
     policy over a `SplineEncoder` of that encoder), and ``split`` (a `SplitLearner` policy over the
     base encoder) if given, as one policy on the boosted model's features: ``weight`` of the ridge's
-    box values (default: an even share, `BLEND_WEIGHT` of two parts, a third of three), the rest
-    shared evenly by the others. The ridge alone where
+    box values (default: an even share, `BLEND_WEIGHT` of two parts, a third of three), ``split_weight``
+    of the split's (default: half the rest), the boosted model's the rest. The ridge alone where
     its cross-validation chose the strongest action ridge it tries: the log then shows no action
     effect beyond the noise, and the boosted model, unshrunk, serves the noise. Measured: on the
     small-effects world at 5,000 customers the blend lost 0.52% against sending nothing (seed 1,
@@ -259,22 +260,23 @@ def blended(ridge: Policy, boosted: Policy, weight: float | None = None, split: 
         weight = BLEND_WEIGHT if weight is None else weight
     else:
         assert split.value_model is not None
-        others = blend(split.value_model, boosted.value_model, 0.5)
         weight = 1.0 / 3.0 if weight is None else weight
+        split_weight = (1.0 - weight) / 2.0 if split_weight is None else split_weight
+        others = blend(split.value_model, boosted.value_model, split_weight / (1.0 - weight) if weight < 1.0 else 0.5)
     return boosted.replace(value_model=blend(ridge.value_model, others, weight))
 
 
-def orders_weight(ridge_orders: int, other_orders: int, parts: int = 2) -> float:
-    """The ridge's share of a `blended` mix of ``parts`` whose other parts learned from fewer
-    logged orders than the ridge: an even share where all learned from as many, and otherwise
-    each part's error taken to fall as one over its orders (inverse variance). Why: above
-    `tournament.FINAL_ORDERS` the ridge is refitted on every order and the other parts are the
-    tournament's fits on at most `tournament.CANDIDATE_ORDERS`; at an even weight there, on the
-    default world at 100,000 customers (~244,000 orders, seeds 1-3, greedy), the two-part blend
-    captured less of the uplift than the ridge alone, and more with the ridge's share raised to
-    0.75-0.9 (bench/results/w100k.md)."""
-    ridge, others = ridge_orders, (parts - 1) * other_orders
-    return ridge / (ridge + others) if ridge + others > 0 else 1.0 / parts
+def orders_shares(*orders: int) -> tuple[float, ...]:
+    """Each part's share of a `blended` mix, given the logged orders each part learned from: even
+    where all learned from as many, and otherwise in proportion to them (each part's error taken to
+    fall as one over its orders: inverse variance). Why: above `tournament.FINAL_ORDERS` the ridge
+    and the split box model are refitted on every order and the boosted model is the tournament's
+    fit on at most `tournament.CANDIDATE_ORDERS`; at an even weight there, on the default world at
+    100,000 customers (~244,000 orders, seeds 1-3, greedy), the two-part blend captured less of the
+    uplift than the ridge alone, and more with the ridge's share raised to 0.75-0.9
+    (bench/results/w100k.md)."""
+    total = sum(orders)
+    return tuple(n / total for n in orders) if total > 0 else tuple(1.0 / len(orders) for _ in orders)
 
 
 def _no_effect_beyond_noise(ridge: Policy) -> bool:
@@ -297,9 +299,15 @@ class SplitLearner(Learner):
             seed: int) -> Policy:
         space = policy.space
         costs = [policy.catalog.slots[name].costs for name in policy.slot_names]
-        target = split_target(encoder.transform(feats), feedback, costs, space.sizes, space.defaults, seed)
-        return BoxLearner().fit(feats, LoggedFeedback(target, feedback.actions, feedback.pscores), encoder,
-                                policy, seed)
+        phi = encoder.transform(feats)
+        target = split_target(phi, feedback, costs, space.sizes, space.defaults, seed)
+
+        def fit_encoded(model: ValueModel, feats: pd.DataFrame, encoder: Any, actions: np.ndarray,
+                        rewards: np.ndarray, space: ActionSpace, rules: np.ndarray, pscore: np.ndarray) -> ValueModel:
+            return model.fit(phi, actions, rewards, space, rules, pscore)   # the target's encoding, not a second
+
+        return BoxLearner(fit_value_model=fit_encoded).fit(
+            feats, LoggedFeedback(target, feedback.actions, feedback.pscores), encoder, policy, seed)
 
 
 class BlendLearner(Learner):

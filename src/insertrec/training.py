@@ -41,7 +41,7 @@ from insertrec.evaluation import (
     slot_deciders,
 )
 from insertrec.explorationshare import exploration_advice, orders_per_month
-from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, SplitLearner, blended, orders_weight
+from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, SplitLearner, blended, orders_shares
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
@@ -230,18 +230,23 @@ def _gated(policy: Policy, deciders: SlotDeciders) -> Policy:
 
 
 def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encoder: FeatureEncoder, policy: Policy,
-                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy, split: Policy,
-                  other_orders: int) -> Policy:
+                  seed: int, deciders: SlotDeciders, computation: Computation, boosted: Policy,
+                  boosted_orders: int) -> Policy:
     """The tournament's winner refitted on every logged order (a challenger on at most
-    `tournament.FINAL_ORDERS` of them), gated as the holdout decided. The incumbent's ridge is
-    refitted on every order; its boosted and split parts too where they are at most FINAL_ORDERS,
-    and above that the tournament's own fits of them, ``boosted`` and ``split`` (on
-    ``other_orders``), are blended in (`tournament.FINAL_ORDERS` says why and what that costs), at
-    the ridge's share for the orders each part learned from (`learners.orders_weight`)."""
+    `tournament.FINAL_ORDERS` of them), gated as the holdout decided. The incumbent's ridge and
+    split box model are refitted on every order; its boosted part too where they are at most
+    FINAL_ORDERS, and above that the tournament's own fit of it, ``boosted`` (on ``boosted_orders``),
+    is blended in (`tournament.FINAL_ORDERS` says why and what that costs), each part at its share
+    of the orders the parts learned from (`learners.orders_shares`: ~0.45 / 0.45 / 0.09 at ~244,000
+    orders). Why the split on every order: both ridges cost in proportion to their rows (the split
+    ~23 CPU s at a million orders, bench/results/split_cost.json) where the boosted fit costs more,
+    and fitted on the tournament's 50,000 at the ridge's weight for them the third part bought
+    nothing at 100,000 customers (bench/results/blend3.md §7, split100k.md)."""
     if winner == INCUMBENT and len(logged) > FINAL_ORDERS:
         ridge = fit_policy(feats, logged, encoder, policy, seed, computation=computation, final=True)
-        return _gated(blended(ridge, boosted, orders_weight(len(logged), other_orders, parts=3), split=split),
-                      deciders)
+        split = fit_candidate(SplitLearner(), feats, logged, encoder, policy, seed, max_orders=None)
+        ridge_share, _, split_share = orders_shares(len(logged), boosted_orders, len(logged))
+        return _gated(blended(ridge, boosted, ridge_share, split=split, split_weight=split_share), deciders)
     if winner == INCUMBENT:
         blend = BlendLearner(fit_value_model=computation.refit_value_model)
         return _gated(blend.fit(feats.iloc[logged.rows], logged.feedback, encoder, policy, seed), deciders)
@@ -417,8 +422,7 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
             fitted[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         fitted[SPLIT] = fit_candidate(SplitLearner(), feats, train_part, encoder, policy, config.seed)
         candidates = with_incumbent(fitted)
-        # the incumbent's boosted and split parts, kept for the final fit
-        boosted, split_part = fitted[BoostedLearner.name], fitted[SPLIT]
+        boosted = fitted[BoostedLearner.name]   # the incumbent's boosted part, kept for the final fit
         del fitted
         chosen, deciders, served, ope_metrics, ope_report = _judged_on_holdout(
             candidates, feats, holdout, encoder, config.seed, playbook, computation.orders_per_month(history, cutoff),
@@ -439,10 +443,10 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                                    "doubted_slots": None if policy.doubted_slots is None else list(policy.doubted_slots)}
         ope_report["train_orders"], ope_report["holdout_from"] = len(train_part), split.isoformat()
         policy = _refit_winner(chosen.winner, feats, logged, encoder, policy, config.seed, deciders, computation,
-                               boosted, split_part, min(len(train_part), CANDIDATE_ORDERS))
+                               boosted, min(len(train_part), CANDIDATE_ORDERS))
         if config.epsilon == "auto":
             policy = policy.replace(epsilon=served)
-        del boosted, split_part
+        del boosted
     ope_report["propensity_source"] = logged.propensity_source
     ope_report["notes"] = notes
 
