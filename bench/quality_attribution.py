@@ -15,7 +15,10 @@ simulator's truth (uplift captured = (v - all-default) / (oracle - all-default))
   greedy, no gate, no doubt: equal to the line above unless the final fit differs;
 - ``train_part_blend``: the same fitted on the training part only (the tournament's candidate).
 
-Each line's difference with the one above is what that step costs. The
+Each line's difference with the one above is what that step costs. Beside them,
+``deployed_no_penalty``: the deployed policy without `--pessimism auto`'s penalty in the slots it
+doubts (z = 0; the doubted slots still explore at the floor alone), what the penalty costs as
+deployed (bench/results/split100k.md section 4, doubt_cost.md). The
 evaluation orders can be two sets (``--eval-orders``), to show how much the
 choice of fresh orders moves the figures.
 
@@ -75,7 +78,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
     policies = {"deployed": deployed, "greedy": greedy, "greedy_ungated": ungated,
                 "greedy_ungated_undoubted": ungated.replace(pessimism=0.0, doubted_slots=None),
                 "direct_blend": blend_on(logged),
-                "train_part_blend": blend_on(logged.subset((ts < split).to_numpy()))}
+                "train_part_blend": blend_on(logged.subset((ts < split).to_numpy())),
+                "deployed_no_penalty": deployed.replace(pessimism=0.0)}
 
     out: dict = {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
                  "train_s": train_s, "winner": ope["tournament"]["winner"],
