@@ -312,17 +312,24 @@ class SplitLearner(Learner):
 
 class BlendLearner(Learner):
     """The incumbent's three parts (the ridge box model, the distilled boosted model and the split
-    box model), all on every order given, `blended`."""
+    box model), all on every order given, `blended`. With ``boosted``, a boosted part already
+    fitted on ``boosted_orders`` orders is served instead of a fit of its own, each part at its
+    share of the orders it learned from (`orders_shares`): the final fit of a log above
+    `tournament.FINAL_ORDERS`, whose boosted fit on every order a million-order budget cannot pay."""
 
     name = "blend"
 
-    def __init__(self, fit_value_model: FitValueModel = _fit_here):
-        self.fit_value_model = fit_value_model
+    def __init__(self, fit_value_model: FitValueModel = _fit_here, boosted: Policy | None = None,
+                 boosted_orders: int = 0):
+        self.fit_value_model, self.boosted, self.boosted_orders = fit_value_model, boosted, boosted_orders
 
     def fit(self, feats: pd.DataFrame, feedback: LoggedFeedback, encoder: FeatureEncoder, policy: Policy,
             seed: int) -> Policy:
         ridge = BoxLearner(fit_value_model=self.fit_value_model).fit(feats, feedback, encoder, policy, seed)
         if _no_effect_beyond_noise(ridge):   # what `blended` would return: no other fit to pay for
             return ridge
-        return blended(ridge, BoostedLearner().fit(feats, feedback, encoder, policy, seed),
-                       split=SplitLearner().fit(feats, feedback, encoder, policy, seed))
+        split = SplitLearner().fit(feats, feedback, encoder, policy, seed)
+        if self.boosted is None:
+            return blended(ridge, BoostedLearner().fit(feats, feedback, encoder, policy, seed), split=split)
+        ridge_share, _, split_share = orders_shares(len(feats), self.boosted_orders, len(feats))
+        return blended(ridge, self.boosted, ridge_share, split=split, split_weight=split_share)

@@ -41,7 +41,7 @@ from insertrec.evaluation import (
     slot_deciders,
 )
 from insertrec.explorationshare import exploration_advice, orders_per_month
-from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, SplitLearner, blended, orders_shares
+from insertrec.learners import BlendLearner, BoostedLearner, BoxLearner, SplitLearner
 from insertrec.ope import Estimate
 from insertrec.policy import Policy
 from insertrec.report import build_report, render_report
@@ -234,21 +234,17 @@ def _refit_winner(winner: str, feats: pd.DataFrame, logged: LoggedOrders, encode
                   boosted_orders: int) -> Policy:
     """The tournament's winner refitted on every logged order (a challenger on at most
     `tournament.FINAL_ORDERS` of them), gated as the holdout decided. The incumbent's ridge and
-    split box model are refitted on every order; its boosted part too where they are at most
-    FINAL_ORDERS, and above that the tournament's own fit of it, ``boosted`` (on ``boosted_orders``),
-    is blended in (`tournament.FINAL_ORDERS` says why and what that costs), each part at its share
-    of the orders the parts learned from (`learners.orders_shares`: ~0.45 / 0.45 / 0.09 at ~244,000
-    orders). Why the split on every order: both ridges cost in proportion to their rows (the split
-    ~23 CPU s at a million orders, bench/results/split_cost.json) where the boosted fit costs more,
-    and fitted on the tournament's 50,000 at the ridge's weight for them the third part bought
-    nothing at 100,000 customers (bench/results/blend3.md §7, split100k.md)."""
-    if winner == INCUMBENT and len(logged) > FINAL_ORDERS:
-        ridge = fit_policy(feats, logged, encoder, policy, seed, computation=computation, final=True)
-        split = fit_candidate(SplitLearner(), feats, logged, encoder, policy, seed, max_orders=None)
-        ridge_share, _, split_share = orders_shares(len(logged), boosted_orders, len(logged))
-        return _gated(blended(ridge, boosted, ridge_share, split=split, split_weight=split_share), deciders)
+    split box model are refitted on every order; its boosted part too where the log holds at most
+    FINAL_ORDERS orders, and above that the tournament's own fit of it, ``boosted`` (on
+    ``boosted_orders``), is blended in (`tournament.FINAL_ORDERS` says why and what that costs),
+    each part at its share of the orders the parts learned from (`learners.orders_shares`: ~0.45 /
+    0.45 / 0.09 at ~244,000 orders). Why the split on every order: it is a ridge, whose refit cost
+    +19 CPU s at a million orders where the boosted fit costs more, and fitted on the tournament's
+    50,000 at the ridge's weight for them the third part bought nothing at 100,000 customers
+    (bench/results/blend3.md §7, split100k.md)."""
     if winner == INCUMBENT:
-        blend = BlendLearner(fit_value_model=computation.refit_value_model)
+        blend = BlendLearner(fit_value_model=computation.refit_value_model,
+                             boosted=boosted if len(logged) > FINAL_ORDERS else None, boosted_orders=boosted_orders)
         return _gated(blend.fit(feats.iloc[logged.rows], logged.feedback, encoder, policy, seed), deciders)
     if winner == RIDGE:
         return fit_policy(feats, logged, encoder, policy, seed, deciders, computation, final=True)
