@@ -51,12 +51,29 @@ VW_EPSILON = 0.05   # VW's default exploration for cb_explore_adf
 
 
 def load_world(name: str):
+    """``default``, ``perturbed`` (the default world perturbed with seed 2026), ``perturbed@SEED``
+    (with that seed: `bench/closed_loop.py --world perturbed` perturbs with 7), or bench/worlds/<name>.json."""
     from insertrec.world import World
     if name == "default":
         return World.default()
-    if name == "perturbed":
-        return World.default().perturbed(seed=2026)
+    if name.partition("@")[0] == "perturbed":
+        return World.default().perturbed(seed=int(name.partition("@")[2] or 2026))
     return World.load(HERE / "worlds" / f"{name}.json")
+
+
+def logged_history(data, config):
+    """``(params, feats, logged)``: the feature parameters, every order's features and the logged
+    orders with complete rewards of ``data``, as `insertrec train` computes them with ``config``
+    (a `TrainConfig`: its windows and reward horizon, the catalog's costs)."""
+    from insertrec import features
+    from insertrec.evaluation import logged_orders
+    catalog = data.catalog
+    params = features.FeatureParams.fit(data, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
+                                        lapse_days=config.lapse_days)
+    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
+    feats = features.order_features(data, params)
+    rewards = features.order_rewards(data, horizon_days=config.horizon_days, costs=costs)
+    return params, feats, logged_orders(data, feats, rewards, catalog)
 
 
 def cell_parser(description: str | None, results_name: str) -> argparse.ArgumentParser:

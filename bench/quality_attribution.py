@@ -15,15 +15,23 @@ simulator's truth (uplift captured = (v - all-default) / (oracle - all-default))
   greedy, no gate, no doubt: equal to the line above unless the final fit differs;
 - ``train_part_blend``: the same fitted on the training part only (the tournament's candidate).
 
-Each line's difference with the one above is what that step costs. Beside them,
+Each line's difference with the one above is what that step costs. Per slot the run doubts,
+``greedy_undoubted_<slot>``: the greedy policy with that slot alone undoubted (its penalty off, the
+gate as trained), the truth of what the doubt keeps from going out there; and, under ``kept_out``,
+what the model itself estimates it keeps out (the value model's gain of the undoubted choice over
+the doubted one in that slot, per order), the share of orders whose action it changes, and the mean
+of gain / standard error over the undoubted non-default choices. Beside them,
 ``deployed_no_penalty``: the deployed policy without `--pessimism auto`'s penalty in the slots it
 doubts (z = 0; the doubted slots still explore at the floor alone), what the penalty costs as
 deployed (bench/results/split100k.md section 4, doubt_cost.md). The
 evaluation orders can be two sets (``--eval-orders``), to show how much the
-choice of fresh orders moves the figures.
+choice of fresh orders moves the figures. ``--first-log``: the history is the one the closed loop's
+first round trains on (`insertrec.closedloop`, 12 monthly rounds: the log before its first month;
+`bench/closed_loop.py --world perturbed` is world ``perturbed@7`` here).
 
 Usage:
   python bench/quality_attribution.py --seeds 1 3 --eval-orders 5000 10000
+  python bench/quality_attribution.py --first-log --sizes 30000 --seeds 1 --eval-orders 4000
 Results go to bench/results/quality_attribution.json (--json to change).
 """
 
@@ -40,7 +48,8 @@ from quality import cell_parser, load_world, run_cells
 HERE = Path(__file__).resolve().parent
 
 
-def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) -> dict:
+def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int], first_log: bool = False) -> dict:
+    from insertrec.closedloop import MONTH_DAYS
     from insertrec.encoding import FeatureEncoder
     from insertrec.engine import Engine
     from insertrec.evaluation import logged_orders
@@ -51,8 +60,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
     from insertrec.training import TrainConfig, train
 
     world = load_world(world_name)
-    generated = world.generate(customers=customers, seed=seed)
-    data = generated.to_dataset()
+    data = world.shop_run(customers, seed).advance(world.days - 12 * MONTH_DAYS).data if first_log else \
+        world.generate(customers=customers, seed=seed).to_dataset()
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         train(data, Path(tmp) / "model", TrainConfig(seed=seed))
@@ -80,8 +89,12 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
                 "direct_blend": blend_on(logged),
                 "train_part_blend": blend_on(logged.subset((ts < split).to_numpy())),
                 "deployed_no_penalty": deployed.replace(pessimism=0.0)}
+    doubted = deployed.doubted_slots or ()
+    undoubted = {slot: greedy.replace(doubted_slots=tuple(d for d in doubted if d != slot)) for slot in doubted}
+    policies |= {f"greedy_undoubted_{slot}": p for slot, p in undoubted.items()}
 
-    out: dict = {"world": world_name, "customers": customers, "seed": seed, "logged_orders": len(logged),
+    out: dict = {"world": world_name, "customers": customers, "seed": seed, "first_log": first_log,
+                 "logged_orders": len(logged),
                  "train_s": train_s, "winner": ope["tournament"]["winner"],
                  "slot_deciders": ope.get("slot_deciders"), "doubted_slots": ope["pessimism"]["doubted_slots"],
                  "eval": {}}
@@ -96,17 +109,46 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int]) 
             batch = p.decide_frame(fresh.features)
             v = float(expected_value(truth, p.probabilities(batch)).mean())
             row[name] = (v - control) / (oracle - control)
-        out["eval"][str(n)] = row
-        print(f"{world_name} {customers} seed {seed} eval {n} (winner {out['winner']}): "
+        out["eval"][str(n)] = row | {"kept_out": {slot: _kept_out(greedy, p, slot, fresh.features)
+                                                  for slot, p in undoubted.items()}}
+        print(f"{world_name} {customers} seed {seed} eval {n} (winner {out['winner']}, doubted {list(doubted)}): "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+        for slot, kept in out["eval"][str(n)]["kept_out"].items():
+            print(f"  {slot}: the model estimates the doubt keeps out {kept['estimate']:+.3f} per order "
+                  f"(changes {kept['share_changed']:.0%} of the orders; undoubted choices' gain / se "
+                  f"{kept['gain_over_se']:.2f})", flush=True)
     return out
+
+
+def _kept_out(doubted, undoubted, slot: str, feats) -> dict[str, float]:
+    """What the value model itself estimates the doubt keeps out in ``slot``: the mean gain (over the
+    slot default, per order) of the undoubted policy's action there less the doubted one's, the share
+    of orders whose action differs, and the mean gain / standard error of the undoubted policy's
+    non-default actions there (the se its `--pessimism` penalty is a share of)."""
+    from insertrec.valuemodel import BoxGrid
+
+    s = doubted.slot_names.index(slot)
+    a, b = doubted.decide_frame(feats, explore=False).greedy[:, s], \
+        undoubted.decide_frame(feats, explore=False).greedy[:, s]
+    rules = doubted.catalog.assess(feats)[1]
+    phi, model = doubted.encoder.transform(feats), doubted.value_model
+    columns = rules + model.box_grid.columns
+    gains = model.box_grid.per_action(phi, columns)[:, model.box_grid.slices[s]]
+    se = gains - BoxGrid(model, 1.0).per_action(phi, columns)[:, model.box_grid.slices[s]]
+    rows, moved = np.arange(len(a)), b != doubted.space.defaults[s]
+    ratio = gains[rows, b] / np.where(se[rows, b] > 0, se[rows, b], np.inf)
+    return {"estimate": float((gains[rows, b] - gains[rows, a]).mean()), "share_changed": float((a != b).mean()),
+            "gain_over_se": float(ratio[moved].mean()) if moved.any() else 0.0}
 
 
 def main() -> None:
     ap = cell_parser(__doc__, "quality_attribution.json")
     ap.add_argument("--eval-orders", nargs="+", type=int, default=[5000, 10_000])
+    ap.add_argument("--first-log", action="store_true",
+                    help="the history the closed loop's first round trains on (12 monthly rounds)")
     args = ap.parse_args()
-    run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders))
+    run_cells(args, lambda world, customers, seed: run_cell(world, customers, seed, args.eval_orders,
+                                                           args.first_log))
 
 
 if __name__ == "__main__":

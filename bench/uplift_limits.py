@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from blend_rules import blend_evidence, stacked_weight
-from quality import cell_parser, load_world, run_cells
+from quality import cell_parser, load_world, logged_history, run_cells
 
 HERE = Path(__file__).resolve().parent
 EPSILONS = (0.1, 0.05, 0.02)
@@ -52,7 +52,6 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
              split_shares: list[tuple[float, float]] | None = None) -> dict:
     from insertrec import features
     from insertrec.encoding import FeatureEncoder
-    from insertrec.evaluation import logged_orders
     from insertrec.learners import BoostedLearner, BoxLearner, SplitLearner, blended, box_eligible, orders_shares
     from insertrec.ope import LoggedFeedback, expected_value, onehot
     from insertrec.policy import Policy
@@ -63,12 +62,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_orders: int, famil
     generated = world.generate(customers=customers, seed=seed)
     data = generated.to_dataset()
     catalog, config = data.catalog, TrainConfig(seed=seed)
-    params = features.FeatureParams.fit(data, catalog=catalog, nps_ttl_days=config.nps_ttl_days,
-                                        lapse_days=config.lapse_days)
-    costs = {a.id: a.cost for slot in catalog.slots.values() for a in slot.actions}
-    feats = features.order_features(data, params)
-    logged = logged_orders(data, feats, features.order_rewards(data, horizon_days=config.horizon_days, costs=costs),
-                           catalog)
+    params, feats, logged = logged_history(data, config)
     sub = feats.iloc[logged.rows]
     encoder = FeatureEncoder().fit(feats)
     policy = Policy(catalog, epsilon=0.0, version="uplift-limits")
