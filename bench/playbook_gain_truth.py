@@ -7,7 +7,8 @@ training does (the whole log's cross-fitted judge, the paired 80% interval) and 
 the world's truth on the same logged orders: per order, the expected reward of the playbook's action
 in the slot less the default's, the other slots as the logging policy drew them, averaged. So it
 says whether a doubt that fires where the playbook truly pays is the estimator's bias or its noise,
-and how often the 80% interval holds the truth.
+and how often the 80% interval holds the truth; ``doubted`` is what training's rule makes of the
+estimates (`training._doubted_slots`, on the log's reward sd).
 
 The history is the closed loop's first log (`insertrec.closedloop`, 12 monthly rounds: the log the
 first round trains on), where the world keeps every logged order's truth and the probability the
@@ -36,7 +37,7 @@ def run_cell(world_name: str, customers: int, seed: int, rounds: int = 0) -> dic
     from insertrec.evaluation import judge_for, playbook_gains, policy_probabilities
     from insertrec.ope import DEFAULT_ESTIMATORS, onehot
     from insertrec.policy import Policy
-    from insertrec.training import TrainConfig
+    from insertrec.training import TrainConfig, _doubted_slots
 
     world = load_world(world_name)
     config = TrainConfig(seed=seed)
@@ -66,8 +67,10 @@ def run_cell(world_name: str, customers: int, seed: int, rounds: int = 0) -> dic
     hidden = pd.concat([m.hidden for m in months], ignore_index=True).iloc[at]
     truth, drawn = world.expected_reward(hidden, combos), np.vstack([m.probs for m in months])[at]
     chosen = rules.decide_frame(sub, explore=False).greedy
+    # what `--pessimism auto` makes of these estimates: training's own rule, on the log's reward sd
+    doubted = _doubted_slots(rules, dr, float(np.std(logged.feedback.rewards)))
     out: dict = {"world": world_name, "customers": customers, "seed": seed, "rounds": rounds, "orders": len(at),
-                 "slots": {}}
+                 "doubted": list(doubted), "slots": {}}
     for s, slot in enumerate(rules.slot_names):
         gain = np.zeros(len(at))
         for a in np.unique(chosen[:, s]):
@@ -81,7 +84,7 @@ def run_cell(world_name: str, customers: int, seed: int, rounds: int = 0) -> dic
                               "held": bool(dr[s].low <= gain.mean() <= dr[s].high)}
     print(f"{world_name} {customers} seed {seed}, after {rounds} rounds ({len(at)} orders): " + "; ".join(
         f"{slot} truth {v['truth']:+.2f}, DR {v['dr']:+.2f} [{v['dr_low']:+.2f}, {v['dr_high']:+.2f}], "
-        f"IPS {v['ips']:+.2f}" for slot, v in out["slots"].items()), flush=True)
+        f"IPS {v['ips']:+.2f}" for slot, v in out["slots"].items()) + f"; doubted {list(doubted)}", flush=True)
     return out
 
 

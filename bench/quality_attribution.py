@@ -104,13 +104,14 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int], 
         control = float(expected_value(truth, onehot(np.tile(np.array(deployed.space.defaults), (len(truth), 1)),
                                                      sizes)).mean())
         oracle = float(np.where(fresh.eligible, truth, -np.inf).max(axis=1).mean())
-        row = {}
+        row, chosen = {}, {}
         for name, p in policies.items():
             batch = p.decide_frame(fresh.features)
             v = float(expected_value(truth, p.probabilities(batch)).mean())
-            row[name] = (v - control) / (oracle - control)
-        out["eval"][str(n)] = row | {"kept_out": {slot: _kept_out(greedy, p, slot, fresh.features)
-                                                  for slot, p in undoubted.items()}}
+            row[name], chosen[name] = (v - control) / (oracle - control), batch.greedy
+        out["eval"][str(n)] = row | {"kept_out": {
+            slot: _kept_out(greedy, slot, fresh.features, chosen["greedy"], chosen[f"greedy_undoubted_{slot}"])
+            for slot in undoubted}}
         print(f"{world_name} {customers} seed {seed} eval {n} (winner {out['winner']}, doubted {list(doubted)}): "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
         for slot, kept in out["eval"][str(n)]["kept_out"].items():
@@ -120,16 +121,16 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int], 
     return out
 
 
-def _kept_out(doubted, undoubted, slot: str, feats) -> dict[str, float]:
+def _kept_out(doubted, slot: str, feats, doubted_boxes: np.ndarray, undoubted_boxes: np.ndarray) -> dict[str, float]:
     """What the value model itself estimates the doubt keeps out in ``slot``: the mean gain (over the
-    slot default, per order) of the undoubted policy's action there less the doubted one's, the share
-    of orders whose action differs, and the mean gain / standard error of the undoubted policy's
-    non-default actions there (the se its `--pessimism` penalty is a share of)."""
+    slot default, per order) of the undoubted policy's action there less the doubted one's (their
+    greedy boxes, ``undoubted_boxes`` and ``doubted_boxes``), the share of orders whose action
+    differs, and the mean gain / standard error of the undoubted policy's non-default actions there
+    (the se its `--pessimism` penalty is a share of)."""
     from insertrec.valuemodel import BoxGrid
 
     s = doubted.slot_names.index(slot)
-    a, b = doubted.decide_frame(feats, explore=False).greedy[:, s], \
-        undoubted.decide_frame(feats, explore=False).greedy[:, s]
+    a, b = doubted_boxes[:, s], undoubted_boxes[:, s]
     rules = doubted.catalog.assess(feats)[1]
     phi, model = doubted.encoder.transform(feats), doubted.value_model
     columns = rules + model.box_grid.columns
