@@ -121,13 +121,15 @@ class VWLoop:
 
 def _chosen(model: Path) -> dict:
     """What training chose for a round (from the model's ope.json and manifest): the tournament's winner,
-    the gate's playbook and default slots, the doubted slots, and the exploration share served per slot."""
+    the gate's playbook and default slots, the doubted slots and the penalty's z there, and the exploration
+    share served per slot."""
     ope = json.loads((model / "ope.json").read_text()) if (model / "ope.json").exists() else {}
     manifest = json.loads((model / "manifest.json").read_text()) if (model / "manifest.json").exists() else {}
     deciders = ope.get("slot_deciders", {})
     return {"winner": ope.get("tournament", {}).get("winner"), "playbook_slots": deciders.get("playbook_slots"),
             "default_slots": deciders.get("default_slots"),
             "doubted_slots": ope.get("pessimism", {}).get("doubted_slots"),
+            "pessimism_z": ope.get("pessimism", {}).get("z"),
             "served_epsilon": manifest.get("served_epsilon")}
 
 

@@ -97,6 +97,7 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int], 
                  "logged_orders": len(logged),
                  "train_s": train_s, "winner": ope["tournament"]["winner"],
                  "slot_deciders": ope.get("slot_deciders"), "doubted_slots": ope["pessimism"]["doubted_slots"],
+                 "pessimism_z": ope["pessimism"]["z"],
                  "eval": {}}
     for n in eval_sizes:
         fresh = fresh_orders(engine, world, evaluation=world.evaluation_set(n, seed=10_000 + seed))
@@ -112,7 +113,8 @@ def run_cell(world_name: str, customers: int, seed: int, eval_sizes: list[int], 
         out["eval"][str(n)] = row | {"kept_out": {
             slot: _kept_out(greedy, slot, fresh.features, chosen["greedy"], chosen[f"greedy_undoubted_{slot}"])
             for slot in undoubted}}
-        print(f"{world_name} {customers} seed {seed} eval {n} (winner {out['winner']}, doubted {list(doubted)}): "
+        print(f"{world_name} {customers} seed {seed} eval {n} (winner {out['winner']}, doubted {list(doubted)}, "
+              f"z {out['pessimism_z']:g}): "
               + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
         for slot, kept in out["eval"][str(n)]["kept_out"].items():
             print(f"  {slot}: the model estimates the doubt keeps out {kept['estimate']:+.3f} per order "

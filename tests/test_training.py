@@ -239,3 +239,27 @@ def test_a_holdout_of_gate_orders_or_more_judges_the_playbook_too(history, tmp_p
     assert holdout >= 1_000 and every < 100_000
     # judges built (their orders), and the orders the playbook was judged on (negated)
     assert judged == ([every, -every, holdout] if gate_orders == 100_000 else [holdout, -gate_orders])
+
+
+@pytest.mark.parametrize("prior_strength, z, said", [(0.0, 1.0, "standard error"), (float("inf"), 0.0, "without a penalty")])
+def test_the_doubts_penalty_holds_only_where_the_ridge_shrinks_its_estimates_to_the_prior(
+        history, tmp_path, monkeypatch, prior_strength, z, said):
+    """In a doubted slot the penalty stands against the value model's playbook prior; where the ridge's
+    cross-validation shrinks less than `PRIOR_STRENGTH` the data outweigh that prior, and the estimates
+    decide without it (`training._estimates_are_the_prior`). The rest of the doubt stays: the default
+    is the gate's fallback there and exploration its floor. The slots are doubted here whatever this
+    history's evidence, and the strength is set either side of every strength the ridge can choose."""
+    import json
+
+    import insertrec.training as training
+
+    slots = tuple(Policy(history.catalog).slot_names)
+    monkeypatch.setattr(training, "_doubted_slots", lambda policy, playbook, reward_scale: slots)
+    monkeypatch.setattr(training, "PRIOR_STRENGTH", prior_strength)
+    result = train(history, tmp_path / "m", TrainConfig())
+    policy = Engine.load(tmp_path / "m").policy
+    assert (policy.pessimism, policy.doubted_slots) == (z, slots)
+    ope = json.loads((tmp_path / "m" / "ope.json").read_text())
+    assert ope["pessimism"] == {"z": z, "chosen": True, "doubted_slots": list(slots)}
+    assert [g["fallback"] for g in ope["slot_deciders"]["gains"].values()] == ["default"] * len(slots)
+    assert any(said in note for note in result.notes), result.notes

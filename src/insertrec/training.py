@@ -60,8 +60,8 @@ from insertrec.tournament import (
 )
 from insertrec.valuemodel import ActionSpace, ValueModel
 
-__all__ = ["AUTO_PESSIMISM", "COLD_START_EPSILON", "GATE_ORDERS", "PLAYBOOK_PRIOR", "Computation", "TrainConfig",
-           "TrainResult", "fit_policy", "history_before", "train"]
+__all__ = ["AUTO_PESSIMISM", "COLD_START_EPSILON", "GATE_ORDERS", "PLAYBOOK_PRIOR", "PRIOR_STRENGTH", "Computation",
+           "TrainConfig", "TrainResult", "fit_policy", "history_before", "train"]
 
 # Logged orders (the latest) on which the playbook is judged against the slot defaults: all of them
 # below this. The judge fits two value models and scores every box of every order: 27.9 s for 72,664
@@ -74,6 +74,10 @@ GATE_ORDERS = 100_000
 # "auto", the default; `_doubted_slots`). Measured against the simulator's truth in
 # bench/results/safe_default.md (five worlds, 5,000 and 30,000 customers).
 AUTO_PESSIMISM = 1.0
+# The ridge's action strength (`ValueModel.alpha_`, chosen by cross-validation) from which its estimates
+# are mostly its prior and the doubt's penalty holds (`_estimates_are_the_prior`); below it the estimates
+# decide in doubted slots too.
+PRIOR_STRENGTH = 1.0
 # What `_doubted_slots` presumes of a playbook rule's gain over its slot default before the log speaks:
 # normal, mean and standard deviation in standard deviations of the reward (the mean is the value
 # model's own prior on following the playbook, `ValueModel.rule_prior`; the spread lets a slot's gain
@@ -273,9 +277,10 @@ def _doubted_slots(policy: Policy, playbook: list[Estimate], reward_scale: float
     """The slots where the log does not show the playbook paying: where the playbook's gain over the
     slot default, its whole-log DR estimate (`playbook_gains`, an 80% interval) weighed against a
     prior that the marketer's rule pays a little (`PLAYBOOK_PRIOR`, in reward standard deviations),
-    has a posterior mean that is not positive. There an action goes out only where its estimated
-    gain clears a share of `AUTO_PESSIMISM` standard errors, and the playbook's own action all of
-    them (`valuemodel.DOUBTED_SHARE`): it is what the logging policy sent most and what the value
+    has a posterior mean that is not positive. There, while the value model's estimates are mostly
+    its prior (`_estimates_are_the_prior`), an action goes out only where its estimated gain clears
+    a share of `AUTO_PESSIMISM` standard errors, and the playbook's own action all of them
+    (`valuemodel.DOUBTED_SHARE`): it is what the logging policy sent most and what the value
     model's playbook prior pulls towards, so where effects are small the model follows a playbook
     that loses money (a coupon on a third of the orders). In the other slots the estimates decide:
     the same penalty in every slot (`--pessimism 1`) cost the default world 1.0% against its
@@ -297,6 +302,30 @@ def _doubted_slots(policy: Policy, playbook: list[Estimate], reward_scale: float
         if not gain.value * sd ** 2 + mean * se ** 2 > 0:   # NaN (nothing to judge on): doubted
             doubted.append(name)
     return tuple(doubted)
+
+
+def _estimates_are_the_prior(ridge: Policy) -> bool:
+    """Whether the doubt's penalty holds: the ridge box model's cross-validation chose an action
+    ridge of at least `PRIOR_STRENGTH`, where its estimates are mostly its prior and the doubt's
+    penalty is what stands against that prior's pull towards the playbook.
+
+    Why the penalty needs a limit: in the slots training doubts (`_doubted_slots`), an action goes out
+    only where its gain clears a share of `AUTO_PESSIMISM` standard errors, against the value model's
+    playbook prior (`ValueModel.rule_prior`), which keeps a playbook's coupon that truly loses money
+    looking like it pays. The ridge's shrinkage is a share of the logged orders
+    (`ValueModel.action_alphas`), so the prior's weight does not fall as the log grows; it falls when
+    cross-validation finds the action effects beyond the noise and shrinks less. The playbook
+    coefficient's share of prior in its posterior mean, measured on the fits: 0.98 at strength 10
+    (small-effects world, 5,000 customers), 0.88-0.91 at 1 (small effects, 30,000), 0.61-0.65 at 0.1
+    (default, 100,000). Where the penalty held at 0.1 it cost: on the default world at 100,000 customers
+    2.6 points of the uplift captured (bench/results/split100k.md section 4), on the small-effects world
+    at 100,000 4.6, on the perturbed world at 30,000 4.3 (bench/results/doubt_fade.md), while at 1 or
+    more the small-effects world needs it not to lose money (30,000 customers: 0.027 of the uplift with
+    it, -0.198 without). The rest of the doubt stands in a doubted slot either way: the default is the
+    gate's fallback, and exploration its floor alone."""
+    model = ridge.value_model
+    assert model is not None
+    return model.alpha_[1] >= PRIOR_STRENGTH
 
 
 def _judged_on_holdout(candidates: dict[str, Policy], feats: pd.DataFrame, holdout: LoggedOrders,
@@ -409,11 +438,19 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
         if config.pessimism == "auto":
             policy = policy.replace(pessimism=AUTO_PESSIMISM, doubted_slots=_doubted_slots(
                 policy, playbook, float(np.std(logged.feedback.rewards))))
-            if policy.doubted_slots:
-                notes.append(f"the log does not show the playbook paying in {', '.join(policy.doubted_slots)}: "
-                             f"the playbook's action goes out there only where its estimated gain clears "
-                             f"{AUTO_PESSIMISM:g} standard error of it")
         fitted = {RIDGE: fit_policy(feats, train_part, encoder, policy, config.seed, computation=computation)}
+        if policy.doubted_slots:
+            doubted = ", ".join(policy.doubted_slots)
+            if _estimates_are_the_prior(fitted[RIDGE]):
+                notes.append(f"the log does not show the playbook paying in {doubted}: the playbook's action "
+                             f"goes out there only where its estimated gain clears {AUTO_PESSIMISM:g} standard "
+                             f"error of it")
+            else:
+                policy = policy.replace(pessimism=0.0)
+                fitted[RIDGE] = fitted[RIDGE].replace(pessimism=0.0)
+                notes.append(f"the log does not show the playbook paying in {doubted}: the default is the "
+                             f"fallback there; the value model's cross-validation found action effects beyond "
+                             f"the noise, so its estimates decide without a penalty")
         for learner in CHALLENGERS:
             fitted[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         fitted[SPLIT] = fit_candidate(SplitLearner(), feats, train_part, encoder, policy, config.seed)
