@@ -317,7 +317,7 @@ def _estimates_are_the_prior(ridge: Policy) -> bool:
     cross-validation finds the action effects beyond the noise and shrinks less. The playbook
     coefficient's share of prior in its posterior mean, measured on the fits: 0.98 at strength 10
     (small-effects world, 5,000 customers), 0.88-0.90 at 1 (small effects, 30,000), 0.61-0.65 at 0.1
-    (default, 100,000). Where the penalty held at 0.1 it cost: on the default world at 100,000 customers
+    (default, 100,000). Where the penalty held below 1 it cost: on the default world at 100,000 customers
     2.6 points of the uplift captured (bench/results/split100k.md section 4), on the small-effects world
     at 100,000 4.6, on the perturbed world at 30,000 4.3 (bench/results/doubt_fade.md), while at 1 or
     more the small-effects world needs it not to lose money (30,000 customers: 0.027 of the uplift with
