@@ -449,8 +449,9 @@ def train(data: Dataset, out: str | Path, config: TrainConfig = TrainConfig(),
                 policy = policy.replace(pessimism=0.0)
                 fitted[RIDGE] = fitted[RIDGE].replace(pessimism=0.0)
                 notes.append(f"the log does not show the playbook paying in {doubted}: the default is the "
-                             f"fallback there; the value model's cross-validation found action effects beyond "
-                             f"the noise, so its estimates decide without a penalty")
+                             f"fallback there; the value model's cross-validation shrinks its action effects "
+                             f"less than {PRIOR_STRENGTH:g}, so the data outweigh its playbook prior and its "
+                             f"estimates decide without a penalty")
         for learner in CHALLENGERS:
             fitted[learner.name] = fit_candidate(learner, feats, train_part, encoder, policy, config.seed)
         fitted[SPLIT] = fit_candidate(SplitLearner(), feats, train_part, encoder, policy, config.seed)
